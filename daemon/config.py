@@ -1,0 +1,176 @@
+"""Settings: `config.toml` < environment (`OCR_DAEMON_<SECTION>__<KEY>`, plus `FORCE_CPU`).
+
+Built once by `load_settings`, frozen, and passed down explicitly. A misspelt key or a bad value
+is a `ConfigError` whose message names the key, so start-up stops with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from daemon.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("config.toml")
+CONFIG_ENV_VAR = "OCR_DAEMON_CONFIG"
+
+DEFAULT_IGNORES = (".*", "*.part", "*.filepart", "*.tmp", "*.crdownload", "~$*", "Thumbs.db")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WatchSettings(_Section):
+    path: Path = Path("./inbox")
+    recursive: bool = False
+    observer: Literal["auto", "native", "polling"] = "auto"
+    poll_interval_seconds: float = Field(1.0, gt=0)
+    settle_seconds: float = Field(1.0, ge=0)
+    rescan_interval_seconds: float = Field(30.0, gt=0)
+    ignore: tuple[str, ...] = ()
+    extensions: tuple[str, ...] = (
+        ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pdf",
+    )
+    after: Literal["keep", "move", "delete"] = "keep"
+    done_dir: Path | None = None
+    failed_dir: Path | None = None
+    max_file_bytes: int = Field(512 * 1024 * 1024, gt=0)
+
+    @field_validator("extensions")
+    @classmethod
+    def _lower_dotted(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in value)
+
+
+class QueueSettings(_Section):
+    capacity: int = Field(32, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_seconds: float = Field(5.0, ge=0)
+    lease_seconds: float = Field(600.0, gt=0)
+
+
+class BatchSettings(_Section):
+    max_pages: int = Field(4, ge=1)
+    max_wait_ms: int = Field(50, ge=0)
+    workers: int = Field(0, ge=0)
+    decode_threads: int = Field(2, ge=1)
+
+
+class OcrSettings(_Section):
+    engine: Literal["batch", "rapidocr"] = "batch"
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    device_id: int = Field(0, ge=0)
+    use_cls: bool = False
+    det_limit_side_len: int = Field(736, ge=32)
+    det_limit_type: Literal["min", "max"] = "min"
+    text_score: float = Field(0.5, ge=0, le=1)
+    lang: str = "ch"
+    intra_op_threads: int = Field(0, ge=0)
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    gpu_mem_limit_bytes: int = Field(0, ge=0)
+    max_image_pixels: int = Field(100_000_000, gt=0)
+    max_pages: int = Field(500, ge=1)
+    pdf_dpi: int = Field(200, ge=36, le=1200)
+    pdf_text_layer: Literal["prefer", "ignore"] = "prefer"
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///./ocr-daemon.db"
+    migrate_on_start: bool = True
+    echo: bool = False
+
+
+class MetricsSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OCR_DAEMON_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    watch: WatchSettings = WatchSettings()
+    queue: QueueSettings = QueueSettings()
+    batch: BatchSettings = BatchSettings()
+    ocr: OcrSettings = OcrSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+    force_cpu: bool = Field(False, validation_alias=AliasChoices("FORCE_CPU", "force_cpu"))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @property
+    def cpu_only(self) -> bool:
+        return self.force_cpu or self.ocr.provider == "cpu"
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    first = exc.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key {key!r}"
+    return f"{source}: {key}: {first['msg']}"
+
+
+def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
+    """Read `config_path` (or $OCR_DAEMON_CONFIG, or ./config.toml when present) and the env.
+
+    An explicitly named file that does not exist is an error; the implicit ./config.toml is
+    optional so the daemon starts with its defaults anywhere.
+    """
+    explicit = config_path or (Path(os.environ[CONFIG_ENV_VAR]) if CONFIG_ENV_VAR in os.environ
+                               else None)
+    if explicit is not None and not explicit.is_file():
+        raise ConfigError(f"config file not found: {explicit}")
+    path = explicit or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None)
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        loaded = _FileSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, str(path or "environment"))) from None
+    except ValueError as exc:  # malformed TOML, unparsable env JSON
+        raise ConfigError(f"{path or 'environment'}: {exc}") from None
+    return Settings.model_validate(loaded.model_dump(by_alias=False))

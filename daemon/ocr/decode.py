@@ -1,0 +1,86 @@
+"""Turn a file's bytes into pages: images (PNG, JPEG, BMP, WebP), every frame of a TIFF.
+
+Runs in the CPU pool, ahead of OCR. Every failure is a `DocumentError` with a reason a person
+can act on; nothing here may take the daemon down.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageOps, ImageSequence, UnidentifiedImageError
+
+from daemon.config import OcrSettings
+from daemon.errors import DocumentError
+from daemon.ocr.types import Image, Page
+
+IMAGE_FORMATS = {"PNG", "JPEG", "BMP", "WEBP", "TIFF", "MPO"}
+MIN_SIDE = 8
+
+
+def sniff(data: bytes) -> str:
+    """The format the content claims, whatever the file name says."""
+    if data.startswith(b"%PDF-"):
+        return "pdf"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if data.startswith(b"BM"):
+        return "bmp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "unknown"
+
+
+def to_bgr(frame: PILImage.Image) -> Image:
+    rgb = np.asarray(frame.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def iter_pages(data: bytes, ocr: OcrSettings) -> Iterator[Page]:
+    if not data:
+        raise DocumentError("empty file (0 bytes)")
+    kind = sniff(data)
+    if kind == "pdf":
+        from daemon.ocr.pdf import iter_pdf_pages
+
+        yield from iter_pdf_pages(data, ocr)
+        return
+    yield from iter_image_pages(data, ocr)
+
+
+def iter_image_pages(data: bytes, ocr: OcrSettings) -> Iterator[Page]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            image = PILImage.open(io.BytesIO(data))
+            if image.format not in IMAGE_FORMATS:
+                raise DocumentError(f"unsupported image format {image.format}")
+            for index, frame in enumerate(ImageSequence.Iterator(image)):
+                if index >= ocr.max_pages:
+                    raise DocumentError(f"more than ocr.max_pages={ocr.max_pages} pages")
+                width, height = frame.size
+                if width * height > ocr.max_image_pixels:
+                    raise DocumentError(
+                        f"page {index + 1} is {width}x{height} pixels, over "
+                        f"ocr.max_image_pixels={ocr.max_image_pixels}"
+                    )
+                if min(width, height) < MIN_SIDE:
+                    raise DocumentError(f"page {index + 1} is too small to OCR ({width}x{height})")
+                frame = ImageOps.exif_transpose(frame) if index == 0 else frame
+                yield Page(index=index, image=to_bgr(frame))
+    except DocumentError:
+        raise
+    except UnidentifiedImageError:
+        raise DocumentError(f"not a readable image (content looks like: {sniff(data)})") from None
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+        raise DocumentError(f"decompression bomb refused: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DocumentError(f"corrupt or truncated image: {exc}") from None
