@@ -1,0 +1,44 @@
+"""Engines per URL. SQLite gets WAL, a busy timeout and foreign keys on every connection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from daemon.config import DatabaseSettings
+from daemon.errors import ConfigError
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(settings: DatabaseSettings) -> Engine:
+    try:
+        url = make_url(settings.url)
+    except ArgumentError as exc:
+        raise ConfigError(f"database.url: {exc}") from None
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            from pathlib import Path
+
+            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, echo=settings.echo, connect_args={"timeout": 30, "check_same_thread": False}
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, echo=settings.echo, pool_pre_ping=True, pool_size=5,
+                         max_overflow=5)
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"

@@ -1,0 +1,39 @@
+"""Apply Alembic migrations programmatically (`ocr-daemon migrate`, and `run` on start)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+
+def _alembic_config() -> Config:
+    cfg = Config()
+    package = importlib.import_module("daemon.migrations")  # migrations/, shipped in the package
+    cfg.set_main_option("script_location", str(Path(str(package.__file__)).parent))
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    cfg = _alembic_config()
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def is_up_to_date(engine: Engine) -> bool:
+    return current_revision(engine) == head_revision()

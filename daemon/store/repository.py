@@ -1,0 +1,405 @@
+"""The ledger and text store: the only module that writes SQL.
+
+Every state change is one short transaction. The OCR text and the `done` state are written in
+the same transaction, so a crash at any point leaves either nothing or everything.
+Claims are conditional updates (`WHERE state = 'queued'`), so of several workers or several
+daemons sharing one PostgreSQL database exactly one gets a document; `claim_next` uses
+`FOR UPDATE SKIP LOCKED` there so they do not queue up behind each other's row locks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from daemon.errors import NotFoundError
+from daemon.ocr.types import PageResult
+from daemon.store.models import Document, DocumentPath, PageRow, State
+
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back naive; they were written in UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Registration:
+    document_id: int
+    sha256: str
+    state: str
+    created: bool
+    path_added: bool
+
+
+@dataclass(frozen=True)
+class Claim:
+    document_id: int
+    sha256: str
+    attempts: int
+    paths: tuple[str, ...]
+    first_seen_at: datetime
+
+
+@dataclass(frozen=True)
+class StoredPage:
+    page_no: int
+    text: str
+    confidence: float | None
+    source: str
+    lines: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    id: int
+    sha256: str
+    state: str
+    reason: str | None
+    paths: tuple[str, ...]
+    pages: tuple[StoredPage, ...]
+    attempts: int
+    mean_confidence: float | None
+
+    @property
+    def text(self) -> str:
+        return "\n\f\n".join(page.text for page in self.pages)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    path: str
+    sha256: str
+    page_no: int
+    snippet: str
+
+
+@dataclass(frozen=True)
+class FailureResult:
+    state: str  # queued (will be retried) or failed
+    attempts: int
+    paths: tuple[str, ...]
+
+
+def page_row(document_id: int, page_no: int, page: PageResult) -> PageRow:
+    return PageRow(
+        document_id=document_id,
+        page_no=page_no,
+        text=page.text,
+        confidence=page.confidence,
+        source=page.source,
+        lines=[
+            {"text": line.text, "score": round(line.score, 5),
+             "box": [[round(x, 1), round(y, 1)] for x, y in line.box]}
+            for line in page.lines
+        ],
+    )
+
+
+class Ledger:
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._clock = clock
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def register(self, path: str, sha256: str, size: int) -> Registration:
+        """Record that `path` holds content `sha256`; create a queued document if it is new."""
+        for _ in range(3):  # a concurrent insert of the same content by another daemon
+            try:
+                return self._register_once(path, sha256, size)
+            except IntegrityError:
+                continue
+        return self._register_once(path, sha256, size)
+
+    def _register_once(self, path: str, sha256: str, size: int) -> Registration:
+        now = self._clock()
+        with self._sessions.begin() as session:
+            doc = session.scalars(select(Document).where(Document.sha256 == sha256)).first()
+            created = doc is None
+            if doc is None:
+                doc = Document(sha256=sha256, size_bytes=size, state=State.QUEUED, attempts=0,
+                               first_seen_at=now)
+                session.add(doc)
+                session.flush()
+            known = session.scalars(
+                select(DocumentPath).where(DocumentPath.document_id == doc.id,
+                                           DocumentPath.path == path)
+            ).first()
+            if known is None:
+                session.add(DocumentPath(document_id=doc.id, path=path, first_seen_at=now,
+                                         last_seen_at=now))
+            else:
+                known.last_seen_at = now
+            return Registration(doc.id, sha256, doc.state, created, known is None)
+
+    # -- claims ---------------------------------------------------------------------------
+
+    def claim(self, document_id: int, worker: str, lease_seconds: float) -> Claim | None:
+        """queued -> processing for this worker, if nobody else got it first and it is due."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Document)
+                .where(Document.id == document_id, Document.state == State.QUEUED,
+                       or_(Document.next_attempt_at.is_(None), Document.next_attempt_at <= now))
+                .values(state=State.PROCESSING, claimed_by=worker,
+                        lease_until=now + timedelta(seconds=lease_seconds), started_at=now,
+                        attempts=Document.attempts + 1)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            return self._claim_of(session, document_id)
+
+    def claim_next(self, worker: str, lease_seconds: float, exclude: Sequence[int] = ()
+                   ) -> Claim | None:
+        """Claim the oldest due queued document (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            query = (
+                select(Document.id)
+                .where(Document.state == State.QUEUED,
+                       or_(Document.next_attempt_at.is_(None), Document.next_attempt_at <= now))
+                .order_by(Document.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            if exclude:
+                query = query.where(Document.id.not_in(list(exclude)))
+            document_id = session.scalar(query)
+            if document_id is None:
+                return None
+            session.execute(
+                update(Document)
+                .where(Document.id == document_id, Document.state == State.QUEUED)
+                .values(state=State.PROCESSING, claimed_by=worker,
+                        lease_until=now + timedelta(seconds=lease_seconds), started_at=now,
+                        attempts=Document.attempts + 1)
+                .execution_options(synchronize_session=False)
+            )
+            return self._claim_of(session, document_id)
+
+    @staticmethod
+    def _claim_of(session: Session, document_id: int) -> Claim:
+        doc = session.get_one(Document, document_id, options=[selectinload(Document.paths)],
+                              populate_existing=True)
+        return Claim(doc.id, doc.sha256, doc.attempts, tuple(p.path for p in doc.paths),
+                     as_utc(doc.first_seen_at) or doc.first_seen_at)
+
+    def due_queued(self, limit: int, exclude: Sequence[int] = ()) -> list[Claim]:
+        """Queued documents whose retry time has come (for the re-queue loop)."""
+        now = self._clock()
+        with self._sessions() as session:
+            query = (
+                select(Document)
+                .options(selectinload(Document.paths))
+                .where(Document.state == State.QUEUED,
+                       or_(Document.next_attempt_at.is_(None), Document.next_attempt_at <= now))
+                .order_by(Document.id)
+                .limit(limit)
+            )
+            if exclude:
+                query = query.where(Document.id.not_in(list(exclude)))
+            return [Claim(d.id, d.sha256, d.attempts, tuple(p.path for p in d.paths),
+                          as_utc(d.first_seen_at) or d.first_seen_at)
+                    for d in session.scalars(query)]
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def complete(self, document_id: int, worker: str, pages: Sequence[PageResult],
+                 ocr_seconds: float, provider: str) -> bool:
+        """Store every page and mark the document done, in one transaction.
+
+        False when this worker no longer holds the claim (its lease was taken back): the
+        other holder stores the text, so nothing is written twice.
+        """
+        now = self._clock()
+        with self._sessions.begin() as session:
+            doc = session.scalars(
+                select(Document).where(Document.id == document_id).with_for_update()
+            ).first()
+            if doc is None or doc.state != State.PROCESSING or doc.claimed_by != worker:
+                return False
+            session.execute(delete(PageRow).where(PageRow.document_id == document_id))
+            session.add_all(page_row(document_id, i + 1, page) for i, page in enumerate(pages))
+            scores = [line.score for page in pages for line in page.lines]
+            doc.state = State.DONE
+            doc.reason = None
+            doc.page_count = len(pages)
+            doc.mean_confidence = sum(scores) / len(scores) if scores else None
+            doc.ocr_seconds = ocr_seconds
+            doc.provider = provider
+            doc.finished_at = now
+            doc.claimed_by = None
+            doc.lease_until = None
+            doc.next_attempt_at = None
+            return True
+
+    def fail(self, document_id: int, reason: str, *, permanent: bool, max_attempts: int,
+             backoff_seconds: float) -> FailureResult:
+        """Record a failure: retried later with exponential backoff, or failed for good."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            doc = session.get_one(Document, document_id, options=[selectinload(Document.paths)])
+            retry = not permanent and doc.attempts < max_attempts
+            doc.reason = reason
+            doc.claimed_by = None
+            doc.lease_until = None
+            if retry:
+                doc.state = State.QUEUED
+                delay = backoff_seconds * (2 ** max(0, doc.attempts - 1))
+                doc.next_attempt_at = now + timedelta(seconds=delay)
+            else:
+                doc.state = State.FAILED
+                doc.finished_at = now
+                doc.next_attempt_at = None
+            return FailureResult(doc.state, doc.attempts, tuple(p.path for p in doc.paths))
+
+    def release(self, document_id: int, worker: str) -> bool:
+        """Hand a claimed document back (graceful stop): queued again, attempt not counted."""
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Document)
+                .where(Document.id == document_id, Document.state == State.PROCESSING,
+                       Document.claimed_by == worker)
+                .values(state=State.QUEUED, claimed_by=None, lease_until=None,
+                        attempts=Document.attempts - 1)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def requeue_stale(self, *, all_processing: bool = False) -> int:
+        """Rows left in `processing` by a dead worker go back to `queued`.
+
+        `all_processing` at start-up of the only daemon on an embedded database; otherwise
+        only rows whose lease has run out (another live daemon may hold the others).
+        """
+        now = self._clock()
+        with self._sessions.begin() as session:
+            query = update(Document).where(Document.state == State.PROCESSING)
+            if not all_processing:
+                query = query.where(Document.lease_until < now)
+            result = session.execute(
+                query.values(state=State.QUEUED, claimed_by=None, lease_until=None)
+                .execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def record_rejection(self, path: str, reason: str) -> Registration:
+        """A file refused before its content was read (symlink out of the folder, unreadable,
+        a directory with a file's name...). It has no content hash, so the row is keyed by a
+        hash of its path: the same refusal is recorded once, and should the file become
+        readable its real content gets a row of its own."""
+        key = hashlib.sha256(f"rejected:{path}".encode()).hexdigest()
+        registration = self.register(path, key, 0)
+        if registration.state == State.FAILED and registration.created is False:
+            return registration
+        now = self._clock()
+        with self._sessions.begin() as session:
+            doc = session.get_one(Document, registration.document_id)
+            doc.state = State.FAILED
+            doc.reason = reason
+            doc.finished_at = now
+        return Registration(registration.document_id, key, State.FAILED,
+                            registration.created, registration.path_added)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        with self._sessions() as session:
+            rows = session.execute(select(Document.state, func.count()).group_by(Document.state))
+            found = {state: int(n) for state, n in rows}
+        return {state: found.get(state, 0) for state in State.ALL}
+
+    def status(self, failures: int = 20) -> dict[str, Any]:
+        with self._sessions() as session:
+            failed = session.scalars(
+                select(Document)
+                .options(selectinload(Document.paths))
+                .where(Document.state == State.FAILED)
+                .order_by(Document.finished_at.desc(), Document.id.desc())
+                .limit(failures)
+            ).all()
+            pages = session.scalar(select(func.count()).select_from(PageRow)) or 0
+            failure_list = [
+                {"path": d.paths[-1].path if d.paths else None, "sha256": d.sha256,
+                 "reason": d.reason, "attempts": d.attempts}
+                for d in failed
+            ]
+        return {"documents": self.counts(), "pages": int(pages), "failures": failure_list}
+
+    def find(self, ref: str, candidates: Sequence[str] = ()) -> StoredDocument:
+        """A document by SHA-256, or by any path it arrived under (`candidates` are the
+        spellings of the path the caller tried: as given, absolute, resolved)."""
+        with self._sessions() as session:
+            query = select(Document).options(selectinload(Document.paths),
+                                             selectinload(Document.pages))
+            doc = None
+            if SHA256_RE.match(ref):
+                doc = session.scalars(query.where(Document.sha256 == ref.lower())).first()
+            if doc is None and candidates:
+                path_row = session.scalars(
+                    select(DocumentPath)
+                    .where(DocumentPath.path.in_(list(candidates)))
+                    .order_by(DocumentPath.last_seen_at.desc(), DocumentPath.id.desc())
+                    .limit(1)
+                ).first()
+                if path_row is not None:
+                    doc = session.scalars(
+                        query.where(Document.id == path_row.document_id)).first()
+            if doc is None:
+                raise NotFoundError(f"no document for {ref!r}")
+            return StoredDocument(
+                id=doc.id, sha256=doc.sha256, state=doc.state, reason=doc.reason,
+                paths=tuple(p.path for p in doc.paths),
+                pages=tuple(StoredPage(p.page_no, p.text, p.confidence, p.source, p.lines)
+                            for p in doc.pages),
+                attempts=doc.attempts, mean_confidence=doc.mean_confidence,
+            )
+
+    def search(self, query: str, limit: int = 20) -> list[SearchHit]:
+        """Pages whose text contains `query` (case-insensitive), newest documents first."""
+        pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._sessions() as session:
+            rows = session.execute(
+                select(PageRow.document_id, PageRow.page_no, PageRow.text, Document.sha256)
+                .join(Document, Document.id == PageRow.document_id)
+                .where(PageRow.text.ilike(pattern, escape="\\"))
+                .order_by(Document.id.desc(), PageRow.page_no)
+                .limit(limit)
+            ).all()
+            paths: dict[int, str] = {}
+            for document_id, path in session.execute(
+                select(DocumentPath.document_id, DocumentPath.path)
+                .where(DocumentPath.document_id.in_({r[0] for r in rows}))
+                .order_by(DocumentPath.id)
+            ):
+                paths.setdefault(document_id, path)
+        return [SearchHit(paths.get(doc_id, "?"), sha, page_no, snippet(text, query))
+                for doc_id, page_no, text, sha in rows]
+
+
+def snippet(text: str, query: str, width: int = 40) -> str:
+    flat = " ".join(text.split())
+    at = flat.lower().find(query.lower())
+    if at < 0:
+        return flat[: 2 * width]
+    start, end = max(0, at - width), min(len(flat), at + len(query) + width)
+    return ("…" if start else "") + flat[start:end] + ("…" if end < len(flat) else "")

@@ -1,0 +1,339 @@
+"""Notice files in the watched folder once they are completely written.
+
+watchdog's native observer (inotify) where the file system delivers events, a polling observer
+on network and FUSE file systems (read from the mount table) or when configured. Events only
+nominate candidates: a file is *ready* when its size and mtime have been stable for
+`settle_seconds` and it can be opened for reading. A periodic full rescan catches whatever the
+events missed (overflowed inotify queue, files present before start).
+
+Security: a symlink is followed only when it resolves inside the watched folder; anything else
+is reported as rejected and never opened.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from daemon.config import DEFAULT_IGNORES, WatchSettings
+
+log = logging.getLogger("daemon.watcher")
+
+NETWORK_FS = {
+    "nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs",
+    "lustre", "gpfs", "davfs", "sshfs", "fuse", "fuseblk", "virtiofs", "vboxsf", "prl_fs",
+}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+def mount_fstype(path: Path, mounts_file: Path = Path("/proc/mounts")) -> str | None:
+    """File system type of the mount holding `path` (longest matching mount point)."""
+    try:
+        lines = mounts_file.read_text().splitlines()
+    except OSError:
+        return None
+    target = str(path.resolve())
+    best, best_type = "", None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(
+            best
+        ):
+            best, best_type = point, fields[2]
+    return best_type
+
+
+def needs_polling(fstype: str | None) -> bool:
+    if fstype is None:
+        return False
+    return fstype in NETWORK_FS or fstype.startswith("fuse.") or fstype.startswith("nfs")
+
+
+def is_ignored(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, nominate: Callable[[str], None]) -> None:
+        self._nominate = nominate
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        if event.event_type in ("created", "modified", "closed"):
+            self._nominate(os.fsdecode(event.src_path))
+        elif event.event_type == "moved":
+            self._nominate(os.fsdecode(event.dest_path))
+
+
+class Watcher:
+    """Calls `on_ready(path)` once per new or changed file, `on_rejected(path, reason)` for
+    files it refuses to read. Both run on the watcher's own thread: `on_ready` may block
+    (backpressure from a full queue); files simply wait in the folder meanwhile."""
+
+    def __init__(
+        self,
+        settings: WatchSettings,
+        on_ready: Callable[[Path], None],
+        on_rejected: Callable[[Path, str], None],
+        *,
+        tick_seconds: float = 0.1,
+    ) -> None:
+        self.settings = settings
+        self.root = settings.path.resolve()
+        self._on_ready = on_ready
+        self._on_rejected = on_rejected
+        self._tick = tick_seconds
+        self._patterns = DEFAULT_IGNORES + tuple(settings.ignore)
+        self._skip_dirs = {
+            (self.root / d).resolve() for d in (settings.done_dir, settings.failed_dir) if d
+        }
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[Snapshot | None, float]] = {}
+        self._handled: dict[str, Snapshot] = {}
+        self._running = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._observer: BaseObserver | None = None
+        self.observer_kind = "none"
+        self.last_scan: float = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._observer = self._make_observer()
+        self._observer.schedule(_Handler(self._nominate), str(self.root),
+                                recursive=self.settings.recursive)
+        self._observer.start()
+        self._running.set()
+        self._thread = threading.Thread(target=self._loop, name="watcher", daemon=True)
+        self._thread.start()
+        log.info("watching %s (%s observer, settle %.1fs, rescan every %.0fs)", self.root,
+                 self.observer_kind, self.settings.settle_seconds,
+                 self.settings.rescan_interval_seconds)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._running.clear()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive() and self._observer
+                    and self._observer.is_alive())
+
+    def _make_observer(self) -> BaseObserver:
+        mode = self.settings.observer
+        fstype = mount_fstype(self.root)
+        if mode == "polling" or (mode == "auto" and needs_polling(fstype)):
+            self.observer_kind = f"polling ({fstype or 'configured'})"
+            return PollingObserver(timeout=self.settings.poll_interval_seconds)
+        self.observer_kind = f"native ({fstype or 'unknown fs'})"
+        return Observer()
+
+    # -- candidates -----------------------------------------------------------------------
+
+    def _nominate(self, raw: str) -> None:
+        path = Path(raw)
+        if not self._wanted(path):
+            return
+        with self._lock:
+            self._pending.setdefault(str(path), (None, time.monotonic()))
+
+    def _wanted(self, path: Path) -> bool:
+        if is_ignored(path.name, self._patterns):
+            return False
+        if path.suffix.lower() not in self.settings.extensions:
+            return False
+        try:
+            relative = path.relative_to(self.root)
+        except ValueError:
+            return False
+        if any(is_ignored(part, self._patterns) for part in relative.parts[:-1]):
+            return False
+        if not self.settings.recursive and len(relative.parts) != 1:
+            return False
+        return not any(parent in self._skip_dirs for parent in path.parents)
+
+    def scan(self) -> int:
+        """Nominate every file in the folder not already handled in its current form."""
+        count = 0
+        for path in self._walk():
+            snap = _snapshot(path)
+            key = str(path)
+            with self._lock:
+                if snap is not None and self._handled.get(key) == snap:
+                    continue
+                if key not in self._pending:
+                    self._pending[key] = (None, time.monotonic())
+                    count += 1
+        with self._lock:  # forget files that are gone, so a new file of that name counts
+            for key in [k for k in self._handled if not os.path.lexists(k)]:
+                del self._handled[key]
+        self.last_scan = time.monotonic()
+        return count
+
+    def _walk(self) -> Iterator[Path]:
+        stack = [self.root]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except OSError as exc:
+                log.warning("cannot list %s: %s", folder, exc)
+                continue
+            for entry in entries:
+                path = Path(entry.path)
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue
+                if is_dir:
+                    if self.settings.recursive and path.resolve() not in self._skip_dirs and \
+                            not is_ignored(entry.name, self._patterns):
+                        stack.append(path)
+                    elif not self.settings.recursive and self._wanted(path):
+                        self._on_rejected_once(path, "a directory, not a file")
+                    continue
+                if self._wanted(path):
+                    yield path
+
+    def _on_rejected_once(self, path: Path, reason: str) -> None:
+        snap = Snapshot(0, 0, -1)
+        with self._lock:
+            if self._handled.get(str(path)) == snap:
+                return
+            self._handled[str(path)] = snap
+        self._on_rejected(path, reason)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        self.scan()
+        next_scan = time.monotonic() + self.settings.rescan_interval_seconds
+        while self._running.is_set():
+            try:
+                if time.monotonic() >= next_scan:
+                    self.scan()
+                    next_scan = time.monotonic() + self.settings.rescan_interval_seconds
+                self._check_pending()
+            except Exception:  # one bad file must never stop the watcher
+                log.exception("watcher loop error")
+            time.sleep(self._tick)
+
+    def _check_pending(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            items = list(self._pending.items())
+        for key, (previous, since) in items:
+            if not self._running.is_set():
+                return
+            path = Path(key)
+            verdict = self._settle(path, previous, since, now)
+            if verdict is None:
+                continue
+            with self._lock:
+                self._pending.pop(key, None)
+            if verdict == "vanished":
+                continue
+            if verdict != "ready":
+                self._on_rejected_once(path, verdict)
+                continue
+            snap = _snapshot(path)
+            if snap is None:
+                continue
+            with self._lock:
+                if self._handled.get(key) == snap:
+                    continue
+                self._handled[key] = snap
+            try:
+                self._on_ready(path)
+            except Exception:
+                log.exception("could not take in %s", path)
+                with self._lock:  # try again on the next rescan
+                    self._handled.pop(key, None)
+
+    def _settle(self, path: Path, previous: Snapshot | None, since: float, now: float
+                ) -> str | None:
+        """'ready', 'vanished', a rejection reason, or None (not yet: still settling)."""
+        try:
+            link = path.lstat()
+        except FileNotFoundError:
+            return "vanished"
+        except OSError as exc:
+            return f"cannot stat: {exc.strerror}"
+        if stat.S_ISLNK(link.st_mode):
+            reason = self._symlink_problem(path)
+            if reason:
+                return reason
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return "vanished"
+        except OSError as exc:
+            return f"cannot stat: {exc.strerror}"
+        if stat.S_ISDIR(st.st_mode):
+            return "a directory, not a file"
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        current = Snapshot(st.st_size, st.st_mtime_ns, st.st_ino)
+        if current != previous:
+            with self._lock:
+                if str(path) in self._pending:
+                    self._pending[str(path)] = (current, now)
+            return None
+        if now - since < self.settings.settle_seconds:
+            return None
+        try:
+            with open(path, "rb"):
+                pass
+        except PermissionError:
+            return "permission denied: the daemon's user cannot read it"
+        except FileNotFoundError:
+            return "vanished"
+        except OSError as exc:
+            return f"cannot open: {exc.strerror}"
+        return "ready"
+
+    def _symlink_problem(self, path: Path) -> str | None:
+        try:
+            target = path.resolve(strict=True)
+        except FileNotFoundError:
+            return "dangling symlink"
+        except (RuntimeError, OSError):
+            return "symlink loop"
+        if target != self.root and self.root not in target.parents:
+            return "symlink points outside the watched folder"
+        return None
+
+
+def _snapshot(path: Path) -> Snapshot | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return Snapshot(st.st_size, st.st_mtime_ns, st.st_ino)
