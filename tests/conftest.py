@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from daemon.config import DatabaseSettings, Settings
+from daemon.store import migrate
+from daemon.store.db import make_engine
+from daemon.store.repository import Ledger
+
+PG_ADMIN_URL = os.environ.get(
+    "OCR_DAEMON_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests build their settings explicitly; the caller's environment must not leak in."""
+    for key in list(os.environ):
+        if key.startswith("OCR_DAEMON_") and key != "OCR_DAEMON_TEST_PG_URL":
+            monkeypatch.delenv(key)
+    monkeypatch.delenv("FORCE_CPU", raising=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A fresh database on the real PostgreSQL server, dropped afterwards.
+
+    Fails (not skips) when the server is down: the PostgreSQL tests must run in CI."""
+    name = f"ocr_daemon_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": name})
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def _reset_pg(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    url: str = request.getfixturevalue("pg_server")
+    engine = create_engine(url)
+    _reset_pg(engine)
+    engine.dispose()
+    yield url
+
+
+@pytest.fixture
+def ledger(db_url: str) -> Iterator[Ledger]:
+    engine = make_engine(DatabaseSettings(url=db_url))
+    migrate.upgrade(engine)
+    try:
+        yield Ledger(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path) -> object:
+    def make(**sections: dict[str, object]) -> Settings:
+        data: dict[str, dict[str, object]] = {
+            "watch": {"path": tmp_path / "inbox", "settle_seconds": 0.1,
+                      "rescan_interval_seconds": 1.0},
+            "database": {"url": f"sqlite:///{tmp_path / 'ocr.db'}"},
+            "metrics": {"port": 0},
+            "ocr": {"engine": "rapidocr"},
+        }
+        for section, values in sections.items():
+            data.setdefault(section, {}).update(values)
+        return Settings.model_validate(data)
+
+    return make

@@ -1,0 +1,152 @@
+"""The ledger against real SQLite and real PostgreSQL (each test runs on both)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from daemon.errors import NotFoundError
+from daemon.ocr.types import Line, PageResult
+from daemon.store.models import State
+from daemon.store.repository import Ledger
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def page(*texts: str) -> PageResult:
+    box = ((0.0, 0.0), (10.0, 0.0), (10.0, 5.0), (0.0, 5.0))
+    return PageResult(lines=tuple(Line(t, 0.9, box) for t in texts))
+
+
+def test_same_content_under_two_names_is_one_document(ledger: Ledger) -> None:
+    first = ledger.register("/in/a.png", sha("x"), 1)
+    second = ledger.register("/in/b.png", sha("x"), 1)
+    again = ledger.register("/in/a.png", sha("x"), 1)
+    assert first.created and not second.created
+    assert second.document_id == first.document_id and second.path_added
+    assert not again.path_added
+    assert ledger.counts()[State.QUEUED] == 1
+
+
+def test_only_one_worker_gets_a_claim(ledger: Ledger) -> None:
+    doc = ledger.register("/in/a.png", sha("a"), 1)
+    results: list[object] = []
+    barrier = threading.Barrier(4)
+
+    def grab(i: int) -> None:
+        barrier.wait()
+        results.append(ledger.claim(doc.document_id, f"w{i}", 60))
+
+    threads = [threading.Thread(target=grab, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r is not None for r in results) == 1
+
+
+def test_claim_next_skips_excluded_and_takes_oldest(ledger: Ledger) -> None:
+    a = ledger.register("/in/a.png", sha("a"), 1)
+    b = ledger.register("/in/b.png", sha("b"), 1)
+    claim = ledger.claim_next("w", 60, exclude=[a.document_id])
+    assert claim is not None and claim.document_id == b.document_id
+    assert claim.paths == ("/in/b.png",) and claim.attempts == 1
+    claim = ledger.claim_next("w", 60)
+    assert claim is not None and claim.document_id == a.document_id
+    assert ledger.claim_next("w", 60) is None
+
+
+def test_complete_stores_pages_and_done_together(ledger: Ledger) -> None:
+    reg = ledger.register("/in/a.png", sha("a"), 1)
+    claim = ledger.claim_next("w", 60)
+    assert claim is not None
+    assert ledger.complete(reg.document_id, "w", [page("hello", "world"), page("two")], 1.5,
+                           "cpu")
+    stored = ledger.find(sha("a"))
+    assert stored.state == State.DONE
+    assert [p.text for p in stored.pages] == ["hello\nworld", "two"]
+    assert stored.pages[0].lines[0]["box"][2] == [10.0, 5.0]
+    assert stored.mean_confidence == pytest.approx(0.9)
+
+
+def test_complete_refused_without_the_claim(ledger: Ledger) -> None:
+    reg = ledger.register("/in/a.png", sha("a"), 1)
+    assert ledger.claim_next("w1", 60) is not None
+    assert not ledger.complete(reg.document_id, "w2", [page("x")], 1.0, "cpu")
+    assert ledger.find(sha("a")).pages == ()
+
+
+def test_transient_failure_is_retried_with_backoff_then_fails(ledger: Ledger) -> None:
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    timed = Ledger(ledger.engine, clock=lambda: now[0])
+    reg = timed.register("/in/a.png", sha("a"), 1)
+    assert timed.claim_next("w", 60) is not None
+    outcome = timed.fail(reg.document_id, "busy", permanent=False, max_attempts=2,
+                         backoff_seconds=10)
+    assert outcome.state == State.QUEUED
+    assert timed.claim_next("w", 60) is None  # not due yet
+    now[0] += timedelta(seconds=11)
+    assert timed.claim_next("w", 60) is not None
+    outcome = timed.fail(reg.document_id, "busy again", permanent=False, max_attempts=2,
+                         backoff_seconds=10)
+    assert outcome.state == State.FAILED and outcome.attempts == 2
+    assert timed.status()["failures"][0] == {
+        "path": "/in/a.png", "sha256": sha("a"), "reason": "busy again", "attempts": 2}
+
+
+def test_permanent_failure_fails_at_once(ledger: Ledger) -> None:
+    reg = ledger.register("/in/a.png", sha("a"), 1)
+    ledger.claim_next("w", 60)
+    outcome = ledger.fail(reg.document_id, "corrupt", permanent=True, max_attempts=5,
+                          backoff_seconds=1)
+    assert outcome.state == State.FAILED
+
+
+def test_release_and_stale_leases_requeue(ledger: Ledger) -> None:
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    timed = Ledger(ledger.engine, clock=lambda: now[0])
+    a = timed.register("/in/a.png", sha("a"), 1)
+    b = timed.register("/in/b.png", sha("b"), 1)
+    timed.claim(a.document_id, "w", 60)
+    timed.claim(b.document_id, "w", 600)
+    assert timed.release(a.document_id, "w")
+    assert timed.find(sha("a")).attempts == 0  # a hand-back is not an attempt
+    now[0] += timedelta(seconds=120)
+    timed.claim(a.document_id, "w", 60)
+    now[0] += timedelta(seconds=120)
+    assert timed.requeue_stale() == 1  # a's lease ran out, b's did not
+    assert timed.counts() == {"queued": 1, "processing": 1, "done": 0, "failed": 0}
+    assert timed.requeue_stale(all_processing=True) == 1
+
+
+def test_find_by_any_path_or_sha(ledger: Ledger) -> None:
+    reg = ledger.register("/in/a.png", sha("a"), 1)
+    ledger.register("/in/copy.png", sha("a"), 1)
+    assert ledger.find("whatever", ["/in/copy.png"]).id == reg.document_id
+    assert ledger.find(sha("a").upper()).id == reg.document_id
+    with pytest.raises(NotFoundError):
+        ledger.find("/in/none.png", ["/in/none.png"])
+
+
+def test_search_finds_pages_with_snippets(ledger: Ledger) -> None:
+    for name, texts in {"a": ["alpha beta", "gamma"], "b": ["delta 50% off"]}.items():
+        reg = ledger.register(f"/in/{name}.png", sha(name), 1)
+        ledger.claim(reg.document_id, "w", 60)
+        ledger.complete(reg.document_id, "w", [page(t) for t in texts], 1.0, "cpu")
+    hits = ledger.search("GAMMA")
+    assert [(h.path, h.page_no) for h in hits] == [("/in/a.png", 2)]
+    assert [h.path for h in ledger.search("50%")] == ["/in/b.png"]
+    assert ledger.search("5_%") == []  # LIKE wildcards are taken literally
+
+
+def test_rejection_recorded_once(ledger: Ledger) -> None:
+    first = ledger.record_rejection("/in/link.png", "symlink points outside the watched folder")
+    again = ledger.record_rejection("/in/link.png", "symlink points outside the watched folder")
+    assert first.path_added and not again.path_added
+    assert ledger.counts()[State.FAILED] == 1
+    assert ledger.status()["failures"][0]["reason"].startswith("symlink")

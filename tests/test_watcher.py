@@ -1,0 +1,181 @@
+"""The watcher on a real folder: settle, ignore rules, symlinks, rescan, observer choice."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.config import WatchSettings
+from daemon.watcher import Watcher, is_ignored, mount_fstype, needs_polling
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.ready: list[Path] = []
+        self.rejected: dict[str, str] = {}
+        self.changed = threading.Condition()
+
+    def on_ready(self, path: Path) -> None:
+        with self.changed:
+            self.ready.append(path)
+            self.changed.notify_all()
+
+    def on_rejected(self, path: Path, reason: str) -> None:
+        with self.changed:
+            self.rejected[path.name] = reason
+            self.changed.notify_all()
+
+    def wait_for(self, predicate: object, timeout: float = 10.0) -> bool:
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    path = tmp_path / "inbox"
+    path.mkdir()
+    return path
+
+
+def start(inbox: Path, **options: object) -> tuple[Watcher, Recorder]:
+    recorder = Recorder()
+    settings = WatchSettings(path=inbox, **{"settle_seconds": 0.3,  # type: ignore[arg-type]
+                                            "rescan_interval_seconds": 0.5, **options})
+    watcher = Watcher(settings, recorder.on_ready, recorder.on_rejected, tick_seconds=0.05)
+    watcher.start()
+    return watcher, recorder
+
+
+@pytest.fixture
+def running(inbox: Path) -> Iterator[tuple[Watcher, Recorder]]:
+    watcher, recorder = start(inbox)
+    yield watcher, recorder
+    watcher.stop()
+
+
+def test_existing_and_new_files_are_reported_once(inbox: Path) -> None:
+    (inbox / "before.png").write_bytes(b"x" * 10)
+    watcher, recorder = start(inbox)
+    try:
+        (inbox / "after.jpg").write_bytes(b"y" * 10)
+        assert recorder.wait_for(lambda: len(recorder.ready) >= 2)
+        time.sleep(1.2)  # two rescans later: still once each
+        assert sorted(p.name for p in recorder.ready) == ["after.jpg", "before.png"]
+    finally:
+        watcher.stop()
+
+
+def test_a_file_still_growing_is_not_ready(running: tuple[Watcher, Recorder],
+                                           inbox: Path) -> None:
+    _, recorder = running
+    target = inbox / "slow.tif"
+    with open(target, "wb") as handle:
+        for _ in range(8):  # keeps growing for ~0.8 s, longer than settle_seconds
+            handle.write(b"z" * 100)
+            handle.flush()
+            os.fsync(handle.fileno())
+            time.sleep(0.1)
+            assert not recorder.ready
+        finished = time.monotonic()
+    assert recorder.wait_for(lambda: recorder.ready)
+    assert time.monotonic() - finished >= 0.25
+    assert recorder.ready == [target]
+
+
+def test_rewritten_file_is_reported_again(running: tuple[Watcher, Recorder],
+                                          inbox: Path) -> None:
+    _, recorder = running
+    (inbox / "a.png").write_bytes(b"one")
+    assert recorder.wait_for(lambda: len(recorder.ready) == 1)
+    (inbox / "a.png").write_bytes(b"two, longer")
+    assert recorder.wait_for(lambda: len(recorder.ready) == 2)
+
+
+@pytest.mark.parametrize("name", [".hidden.png", "x.png.part", "y.filepart", "z.tmp",
+                                  "~$doc.png", "Thumbs.db", "notes.txt", "skip-me.png"])
+def test_ignored_names(inbox: Path, name: str) -> None:
+    watcher, recorder = start(inbox, ignore=("skip-*",))
+    try:
+        (inbox / name).write_bytes(b"data")
+        (inbox / "real.png").write_bytes(b"data")
+        assert recorder.wait_for(lambda: recorder.ready)
+        time.sleep(0.6)
+        assert [p.name for p in recorder.ready] == ["real.png"]
+    finally:
+        watcher.stop()
+
+
+def test_symlinks_out_of_the_folder_and_loops_are_rejected(tmp_path: Path, inbox: Path) -> None:
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"secret")
+    (inbox / "inside.png").write_bytes(b"fine")
+    os.symlink(secret, inbox / "escape.png")
+    os.symlink(inbox / "inside.png", inbox / "alias.png")
+    os.symlink(inbox / "loop.png", inbox / "loop.png")
+    os.symlink(tmp_path / "missing.png", inbox / "dangling.png")
+    watcher, recorder = start(inbox)
+    try:
+        assert recorder.wait_for(lambda: len(recorder.rejected) == 3 and len(recorder.ready) == 2)
+        assert recorder.rejected["escape.png"] == "symlink points outside the watched folder"
+        assert recorder.rejected["loop.png"] == "symlink loop"
+        assert recorder.rejected["dangling.png"] == "dangling symlink"
+        assert sorted(p.name for p in recorder.ready) == ["alias.png", "inside.png"]
+    finally:
+        watcher.stop()
+
+
+def test_directory_with_an_image_name_is_rejected(inbox: Path) -> None:
+    (inbox / "folder.png").mkdir()
+    watcher, recorder = start(inbox)
+    try:
+        assert recorder.wait_for(lambda: recorder.rejected)
+        assert recorder.rejected == {"folder.png": "a directory, not a file"}
+    finally:
+        watcher.stop()
+
+
+def test_recursive_skips_done_and_failed(inbox: Path) -> None:
+    for sub in ("a", "done", "failed"):
+        (inbox / sub).mkdir()
+        (inbox / sub / f"{sub}.png").write_bytes(b"x")
+    watcher, recorder = start(inbox, recursive=True, done_dir="done", failed_dir="failed")
+    try:
+        assert recorder.wait_for(lambda: recorder.ready)
+        time.sleep(0.6)
+        assert [p.name for p in recorder.ready] == ["a.png"]
+    finally:
+        watcher.stop()
+
+
+def test_polling_observer_also_works(inbox: Path) -> None:
+    watcher, recorder = start(inbox, observer="polling", poll_interval_seconds=0.2,
+                              rescan_interval_seconds=60)
+    try:
+        assert watcher.observer_kind.startswith("polling")
+        (inbox / "p.png").write_bytes(b"x")
+        assert recorder.wait_for(lambda: recorder.ready)
+    finally:
+        watcher.stop()
+
+
+def test_network_and_fuse_mounts_choose_polling(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/sda1 / ext4 rw 0 0\n"
+        "server:/export /mnt/scans nfs4 rw 0 0\n"
+        "sshfs#u@h: /mnt/fuse fuse.sshfs rw 0 0\n"
+    )
+    assert mount_fstype(Path("/mnt/scans/inbox"), mounts) == "nfs4"
+    assert mount_fstype(Path("/mnt/fuse"), mounts) == "fuse.sshfs"
+    assert mount_fstype(Path("/mnt/scansX"), mounts) == "ext4"
+    assert needs_polling("nfs4") and needs_polling("fuse.sshfs") and needs_polling("cifs")
+    assert not needs_polling("ext4") and not needs_polling("xfs") and not needs_polling(None)
+
+
+def test_is_ignored() -> None:
+    assert is_ignored("a.part", ["*.part"]) and not is_ignored("a.png", ["*.part"])
