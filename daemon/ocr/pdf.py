@@ -16,8 +16,9 @@ A page's text layer is "usable", and is taken instead of OCR when `ocr.pdf_text_
 
 * it has at least `min_chars` non-whitespace characters (a page number or a stamped header on a
   scan is not a text layer);
-* at least `min_printable_ratio` of them are real text: printable, not U+FFFD, not private-use,
-  and mapped to Unicode by the font (fonts without a ToUnicode map extract as garbage);
+* at least `min_printable_ratio` of them are real text (printable, not U+FFFD, not
+  private-use), and no more than the rest are characters the font could not map to Unicode
+  (fonts without a usable ToUnicode map extract as garbage; checked on a sample of 256);
 * when images cover at least `scan_image_coverage` of the page (a scan, perhaps with an
   invisible OCR layer or a stamped line), it needs `scan_min_chars` characters: a scan with a
   short stamp is OCR'd, a scan carrying a full OCR layer (OCRmyPDF, scanner software) is not.
@@ -185,60 +186,85 @@ def _render(page: Any, size: RenderSize, index: int) -> Image:
 def _usable_text_lines(
     page: Any, size: RenderSize, rule: TextLayerRule = TEXT_LAYER_RULE
 ) -> tuple[Line, ...] | None:
-    """The page's text lines when its text layer is usable (module docstring), else None."""
+    """The page's text lines when its text layer is usable (module docstring), else None.
+
+    Costs a few pdfium calls per line, not per character: the text comes out in one call and
+    each line's box from pdfium's text rectangles for that line's character range.
+    """
     textpage = page.get_textpage()
     try:
         n_chars = textpage.count_chars()
         if n_chars < rule.min_chars:
             return None
-        lines: list[Line] = []
-        text: list[str] = []
-        box: list[float] | None = None  # left, bottom, right, top in PDF points
-        visible = printable = 0
-        rect = pdfium_c.FS_RECTF()
-        for i in range(n_chars):
-            char = chr(pdfium_c.FPDFText_GetUnicode(textpage, i))
-            if char in "\r\n":
-                _end_line(lines, text, box, page, size)
-                text, box = [], None
-                continue
-            text.append(char)
-            if char.isspace() or pdfium_c.FPDFText_IsGenerated(textpage, i):
-                continue
-            visible += 1
-            if _is_real_text(char) and not pdfium_c.FPDFText_HasUnicodeMapError(textpage, i):
-                printable += 1
-            if pdfium_c.FPDFText_GetLooseCharBox(textpage, i, rect):
-                if box is None:
-                    box = [rect.left, rect.bottom, rect.right, rect.top]
-                else:
-                    box = [min(box[0], rect.left), min(box[1], rect.bottom),
-                           max(box[2], rect.right), max(box[3], rect.top)]
-        _end_line(lines, text, box, page, size)
+        text = _text(textpage, n_chars)
+        visible = [i for i, char in enumerate(text) if not char.isspace()]
+        if len(visible) < rule.min_chars:
+            return None
+        real = sum(1 for i in visible if _is_real_text(text[i]))
+        if real < rule.min_printable_ratio * len(visible):
+            return None
+        if _unmapped_ratio(textpage, visible) > 1 - rule.min_printable_ratio:
+            return None
+        if len(visible) < rule.scan_min_chars and (
+            _image_coverage(page) >= rule.scan_image_coverage
+        ):
+            return None
+        return tuple(_lines(textpage, text, page, size))
     finally:
         textpage.close()
-    if visible < rule.min_chars or printable < rule.min_printable_ratio * visible:
-        return None
-    if visible < rule.scan_min_chars and _image_coverage(page) >= rule.scan_image_coverage:
-        return None
-    return tuple(lines)
+
+
+def _text(textpage: Any, n_chars: int) -> str:
+    """The page's characters, one str character per pdfium character index.
+
+    The bulk call is 1:1 with character indices except around characters outside the BMP
+    (two UTF-16 units) or ones pdfium excludes; then fall back to one call per character.
+    """
+    text: str = textpage.get_text_range(0, n_chars, errors="replace")
+    if len(text) == n_chars:
+        return text
+    return "".join(chr(pdfium_c.FPDFText_GetUnicode(textpage, i)) for i in range(n_chars))
+
+
+def _unmapped_ratio(textpage: Any, visible: list[int], sample: int = 256) -> float:
+    """Share of characters the font could not map to Unicode, on an even sample of them."""
+    step = max(1, len(visible) // sample)
+    picked = visible[::step]
+    unmapped = sum(1 for i in picked if pdfium_c.FPDFText_HasUnicodeMapError(textpage, i))
+    return unmapped / len(picked)
+
+
+def _lines(textpage: Any, text: str, page: Any, size: RenderSize) -> Iterator[Line]:
+    """One line per run of characters between pdfium's line breaks (CR/LF it inserts)."""
+    start = 0
+    for end in [*(i for i, char in enumerate(text) if char in "\r\n"), len(text)]:
+        line = text[start:end].strip()
+        if line:
+            box = _text_box(textpage, start, end - start)
+            corners: tuple[Point, Point, Point, Point] = (
+                _device_box(page, size, box) if box is not None else ((0.0, 0.0),) * 4
+            )
+            yield Line(text=line, score=1.0, box=corners)
+        start = end + 1
+
+
+def _text_box(textpage: Any, start: int, count: int) -> list[float] | None:
+    """Union of pdfium's text rectangles for a character range, in PDF points (l, b, r, t)."""
+    n_rects = pdfium_c.FPDFText_CountRects(textpage, start, count)
+    box: list[float] | None = None
+    left, top, right, bottom = (ctypes.c_double() for _ in range(4))
+    for i in range(max(0, n_rects)):
+        if not pdfium_c.FPDFText_GetRect(textpage, i, left, top, right, bottom):
+            continue
+        rect = [left.value, bottom.value, right.value, top.value]
+        box = rect if box is None else [
+            min(box[0], rect[0]), min(box[1], rect[1]), max(box[2], rect[2]), max(box[3], rect[3])
+        ]
+    return box
 
 
 def _is_real_text(char: str) -> bool:
     return char.isprintable() and char != "\ufffd" and unicodedata.category(char) != "Co"
-
-
-def _end_line(
-    lines: list[Line], text: list[str], box: list[float] | None, page: Any, size: RenderSize
-) -> None:
-    joined = "".join(text).strip()
-    if not joined:
-        return
-    if box is None:
-        corners: tuple[Point, Point, Point, Point] = ((0.0, 0.0),) * 4
-    else:
-        corners = _device_box(page, size, box)
-    lines.append(Line(text=joined, score=1.0, box=corners))
 
 
 def _device_box(
