@@ -159,19 +159,29 @@ def encrypted_pdf(user_password: bytes = b"secret", owner_password: bytes = b"ow
     return _write_pdf([*ONE_EMPTY_PAGE, encrypt], b"/Encrypt 4 0 R /ID [%s %s]" % (ids, ids))
 
 
-def garbage_text_pdf() -> bytes:
-    """Text with a font that maps its codes to no Unicode: extracts as control characters."""
+def garbage_text_pdf(*, private_use_map: bool = False) -> bytes:
+    """Text that extracts as garbage: a font mapping its codes to no Unicode at all (control
+    characters), or — with `private_use_map` — a ToUnicode map into the Private Use Area, as
+    some PDF producers write for symbol or subset fonts."""
     codes = bytes(range(32, 96))
     content = b"BT /F1 12 Tf 72 700 Td <%s> Tj ET" % codes.hex().encode()
     names = b" ".join(b"/g%d" % c for c in codes)
+    cmap = (
+        b"/CIDInit /ProcSet findresource begin 12 dict begin begincmap "
+        b"/CMapName /Garbage def 1 begincodespacerange <00> <FF> endcodespacerange "
+        b"1 beginbfrange <20> <5F> <E000> endbfrange endcmap "
+        b"CMapName currentdict /CMap defineresource pop end end"
+    )
+    to_unicode = b" /ToUnicode 6 0 R" if private_use_map else b""
     return _write_pdf([
         CATALOG,
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
         b"/Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica "
-        b"/Encoding << /Differences [32 %s] >> >>" % names,
+        b"/Encoding << /Differences [32 %s] >>%s >>" % (names, to_unicode),
         b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content),
+        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(cmap), cmap),
     ])
 
 
@@ -236,8 +246,10 @@ def test_too_little_text_is_not_a_text_layer() -> None:
     assert page.image is not None
 
 
-def test_garbage_text_layer_is_ocrd_instead() -> None:
-    [page] = pages(garbage_text_pdf(), pdf_dpi=72)
+@pytest.mark.parametrize("private_use_map", [False, True], ids=["unmapped", "private-use"])
+def test_garbage_text_layer_is_ocrd_instead(private_use_map: bool) -> None:
+    data = garbage_text_pdf(private_use_map=private_use_map)
+    [page] = pages(data, pdf_dpi=72)
     assert page.text_layer is None
     assert page.image is not None
 
