@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from daemon.config import Settings
+from daemon.ocr.langs import validate_lang
 from daemon.ocr.providers import ProviderChoice
 from daemon.ocr.types import OcrEngine
 
@@ -21,6 +22,7 @@ def worker_count(settings: Settings, choice: ProviderChoice) -> int:
 
 def build_engine(settings: Settings, choice: ProviderChoice, workers: int) -> OcrEngine:
     ocr = settings.ocr
+    validate_lang(ocr.lang)  # a language that would need a download is a start-up error
     if choice.name == "cpu" and not ocr.intra_op_threads and workers > 1:
         # share the cores between the workers instead of oversubscribing them
         threads = max(1, (os.cpu_count() or 1) // workers)
