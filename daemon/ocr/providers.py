@@ -415,6 +415,11 @@ def create_session(
         except Exception as exc:
             if wanted == CPU_EP:
                 raise
+            # Build on the CPU first: if that fails too, the model is at fault, not the GPU,
+            # and its error is the one to raise, with no fallback counted.
+            cpu_session = ort.InferenceSession(
+                str(model_path), sess_options=session_options(ocr), providers=[CPU_EP]
+            )
             event = Fallback(
                 wanted=choice.name,
                 got="cpu",
@@ -423,9 +428,7 @@ def create_session(
                 model=Path(model_path).name,
             )
             _report(event, on_fallback)
-            return ort.InferenceSession(
-                str(model_path), sess_options=session_options(ocr), providers=[CPU_EP]
-            )
+            return cpu_session
     got = session.get_providers()
     if got and got[0] == wanted:
         return session
