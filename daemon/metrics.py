@@ -238,6 +238,40 @@ class Metrics:
 
 # --- HTTP ---------------------------------------------------------------------------------
 
+HEALTH_KEYS = ("status", "version", "gpu_available", "provider", "uptime", "queue_depth",
+               "database")
+
+
+def health_document(
+    *,
+    status: str,
+    version: str,
+    gpu_available: bool,
+    provider: str,
+    uptime: float,
+    queue_depth: int,
+    database: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The /health body with every agreed key, so the service cannot forget one.
+
+    `status` is "healthy", "degraded" (working, but e.g. on the CPU after a GPU fallback or
+    with retries piling up) or "unhealthy" (workers dead, database unreachable); `uptime` is
+    in seconds; `database` is e.g. "ok" or the last error.
+    """
+    if status not in (*HEALTHY_STATUSES, "unhealthy"):
+        raise ValueError(f"health status must be healthy, degraded or unhealthy: {status!r}")
+    return {
+        "status": status,
+        "version": version,
+        "gpu_available": gpu_available,
+        "provider": provider,
+        "uptime": round(uptime, 3),
+        "queue_depth": queue_depth,
+        "database": database,
+        **extra,
+    }
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
@@ -345,7 +379,7 @@ class MetricsServer:
                                self._ready)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.5},
+            kwargs={"poll_interval": 0.2},
             name="metrics-http",
             daemon=True,
         )
@@ -356,7 +390,7 @@ class MetricsServer:
         server, thread = self._server, self._thread
         if server is None:
             return
-        server.shutdown()  # waits for serve_forever to notice, at most one poll_interval
+        server.shutdown()  # waits for serve_forever to notice, at most one poll_interval (0.2 s)
         server.server_close()
         if thread is not None:
             thread.join(timeout)
