@@ -243,7 +243,6 @@ def test_no_nvml_library_means_no_gpu_series(
 
 
 def test_opencl_devices_are_reported(serve: ServerFactory) -> None:
-    pytest.importorskip("pocl_binary_distribution", reason="PoCL is a dev dependency")
     metrics = Metrics("1", gpu_reader=list)
     server = serve(metrics)
     report = probe_opencl()

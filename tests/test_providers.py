@@ -147,7 +147,7 @@ def test_nvml_reads_real_gpus() -> None:
 
 
 def test_pocl_cpu_device_found_and_no_gpu_reported() -> None:
-    pytest.importorskip("pocl_binary_distribution", reason="PoCL is a dev dependency")
+    # PoCL comes with the dev dependencies (pyopencl[pocl]); a missing one is a failure here.
     report = probe_opencl()
     assert report.available, report.error
     pocl = [d for d in report.devices if "Portable Computing Language" in d.platform]
@@ -158,7 +158,6 @@ def test_pocl_cpu_device_found_and_no_gpu_reported() -> None:
 
 
 def test_cpu_choice_reports_opencl_cpu_but_no_gpu(no_nvml_library: None) -> None:
-    pytest.importorskip("pocl_binary_distribution", reason="PoCL is a dev dependency")
     opencl = probe_opencl()
     choice = choose_provider(Settings(), opencl=opencl, environ={})
     assert choice.name == "cpu"
@@ -362,3 +361,59 @@ def test_cuda_on_a_gpu_is_chosen_and_sessions_keep_it() -> None:
     assert session.get_providers()[0] == CUDA_EP
     assert heard == []
     run_probe_input(session)
+
+
+# --- choice logic where this host cannot produce the case -------------------------------------
+
+
+H100 = NvmlReport(True, "580.159.04", "13.0", [hardware.GpuInfo(
+    0, "NVIDIA H100 80GB HBM3", "GPU-86ec9c67", 80 * 2**30, 2**30, 0.1)])
+
+
+def test_cuda_chosen_when_tensorrt_lacks_its_libraries(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """No onnxruntime-gpu here, so the probe itself is replaced: TensorRT dropped, CUDA works."""
+
+    def probe(name: str, ocr: Any, cache_dir: Path | None = None) -> providers.ProbeResult:
+        if name == "tensorrt":
+            return providers.ProbeResult(False, "dropped", "libnvinfer.so.10 not found")
+        return providers.ProbeResult(True, "", "CUDAExecutionProvider session ran")
+
+    monkeypatch.setattr(providers, "probe_provider", probe)
+    caplog.set_level("INFO", logger="daemon.ocr.providers")
+    choice = choose_provider(Settings(), environ={}, nvml=H100, tensorrt_cache=tmp_path)
+
+    assert choice.name == "cuda"
+    assert choice.gpu_info == "CUDA: NVIDIA H100 80GB HBM3"
+    assert choice.fallbacks == ()  # TensorRT is optional on top of CUDA: no fallback alert
+    assert "TensorRT not used: libnvinfer.so.10 not found" in choice.reason
+    assert [providers._spec_name(s) for s in choice.ort_providers] == [CUDA_EP, CPU_EP]
+    assert "GPU acceleration available gpu_info='CUDA: NVIDIA H100 80GB HBM3'" in caplog.text
+
+
+def test_cuda_visible_devices_maps_device_id_to_the_nvml_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    two = NvmlReport(True, "580", "13.0", [
+        hardware.GpuInfo(0, "NVIDIA A10", "GPU-aaaa", 1, 1, 0.0),
+        hardware.GpuInfo(1, "NVIDIA H100 80GB HBM3", "GPU-bbbb", 1, 1, 0.0),
+    ])
+    monkeypatch.setattr(
+        providers, "probe_provider",
+        lambda name, ocr, cache_dir=None: providers.ProbeResult(name == "cuda", "", "ran"),
+    )
+    settings = Settings(ocr={"provider": "cuda"})
+    by_index = choose_provider(settings, environ={"CUDA_VISIBLE_DEVICES": "1"}, nvml=two)
+    by_uuid = choose_provider(settings, environ={"CUDA_VISIBLE_DEVICES": "GPU-bbbb"}, nvml=two)
+    unset = choose_provider(settings, environ={}, nvml=two)
+    assert by_index.gpu_info == by_uuid.gpu_info == "CUDA: NVIDIA H100 80GB HBM3"
+    assert unset.gpu_info == "CUDA: NVIDIA A10"
+
+
+def test_tensorrt_cache_follows_systemd_then_xdg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    assert providers.tensorrt_cache_dir() == Path("/xdg/ocr-daemon/tensorrt")
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/ocr-daemon")
+    assert providers.tensorrt_cache_dir() == Path("/var/cache/ocr-daemon/tensorrt")

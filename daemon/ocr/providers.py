@@ -129,7 +129,12 @@ def cuda_options(ocr: OcrSettings) -> dict[str, Any]:
 
 
 def tensorrt_cache_dir() -> Path:
-    """Where TensorRT keeps built engines, so only the first start pays for building them."""
+    """Where TensorRT keeps built engines, so only the first start pays for building them.
+
+    systemd's CacheDirectory= sets $CACHE_DIRECTORY; otherwise the XDG cache.
+    """
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0]) / "tensorrt"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
     return Path(base) / "ocr-daemon" / "tensorrt"
 
@@ -224,7 +229,15 @@ def probe_provider(name: str, ocr: OcrSettings, cache_dir: Path | None = None) -
         )
     preload_gpu_libraries()
     if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return ProbeResult(
+                False,
+                "session_failed",
+                f"TensorRT engine cache {cache_dir} cannot be created ({exc}); "
+                "set XDG_CACHE_HOME or CACHE_DIRECTORY to a writable folder",
+            )
     providers = list(ort_providers_for(name, ocr, cache_dir))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -317,7 +330,7 @@ def choose_provider(
     gpu = _nvml_gpu_for(ocr.device_id, visible, nvml.gpus)
 
     cache = tensorrt_cache if tensorrt_cache is not None else tensorrt_cache_dir()
-    failures: list[str] = []
+    failures: list[ProbeResult] = []
     codes: list[str] = []
     hidden = visible is not None and ocr.device_id >= len(visible)
     for name in candidates:
@@ -331,10 +344,17 @@ def choose_provider(
         else:
             result = probe_provider(name, ocr, cache if name == "tensorrt" else None)
         if result.ok:
+            reason = result.detail
+            if requested == "auto" and name == "cuda" and failures:
+                # TensorRT is an optional extra on top of CUDA: most onnxruntime-gpu installs
+                # list it without its libraries. Say so, but do not count it as a fallback, or
+                # every normal CUDA start would trip a fallback alert.
+                reason += f"; TensorRT not used: {failures[-1].detail}"
+                codes = [c for c in codes if not c.startswith("tensorrt_")]
             choice = ProviderChoice(
                 name,
                 ort_providers=ort_providers_for(name, ocr, cache),
-                reason=result.detail,
+                reason=reason,
                 gpu_info=_describe_gpu(name, gpu, ocr.device_id),
                 fallbacks=tuple(codes),
             )
@@ -342,7 +362,7 @@ def choose_provider(
                 "GPU acceleration available gpu_info=%r provider=%s", choice.gpu_info, name
             )
             return choice
-        failures.append(result.detail)
+        failures.append(result)
         # A provider missing from a CPU build on a host without a GPU is the normal CPU install,
         # not a fallback; anything else means a GPU was wanted and not had.
         if result.code != "not_in_build" or nvml.gpus or requested != "auto":
@@ -350,7 +370,7 @@ def choose_provider(
 
     if requested != "auto":
         raise ProviderError(
-            f"ocr.provider = {requested!r} was requested but cannot be used: {failures[-1]}"
+            f"ocr.provider = {requested!r} was requested but cannot be used: {failures[-1].detail}"
             + (f" (NVML: {nvml.error})" if nvml.error else "")
             + ". Set ocr.provider = \"auto\" to fall back to the CPU, or FORCE_CPU=true."
         )
@@ -369,7 +389,7 @@ def choose_provider(
 def _cpu_reason(
     nvml: hardware.NvmlReport,
     opencl: hardware.OpenClReport | None,
-    failures: list[str],
+    failures: list[ProbeResult],
     codes: list[str],
 ) -> str:
     parts: list[str] = []
@@ -384,7 +404,13 @@ def _cpu_reason(
             f"OpenCL GPU found ({names}), but onnxruntime has no OpenCL execution provider"
         )
     if codes or nvml.gpus:
-        parts.extend(failures)
+        # Both GPU providers missing from a CPU build is one fact, not two.
+        if any(f.code == "not_in_build" for f in failures):
+            parts.append(
+                f"onnxruntime {ort.__version__} has no GPU provider (providers: "
+                f"{', '.join(ort.get_available_providers())}): install onnxruntime-gpu"
+            )
+        parts.extend(f.detail for f in failures if f.code != "not_in_build")
     return "; ".join(parts)
 
 
