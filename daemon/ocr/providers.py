@@ -3,25 +3,64 @@
 Order TensorRT -> CUDA -> CPU. A provider counts only once a real session built with it reports
 it in `session.get_providers()`: onnxruntime lists CUDA even when its libraries cannot load and
 then silently runs on the CPU.
+
+`choose_provider` runs once at start-up. An explicitly named provider ("cuda", "tensorrt") that
+cannot be brought up is a `ProviderError`; with "auto" the daemon goes on with the best provider
+that works and says why in `ProviderChoice.reason`. `create_session` checks every later session
+again, because a provider that worked for the probe model can still be dropped for a real one
+(out of GPU memory, an unsupported operator, a lazily loaded cuDNN library missing); such a
+silent fallback is logged and reported to the fallback listeners (metrics counts them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from daemon.config import OcrSettings, Settings
+from daemon.errors import ProviderError
+from daemon.ocr import hardware
+
+log = logging.getLogger(__name__)
 
 ProviderSpec = str | tuple[str, dict[str, Any]]
+
+CPU_EP = "CPUExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+TENSORRT_EP = "TensorrtExecutionProvider"
+
+ORT_NAMES = {"cpu": CPU_EP, "cuda": CUDA_EP, "tensorrt": TENSORRT_EP}
+SHORT_NAMES = {ort_name: short for short, ort_name in ORT_NAMES.items()}
+
+# The smallest model that ships with rapidocr; a probe session must run a real convolution so
+# that cuDNN (loaded lazily by onnxruntime) is exercised too.
+PROBE_MODEL = "ch_ppocr_mobile_v2.0_cls_mobile.onnx"
+PROBE_INPUT_SHAPE = (1, 3, 48, 192)
 
 
 @dataclass(frozen=True)
 class ProviderChoice:
+    """The provider the OCR sessions use, and why.
+
+    `fallbacks` holds one short code per GPU provider that was tried (or that a GPU on this host
+    would have needed) and did not come up, e.g. "cuda_session_failed". They are the `reason`
+    label of `ocr_provider_fallbacks_total`, so they are a small fixed set; the human-readable
+    story is in `reason`.
+    """
+
     name: str  # "cpu" | "cuda" | "tensorrt"
-    ort_providers: tuple[ProviderSpec, ...] = ("CPUExecutionProvider",)
+    ort_providers: tuple[ProviderSpec, ...] = (CPU_EP,)
     reason: str = "CPU only"
     gpu_info: str | None = None
     fallbacks: tuple[str, ...] = field(default=())
@@ -30,11 +69,97 @@ class ProviderChoice:
 CPU = ProviderChoice("cpu")
 
 
-def choose_provider(settings: Settings) -> ProviderChoice:
-    """Pick the provider for this process. (CPU until the hardware probe lands.)"""
-    if settings.cpu_only:
-        return ProviderChoice("cpu", reason="FORCE_CPU or ocr.provider = cpu")
-    return CPU
+@dataclass(frozen=True)
+class Fallback:
+    """One session that came up on another provider than the one chosen."""
+
+    wanted: str  # "cuda" | "tensorrt"
+    got: str  # the short name of the provider the session actually runs on
+    reason: str  # short code, the metric label: "<wanted>_dropped" | "<wanted>_session_failed"
+    detail: str  # for the log
+    model: str  # the model file's name
+
+
+FallbackListener = Callable[[Fallback], None]
+
+_listeners: list[FallbackListener] = []
+_listeners_lock = threading.Lock()
+
+
+def add_fallback_listener(listener: FallbackListener) -> Callable[[], None]:
+    """Call `listener` for every silent fallback `create_session` detects; returns the remover.
+
+    A hook rather than an import of the metrics module: ocr code only reports, the side concern
+    (metrics, tests) decides what to do with it.
+    """
+    with _listeners_lock:
+        _listeners.append(listener)
+
+    def remove() -> None:
+        with _listeners_lock, contextlib.suppress(ValueError):
+            _listeners.remove(listener)
+
+    return remove
+
+
+def _notify(event: Fallback) -> None:
+    with _listeners_lock:
+        listeners = list(_listeners)
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:  # a broken listener must not break OCR
+            log.exception("fallback listener %r failed", listener)
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+def cuda_options(ocr: OcrSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "device_id": ocr.device_id,
+        "cudnn_conv_algo_search": ocr.cudnn_conv_algo_search,
+        # Grow the arena by what is asked, not by doubling: batches of many shapes otherwise
+        # reserve far more GPU memory than they use.
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+    if ocr.gpu_mem_limit_bytes > 0:
+        options["gpu_mem_limit"] = ocr.gpu_mem_limit_bytes
+    return options
+
+
+def tensorrt_cache_dir() -> Path:
+    """Where TensorRT keeps built engines, so only the first start pays for building them.
+
+    systemd's CacheDirectory= sets $CACHE_DIRECTORY; otherwise the XDG cache.
+    """
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0]) / "tensorrt"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "ocr-daemon" / "tensorrt"
+
+
+def tensorrt_options(ocr: OcrSettings, cache_dir: Path) -> dict[str, Any]:
+    return {
+        "device_id": ocr.device_id,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_fp16_enable": False,  # fp16 changes recognition output; parity with CPU first
+    }
+
+
+def ort_providers_for(name: str, ocr: OcrSettings, cache_dir: Path | None = None) -> tuple[
+    ProviderSpec, ...
+]:
+    """The onnxruntime provider list for `name`; CPU always last, for nodes a GPU EP rejects."""
+    if name == "cuda":
+        return ((CUDA_EP, cuda_options(ocr)), CPU_EP)
+    if name == "tensorrt":
+        trt = tensorrt_options(ocr, cache_dir or tensorrt_cache_dir())
+        return ((TENSORRT_EP, trt), (CUDA_EP, cuda_options(ocr)), CPU_EP)
+    return (CPU_EP,)
 
 
 def session_options(ocr: OcrSettings) -> ort.SessionOptions:
@@ -46,8 +171,318 @@ def session_options(ocr: OcrSettings) -> ort.SessionOptions:
     return options
 
 
-def create_session(model_path: Path, choice: ProviderChoice, ocr: OcrSettings) -> Any:
-    """An InferenceSession for `model_path` on `choice`'s providers."""
-    return ort.InferenceSession(
-        str(model_path), sess_options=session_options(ocr), providers=list(choice.ort_providers)
+def provider_name(session: Any) -> str:
+    """The short name ("cpu", "cuda", "tensorrt") of the provider a session runs on first."""
+    providers = session.get_providers()
+    return SHORT_NAMES.get(providers[0], providers[0]) if providers else "cpu"
+
+
+def _spec_name(spec: ProviderSpec) -> str:
+    return spec if isinstance(spec, str) else spec[0]
+
+
+@functools.cache
+def preload_gpu_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels where onnxruntime-gpu offers it (>= 1.21).
+
+    Without it a pip-installed CUDA stack is invisible to the dynamic loader and the CUDA
+    provider silently drops out. Only worth trying when the build has a GPU provider.
+    """
+    available = ort.get_available_providers()
+    if CUDA_EP not in available and TENSORRT_EP not in available:
+        return
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # missing wheels are fine: system libraries may still be there
+        log.debug("onnxruntime.preload_dlls() failed: %s", exc)
+
+
+# --- probing ------------------------------------------------------------------------------
+
+
+def probe_model_path() -> Path:
+    import rapidocr
+
+    return Path(rapidocr.__file__).parent / "models" / PROBE_MODEL
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    code: str  # "" when ok; else "not_in_build" | "session_failed" | "dropped" | "no_device"
+    detail: str
+
+
+def probe_provider(name: str, ocr: OcrSettings, cache_dir: Path | None = None) -> ProbeResult:
+    """Build a real session with `name` first and run it once; ok only if it stayed first."""
+    ort_name = ORT_NAMES[name]
+    available = ort.get_available_providers()
+    if ort_name not in available:
+        return ProbeResult(
+            False,
+            "not_in_build",
+            f"{ort_name} is not in this onnxruntime build ({ort.__version__}, providers: "
+            f"{', '.join(available)}); install onnxruntime-gpu instead of onnxruntime",
+        )
+    preload_gpu_libraries()
+    if cache_dir is not None:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return ProbeResult(
+                False,
+                "session_failed",
+                f"TensorRT engine cache {cache_dir} cannot be created ({exc}); "
+                "set XDG_CACHE_HOME or CACHE_DIRECTORY to a writable folder",
+            )
+    providers = list(ort_providers_for(name, ocr, cache_dir))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            session = ort.InferenceSession(
+                str(probe_model_path()), sess_options=session_options(ocr), providers=providers
+            )
+            got = session.get_providers()
+            if got and got[0] == ort_name:
+                feed = {session.get_inputs()[0].name: np.zeros(PROBE_INPUT_SHAPE, np.float32)}
+                session.run(None, feed)
+        except Exception as exc:
+            return ProbeResult(False, "session_failed", f"{ort_name} session failed: {exc}")
+    if not got or got[0] != ort_name:
+        said = "; ".join(str(w.message) for w in caught)
+        return ProbeResult(
+            False,
+            "dropped",
+            f"onnxruntime dropped {ort_name} (session providers: {', '.join(got)})"
+            + (f": {said}" if said else "; its CUDA/cuDNN libraries probably failed to load"),
+        )
+    return ProbeResult(True, "", f"{ort_name} session ran on the probe model")
+
+
+def visible_cuda_devices(environ: Mapping[str, str]) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as a list of entries; None when unset (every device visible)."""
+    raw = environ.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    entries: list[str] = []
+    for entry in (e.strip() for e in raw.split(",")):
+        # CUDA stops at the first invalid entry; "-1" is the common way to hide every GPU.
+        if not entry or entry.startswith("-"):
+            break
+        entries.append(entry)
+    return entries
+
+
+def _nvml_gpu_for(
+    device_id: int, visible: list[str] | None, gpus: list[hardware.GpuInfo]
+) -> hardware.GpuInfo | None:
+    """The NVML GPU behind CUDA device `device_id`, best effort.
+
+    NVML numbers GPUs by PCI bus; CUDA numbers the visible ones, fastest first unless
+    CUDA_DEVICE_ORDER=PCI_BUS_ID. With one GPU, or indices in CUDA_VISIBLE_DEVICES, this is right.
+    """
+    if visible is not None:
+        if device_id >= len(visible):
+            return None
+        entry = visible[device_id]
+        for gpu in gpus:
+            if entry.isdigit() and gpu.index == int(entry):
+                return gpu
+            if not entry.isdigit() and gpu.uuid.startswith(entry):
+                return gpu
+        return None
+    return gpus[device_id] if device_id < len(gpus) else None
+
+
+def _describe_gpu(name: str, gpu: hardware.GpuInfo | None, device_id: int) -> str:
+    label = "TensorRT" if name == "tensorrt" else "CUDA"
+    return f"{label}: {gpu.name}" if gpu is not None else f"{label}: device {device_id}"
+
+
+def choose_provider(
+    settings: Settings,
+    *,
+    environ: Mapping[str, str] | None = None,
+    nvml: hardware.NvmlReport | None = None,
+    opencl: hardware.OpenClReport | None = None,
+    tensorrt_cache: Path | None = None,
+) -> ProviderChoice:
+    """Pick the provider for this process, once, at start-up.
+
+    `environ`, `nvml` and `opencl` default to the real environment and probes; `doctor` passes
+    the probes it already ran so the OpenCL subprocess runs once.
+    """
+    ocr = settings.ocr
+    if settings.cpu_only:
+        why = "FORCE_CPU=true" if settings.force_cpu else "ocr.provider = cpu"
+        choice = ProviderChoice("cpu", reason=f"{why}: GPU probing skipped")
+        log.info("Using the CPU execution provider reason=%r", choice.reason)
+        return choice
+
+    env = os.environ if environ is None else environ
+    requested = ocr.provider
+    candidates = ["tensorrt", "cuda"] if requested == "auto" else [requested]
+    nvml = nvml if nvml is not None else hardware.probe_nvml()
+    visible = visible_cuda_devices(env)
+    gpu = _nvml_gpu_for(ocr.device_id, visible, nvml.gpus)
+
+    cache = tensorrt_cache if tensorrt_cache is not None else tensorrt_cache_dir()
+    failures: list[ProbeResult] = []
+    codes: list[str] = []
+    hidden = visible is not None and ocr.device_id >= len(visible)
+    for name in candidates:
+        if hidden:
+            result = ProbeResult(
+                False,
+                "no_device",
+                f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r} leaves no CUDA "
+                f"device {ocr.device_id} (ocr.device_id)",
+            )
+        else:
+            result = probe_provider(name, ocr, cache if name == "tensorrt" else None)
+        if result.ok:
+            reason = result.detail
+            if requested == "auto" and name == "cuda" and failures:
+                # TensorRT is an optional extra on top of CUDA: most onnxruntime-gpu installs
+                # list it without its libraries. Say so, but do not count it as a fallback, or
+                # every normal CUDA start would trip a fallback alert.
+                reason += f"; TensorRT not used: {failures[-1].detail}"
+                codes = [c for c in codes if not c.startswith("tensorrt_")]
+            choice = ProviderChoice(
+                name,
+                ort_providers=ort_providers_for(name, ocr, cache),
+                reason=reason,
+                gpu_info=_describe_gpu(name, gpu, ocr.device_id),
+                fallbacks=tuple(codes),
+            )
+            log.info(
+                "GPU acceleration available gpu_info=%r provider=%s", choice.gpu_info, name
+            )
+            return choice
+        failures.append(result)
+        # A provider missing from a CPU build on a host without a GPU is the normal CPU install,
+        # not a fallback; anything else means a GPU was wanted and not had.
+        if result.code != "not_in_build" or nvml.gpus or requested != "auto":
+            codes.append(f"{name}_{result.code}")
+
+    if requested != "auto":
+        raise ProviderError(
+            f"ocr.provider = {requested!r} was requested but cannot be used: {failures[-1].detail}"
+            + (f" (NVML: {nvml.error})" if nvml.error else "")
+            + ". Set ocr.provider = \"auto\" to fall back to the CPU, or FORCE_CPU=true."
+        )
+
+    reason = _cpu_reason(nvml, opencl, failures, codes)
+    if opencl is None and not nvml.gpus:
+        opencl = hardware.probe_opencl()
+        reason = _cpu_reason(nvml, opencl, failures, codes)
+    if opencl is not None and opencl.gpus and not nvml.gpus:
+        codes.append("opencl_only")
+    choice = ProviderChoice("cpu", reason=reason, fallbacks=tuple(codes))
+    log.warning("GPU acceleration unavailable, using CPU reason=%r", reason)
+    return choice
+
+
+def _cpu_reason(
+    nvml: hardware.NvmlReport,
+    opencl: hardware.OpenClReport | None,
+    failures: list[ProbeResult],
+    codes: list[str],
+) -> str:
+    parts: list[str] = []
+    if nvml.gpus:
+        names = ", ".join(g.name for g in nvml.gpus)
+        parts.append(f"NVIDIA GPU present ({names}) but no GPU provider came up")
+    else:
+        parts.append(nvml.error or "no NVIDIA GPU")
+    if opencl is not None and opencl.gpus and not nvml.gpus:
+        names = ", ".join(f"{d.device} ({d.platform})" for d in opencl.gpus)
+        parts.append(
+            f"OpenCL GPU found ({names}), but onnxruntime has no OpenCL execution provider"
+        )
+    if codes or nvml.gpus:
+        # Both GPU providers missing from a CPU build is one fact, not two.
+        if any(f.code == "not_in_build" for f in failures):
+            parts.append(
+                f"onnxruntime {ort.__version__} has no GPU provider (providers: "
+                f"{', '.join(ort.get_available_providers())}): install onnxruntime-gpu"
+            )
+        parts.extend(f.detail for f in failures if f.code != "not_in_build")
+    return "; ".join(parts)
+
+
+# --- sessions -----------------------------------------------------------------------------
+
+
+def create_session(
+    model_path: Path,
+    choice: ProviderChoice,
+    ocr: OcrSettings,
+    *,
+    on_fallback: FallbackListener | None = None,
+) -> Any:
+    """An InferenceSession for `model_path` on `choice`'s providers, verified.
+
+    If the chosen GPU provider is not first in the built session's providers (onnxruntime drops
+    it with only a warning), or building with it raises, the fallback is logged, reported to
+    `on_fallback` and the module's listeners, and a session that runs on the CPU is returned.
+    """
+    options = session_options(ocr)
+    wanted = _spec_name(choice.ort_providers[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            session = ort.InferenceSession(
+                str(model_path), sess_options=options, providers=list(choice.ort_providers)
+            )
+        except Exception as exc:
+            if wanted == CPU_EP:
+                raise
+            # Build on the CPU first: if that fails too, the model is at fault, not the GPU,
+            # and its error is the one to raise, with no fallback counted.
+            cpu_session = ort.InferenceSession(
+                str(model_path), sess_options=session_options(ocr), providers=[CPU_EP]
+            )
+            event = Fallback(
+                wanted=choice.name,
+                got="cpu",
+                reason=f"{choice.name}_session_failed",
+                detail=str(exc),
+                model=Path(model_path).name,
+            )
+            _report(event, on_fallback)
+            return cpu_session
+    got = session.get_providers()
+    if got and got[0] == wanted:
+        return session
+    said = "; ".join(str(w.message) for w in caught)
+    event = Fallback(
+        wanted=choice.name,
+        got=provider_name(session),
+        reason=f"{choice.name}_dropped",
+        detail=f"session providers {got}" + (f": {said}" if said else ""),
+        model=Path(model_path).name,
     )
+    _report(event, on_fallback)
+    return session  # onnxruntime already built it on what it kept, which ends with the CPU
+
+
+def _report(event: Fallback, on_fallback: FallbackListener | None) -> None:
+    log.warning(
+        "Execution provider fell back model=%s wanted=%s got=%s reason=%s detail=%r",
+        event.model,
+        event.wanted,
+        event.got,
+        event.reason,
+        event.detail,
+    )
+    if on_fallback is not None:
+        try:
+            on_fallback(event)
+        except Exception:
+            log.exception("on_fallback callback failed")
+    _notify(event)
+

@@ -1,0 +1,419 @@
+"""Provider choice, hardware probes and silent-fallback detection, on the real onnxruntime.
+
+This machine has the CPU build of onnxruntime, no NVIDIA driver and PoCL (a CPU OpenCL
+runtime); the tests that need a GPU are marked `gpu` and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from daemon.config import Settings, load_settings
+from daemon.errors import ExitCode, ProviderError
+from daemon.ocr import hardware, providers
+from daemon.ocr.hardware import (
+    NvmlReport,
+    OpenClDevice,
+    OpenClReport,
+    doctor_report,
+    format_doctor,
+    probe_nvml,
+    probe_opencl,
+)
+from daemon.ocr.providers import (
+    CPU_EP,
+    CUDA_EP,
+    TENSORRT_EP,
+    Fallback,
+    ProviderChoice,
+    add_fallback_listener,
+    choose_provider,
+    create_session,
+    probe_model_path,
+    provider_name,
+)
+
+CUDA_IN_BUILD = CUDA_EP in ort.get_available_providers()
+NVML_GPUS = probe_nvml().gpus
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(
+    not (CUDA_IN_BUILD and NVML_GPUS),
+    reason="needs an NVIDIA GPU and onnxruntime-gpu",
+)
+needs_nvml_gpu = pytest.mark.skipif(not NVML_GPUS, reason="needs an NVIDIA GPU (NVML)")
+cpu_build_only = pytest.mark.skipif(
+    CUDA_IN_BUILD, reason="onnxruntime-gpu is installed here: CUDA is not dropped"
+)
+
+
+def run_probe_input(session: Any) -> list[Any]:
+    feed = {session.get_inputs()[0].name: np.zeros(providers.PROBE_INPUT_SHAPE, np.float32)}
+    result: list[Any] = session.run(None, feed)
+    return result
+
+
+@pytest.fixture
+def no_nvml_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynvml as on a host without the driver: loading libnvidia-ml.so.1 fails."""
+    import pynvml
+
+    def missing(name: str, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(pynvml, "nvmlLib", None)
+    monkeypatch.setattr(pynvml, "CDLL", missing)
+
+
+@pytest.fixture
+def no_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any hardware or provider probe fails the test."""
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("probe ran although the CPU was forced")
+
+    monkeypatch.setattr(hardware, "probe_nvml", forbidden)
+    monkeypatch.setattr(hardware, "probe_opencl", forbidden)
+    monkeypatch.setattr(providers, "probe_provider", forbidden)
+
+
+# --- FORCE_CPU / provider = cpu ---------------------------------------------------------------
+
+
+def test_force_cpu_env_skips_every_probe(
+    no_probes: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FORCE_CPU", "true")
+    monkeypatch.setenv("OCR_DAEMON_OCR__PROVIDER", "cuda")  # FORCE_CPU wins even over this
+    settings = load_settings()
+    assert settings.force_cpu and settings.cpu_only
+
+    choice = choose_provider(settings)
+
+    assert choice.name == "cpu"
+    assert choice.ort_providers == (CPU_EP,)
+    assert "FORCE_CPU" in choice.reason
+    assert choice.gpu_info is None and choice.fallbacks == ()
+
+
+def test_provider_cpu_skips_every_probe(no_probes: None) -> None:
+    choice = choose_provider(Settings(ocr={"provider": "cpu"}))
+    assert choice.name == "cpu"
+    assert "ocr.provider = cpu" in choice.reason
+
+
+# --- NVML ---------------------------------------------------------------------------------------
+
+
+def test_no_nvml_library_means_no_gpu_not_a_crash(no_nvml_library: None) -> None:
+    report = probe_nvml()
+    assert not report.available
+    assert report.gpus == []
+    assert report.error is not None and "no NVIDIA GPU" in report.error
+    assert "libnvidia-ml" in report.error
+
+    reader = hardware.NvmlReader()
+    assert reader.read() == []
+    assert reader.read() == []  # found out once, stays quiet
+    reader.close()
+
+
+def test_nvml_probe_on_this_host_never_raises() -> None:
+    report = probe_nvml()
+    assert report.available == bool(report.gpus)
+    if not report.gpus:
+        assert report.error
+
+
+@gpu
+@needs_nvml_gpu
+def test_nvml_reads_real_gpus() -> None:
+    report = probe_nvml()
+    assert report.driver_version
+    for g in report.gpus:
+        assert g.name and g.uuid.startswith(("GPU-", "MIG-"))
+        assert 0 < g.memory_used_bytes <= g.memory_total_bytes
+        assert g.utilization_ratio is None or 0.0 <= g.utilization_ratio <= 1.0
+
+
+# --- OpenCL -------------------------------------------------------------------------------------
+
+
+def test_pocl_cpu_device_found_and_no_gpu_reported() -> None:
+    # PoCL comes with the dev dependencies (pyopencl[pocl]); a missing one is a failure here.
+    report = probe_opencl()
+    assert report.available, report.error
+    pocl = [d for d in report.devices if "Portable Computing Language" in d.platform]
+    assert pocl, report.devices
+    assert all(d.type == "cpu" for d in pocl)
+    assert all(d.memory_bytes > 0 for d in pocl)
+    assert not [d for d in report.gpus if d in pocl]
+
+
+def test_cpu_choice_reports_opencl_cpu_but_no_gpu(no_nvml_library: None) -> None:
+    opencl = probe_opencl()
+    choice = choose_provider(Settings(), opencl=opencl, environ={})
+    assert choice.name == "cpu"
+    assert "no NVIDIA GPU" in choice.reason
+    # PoCL's CPU device is no GPU; only a host that also has an OpenCL GPU reports one.
+    assert ("OpenCL GPU" in choice.reason) == bool(opencl.gpus)
+    assert ("opencl_only" in choice.fallbacks) == bool(opencl.gpus)
+
+
+def test_opencl_only_gpu_is_reported_and_cpu_used(no_nvml_library: None) -> None:
+    opencl = OpenClReport(
+        True,
+        [OpenClDevice("Intel(R) OpenCL Graphics", "Intel(R) Arc(TM) A380", "gpu", "Intel",
+                      "OpenCL 3.0", 6 * 2**30)],
+    )
+    choice = choose_provider(Settings(), opencl=opencl, environ={})
+    assert choice.name == "cpu"
+    assert "Intel(R) Arc(TM) A380" in choice.reason
+    assert "no OpenCL execution provider" in choice.reason
+    assert "opencl_only" in choice.fallbacks
+
+
+def test_opencl_probe_that_hangs_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hardware, "_OPENCL_SCRIPT", "import time; time.sleep(30)")
+    report = probe_opencl(timeout=0.5)
+    assert not report.available
+    assert report.error is not None and "timed out" in report.error
+
+
+def test_opencl_probe_that_crashes_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hardware, "_OPENCL_SCRIPT", "import os; os.abort()")
+    report = probe_opencl()
+    assert not report.available
+    assert report.error is not None and "exited with status" in report.error
+
+
+# --- explicit GPU providers ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(CUDA_IN_BUILD, reason="onnxruntime-gpu is installed here")
+@pytest.mark.parametrize("name", ["cuda", "tensorrt"])
+def test_requested_gpu_provider_missing_is_a_startup_error(name: str) -> None:
+    settings = Settings(ocr={"provider": name})
+    with pytest.raises(ProviderError) as err:
+        choose_provider(settings, environ={})
+    message = str(err.value)
+    assert f"ocr.provider = {name!r}" in message
+    assert "not in this onnxruntime build" in message
+    assert "onnxruntime-gpu" in message
+    assert err.value.exit_code == ExitCode.PROVIDER
+
+
+@pytest.mark.parametrize("hidden", ["", "-1"])
+def test_cuda_visible_devices_hiding_every_gpu_is_honoured(hidden: str) -> None:
+    settings = Settings(ocr={"provider": "cuda"})
+    with pytest.raises(ProviderError, match="CUDA_VISIBLE_DEVICES"):
+        choose_provider(settings, environ={"CUDA_VISIBLE_DEVICES": hidden})
+
+    auto = choose_provider(Settings(), environ={"CUDA_VISIBLE_DEVICES": hidden},
+                           opencl=OpenClReport(False))
+    assert auto.name == "cpu"
+    assert "cuda_no_device" in auto.fallbacks and "tensorrt_no_device" in auto.fallbacks
+    assert "CUDA_VISIBLE_DEVICES" in auto.reason
+
+
+def test_device_id_beyond_visible_devices_is_an_error() -> None:
+    settings = Settings(ocr={"provider": "cuda", "device_id": 1})
+    with pytest.raises(ProviderError, match=r"no CUDA device 1 \(ocr.device_id\)"):
+        choose_provider(settings, environ={"CUDA_VISIBLE_DEVICES": "0"})
+
+
+def test_auto_on_cpu_build_without_gpu_is_no_fallback(no_nvml_library: None) -> None:
+    if CUDA_IN_BUILD:
+        pytest.skip("onnxruntime-gpu is installed here")
+    choice = choose_provider(Settings(), environ={}, opencl=OpenClReport(False))
+    assert choice.name == "cpu"
+    assert choice.fallbacks == ()  # a CPU install on a CPU host is not a fallback
+
+
+def test_gpu_present_but_cpu_build_counts_as_fallback() -> None:
+    if CUDA_IN_BUILD:
+        pytest.skip("onnxruntime-gpu is installed here")
+    gpu_host = NvmlReport(True, "580.1", "13.0", [hardware.GpuInfo(
+        0, "NVIDIA H100 80GB HBM3", "GPU-1", 80 * 2**30, 2**20, 0.0)])
+    choice = choose_provider(Settings(), environ={}, nvml=gpu_host, opencl=OpenClReport(False))
+    assert choice.name == "cpu"
+    assert choice.fallbacks == ("tensorrt_not_in_build", "cuda_not_in_build")
+    assert "NVIDIA H100 80GB HBM3" in choice.reason
+    assert "onnxruntime-gpu" in choice.reason
+
+
+def test_cuda_options_follow_settings() -> None:
+    ocr = Settings(ocr={
+        "device_id": 2, "cudnn_conv_algo_search": "DEFAULT", "gpu_mem_limit_bytes": 2**30,
+    }).ocr
+    spec = providers.ort_providers_for("cuda", ocr)
+    assert spec[-1] == CPU_EP
+    assert isinstance(spec[0], tuple)
+    name, options = spec[0]
+    assert name == CUDA_EP
+    assert options == {
+        "device_id": 2, "cudnn_conv_algo_search": "DEFAULT", "gpu_mem_limit": 2**30,
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+    assert "gpu_mem_limit" not in providers.cuda_options(Settings().ocr)
+
+    trt = providers.ort_providers_for("tensorrt", ocr, Path("/cache"))
+    assert [providers._spec_name(s) for s in trt] == [TENSORRT_EP, CUDA_EP, CPU_EP]
+    assert trt[0][1]["trt_engine_cache_path"] == "/cache"  # type: ignore[index]
+
+
+# --- silent fallback ----------------------------------------------------------------------------
+
+
+@cpu_build_only
+def test_session_that_drops_cuda_is_detected_and_recorded() -> None:
+    ocr = Settings().ocr
+    choice = ProviderChoice("cuda", ort_providers=providers.ort_providers_for("cuda", ocr))
+    direct: list[Fallback] = []
+    heard: list[Fallback] = []
+    remove = add_fallback_listener(heard.append)
+    try:
+        session = create_session(probe_model_path(), choice, ocr, on_fallback=direct.append)
+    finally:
+        remove()
+
+    assert session.get_providers() == [CPU_EP]
+    assert provider_name(session) == "cpu"
+    assert run_probe_input(session)[0].shape[0] == 1  # a usable CPU session
+    assert direct == heard and len(direct) == 1
+    event = direct[0]
+    assert (event.wanted, event.got, event.reason) == ("cuda", "cpu", "cuda_dropped")
+    assert event.model == providers.PROBE_MODEL
+    assert CUDA_EP in event.detail
+
+    create_session(probe_model_path(), choice, ocr)
+    assert len(heard) == 1  # removed listeners hear nothing more
+
+
+def test_cpu_session_is_no_fallback() -> None:
+    heard: list[Fallback] = []
+    remove = add_fallback_listener(heard.append)
+    try:
+        session = create_session(probe_model_path(), providers.CPU, Settings().ocr)
+    finally:
+        remove()
+    assert session.get_providers() == [CPU_EP]
+    assert heard == []
+
+
+@cpu_build_only
+def test_broken_model_raises_and_counts_no_fallback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    heard: list[Fallback] = []
+    choice = ProviderChoice("cuda", ort_providers=(CUDA_EP, CPU_EP))
+    with pytest.raises(Exception, match=r"(?i)protobuf|parse|load"):
+        create_session(bad, choice, Settings().ocr, on_fallback=heard.append)
+    assert heard == []
+
+
+# --- doctor -------------------------------------------------------------------------------------
+
+
+def test_doctor_report_is_json_and_readable() -> None:
+    report = doctor_report(Settings())
+    assert json.loads(json.dumps(report)) == report
+    assert report["onnxruntime"]["version"] == ort.__version__
+    assert CPU_EP in report["onnxruntime"]["available_providers"]
+    assert report["provider"]["name"] in ("cpu", "cuda", "tensorrt")
+    assert report["provider"]["reason"]
+
+    text = format_doctor(report)
+    assert f"onnxruntime {ort.__version__}" in text
+    assert f"Execution provider: {report['provider']['name']}" in text
+    for device in report["opencl"]["devices"]:
+        assert device["device"] in text
+
+
+@pytest.mark.skipif(CUDA_IN_BUILD, reason="onnxruntime-gpu is installed here")
+def test_doctor_shows_provider_error_instead_of_raising() -> None:
+    report = doctor_report(Settings(ocr={"provider": "cuda"}))
+    assert report["provider"]["error"] is True
+    assert report["provider"]["name"] is None
+    assert "Execution provider: NONE" in format_doctor(report)
+
+
+# --- on a GPU -------------------------------------------------------------------------------------
+
+
+@gpu
+@needs_cuda
+def test_cuda_on_a_gpu_is_chosen_and_sessions_keep_it() -> None:
+    settings = Settings(ocr={"provider": "cuda"})
+    choice = choose_provider(settings)
+    assert choice.name == "cuda"
+    assert choice.gpu_info is not None and choice.gpu_info.startswith("CUDA: ")
+    assert NVML_GPUS[0].name in choice.gpu_info
+    heard: list[Fallback] = []
+    session = create_session(probe_model_path(), choice, settings.ocr, on_fallback=heard.append)
+    assert session.get_providers()[0] == CUDA_EP
+    assert heard == []
+    run_probe_input(session)
+
+
+# --- choice logic where this host cannot produce the case -------------------------------------
+
+
+H100 = NvmlReport(True, "580.159.04", "13.0", [hardware.GpuInfo(
+    0, "NVIDIA H100 80GB HBM3", "GPU-86ec9c67", 80 * 2**30, 2**30, 0.1)])
+
+
+def test_cuda_chosen_when_tensorrt_lacks_its_libraries(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """No onnxruntime-gpu here, so the probe itself is replaced: TensorRT dropped, CUDA works."""
+
+    def probe(name: str, ocr: Any, cache_dir: Path | None = None) -> providers.ProbeResult:
+        if name == "tensorrt":
+            return providers.ProbeResult(False, "dropped", "libnvinfer.so.10 not found")
+        return providers.ProbeResult(True, "", "CUDAExecutionProvider session ran")
+
+    monkeypatch.setattr(providers, "probe_provider", probe)
+    caplog.set_level("INFO", logger="daemon.ocr.providers")
+    choice = choose_provider(Settings(), environ={}, nvml=H100, tensorrt_cache=tmp_path)
+
+    assert choice.name == "cuda"
+    assert choice.gpu_info == "CUDA: NVIDIA H100 80GB HBM3"
+    assert choice.fallbacks == ()  # TensorRT is optional on top of CUDA: no fallback alert
+    assert "TensorRT not used: libnvinfer.so.10 not found" in choice.reason
+    assert [providers._spec_name(s) for s in choice.ort_providers] == [CUDA_EP, CPU_EP]
+    assert "GPU acceleration available gpu_info='CUDA: NVIDIA H100 80GB HBM3'" in caplog.text
+
+
+def test_cuda_visible_devices_maps_device_id_to_the_nvml_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    two = NvmlReport(True, "580", "13.0", [
+        hardware.GpuInfo(0, "NVIDIA A10", "GPU-aaaa", 1, 1, 0.0),
+        hardware.GpuInfo(1, "NVIDIA H100 80GB HBM3", "GPU-bbbb", 1, 1, 0.0),
+    ])
+    monkeypatch.setattr(
+        providers, "probe_provider",
+        lambda name, ocr, cache_dir=None: providers.ProbeResult(name == "cuda", "", "ran"),
+    )
+    settings = Settings(ocr={"provider": "cuda"})
+    by_index = choose_provider(settings, environ={"CUDA_VISIBLE_DEVICES": "1"}, nvml=two)
+    by_uuid = choose_provider(settings, environ={"CUDA_VISIBLE_DEVICES": "GPU-bbbb"}, nvml=two)
+    unset = choose_provider(settings, environ={}, nvml=two)
+    assert by_index.gpu_info == by_uuid.gpu_info == "CUDA: NVIDIA H100 80GB HBM3"
+    assert unset.gpu_info == "CUDA: NVIDIA A10"
+
+
+def test_tensorrt_cache_follows_systemd_then_xdg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    assert providers.tensorrt_cache_dir() == Path("/xdg/ocr-daemon/tensorrt")
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/ocr-daemon")
+    assert providers.tensorrt_cache_dir() == Path("/var/cache/ocr-daemon/tensorrt")
