@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -16,7 +17,8 @@ from sqlalchemy import Engine, text
 from daemon import __version__
 from daemon.config import Settings
 from daemon.errors import DaemonError, DatabaseError, ExitCode
-from daemon.metrics import Metrics
+from daemon.metrics import Metrics, MetricsServer, health_document
+from daemon.ocr import hardware
 from daemon.ocr.engines import build_engine, worker_count
 from daemon.ocr.providers import ProviderChoice, choose_provider
 from daemon.ocr.types import OcrEngine
@@ -60,8 +62,20 @@ class Service:
         self.choice: ProviderChoice | None = None
         self.pipeline: Pipeline | None = None
         self.watcher: Watcher | None = None
-        self.server: Any = None
+        self.server: MetricsServer | None = None
+        self.nvml: hardware.NvmlReport | None = None
+        self.opencl: hardware.OpenClReport | None = None
+        self._unwatch_fallbacks: Callable[[], None] | None = None
         self.ready = False
+
+    def _probe_hardware(self) -> None:
+        """NVML and OpenCL once, for the provider choice, /health and the metrics.
+        FORCE_CPU skips every probe (a broken driver or ICD cannot hurt a CPU deployment)."""
+        if self.settings.cpu_only:
+            return
+        self.nvml = hardware.probe_nvml()
+        if not self.nvml.gpus:
+            self.opencl = hardware.probe_opencl()
 
     # -- start ----------------------------------------------------------------------------
 
@@ -73,7 +87,12 @@ class Service:
         requeued = self.ledger.requeue_stale(all_processing=is_sqlite(self.engine))
         if requeued:
             log.info("re-queued %d documents left in processing by an earlier run", requeued)
-        self.choice = choose_provider(settings)
+        self._probe_hardware()
+        self.choice = choose_provider(settings, nvml=self.nvml, opencl=self.opencl)
+        self.metrics.set_provider(self.choice)
+        if self.opencl is not None:
+            self.metrics.set_opencl_devices(self.opencl.devices)
+        self._unwatch_fallbacks = self.metrics.watch_fallbacks()
         workers = worker_count(settings, self.choice)
         engines = self._engines(workers)
         self.pipeline = Pipeline(settings, self.ledger, engines, self.metrics, self.choice.name)
@@ -106,13 +125,8 @@ class Service:
     def _start_metrics(self) -> None:
         if not self.settings.metrics.enabled:
             return
-        from daemon import metrics as metrics_module
-
-        server_cls = getattr(metrics_module, "MetricsServer", None)
-        if server_cls is None:
-            return
-        self.server = server_cls(self.metrics, self.settings.metrics.host,
-                                 self.settings.metrics.port, self.health, self.is_ready)
+        self.server = MetricsServer(self.metrics, self.settings.metrics.host,
+                                    self.settings.metrics.port, self.health, self.is_ready)
         self.server.start()
         log.info("metrics on http://%s:%s/metrics", self.settings.metrics.host, self.server.port)
 
@@ -143,17 +157,18 @@ class Service:
             status = "degraded"
         else:
             status = "healthy"
-        return {
-            "status": status,
-            "version": __version__,
-            "gpu_available": bool(choice and choice.gpu_info),
-            "provider": choice.name if choice else None,
-            "provider_reason": choice.reason if choice else None,
-            "uptime": round(time.monotonic() - self.started, 3),
-            "queue_depth": self.pipeline.inflight_count() if self.pipeline else 0,
-            "database": "ok" if database else "unreachable",
-            "watcher": self.watcher.observer_kind if self.watcher else None,
-        }
+        return health_document(
+            status=status,
+            version=__version__,
+            gpu_available=bool(self.nvml and self.nvml.gpus),
+            provider=choice.name if choice else "none",
+            uptime=time.monotonic() - self.started,
+            queue_depth=self.pipeline.inflight_count() if self.pipeline else 0,
+            database="ok" if database else "unreachable",
+            provider_reason=choice.reason if choice else None,
+            opencl_gpus=[d.device for d in self.opencl.gpus] if self.opencl else [],
+            watcher=self.watcher.observer_kind if self.watcher else None,
+        )
 
     # -- stop -----------------------------------------------------------------------------
 
@@ -185,6 +200,9 @@ class Service:
                 log.info("handed %d unfinished documents back to the queue", handed)
         if self.server is not None:
             self.server.stop()
+        if self._unwatch_fallbacks is not None:
+            self._unwatch_fallbacks()
+        self.metrics.close()
         if self.engine is not None:
             self.engine.dispose()
         log.info("stopped")

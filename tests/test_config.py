@@ -68,7 +68,7 @@ def test_misspelt_environment_key_is_an_error(monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OCR_DAEMON_METRICS__PROT", "1")
-    with pytest.raises(ConfigError, match="metrics.prot"):
+    with pytest.raises(ConfigError, match=r"metrics\.prot"):
         load_settings()
 
 
