@@ -289,7 +289,8 @@ def test_provider_panel_shows_the_enum_label(dashboard: dict[str, Any]) -> None:
     assert panel["type"] == "stat"
     assert panel["options"]["textMode"] == "name"
     (target,) = panel["targets"]
-    assert target["expr"] == "ocr_execution_provider == 1"
+    # One value per provider in use, whether or not the Enum has a per-stage label.
+    assert target["expr"] == "count by (ocr_execution_provider) (ocr_execution_provider == 1)"
     assert target["legendFormat"] == "{{ocr_execution_provider}}"
 
 
@@ -343,8 +344,10 @@ def exporter() -> Iterator[int]:
 
     registry = CollectorRegistry()
     Info("ocr_build", "Build", registry=registry).info({"version": "0.1.0"})
-    Enum("ocr_execution_provider", "Provider", states=["tensorrt", "cuda", "cpu"],
-         registry=registry).state("cuda")
+    provider = Enum("ocr_execution_provider", "Provider", ["stage"],
+                    states=["tensorrt", "cuda", "cpu"], registry=registry)
+    for stage in ("det", "cls", "rec"):
+        provider.labels(stage).state("cuda")
     Counter("ocr_provider_fallbacks", "Fallbacks", ["reason"],
             registry=registry).labels("tensorrt_unavailable").inc()
     for name, value in (("ocr_gpu_memory_used_bytes", 3e9), ("ocr_gpu_memory_total_bytes", 8e10),
@@ -436,8 +439,9 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
                     pending.pop(key)
                     errors.pop(key, None)
         assert not pending, {k: errors.get(k, "no data") for k in pending}
-        provider = _query(base, "ocr_execution_provider == 1")["data"]["result"]
-        assert [r["metric"]["ocr_execution_provider"] for r in provider] == ["cuda"]
+        panel = next(p for p in dashboard["panels"] if p["title"] == "Execution provider in use")
+        shown = _query(base, panel["targets"][0]["expr"])["data"]["result"]
+        assert [r["metric"]["ocr_execution_provider"] for r in shown] == ["cuda"]
     finally:
         process.terminate()
         try:
