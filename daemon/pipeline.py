@@ -151,6 +151,10 @@ class Pipeline:
             engine.close()
         return handed_back
 
+    @property
+    def alive(self) -> bool:
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
+
     def inflight_count(self) -> int:
         with self._inflight_lock:
             return len(self._inflight)

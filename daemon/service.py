@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image as PILImage
 from sqlalchemy import Engine, text
 
-from daemon import __version__
+from daemon import __version__, sdnotify
 from daemon.config import Settings
 from daemon.errors import DaemonError, DatabaseError, ExitCode
 from daemon.metrics import Metrics, MetricsServer, health_document
@@ -94,6 +94,7 @@ class Service:
             self.metrics.set_opencl_devices(self.opencl.devices)
         self._unwatch_fallbacks = self.metrics.watch_fallbacks()
         workers = worker_count(settings, self.choice)
+        sdnotify.extend_timeout(300)  # model loading and bucket warm-up (TensorRT builds)
         engines = self._engines(workers)
         self.pipeline = Pipeline(settings, self.ledger, engines, self.metrics, self.choice.name)
         self._start_metrics()
@@ -102,6 +103,7 @@ class Service:
         self.watcher = Watcher(settings.watch, intake.take, intake.reject)
         self.watcher.start()
         self.ready = True
+        sdnotify.ready(f"watching {self.watcher.root}")
         log.info("ocr-daemon %s ready: provider %s (%s), %d worker%s, database %s", __version__,
                  self.choice.name, self.choice.reason, workers, "" if workers == 1 else "s",
                  self.engine.url.render_as_string(hide_password=True))
@@ -183,12 +185,21 @@ class Service:
             log.info("%s received: stopping (again to exit at once)",
                      signal.Signals(signum).name)
             self.stop_requested.set()
+            sdnotify.stopping()
             return
         raise Interrupted(f"{signal.Signals(signum).name} received twice: exiting at once")
 
     def wait(self) -> None:
+        """Until a stop is requested. Under systemd's watchdog, ping it only while the watcher
+        and the workers are alive, so a wedged daemon gets restarted."""
+        interval = sdnotify.watchdog_interval()
+        next_ping = 0.0
         while not self.stop_requested.wait(0.5):
-            pass
+            if interval is not None and time.monotonic() >= next_ping:
+                if self.watcher and self.watcher.alive and self.pipeline and \
+                        self.pipeline.alive:
+                    sdnotify.watchdog()
+                next_ping = time.monotonic() + interval
 
     def stop(self) -> None:
         self.ready = False

