@@ -38,16 +38,29 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     text = sub.add_parser("text", parents=[common], help="stored text of one document")
     text.add_argument("ref", metavar="PATH|SHA256")
-    search = sub.add_parser("search", parents=[common], help="find documents by their text")
+    search = sub.add_parser(
+        "search", parents=[common], help="find documents by their text",
+        description="Pages containing every word of QUERY, best first; a word matches inside "
+                    'longer words too. "Double quotes" keep a phrase together; nothing else '
+                    "is special. Exit 1 when nothing matched.")
     search.add_argument("query")
-    search.add_argument("--json", action="store_true")
-    search.add_argument("--limit", type=int, default=20)
+    search.add_argument("--json", action="store_true",
+                        help="a JSON list: path, sha256, page_no, snippet, score")
+    search.add_argument("--limit", type=_positive_int, default=20, metavar="N",
+                        help="at most N pages (default 20)")
     doctor = sub.add_parser("doctor", parents=[common], help="hardware, providers, the choice")
     doctor.add_argument("--json", action="store_true")
     check = sub.add_parser("check", parents=[common],
                            help="exit 0 when the running daemon reports healthy")
     check.add_argument("--timeout", type=float, default=3.0)
     return parser
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,6 +134,12 @@ def cmd_text(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
+    """One line per page: path, page, the snippet with its matches [marked]."""
+    from daemon.store.repository import parse_query
+
+    if not parse_query(args.query):
+        print("ocr-daemon: the search query is empty", file=sys.stderr)
+        return int(ExitCode.ERROR)
     hits = _ledger(settings).search(args.query, limit=args.limit)
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], ensure_ascii=False, indent=2))

@@ -10,7 +10,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -45,11 +53,22 @@ class WatchSettings(_Section):
     done_dir: Path | None = None
     failed_dir: Path | None = None
     max_file_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    sidecar: Literal["none", "txt", "json", "both"] = "none"
+    sidecar_dir: Path | None = None
 
     @field_validator("extensions")
     @classmethod
     def _lower_dotted(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in value)
+
+    @model_validator(mode="after")
+    def _sidecars_not_taken_in(self) -> WatchSettings:
+        """A sidecar the watcher took in would be OCR'd (and fail) in a loop."""
+        clash = {".txt", ".json"} & set(self.extensions)
+        if self.sidecar != "none" and clash:
+            raise ValueError(f"sidecar = {self.sidecar!r} writes files the watcher would take "
+                             f"in: remove {', '.join(sorted(clash))} from extensions")
+        return self
 
 
 class QueueSettings(_Section):

@@ -32,6 +32,7 @@ from daemon.errors import DocumentError
 from daemon.metrics import Metrics
 from daemon.ocr.decode import iter_pages
 from daemon.ocr.types import OcrEngine, Page, PageResult
+from daemon.sidecar import write_sidecars
 from daemon.store.models import State
 from daemon.store.repository import Claim, Ledger
 
@@ -367,6 +368,9 @@ class Pipeline:
         log.info("done %s: %d page%s, %d lines, %.2fs after it was seen",
                  doc.path or doc.claim.paths[-1], len(pages), "" if len(pages) == 1 else "s",
                  sum(len(p.lines) for p in pages), latency)
+        # Sidecars (watch.sidecar): after the text is stored, before the file is moved.
+        write_sidecars(self.settings, doc.path or Path(doc.claim.paths[-1]), pages,
+                       doc.claim.sha256)
         self._after_done(doc.claim)
 
     def _fail(self, doc: InFlight, reason: str, *, permanent: bool) -> None:

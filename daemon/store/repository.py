@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy import Engine, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -86,7 +86,8 @@ class SearchHit:
     path: str
     sha256: str
     page_no: int
-    snippet: str
+    snippet: str  # the matches marked: [match]
+    score: float  # higher is better; comparable within one result list only
 
 
 @dataclass(frozen=True)
@@ -375,16 +376,21 @@ class Ledger:
             )
 
     def search(self, query: str, limit: int = 20) -> list[SearchHit]:
-        """Pages whose text contains `query` (case-insensitive), newest documents first."""
-        pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        """Pages containing every term of `query` (see `parse_query`), best first.
+
+        A term matches wherever it occurs, case-insensitively, inside words too and in
+        scripts written without spaces (Chinese, Japanese). Ranking: bm25 on SQLite; on
+        PostgreSQL `ts_rank` (whole-word occurrences) plus trigram word similarity. Scores
+        are higher-is-better but not comparable between the two backends.
+        """
+        terms = parse_query(query)
+        if not terms or limit < 1:
+            return []
+        sql, params = (_sqlite_search if self.engine.dialect.name == "sqlite"
+                       else _postgresql_search)(terms)
+        params["limit"] = limit
         with self._sessions() as session:
-            rows = session.execute(
-                select(PageRow.document_id, PageRow.page_no, PageRow.text, Document.sha256)
-                .join(Document, Document.id == PageRow.document_id)
-                .where(PageRow.text.ilike(pattern, escape="\\"))
-                .order_by(Document.id.desc(), PageRow.page_no)
-                .limit(limit)
-            ).all()
+            rows = session.execute(text(sql), params).all()
             paths: dict[int, str] = {}
             for document_id, path in session.execute(
                 select(DocumentPath.document_id, DocumentPath.path)
@@ -392,14 +398,111 @@ class Ledger:
                 .order_by(DocumentPath.id)
             ):
                 paths.setdefault(document_id, path)
-        return [SearchHit(paths.get(doc_id, "?"), sha, page_no, snippet(text, query))
-                for doc_id, page_no, text, sha in rows]
+        return [SearchHit(paths.get(doc_id, "?"), sha, page_no, snippet(page_text, terms),
+                          round(float(score), 6))
+                for doc_id, page_no, page_text, sha, score in rows]
 
 
-def snippet(text: str, query: str, width: int = 40) -> str:
-    flat = " ".join(text.split())
-    at = flat.lower().find(query.lower())
-    if at < 0:
-        return flat[: 2 * width]
-    start, end = max(0, at - width), min(len(flat), at + len(query) + width)
-    return ("…" if start else "") + flat[start:end] + ("…" if end < len(flat) else "")
+# -- search -------------------------------------------------------------------------------
+
+MAX_TERMS = 32
+TRIGRAM = 3  # shortest term the trigram indexes can look up; shorter ones are scanned
+
+
+def parse_query(query: str) -> list[str]:
+    """Split a search query into terms: whitespace separates them, "double quotes" keep a
+    phrase together (an unclosed quote runs to the end of the query). Nothing else has a
+    meaning: AND, OR, -, *, %, _, parentheses are text like any other. Duplicates
+    (ignoring case) go; past MAX_TERMS terms the rest is ignored."""
+    terms: dict[str, str] = {}
+    for i, part in enumerate(query.replace("\x00", "").split('"')):
+        inside_quotes = i % 2 == 1
+        for term in [" ".join(part.split())] if inside_quotes else part.split():
+            if term:
+                terms.setdefault(term.casefold(), term)
+    return list(terms.values())[:MAX_TERMS]
+
+
+def _like_pattern(term: str) -> str:
+    return "%" + term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _fts5_string(term: str) -> str:
+    """An FTS5 string literal: the trigram tokenizer matches it as a plain substring."""
+    return '"' + term.replace('"', '""') + '"'
+
+
+_SEARCH_COLUMNS = "p.document_id, p.page_no, p.text, d.sha256"
+_SEARCH_ORDER = "ORDER BY score DESC, d.id DESC, p.page_no LIMIT :limit"
+
+
+def _sqlite_search(terms: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """FTS5 MATCH for the terms of three characters or more (bm25 ranks); LIKE for shorter
+    ones, which trigrams cannot look up."""
+    long_terms = [t for t in terms if len(t) >= TRIGRAM]
+    params: dict[str, Any] = {}
+    where = []
+    for i, term in enumerate(t for t in terms if len(t) < TRIGRAM):
+        params[f"like{i}"] = _like_pattern(term)
+        where.append(f"p.text LIKE :like{i} ESCAPE '\\'")
+    if long_terms:
+        params["match"] = " ".join(_fts5_string(t) for t in long_terms)
+        where.insert(0, "pages_fts MATCH :match")
+        source = ("pages_fts JOIN pages p ON p.id = pages_fts.rowid "
+                  "JOIN documents d ON d.id = p.document_id")
+        score = "-bm25(pages_fts)"
+    else:
+        source = "pages p JOIN documents d ON d.id = p.document_id"
+        score = "0.0"
+    sql = (f"SELECT {_SEARCH_COLUMNS}, {score} AS score FROM {source} "
+           f"WHERE {' AND '.join(where)} {_SEARCH_ORDER}")
+    return sql, params
+
+
+def _postgresql_search(terms: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """ILIKE per term (served by the pg_trgm GIN index, any script); ranked by ts_rank on the
+    `simple` tsvector plus how well the query's trigrams match the best part of the page."""
+    params: dict[str, Any] = {"query": " ".join(terms)}
+    where, tsqueries = [], []
+    for i, term in enumerate(terms):
+        params[f"like{i}"] = _like_pattern(term)
+        params[f"term{i}"] = term
+        where.append(f"p.text ILIKE :like{i} ESCAPE '\\'")
+        tsqueries.append(f"phraseto_tsquery('simple', :term{i})")
+    score = (f"ts_rank(p.text_tsv, {' || '.join(tsqueries)}) "
+             "+ word_similarity(:query, p.text)")
+    sql = (f"SELECT {_SEARCH_COLUMNS}, {score} AS score "
+           "FROM pages p JOIN documents d ON d.id = p.document_id "
+           f"WHERE {' AND '.join(where)} {_SEARCH_ORDER}")
+    return sql, params
+
+
+def snippet(page_text: str, query: str | Sequence[str], width: int = 40,
+            mark: tuple[str, str] = ("[", "]")) -> str:
+    """The part of the page around the first match, whitespace flattened, every match in it
+    marked (`[match]`). The same on both backends, since it is computed here."""
+    flat = " ".join(page_text.split())
+    terms = parse_query(query) if isinstance(query, str) else list(query)
+    found = None
+    if terms:
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)),
+                             re.IGNORECASE)
+        found = pattern.search(flat)
+    if found is None:
+        return flat[: 2 * width] + ("…" if len(flat) > 2 * width else "")
+    start, end = max(0, found.start() - width), min(len(flat), found.end() + width)
+    if start > 0 and flat[start - 1] != " ":  # begin and end on whole words where there are
+        space = flat.find(" ", start, found.start())  # spaces (not in Chinese, Japanese)
+        start = space + 1 if space >= 0 else start
+    parts, at = [], start
+    for match in pattern.finditer(flat, start):
+        if match.start() >= end:
+            break
+        end = max(end, match.end())  # never cut a match in two
+        parts += [flat[at:match.start()], mark[0], match.group(), mark[1]]
+        at = match.end()
+    if end < len(flat) and flat[end] != " ":
+        space = flat.rfind(" ", at, end)
+        end = space if space >= 0 else end
+    parts.append(flat[at:end])
+    return ("…" if start else "") + "".join(parts) + ("…" if end < len(flat) else "")

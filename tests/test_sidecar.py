@@ -1,0 +1,138 @@
+"""Text sidecars: written atomically, only where asked, never outside the watched or sidecar
+folder, and never taken in by the watcher."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Settings, load_settings
+from daemon.errors import ConfigError
+from daemon.ocr.types import Line, PageResult
+from daemon.service import Service
+from daemon.sidecar import write_sidecars
+from tests.pages import SENTENCES, similarity, write_page
+
+SettingsFactory = Callable[..., Settings]
+BOX = ((1.0, 2.0), (30.0, 2.0), (30.0, 9.0), (1.0, 9.0))
+PAGES = [PageResult(lines=(Line("first line", 0.91, BOX), Line("second", 0.8, BOX))),
+         PageResult(lines=(Line("page two", 0.7, BOX),), source="text_layer")]
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_off_by_default(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory()
+    assert settings.watch.sidecar == "none"
+    inbox = settings.watch.path
+    inbox.mkdir()
+    assert write_sidecars(settings, inbox / "a.png", PAGES) == []
+    assert names(inbox) == []
+
+
+def test_txt_and_json_next_to_the_file(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory(watch={"sidecar": "both"})
+    inbox = settings.watch.path
+    inbox.mkdir()
+    written = write_sidecars(settings, inbox / "scan.png", PAGES, sha256="ab" * 32)
+    assert [p.name for p in written] == ["scan.png.txt", "scan.png.json"]
+    assert names(inbox) == ["scan.png.json", "scan.png.txt"]  # no temporary files left
+    assert (inbox / "scan.png.txt").read_text(encoding="utf-8") == (
+        "first line\nsecond\n\f\npage two\n")
+    document = json.loads((inbox / "scan.png.json").read_text(encoding="utf-8"))
+    assert document["source"] == str(inbox.resolve() / "scan.png")
+    assert document["sha256"] == "ab" * 32
+    assert [p["page"] for p in document["pages"]] == [1, 2]
+    assert document["pages"][1]["source"] == "text_layer"
+    assert document["pages"][0]["lines"][0] == {
+        "text": "first line", "score": 0.91, "box": [[1.0, 2.0], [30.0, 2.0], [30.0, 9.0],
+                                                     [1.0, 9.0]]}
+    write_sidecars(settings, inbox / "scan.png", PAGES[:1])  # stored again: replaced whole
+    assert (inbox / "scan.png.txt").read_text(encoding="utf-8") == "first line\nsecond\n"
+
+
+def test_sidecar_dir_mirrors_sub_folders(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory(watch={"sidecar": "txt", "sidecar_dir": "text"})
+    inbox = settings.watch.path
+    (inbox / "2026" / "march").mkdir(parents=True)
+    write_sidecars(settings, inbox / "2026" / "march" / "a.pdf", PAGES)
+    write_sidecars(settings, inbox / "a.pdf", PAGES)
+    assert names(inbox / "text") == ["2026", "2026/march", "2026/march/a.pdf.txt", "a.pdf.txt"]
+
+
+def test_nothing_is_written_outside_the_folders(settings_factory: SettingsFactory,
+                                                tmp_path: Path) -> None:
+    settings = settings_factory(watch={"sidecar": "both"})
+    inbox = settings.watch.path
+    inbox.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    assert write_sidecars(settings, outside / "a.png", PAGES) == []  # not a watched file
+    (inbox / "escape").symlink_to(outside, target_is_directory=True)
+    assert write_sidecars(settings, inbox / "escape" / "a.png", PAGES) == []
+    assert write_sidecars(settings, inbox / ".." / "outside" / "a.png", PAGES) == []
+    victim = outside / "victim.txt"
+    victim.write_text("keep me")
+    (inbox / "b.png.txt").symlink_to(victim)  # planted link at a sidecar's name
+    write_sidecars(settings, inbox / "b.png", PAGES)
+    assert victim.read_text() == "keep me"
+    assert not (inbox / "b.png.txt").is_symlink()
+    assert names(outside) == ["victim.txt"]
+    escaping = settings_factory(watch={"sidecar": "txt", "sidecar_dir": "../elsewhere"})
+    write_sidecars(escaping, inbox / "c.png", PAGES)  # an explicit folder is used as given
+    assert (tmp_path / "elsewhere" / "c.png.txt").is_file()
+
+
+def test_unwritable_folder_is_logged_not_raised(settings_factory: SettingsFactory,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    settings = settings_factory(watch={"sidecar": "txt", "sidecar_dir": "blocked"})
+    inbox = settings.watch.path
+    inbox.mkdir()
+    (inbox / "blocked").write_text("a file where the folder should be")
+    assert write_sidecars(settings, inbox / "a.png", PAGES) == []
+    assert "sidecar for" in caplog.text
+
+
+def test_sidecar_extensions_cannot_be_taken_in(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[watch]\nsidecar = "json"\nextensions = [".png", ".json"]\n')
+    with pytest.raises(ConfigError, match="extensions"):
+        load_settings(config)
+    config.write_text('[watch]\nsidecar = "pdf"\n')
+    with pytest.raises(ConfigError, match="sidecar"):
+        load_settings(config)
+
+
+def test_daemon_writes_sidecars_and_does_not_take_them_in(
+        settings_factory: SettingsFactory) -> None:
+    """The real pipeline: text stored, then sidecars beside the file; rescans (every second
+    here) see the .txt/.json files and leave them alone."""
+    service = Service(settings_factory(watch={"sidecar": "both", "after": "move",
+                                              "done_dir": "done"}))
+    service.start()
+    try:
+        inbox = service.settings.watch.path
+        write_page(inbox / "letter.png", SENTENCES[:2])
+        assert service.ledger is not None
+        ledger = service.ledger
+        deadline = time.monotonic() + 60
+        while not (inbox / "letter.png.json").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(2.5)  # two rescans
+        assert ledger.counts() == {"queued": 0, "processing": 0, "done": 1, "failed": 0}
+        assert sorted(p.name for p in inbox.iterdir()) == [
+            "done", "letter.png.json", "letter.png.txt"]
+        assert similarity((inbox / "letter.png.txt").read_text(encoding="utf-8"),
+                          "\n".join(SENTENCES[:2])) > 0.9
+        document = json.loads((inbox / "letter.png.json").read_text(encoding="utf-8"))
+        assert document["source"] == str(inbox.resolve() / "letter.png")
+        assert len(document["pages"]) == 1 and len(document["pages"][0]["lines"]) == 2
+    finally:
+        service.stop()
