@@ -31,6 +31,7 @@ else:
         "sqlalchemy.url"
     )
     if not url:
-        raise SystemExit("pass the database URL: alembic -x url=sqlite:///./ocr-daemon.db upgrade head")
+        raise SystemExit(
+            "pass the database URL: alembic -x url=sqlite:///./ocr-daemon.db upgrade head")
     with create_engine(url).begin() as conn:
         run_with(conn)
