@@ -421,17 +421,21 @@ class BatchEngine:
     def warmup(self) -> dict[str, float]:
         """Run every bucket once, so cuDNN searches and arena growth happen now, not per file.
 
-        Returns seconds per model. On the CPU this buys little and costs minutes with a large
-        bucket set; the service calls it for GPU providers.
+        Returns seconds per model run (no "cls" without the angle classifier). On the CPU
+        this buys little and takes minutes with the full bucket set: call it on GPU providers.
         """
         sessions = {"det": self._det, "cls": self._cls, "rec": self._rec}
         spent: dict[str, float] = {}
         for model, shapes in self.warmup_shapes().items():
             session = sessions[model]
+            if session is None:
+                continue
             start = time.perf_counter()
             for shape in shapes:
-                if session is not None:
+                try:
                     run_split(session, np.zeros(shape, np.float32), shape[0])
+                except GpuOutOfMemoryError as exc:  # pages this big will split or fail alone
+                    log.warning("warm-up of %s %s: %s", model, list(shape), exc)
             spent[model] = time.perf_counter() - start
         return spent
 

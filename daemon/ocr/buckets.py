@@ -15,7 +15,9 @@ from dataclasses import dataclass
 # Detection sides: multiples of 64 growing by ~15%, so a page never pads by more than ~15% per
 # side; the configured limit_side_len is added so the usual side needs no padding at all.
 _DET_LADDER_START = 256
-_DET_LADDER_END = 4096
+# In "min" mode a wide strip (a till roll photographed sideways, a one-line label) has its short
+# side scaled up to the limit and its long side with it, far beyond 4096.
+_DET_LADDER_END = 8192
 _DET_LADDER_GROWTH = 1.15
 DET_ALIGN = 32  # the detector's stride: every side RapidOCR feeds it is a multiple of 32
 
