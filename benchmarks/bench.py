@@ -412,8 +412,8 @@ def mode_daemon(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
 # ------------------------------------------------------------------ the parent
 
 
-def summarise(mode: str, raw: dict[str, Any], rss: int | None,
-              truths: list[str | None]) -> dict[str, Any]:
+def summarise(mode: str, raw: dict[str, Any], rss: int | None, truths: list[str | None],
+              names: list[str] | None = None) -> dict[str, Any]:
     lat = sorted(raw["latencies"])
     pairs = [(t, g) for t, g in zip(raw["texts"], truths, strict=True) if g is not None]
     out: dict[str, Any] = {
@@ -426,6 +426,12 @@ def summarise(mode: str, raw: dict[str, Any], rss: int | None,
         "peak_gpu_bytes": raw.get("gpu_peak_bytes"),
         "bow": score(pairs),
     }
+    if names is not None:
+        out["per_file"] = {
+            name: score([(text, truth)])
+            for name, text, truth in zip(names, raw["texts"], truths, strict=True)
+            if truth is not None
+        }
     for key in ("load_seconds", "decode_seconds", "stage_seconds", "latency_source", "failed"):
         if key in raw:
             out[key] = raw[key]
@@ -443,6 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use-cls", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--det-limit-side-len", type=int, default=736)
     parser.add_argument("--det-limit-type", choices=("min", "max"), default="min")
+    parser.add_argument("--per-file", action="store_true", help="also score each file alone")
     parser.add_argument("--daemon-root", type=Path, default=REPO,
                         help="checkout whose `python -m daemon` mode c runs")
     parser.add_argument("--timeout", type=float, default=3600, help="mode c: give up after")
@@ -504,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["notes"].append(f"mode {mode} failed: {exc}")
                 say(f"mode {mode} failed: {exc}")
                 continue
-            report["modes"][mode] = summarise(mode, raw, rss, truths)
+            names = [p.name for p in images] if args.per_file else None
+            report["modes"][mode] = summarise(mode, raw, rss, truths, names)
             say(f"mode {mode}: {json.dumps(report['modes'][mode])}")
         report["ratios"] = ratios(report["modes"])
     finally:

@@ -27,6 +27,7 @@ REC_WIDTHS = (320, 480, 640, 800, 960, 1280, 1600, 1920, 2560, 3200)
 REC_WIDTH_STEP_BEYOND = 640  # lines wider than the ladder: rare, rounded to this, not warmed
 
 REC_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+REC_BATCH_SIZES_CPU = (1, 2, 4, 8)
 CLS_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
