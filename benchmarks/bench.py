@@ -182,14 +182,16 @@ def gpu_present() -> bool:
         return False
 
 
-def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[str, int, int]:
-    """Run a child to completion: (stdout, exit status, its own peak RSS in bytes)."""
+def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[str, int, int, float]:
+    """Run a child to completion: (stdout, exit status, its peak RSS in bytes, CPU seconds).
+
+    CPU seconds (user + system) are steadier than wall time on a shared machine."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     out = proc.stdout.read().decode()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return out, proc.returncode, usage.ru_maxrss * 1024
+    return out, proc.returncode, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 # ------------------------------------------------------------------ the modes (in a child)
@@ -400,12 +402,14 @@ def mode_daemon(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
         try:
             _, _, usage = os.wait4(daemon.pid, 0)
             rss = usage.ru_maxrss * 1024
+            cpu: float | None = usage.ru_utime + usage.ru_stime
         except ChildProcessError:
-            rss = None
+            rss, cpu = None, None
         shutil.rmtree(tmp, ignore_errors=True)
     return {"texts": texts, "latencies": latencies, "latency_source": source,
             "pages": pages if isinstance(pages, int) else len(images), "seconds": seconds,
             "failed": status["documents"]["failed"], "daemon_peak_rss_bytes": rss,
+            "cpu_seconds": cpu,
             "gpu_peak_bytes": probe.peak_bytes}
 
 
@@ -432,6 +436,9 @@ def summarise(mode: str, raw: dict[str, Any], rss: int | None, truths: list[str 
             for name, text, truth in zip(names, raw["texts"], truths, strict=True)
             if truth is not None
         }
+    if raw.get("cpu_seconds") is not None:
+        out["cpu_seconds"] = round(raw["cpu_seconds"], 2)
+        out["cpu_seconds_per_page"] = round(raw["cpu_seconds"] / max(1, raw["pages"]), 3)
     for key in ("load_seconds", "decode_seconds", "stage_seconds", "latency_source", "failed"):
         if key in raw:
             out[key] = raw[key]
@@ -499,13 +506,14 @@ def main(argv: list[str] | None = None) -> int:
                     rss = raw.pop("daemon_peak_rss_bytes")
                 else:
                     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
-                    out, code, rss = run_child(
+                    out, code, rss, cpu = run_child(
                         [sys.executable, __file__, *passthrough, "--worker", mode,
                          "--worker-files", str(files)]
                     )
                     if code != 0:
                         raise RuntimeError(f"worker exited with {code}")
                     raw = json.loads(out.strip().splitlines()[-1])
+                    raw["cpu_seconds"] = cpu
             except Exception as exc:
                 report["modes"][mode] = None
                 report["notes"].append(f"mode {mode} failed: {exc}")

@@ -114,6 +114,7 @@ def test_text_matches_plain_rapidocr_on_a_mixed_batch(
         results = engine.recognize(pages)
     finally:
         engine.close()
+    assert engine.provider == "cpu"
     _assert_same_text(results, reference)
     for result in results:
         assert {"det", "cls", "rec", "total"} <= result.timings.keys()

@@ -186,6 +186,7 @@ class BatchEngine:
         self._rec = create_session(paths.rec, choice, ocr)
         self._cls = create_session(paths.cls, choice, ocr) if ocr.use_cls else None
 
+        self._provider = _provider_of(self._det, choice.name)
         det = cfg.Det
         self._det_pre = DetPreProcess(det.limit_side_len, det.limit_type, det.mean, det.std)
         self._det_post = DBPostProcess(
@@ -202,7 +203,7 @@ class BatchEngine:
             # On the CPU batches of 32 wide lines only grow the arena (+0.6 GB on receipts)
             # for no speed; the GPU wants them.
             rec_batch_sizes = (
-                buckets.REC_BATCH_SIZES_CPU if choice.name == "cpu" else buckets.REC_BATCH_SIZES
+                buckets.REC_BATCH_SIZES_CPU if self._provider == "cpu" else buckets.REC_BATCH_SIZES
             )
         self._rec_sizes = tuple(sorted(set(rec_batch_sizes)))
 
@@ -228,7 +229,8 @@ class BatchEngine:
 
     @property
     def provider(self) -> str:
-        return self._choice.name
+        """What the detector really runs on: a GPU provider can fall back to the CPU silently."""
+        return self._provider
 
     def close(self) -> None:
         if self._pool is not None:
@@ -444,6 +446,21 @@ class BatchEngine:
                     log.warning("warm-up of %s %s: %s", model, list(shape), exc)
             spent[model] = time.perf_counter() - start
         return spent
+
+
+_EP_NAMES = {
+    "TensorrtExecutionProvider": "tensorrt",
+    "CUDAExecutionProvider": "cuda",
+    "CPUExecutionProvider": "cpu",
+}
+
+
+def _provider_of(session: Any, default: str) -> str:
+    try:
+        first = session.get_providers()[0]
+    except (AttributeError, IndexError):
+        return default
+    return _EP_NAMES.get(str(first), str(first))
 
 
 def _resize_norm_rec(crop: Image, resized_w: int, out: FloatArray) -> None:
