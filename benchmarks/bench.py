@@ -1,0 +1,546 @@
+"""Throughput and accuracy of the OCR paths, side by side in one run. A script, not a test.
+
+    python benchmarks/bench.py --images ../shared/ocr-eval/sroie/img --limit 30 --modes a,b
+    python benchmarks/bench.py --render 12 --modes a,b,c
+
+Modes (each runs in its own subprocess, so peak RSS is that mode's alone):
+  a  naive loop: `RapidOCR()` once per page, on the CPU
+  b  the batch engine alone, fed `--batch` pages per call
+  c  the whole daemon end to end (`python -m daemon run` on a temporary inbox and SQLite
+     database); latency is from the file's drop into the inbox to its text being stored
+  d  the naive loop with RapidOCR's `EngineConfig.onnxruntime.use_cuda=True` (GPU only)
+
+Ground truth, where it exists: SROIE `box/NAME.csv` beside `img/` (the text is what follows
+the eighth comma), or `NAME.txt` beside `NAME.tif` (a `NAME-rotated-X.png` variant is scored
+against `NAME.txt`). Scoring is bag of words: lower-cased, outer punctuation stripped,
+micro-averaged precision/recall/F1 over all pages.
+
+Prints ONE JSON object on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unicodedata
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+ALL_MODES = ("a", "b", "c", "d")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ data and scoring
+
+
+def truth_for(image: Path) -> str | None:
+    box = image.parent.parent / "box" / f"{image.stem}.csv"
+    if image.parent.name == "img" and box.is_file():
+        rows = box.read_text(encoding="utf-8", errors="replace").splitlines()
+        return "\n".join(row.split(",", 8)[8] for row in rows if row.count(",") >= 8)
+    for stem in (image.stem, image.stem.split("-rotated")[0]):
+        txt = image.with_name(f"{stem}.txt")
+        if txt.is_file():
+            return txt.read_text(encoding="utf-8", errors="replace")
+    return None
+
+
+def find_images(folder: Path, limit: int | None) -> list[Path]:
+    if (folder / "img").is_dir():
+        folder = folder / "img"
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return images[:limit] if limit else images
+
+
+def _is_punct(char: str) -> bool:
+    return char in string.punctuation or unicodedata.category(char).startswith("P")
+
+
+def words(text: str) -> Counter[str]:
+    bag: Counter[str] = Counter()
+    for token in text.lower().split():
+        start, end = 0, len(token)
+        while start < end and _is_punct(token[start]):
+            start += 1
+        while end > start and _is_punct(token[end - 1]):
+            end -= 1
+        if start < end:
+            bag[token[start:end]] += 1
+    return bag
+
+
+def score(pairs: list[tuple[str, str]]) -> dict[str, float] | None:
+    """Micro-averaged bag-of-words precision/recall/F1 over (predicted, truth) pairs."""
+    if not pairs:
+        return None
+    hits = predicted = expected = 0
+    for text, truth in pairs:
+        got, want = words(text), words(truth)
+        hits += sum((got & want).values())
+        predicted += sum(got.values())
+        expected += sum(want.values())
+    precision = hits / predicted if predicted else 0.0
+    recall = hits / expected if expected else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+            "pages": len(pairs)}
+
+
+def render_dataset(count: int, folder: Path) -> None:
+    """Pages rendered with Pillow's scalable font, each with a NAME.txt ground truth."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from PIL import Image as PILImage
+    from rendering import random_lines, render_page
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        lines = random_lines(1000 + i, 8 + (i * 7) % 20)
+        page = render_page(lines, width=700 + (i * 137) % 900, font_size=18 + (i * 5) % 22)
+        PILImage.fromarray(page[:, :, ::-1]).save(folder / f"page{i:03d}.png")
+        (folder / f"page{i:03d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------ resource probes
+
+
+class GpuMemoryProbe:
+    """Peak GPU memory while a mode runs: this process tree's use per NVML, else the device's
+    used memory above what it was at the start. `peak_bytes` is None without NVML or GPU."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml: Any = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._base = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+            self.peak_bytes = 0
+        except Exception:
+            self._nvml = None
+
+    def _sample(self) -> None:
+        nvml = self._nvml
+        try:
+            procs = nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+            mine = [p.usedGpuMemory or 0 for p in procs if p.pid in self.pids]
+            used = sum(mine) if mine else (
+                nvml.nvmlDeviceGetMemoryInfo(self._handle).used - self._base
+            )
+        except Exception:
+            return
+        self.peak_bytes = max(self.peak_bytes or 0, int(used))
+
+    def __enter__(self) -> GpuMemoryProbe:
+        if self._nvml is not None:
+            def loop() -> None:
+                while not self._stop.wait(0.1):
+                    self._sample()
+
+            self._thread = threading.Thread(target=loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._sample()
+
+
+def gpu_present() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return bool(pynvml.nvmlDeviceGetCount())
+    except Exception:
+        return False
+
+
+def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[str, int, int, float]:
+    """Run a child to completion: (stdout, exit status, its peak RSS in bytes, CPU seconds).
+
+    CPU seconds (user + system) are steadier than wall time on a shared machine."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return out, proc.returncode, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+
+
+# ------------------------------------------------------------------ the modes (in a child)
+
+
+def ocr_settings(args: argparse.Namespace) -> Any:
+    from daemon.config import OcrSettings
+
+    return OcrSettings(
+        use_cls=args.use_cls,
+        det_limit_side_len=args.det_limit_side_len,
+        det_limit_type=args.det_limit_type,
+    )
+
+
+def load_pages(path: Path, ocr: Any) -> list[Any]:
+    from daemon.ocr.decode import iter_pages
+
+    return [page.image for page in iter_pages(path.read_bytes(), ocr) if page.image is not None]
+
+
+def mode_naive(args: argparse.Namespace, images: list[Path], cuda: bool) -> dict[str, Any]:
+    from rapidocr import RapidOCR
+
+    from daemon.ocr.providers import CPU, ProviderChoice
+    from daemon.ocr.rapid import rapidocr_params, to_page_result
+
+    ocr = ocr_settings(args)
+    choice = ProviderChoice("cuda") if cuda else CPU
+    start = time.perf_counter()
+    engine = RapidOCR(params=rapidocr_params(ocr, choice))
+    engine(load_pages(images[0], ocr)[0])  # RapidOCR loads its models lazily, on first use
+    load_s = time.perf_counter() - start
+    texts, latencies, pages, decode_s = [], [], 0, 0.0
+    start = time.perf_counter()
+    for path in images:
+        t0 = time.perf_counter()
+        frames = load_pages(path, ocr)
+        decode_s += time.perf_counter() - t0
+        doc = []
+        for frame in frames:
+            t1 = time.perf_counter()
+            doc.append(to_page_result(engine(frame), 0.0).text)
+            latencies.append(time.perf_counter() - t1 + (t1 - t0) / len(frames))
+        texts.append("\n".join(doc))
+        pages += len(frames)
+    return {"texts": texts, "latencies": latencies, "pages": pages,
+            "seconds": time.perf_counter() - start, "load_seconds": load_s,
+            "decode_seconds": decode_s}
+
+
+def mode_batch(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
+    from daemon.ocr.batch import BatchEngine
+    from daemon.ocr.providers import CPU
+
+    ocr = ocr_settings(args)
+    start = time.perf_counter()
+    engine = BatchEngine(ocr, CPU, max_pages=args.batch)
+    load_s = time.perf_counter() - start
+    owners: list[int] = []
+    frames: list[Any] = []
+    stage: Counter[str] = Counter()
+    texts: list[list[str]] = [[] for _ in images]
+    latencies: list[float] = []
+    decode_s = 0.0
+    start = time.perf_counter()
+
+    def flush() -> None:
+        t0 = time.perf_counter()
+        results = engine.recognize(frames)
+        took = time.perf_counter() - t0
+        for owner, result in zip(owners, results, strict=True):
+            texts[owner].append(result.text)
+            latencies.append(took)
+            stage.update(result.timings)
+        owners.clear()
+        frames.clear()
+
+    for index, path in enumerate(images):
+        t0 = time.perf_counter()
+        for frame in load_pages(path, ocr):
+            frames.append(frame)
+            owners.append(index)
+        decode_s += time.perf_counter() - t0
+        if len(frames) >= args.batch:
+            flush()
+    if frames:
+        flush()
+    seconds = time.perf_counter() - start
+    engine.close()
+    return {"texts": ["\n".join(t) for t in texts], "latencies": latencies,
+            "pages": len(latencies), "seconds": seconds, "load_seconds": load_s,
+            "decode_seconds": decode_s,
+            "stage_seconds": {k: round(v, 3) for k, v in stage.items()}}
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    images = [Path(p) for p in json.loads(Path(args.worker_files).read_text())]
+    probe = GpuMemoryProbe([os.getpid()])
+    with probe:
+        if args.worker == "a":
+            result = mode_naive(args, images, cuda=False)
+        elif args.worker == "d":
+            result = mode_naive(args, images, cuda=True)
+        else:
+            result = mode_batch(args, images)
+    result["gpu_peak_bytes"] = probe.peak_bytes
+    print(json.dumps(result))
+
+
+# ------------------------------------------------------------------ mode c: the daemon
+
+
+def daemon_env(inbox: Path, db: Path, args: argparse.Namespace) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCR_DAEMON_")}
+    env.update({
+        "OCR_DAEMON_WATCH__PATH": str(inbox),
+        "OCR_DAEMON_DATABASE__URL": f"sqlite:///{db}",
+        "OCR_DAEMON_METRICS__PORT": "0",
+        "OCR_DAEMON_WATCH__SETTLE_SECONDS": "0.2",
+        "OCR_DAEMON_OCR__USE_CLS": str(args.use_cls).lower(),
+        "OCR_DAEMON_OCR__DET_LIMIT_SIDE_LEN": str(args.det_limit_side_len),
+        "OCR_DAEMON_OCR__DET_LIMIT_TYPE": args.det_limit_type,
+        "OCR_DAEMON_BATCH__MAX_PAGES": str(args.batch),
+        "PYTHONPATH": str(args.daemon_root),
+    })
+    return env
+
+
+def daemon_cli(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon", *argv], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=env["PYTHONPATH"])
+
+
+def latencies_from_db(db: Path, dropped: dict[str, float]) -> list[float] | None:
+    """finished_at - drop time per file, if the ledger's tables are the ones we know."""
+    try:
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute(
+                "SELECT p.path, d.finished_at FROM documents d "
+                "JOIN document_paths p ON p.document_id = d.id WHERE d.finished_at IS NOT NULL"
+            ).fetchall()
+    except sqlite3.Error:
+        return None
+    out = []
+    for path, finished in rows:
+        name = Path(path).name
+        if name in dropped and finished:
+            at = datetime.fromisoformat(str(finished))
+            stamp = at.timestamp() if at.tzinfo else at.replace(tzinfo=None).timestamp()
+            out.append(stamp - dropped[name])
+    return out or None
+
+
+def mode_daemon(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="ocr-bench-"))
+    inbox, db = tmp / "inbox", tmp / "db.sqlite"
+    inbox.mkdir()
+    env = daemon_env(inbox, db, args)
+    daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=env,
+                              cwd=args.daemon_root, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp / "daemon.log", "wb"))  # noqa: SIM115
+    probe = GpuMemoryProbe([daemon.pid])
+    try:
+        deadline = time.monotonic() + 120
+        while daemon_cli(env, "status", "--json").returncode != 0:  # ready: migrated db
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start; see {tmp / 'daemon.log'}")
+            time.sleep(0.5)
+        with probe:
+            dropped: dict[str, float] = {}
+            start = time.perf_counter()
+            for path in images:
+                part = inbox / f".{path.name}.part"  # ignored until renamed: an atomic drop
+                shutil.copyfile(path, part)
+                part.rename(inbox / path.name)
+                dropped[path.name] = time.time()
+            completions: list[float] = []
+            status: dict[str, Any] = {}
+            while True:
+                done = daemon_cli(env, "status", "--json")
+                if done.returncode == 0:
+                    status = json.loads(done.stdout)
+                    docs = status["documents"]
+                    finished = docs["done"] + docs["failed"]
+                    completions += [time.time()] * (finished - len(completions))
+                    if finished >= len(images):
+                        break
+                if daemon.poll() is not None:
+                    raise RuntimeError(f"daemon exited; see {tmp / 'daemon.log'}")
+                if time.perf_counter() - start > args.timeout:
+                    raise RuntimeError(f"timed out with {status}")
+                time.sleep(0.25)
+            seconds = time.perf_counter() - start
+        texts = []
+        for path in images:
+            got = daemon_cli(env, "text", str(inbox / path.name))
+            texts.append(got.stdout if got.returncode == 0 else "")
+        latencies = latencies_from_db(db, dropped)
+        source = "database"
+        if latencies is None:  # fall back: the n-th completion seen belongs to the n-th drop
+            drops = sorted(dropped.values())
+            latencies = [c - d for c, d in zip(completions, drops, strict=False)]
+            source = "status-polling"
+        pages = status.get("pages", len(images))
+    finally:
+        daemon.terminate()
+        try:
+            _, _, usage = os.wait4(daemon.pid, 0)
+            rss = usage.ru_maxrss * 1024
+            cpu: float | None = usage.ru_utime + usage.ru_stime
+        except ChildProcessError:
+            rss, cpu = None, None
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"texts": texts, "latencies": latencies, "latency_source": source,
+            "pages": pages if isinstance(pages, int) else len(images), "seconds": seconds,
+            "failed": status["documents"]["failed"], "daemon_peak_rss_bytes": rss,
+            "cpu_seconds": cpu,
+            "gpu_peak_bytes": probe.peak_bytes}
+
+
+# ------------------------------------------------------------------ the parent
+
+
+def summarise(mode: str, raw: dict[str, Any], rss: int | None, truths: list[str | None],
+              names: list[str] | None = None) -> dict[str, Any]:
+    lat = sorted(raw["latencies"])
+    pairs = [(t, g) for t, g in zip(raw["texts"], truths, strict=True) if g is not None]
+    out: dict[str, Any] = {
+        "pages": raw["pages"],
+        "seconds": round(raw["seconds"], 3),
+        "pages_per_s": round(raw["pages"] / raw["seconds"], 4) if raw["seconds"] else None,
+        "p50_s": round(statistics.median(lat), 3) if lat else None,
+        "p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3) if lat else None,
+        "peak_rss_bytes": rss,
+        "peak_gpu_bytes": raw.get("gpu_peak_bytes"),
+        "bow": score(pairs),
+    }
+    if names is not None:
+        out["per_file"] = {
+            name: score([(text, truth)])
+            for name, text, truth in zip(names, raw["texts"], truths, strict=True)
+            if truth is not None
+        }
+    if raw.get("cpu_seconds") is not None:
+        out["cpu_seconds"] = round(raw["cpu_seconds"], 2)
+        out["cpu_seconds_per_page"] = round(raw["cpu_seconds"] / max(1, raw["pages"]), 3)
+    for key in ("load_seconds", "decode_seconds", "stage_seconds", "latency_source", "failed"):
+        if key in raw:
+            out[key] = raw[key]
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--images", type=Path, help="folder of images (with ground truth)")
+    source.add_argument("--render", type=int, metavar="N", help="benchmark N rendered pages")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--modes", default=",".join(ALL_MODES))
+    parser.add_argument("--batch", type=int, default=4, help="pages per engine call (b, c)")
+    parser.add_argument("--use-cls", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--det-limit-side-len", type=int, default=736)
+    parser.add_argument("--det-limit-type", choices=("min", "max"), default="min")
+    parser.add_argument("--per-file", action="store_true", help="also score each file alone")
+    parser.add_argument("--daemon-root", type=Path, default=REPO,
+                        help="checkout whose `python -m daemon` mode c runs")
+    parser.add_argument("--timeout", type=float, default=3600, help="mode c: give up after")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-files", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return 0
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(modes) - set(ALL_MODES)
+    if unknown:
+        raise SystemExit(f"unknown modes: {sorted(unknown)}")
+    tmp = Path(tempfile.mkdtemp(prefix="ocr-bench-data-"))
+    try:
+        if args.render:
+            render_dataset(args.render, tmp / "rendered")
+            folder = tmp / "rendered"
+        elif args.images:
+            folder = args.images
+        else:
+            raise SystemExit("give --images DIR or --render N")
+        images = find_images(folder, args.limit)
+        truths = [truth_for(p) for p in images]
+        files = tmp / "files.json"
+        files.write_text(json.dumps([str(p) for p in images]))
+        report: dict[str, Any] = {
+            "images": str(folder), "files": len(images),
+            "with_ground_truth": sum(t is not None for t in truths),
+            "settings": {"use_cls": args.use_cls, "det_limit_side_len": args.det_limit_side_len,
+                         "det_limit_type": args.det_limit_type, "batch": args.batch},
+            "cpu_count": os.cpu_count(), "modes": {}, "notes": [],
+        }
+        for mode in modes:
+            if mode == "d" and not gpu_present():
+                report["modes"]["d"] = None
+                report["notes"].append("mode d skipped: no NVIDIA GPU found through NVML")
+                continue
+            say(f"mode {mode}: {len(images)} files ...")
+            try:
+                if mode == "c":
+                    raw = mode_daemon(args, images)
+                    rss = raw.pop("daemon_peak_rss_bytes")
+                else:
+                    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+                    out, code, rss, cpu = run_child(
+                        [sys.executable, __file__, *passthrough, "--worker", mode,
+                         "--worker-files", str(files)]
+                    )
+                    if code != 0:
+                        raise RuntimeError(f"worker exited with {code}")
+                    raw = json.loads(out.strip().splitlines()[-1])
+                    raw["cpu_seconds"] = cpu
+            except Exception as exc:
+                report["modes"][mode] = None
+                report["notes"].append(f"mode {mode} failed: {exc}")
+                say(f"mode {mode} failed: {exc}")
+                continue
+            names = [p.name for p in images] if args.per_file else None
+            report["modes"][mode] = summarise(mode, raw, rss, truths, names)
+            say(f"mode {mode}: {json.dumps(report['modes'][mode])}")
+        report["ratios"] = ratios(report["modes"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
+def ratios(modes: dict[str, Any]) -> dict[str, float | None]:
+    """Throughput ratios (pages/s) from this same run."""
+    def rate(mode: str) -> float | None:
+        entry = modes.get(mode)
+        return entry["pages_per_s"] if entry else None
+
+    out: dict[str, float | None] = {}
+    for top, bottom in (("b", "a"), ("c", "a"), ("c", "d")):
+        x, y = rate(top), rate(bottom)
+        out[f"{top}/{bottom}"] = round(x / y, 3) if x and y else None
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

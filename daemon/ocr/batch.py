@@ -1,0 +1,483 @@
+"""The batching engine: RapidOCR's models and pre/post-processing, with the batching our own.
+
+RapidOCR runs detection one page at a time and recognition in batches of 6 whose width changes
+almost every batch; on onnxruntime-gpu each new shape means a new cuDNN algorithm search and
+arena growth, which makes the GPU slower than the CPU. Here pages are resized by RapidOCR's
+rule, padded into fixed detection buckets and detected `[N,3,H,W]` at a time; every text line
+of the call is pooled, sorted by aspect ratio and recognised in fixed width x batch buckets
+(see `daemon.ocr.buckets`). Everything else (resizing, DB post-processing, crops, angle
+classification, CTC decoding, box mapping, filtering) is RapidOCR's own code, so the text
+matches plain `RapidOCR()` with the same settings.
+
+`recognize` may be called from several threads at once: onnxruntime's `run` is thread-safe
+and all per-call state is local.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from daemon.config import OcrSettings
+from daemon.errors import ConfigError, DocumentError
+from daemon.ocr import buckets
+from daemon.ocr.providers import CPU, ProviderChoice, create_session
+from daemon.ocr.rapid import rapidocr_params
+from daemon.ocr.types import Image, Line, PageResult, Point
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+# Detection input is (pixel/255 - 0.5)/0.5; padding a page with white (1.0) makes the padded
+# area look like more page margin, which disturbs the text near the edge least.
+DET_PAD_WHITE = 1.0
+
+_OOM_PATTERN = re.compile(
+    r"out of memory|CUDNN|cudaMalloc|Failed to allocate|allocation fail|BFCArena", re.IGNORECASE
+)
+
+
+class GpuOutOfMemoryError(DocumentError):
+    """One page alone does not fit in GPU memory. Transient: retried, perhaps with more room."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, permanent=False)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return bool(_OOM_PATTERN.search(str(exc)))
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    det: Path
+    cls: Path
+    rec: Path
+
+
+def load_rapidocr_config(ocr: OcrSettings) -> Any:
+    """RapidOCR's own configuration with our settings applied, as `RapidOCR()` would build it."""
+    from rapidocr.main import DEFAULT_CFG_PATH
+    from rapidocr.utils.parse_parameters import ParseParams
+
+    cfg = ParseParams.load(DEFAULT_CFG_PATH)
+    return ParseParams.update_batch(cfg, rapidocr_params(ocr, CPU))
+
+
+def resolve_model_paths(ocr: OcrSettings, cfg: Any | None = None) -> ModelPaths:
+    """The model files RapidOCR would use for `ocr.lang`, from the installed package.
+
+    RapidOCR downloads missing models at run time; the daemon never does, so a missing file is
+    a configuration error naming the file to install.
+    """
+    from rapidocr.inference_engine.base import FileInfo, InferSession
+    from rapidocr.main import root_dir
+
+    cfg = cfg if cfg is not None else load_rapidocr_config(ocr)
+    model_dir = Path(root_dir) / "models"
+    paths: dict[str, Path] = {}
+    for section in ("Det", "Cls", "Rec"):
+        part = cfg[section]
+        try:
+            info = InferSession.get_model_url(
+                FileInfo(
+                    engine_type=part.engine_type,
+                    ocr_version=part.ocr_version,
+                    task_type=part.task_type,
+                    lang_type=part.lang_type,
+                    model_type=part.model_type,
+                )
+            )
+        except ValueError as exc:
+            raise ConfigError(f"ocr.lang={ocr.lang!r}: {exc}") from None
+        path = model_dir / Path(str(info["model_dir"])).name
+        if not path.is_file():
+            raise ConfigError(
+                f"ocr.lang={ocr.lang!r} needs the {section.lower()} model {path.name}, which is "
+                f"not installed in {model_dir}; the daemon does not download models: put the "
+                f"file there (from {info['model_dir']}) or choose another ocr.lang"
+            )
+        paths[section.lower()] = path
+    return ModelPaths(det=paths["det"], cls=paths["cls"], rec=paths["rec"])
+
+
+def run_split(session: Any, batch: FloatArray, real: int) -> FloatArray:
+    """`session.run` on `batch`, halving it on out-of-memory until it fits.
+
+    Returns the outputs of the first `real` entries only (the rest are padding). Halves holding
+    nothing but padding are skipped. A single entry that still does not fit is a
+    `GpuOutOfMemoryError` for the pages concerned; any other error propagates unchanged.
+    """
+    name = session.get_inputs()[0].name
+    try:
+        output: FloatArray = session.run(None, {name: batch})[0]
+        return output[:real]
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if len(batch) == 1:
+            raise GpuOutOfMemoryError(
+                f"out of GPU memory on a single input of shape {list(batch.shape)}"
+            ) from exc
+        log.warning("out of memory on batch %s; retrying in halves", list(batch.shape))
+    middle = len(batch) // 2
+    first = run_split(session, batch[:middle], min(real, middle))
+    if real <= middle:
+        return first
+    second = run_split(session, batch[middle:], real - middle)
+    return np.concatenate([first, second])
+
+
+@dataclass
+class _Page:
+    """Per-page state of one `recognize` call."""
+
+    ori_shape: tuple[int, int]
+    image: Image  # after RapidOCR's bounds resize and vertical padding: boxes refer to this
+    op_record: dict[str, Any]
+    det_input: FloatArray | None  # [1,3,h,w], or None when the page is too small to detect
+    boxes: FloatArray | None = None
+    crops: list[Image] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class BatchEngine:
+    """Batched det/cls/rec on one set of onnxruntime sessions, shared by all callers."""
+
+    def __init__(
+        self,
+        ocr: OcrSettings,
+        choice: ProviderChoice,
+        *,
+        max_pages: int = 4,
+        rec_batch_sizes: Sequence[int] | None = None,
+        post_threads: int = 2,
+    ) -> None:
+        from rapidocr.ch_ppocr_cls.main import CLS_SHAPE_BY_OCR_VERSION
+        from rapidocr.ch_ppocr_cls.utils import ClsPostProcess
+        from rapidocr.ch_ppocr_det.utils import DBPostProcess, DetPreProcess
+        from rapidocr.ch_ppocr_rec.main import RTL_LANGS
+        from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
+        from rapidocr.utils.model_resolver import normalize_lang
+
+        if max_pages < 1:
+            raise ValueError("max_pages must be at least 1")
+        self._ocr = ocr
+        self._choice = choice
+        cfg = load_rapidocr_config(ocr)
+        self._cfg = cfg
+        paths = resolve_model_paths(ocr, cfg)
+
+        self._det = create_session(paths.det, choice, ocr)
+        self._rec = create_session(paths.rec, choice, ocr)
+        self._cls = create_session(paths.cls, choice, ocr) if ocr.use_cls else None
+
+        self._provider = _provider_of(self._det, choice.name)
+        det = cfg.Det
+        self._det_pre = DetPreProcess(det.limit_side_len, det.limit_type, det.mean, det.std)
+        self._det_post = DBPostProcess(
+            thresh=det.thresh,
+            box_thresh=det.box_thresh,
+            max_candidates=det.max_candidates,
+            unclip_ratio=det.unclip_ratio,
+            use_dilation=det.use_dilation,
+            score_mode=det.score_mode,
+        )
+        self._det_ladder = buckets.det_ladder(det.limit_side_len)
+        self._det_sizes = buckets.det_batch_sizes(max_pages)
+        if rec_batch_sizes is None:
+            # On the CPU batches of 32 wide lines only grow the arena (+0.6 GB on receipts)
+            # for no speed; the GPU wants them.
+            rec_batch_sizes = (
+                buckets.REC_BATCH_SIZES_CPU if self._provider == "cpu" else buckets.REC_BATCH_SIZES
+            )
+        self._rec_sizes = tuple(sorted(set(rec_batch_sizes)))
+
+        meta = self._rec.get_modelmeta().custom_metadata_map
+        if "character" not in meta:
+            raise ConfigError(f"{paths.rec.name} has no character list in its metadata")
+        self._decode = CTCLabelDecode(character=meta["character"].splitlines())
+        self._rtl = normalize_lang(cfg.Rec.lang_type) in RTL_LANGS
+        if self._rtl:
+            from rapidocr.utils import utils as rapid_utils
+
+            cast(Any, rapid_utils).validate_rtl_dependency()
+
+        self._cls_shape = tuple(CLS_SHAPE_BY_OCR_VERSION[cfg.Cls.ocr_version])
+        self._cls_post = ClsPostProcess(list(cfg.Cls.label_list))
+        self._cls_thresh = float(cfg.Cls.cls_thresh)
+
+        self._pool = (
+            ThreadPoolExecutor(post_threads, thread_name_prefix="ocr-post")
+            if post_threads > 0
+            else None
+        )
+
+    @property
+    def provider(self) -> str:
+        """What the detector really runs on: a GPU provider can fall back to the CPU silently."""
+        return self._provider
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    # ---------------------------------------------------------------- the pipeline
+
+    def recognize(self, images: Sequence[Image]) -> list[PageResult]:
+        if not images:
+            return []
+        pages = self._map(self._prepare, images)
+        self._detect(pages)
+        crops = [(p, i) for p, page in enumerate(pages) for i in range(len(page.crops))]
+        flat = [pages[p].crops[i] for p, i in crops]
+        owners = [p for p, _ in crops]
+        if self._cls is not None:
+            flat = self._classify(flat, owners, pages)
+        texts = self._recognize_lines(flat, owners, pages)
+        results = []
+        for p, page in enumerate(pages):
+            mine = [texts[k] for k, owner in enumerate(owners) if owner == p]
+            results.append(self._finish(page, mine))
+        return results
+
+    def _map(self, fn: Callable[[Image], _Page], images: Sequence[Image]) -> list[_Page]:
+        if self._pool is None or len(images) == 1:
+            return [fn(image) for image in images]
+        return list(self._pool.map(fn, images))
+
+    def _prepare(self, image: Image) -> _Page:
+        """RapidOCR's preprocess_img + apply_vertical_padding + DetPreProcess, for one page."""
+        from rapidocr.utils.process_img import apply_vertical_padding, resize_image_within_bounds
+
+        start = time.perf_counter()
+        g = self._cfg.Global
+        img = image
+        op_record: dict[str, Any] = {"preprocess": {"ratio_h": 1.0, "ratio_w": 1.0}}
+        if g.use_preprocess_img:
+            img, ratio_h, ratio_w = resize_image_within_bounds(
+                image, g.min_side_len, g.max_side_len
+            )
+            op_record = {"preprocess": {"ratio_h": ratio_h, "ratio_w": ratio_w}}
+        if g.use_vertical_padding:
+            img, op_record = apply_vertical_padding(
+                img, op_record, g.width_height_ratio, g.min_height
+            )
+        else:
+            op_record["padding_1"] = {"top": 0, "left": 0}
+        det_input = self._det_pre(img)
+        page = _Page(
+            ori_shape=(image.shape[0], image.shape[1]),
+            image=img,
+            op_record=op_record,
+            det_input=det_input,
+        )
+        page.timings["det"] = time.perf_counter() - start
+        return page
+
+    def _detect(self, pages: list[_Page]) -> None:
+        by_bucket: dict[tuple[int, int], list[_Page]] = defaultdict(list)
+        for page in pages:
+            if page.det_input is not None:
+                _, _, h, w = page.det_input.shape
+                by_bucket[buckets.det_bucket(h, w, self._det_ladder)].append(page)
+        pending: list[Future[None]] = []
+        for (bucket_h, bucket_w), members in by_bucket.items():
+            offset = 0
+            for slot in buckets.plan_batches(len(members), self._det_sizes, max_waste=0.0):
+                chunk = members[offset : offset + slot.real]
+                offset += slot.real
+                batch = np.full((slot.size, 3, bucket_h, bucket_w), DET_PAD_WHITE, np.float32)
+                for k, page in enumerate(chunk):
+                    assert page.det_input is not None
+                    _, _, h, w = page.det_input.shape
+                    batch[k, :, :h, :w] = page.det_input[0]
+                start = time.perf_counter()
+                maps = run_split(self._det, batch, slot.real)
+                share = (time.perf_counter() - start) / len(chunk)
+                for k, page in enumerate(chunk):
+                    assert page.det_input is not None
+                    _, _, h, w = page.det_input.shape
+                    page.timings["det"] += share
+                    prob = np.ascontiguousarray(maps[k : k + 1, :, :h, :w])
+                    if self._pool is None:
+                        self._post_detect(page, prob)
+                    else:
+                        pending.append(self._pool.submit(self._post_detect, page, prob))
+        for future in pending:
+            future.result()
+
+    def _post_detect(self, page: _Page, prob: FloatArray) -> None:
+        """DB boxes for one page from its cropped probability map, then the line crops."""
+        from rapidocr.ch_ppocr_det.main import TextDetector
+        from rapidocr.utils.process_img import get_rotate_crop_image
+
+        start = time.perf_counter()
+        boxes, _ = self._det_post(prob, page.image.shape[:2])
+        if len(boxes) > 0:
+            page.boxes = TextDetector.sorted_boxes(boxes)
+            page.crops = [get_rotate_crop_image(page.image, copy.deepcopy(b)) for b in page.boxes]
+        page.timings["det"] += time.perf_counter() - start
+
+    def _classify(self, crops: list[Image], owners: list[int], pages: list[_Page]) -> list[Image]:
+        """RapidOCR's angle classifier (fixed input shape, so only batch size varies)."""
+        from rapidocr.ch_ppocr_cls.main import TextClassifier
+
+        assert self._cls is not None
+        start = time.perf_counter()
+        shim = SimpleNamespace(cls_image_shape=list(self._cls_shape))
+        out = list(crops)
+        order = np.argsort([c.shape[1] / float(c.shape[0]) for c in crops])
+        offset = 0
+        for slot in buckets.plan_batches(len(crops), buckets.CLS_BATCH_SIZES, max_waste=0.25):
+            chunk = order[offset : offset + slot.real]
+            offset += slot.real
+            batch = np.zeros((slot.size, *self._cls_shape), np.float32)
+            for k, idx in enumerate(chunk):
+                batch[k] = TextClassifier.resize_norm_img(cast(Any, shim), crops[idx])
+            probs = run_split(self._cls, batch, slot.real)
+            for k, (label, score) in enumerate(self._cls_post(probs)):
+                if "180" in label and score > self._cls_thresh:
+                    out[chunk[k]] = cv2.rotate(crops[chunk[k]], cv2.ROTATE_180)
+        _share_out(pages, owners, "cls", time.perf_counter() - start)
+        return out
+
+    def _recognize_lines(
+        self, crops: list[Image], owners: list[int], pages: list[_Page]
+    ) -> list[tuple[str, float]]:
+        start = time.perf_counter()
+        results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+        needed = [buckets.rec_needed_width(c.shape[0], c.shape[1]) for c in crops]
+        order = sorted(range(len(crops)), key=lambda k: crops[k].shape[1] / crops[k].shape[0])
+        by_width: dict[int, list[int]] = defaultdict(list)
+        for k in order:
+            by_width[buckets.rec_bucket_width(needed[k])].append(k)
+        for width, members in by_width.items():
+            offset = 0
+            for slot in buckets.plan_batches(len(members), self._rec_sizes, max_waste=0.25):
+                chunk = members[offset : offset + slot.real]
+                offset += slot.real
+                batch = np.zeros((slot.size, 3, buckets.REC_HEIGHT, width), np.float32)
+                for k, idx in enumerate(chunk):
+                    _resize_norm_rec(crops[idx], min(needed[idx], width), batch[k])
+                preds = run_split(self._rec, batch, slot.real)
+                lines, _ = self._decode(preds)
+                for k, (text, score) in enumerate(lines):
+                    results[chunk[k]] = (text, float(score))
+        _share_out(pages, owners, "rec", time.perf_counter() - start)
+        return results
+
+    def _finish(self, page: _Page, texts: list[tuple[str, float]]) -> PageResult:
+        """RapidOCR's build_final_output: map boxes back, drop empty and low-score lines."""
+        from rapidocr.utils.process_img import map_boxes_to_original
+
+        page.timings.setdefault("cls", 0.0)
+        page.timings.setdefault("rec", 0.0)
+        page.timings["total"] = page.timings["det"] + page.timings["cls"] + page.timings["rec"]
+        if page.boxes is None or not texts:
+            return PageResult(timings=page.timings)
+        if self._rtl:
+            from rapidocr.utils.utils import reorder_bidi_for_display
+
+            shown = reorder_bidi_for_display(tuple(t for t, _ in texts))
+            texts = [(str(t), s) for t, (_, s) in zip(shown, texts, strict=True)]
+        boxes = map_boxes_to_original(page.boxes.copy(), page.op_record, *page.ori_shape)
+        lines = []
+        for box, (text, score) in zip(boxes, texts, strict=True):
+            if not text.strip() or score < self._ocr.text_score:
+                continue
+            corners: tuple[Point, Point, Point, Point] = tuple(  # type: ignore[assignment]
+                (float(x), float(y)) for x, y in box
+            )
+            lines.append(Line(text=text, score=score, box=corners))
+        return PageResult(lines=tuple(lines), timings=page.timings)
+
+    # ---------------------------------------------------------------- warm-up
+
+    def warmup_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """Every input shape `warmup` runs, per model."""
+        det = [
+            (n, 3, h, w)
+            for h, w in buckets.det_warm_shapes(self._cfg.Det.limit_side_len,
+                                                self._cfg.Det.limit_type)
+            for n in self._det_sizes
+        ]
+        rec = [
+            (n, 3, buckets.REC_HEIGHT, w) for w in buckets.REC_WIDTHS for n in self._rec_sizes
+        ]
+        cls = (
+            [(n, *self._cls_shape) for n in buckets.CLS_BATCH_SIZES]
+            if self._cls is not None
+            else []
+        )
+        return {"det": det, "cls": cls, "rec": rec}  # type: ignore[dict-item]
+
+    def warmup(self) -> dict[str, float]:
+        """Run every bucket once, so cuDNN searches and arena growth happen now, not per file.
+
+        Returns seconds per model run (no "cls" without the angle classifier). On the CPU
+        this buys little and takes minutes with the full bucket set: call it on GPU providers.
+        """
+        sessions = {"det": self._det, "cls": self._cls, "rec": self._rec}
+        spent: dict[str, float] = {}
+        for model, shapes in self.warmup_shapes().items():
+            session = sessions[model]
+            if session is None:
+                continue
+            start = time.perf_counter()
+            for shape in shapes:
+                try:
+                    run_split(session, np.zeros(shape, np.float32), shape[0])
+                except GpuOutOfMemoryError as exc:  # pages this big will split or fail alone
+                    log.warning("warm-up of %s %s: %s", model, list(shape), exc)
+            spent[model] = time.perf_counter() - start
+        return spent
+
+
+_EP_NAMES = {
+    "TensorrtExecutionProvider": "tensorrt",
+    "CUDAExecutionProvider": "cuda",
+    "CPUExecutionProvider": "cpu",
+}
+
+
+def _provider_of(session: Any, default: str) -> str:
+    try:
+        first = session.get_providers()[0]
+    except (AttributeError, IndexError):
+        return default
+    return _EP_NAMES.get(str(first), str(first))
+
+
+def _resize_norm_rec(crop: Image, resized_w: int, out: FloatArray) -> None:
+    """RapidOCR's TextRecognizer.resize_norm_img, written into a bucket-wide slot.
+
+    The slot is zero (the normalised value of mid-grey), as RapidOCR pads.
+    """
+    resized = cv2.resize(crop, (resized_w, buckets.REC_HEIGHT)).astype(np.float32)
+    out[:, :, :resized_w] = resized.transpose((2, 0, 1)) / 255
+    out[:, :, :resized_w] -= 0.5
+    out[:, :, :resized_w] /= 0.5
+
+
+def _share_out(pages: list[_Page], owners: list[int], stage: str, seconds: float) -> None:
+    """Attribute a pooled stage's time to pages in proportion to their text lines."""
+    if not owners:
+        return
+    per_line = seconds / len(owners)
+    for owner in owners:
+        pages[owner].timings[stage] = pages[owner].timings.get(stage, 0.0) + per_line

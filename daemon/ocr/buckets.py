@@ -1,0 +1,121 @@
+"""Shape buckets and batch plans for the batching engine: pure functions, no onnxruntime.
+
+On onnxruntime-gpu every new input shape costs a cuDNN algorithm search and arena growth, so
+the engine only ever feeds shapes from a small fixed set: page sizes round up to a ladder of
+sides, text-line widths round up to a ladder of widths, and batch sizes come from a fixed list.
+The ladders are finite, so `warmup` can run every bucket once at start.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Detection sides: multiples of 64 growing by ~15%, so a page never pads by more than ~15% per
+# side; the configured limit_side_len is added so the usual side needs no padding at all.
+_DET_LADDER_START = 256
+# In "min" mode a wide strip (a till roll photographed sideways, a one-line label) has its short
+# side scaled up to the limit and its long side with it, far beyond 4096.
+_DET_LADDER_END = 8192
+_DET_LADDER_GROWTH = 1.15
+DET_ALIGN = 32  # the detector's stride: every side RapidOCR feeds it is a multiple of 32
+
+# Recognition: RapidOCR never feeds a line narrower than 320 px (48 x 320/48 at least).
+REC_HEIGHT = 48
+REC_WIDTHS = (320, 480, 640, 800, 960, 1280, 1600, 1920, 2560, 3200)
+REC_WIDTH_STEP_BEYOND = 640  # lines wider than the ladder: rare, rounded to this, not warmed
+
+REC_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+REC_BATCH_SIZES_CPU = (1, 2, 4, 8)
+CLS_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def det_ladder(limit_side_len: int) -> tuple[int, ...]:
+    sides = {_round_up(limit_side_len, DET_ALIGN)}
+    side = _DET_LADDER_START
+    while side <= _DET_LADDER_END:
+        sides.add(side)
+        side = _round_up(math.ceil(side * _DET_LADDER_GROWTH), 64)
+    return tuple(sorted(sides))
+
+
+def det_bucket_side(side: int, ladder: Sequence[int]) -> int:
+    for rung in ladder:
+        if rung >= side:
+            return rung
+    return _round_up(side, 512)
+
+
+def det_bucket(height: int, width: int, ladder: Sequence[int]) -> tuple[int, int]:
+    return det_bucket_side(height, ladder), det_bucket_side(width, ladder)
+
+
+def det_warm_shapes(limit_side_len: int, limit_type: str) -> list[tuple[int, int]]:
+    """The detection buckets a page can land in once RapidOCR's resize rule is applied.
+
+    "min": the short side becomes the limit, the long side anything above it.
+    "max": the long side becomes the limit for every page at least that large (smaller pages
+    keep their size and fall into ladder buckets below the limit, which are not warmed).
+    """
+    ladder = det_ladder(limit_side_len)
+    fixed = det_bucket_side(_round_up(limit_side_len, DET_ALIGN), ladder)
+    others = [s for s in ladder if (s >= fixed if limit_type == "min" else s <= fixed)]
+    shapes = {(fixed, s) for s in others} | {(s, fixed) for s in others}
+    return sorted(shapes)
+
+
+def rec_needed_width(height: int, width: int) -> int:
+    """Width of a crop once scaled to the recogniser's height (RapidOCR's rule)."""
+    return math.ceil(REC_HEIGHT * width / float(height))
+
+
+def rec_bucket_width(needed: int) -> int:
+    for rung in REC_WIDTHS:
+        if rung >= needed:
+            return rung
+    return _round_up(needed, REC_WIDTH_STEP_BEYOND)
+
+
+@dataclass(frozen=True)
+class BatchSlot:
+    size: int  # the batch size fed to the model (one of the fixed sizes)
+    real: int  # how many entries are real; the rest are padding, dropped afterwards
+
+
+def plan_batches(count: int, sizes: Sequence[int], max_waste: float) -> list[BatchSlot]:
+    """Cover `count` items with batches whose sizes are all in `sizes`.
+
+    Greedy: take the largest size that fits; a remainder is padded up to the next size when
+    padding would be at most `max_waste` of that batch, else split further. `max_waste=0`
+    never pads (detection: a padded page costs a whole page of compute).
+    """
+    ordered = sorted(set(sizes))
+    if not ordered or ordered[0] != 1:
+        raise ValueError("batch sizes must include 1")
+    plan: list[BatchSlot] = []
+    left = count
+    while left > 0:
+        fitting = max(s for s in ordered if s <= left)
+        if fitting == left:
+            plan.append(BatchSlot(fitting, fitting))
+            break
+        above = [s for s in ordered if s > left]
+        if above and (above[0] - left) / above[0] <= max_waste:
+            plan.append(BatchSlot(above[0], left))
+            break
+        plan.append(BatchSlot(fitting, fitting))
+        left -= fitting
+    return plan
+
+
+def det_batch_sizes(max_pages: int) -> tuple[int, ...]:
+    """Powers of two up to `max_pages`."""
+    sizes = [1]
+    while sizes[-1] * 2 <= max_pages:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sizes)

@@ -1,0 +1,338 @@
+"""The batching engine: text parity with plain RapidOCR, OOM splitting, warm-up coverage."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from daemon.config import OcrSettings
+from daemon.errors import ConfigError
+from daemon.ocr import batch as batch_module
+from daemon.ocr import buckets
+from daemon.ocr.batch import BatchEngine, GpuOutOfMemoryError, resolve_model_paths
+from daemon.ocr.providers import CPU
+from daemon.ocr.rapid import RapidOcrEngine
+from daemon.ocr.types import Image, PageResult
+from tests.rendering import random_lines, render_page
+
+OOM_MESSAGE = (
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running "
+    "Conv node. CUDA failure 2: out of memory ; GPU=0 ; expr=cudaMalloc(&p, size);"
+)
+
+
+class RecordingSession:
+    """Wraps a real session: records input shapes; fails like CUDA when a batch is too big."""
+
+    def __init__(self, real: Any, max_batch: int | None = None) -> None:
+        self.real = real
+        self.max_batch = max_batch
+        self.shapes: list[tuple[int, ...]] = []
+        self.failed: list[int] = []
+        self._lock = threading.Lock()
+
+    def get_inputs(self) -> Any:
+        return self.real.get_inputs()
+
+    def get_modelmeta(self) -> Any:
+        return self.real.get_modelmeta()
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        (batch,) = feeds.values()
+        with self._lock:
+            if self.max_batch is not None and len(batch) > self.max_batch:
+                self.failed.append(len(batch))
+                raise RuntimeError(OOM_MESSAGE)
+            self.shapes.append(tuple(batch.shape))
+        return self.real.run(names, feeds)
+
+
+class Sessions(dict[str, RecordingSession]):
+    """The sessions an engine built, by model; `limits` (set before building) caps batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limits: dict[str, int | None] = {}
+
+
+@pytest.fixture
+def recording_sessions(monkeypatch: pytest.MonkeyPatch) -> Sessions:
+    """Makes every session the engine builds a RecordingSession around the real one."""
+    made = Sessions()
+    real_create = batch_module.create_session
+
+    def create(path: Path, choice: Any, ocr: OcrSettings) -> RecordingSession:
+        kind = "det" if "det" in path.name else "cls" if "cls" in path.name else "rec"
+        made[kind] = RecordingSession(real_create(path, choice, ocr), made.limits.get(kind))
+        return made[kind]
+
+    monkeypatch.setattr(batch_module, "create_session", create)
+    return made
+
+
+def _pages() -> list[Image]:
+    """Pages of several sizes; the first two share a detection bucket, so N>1 batches run."""
+    return [
+        render_page(random_lines(1, 6), width=900, font_size=30),
+        render_page(random_lines(2, 6), width=900, font_size=28),
+        render_page(random_lines(3, 14), width=700, font_size=22),
+        render_page(random_lines(4, 3), width=1500, font_size=44),
+        render_page(random_lines(5, 1, (1, 2)), width=420, font_size=26),
+    ]
+
+
+@pytest.fixture(scope="module")
+def pages() -> list[Image]:
+    return _pages()
+
+
+@pytest.fixture(scope="module")
+def reference(pages: list[Image]) -> list[PageResult]:
+    return RapidOcrEngine(OcrSettings(), CPU).recognize(pages)
+
+
+def _assert_same_text(got: list[PageResult], want: list[PageResult]) -> None:
+    assert len(got) == len(want)
+    for index, (mine, theirs) in enumerate(zip(got, want, strict=True)):
+        assert [line.text for line in mine.lines] == [line.text for line in theirs.lines], index
+        for a, b in zip(mine.lines, theirs.lines, strict=True):
+            # padding shifts the probability map a little, never by more than a few pixels
+            assert np.abs(np.array(a.box) - np.array(b.box)).max() <= 4, (index, a.text)
+
+
+def test_text_matches_plain_rapidocr_on_a_mixed_batch(
+    pages: list[Image], reference: list[PageResult]
+) -> None:
+    assert all(len(r.lines) >= 1 for r in reference), "the reference must read every page"
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=4)
+    try:
+        results = engine.recognize(pages)
+    finally:
+        engine.close()
+    assert engine.provider == "cpu"
+    _assert_same_text(results, reference)
+    for result in results:
+        assert {"det", "cls", "rec", "total"} <= result.timings.keys()
+        assert result.timings["det"] > 0 and result.timings["rec"] > 0
+
+
+def test_concurrent_callers_get_their_own_pages(
+    pages: list[Image], reference: list[PageResult]
+) -> None:
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=2)
+    got: dict[int, list[PageResult]] = {}
+
+    def call(k: int, chunk: list[Image]) -> None:
+        got[k] = engine.recognize(chunk)
+
+    try:
+        threads = [threading.Thread(target=call, args=(0, pages[:3])),
+                   threading.Thread(target=call, args=(1, pages[3:]))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        engine.close()
+    _assert_same_text(got[0] + got[1], reference)
+
+
+def test_angle_classifier_matches_rapidocr_on_an_upside_down_page() -> None:
+    ocr = OcrSettings(use_cls=True)
+    lines = random_lines(7, 4, (1, 3))  # short lines: the 48x192 classifier misreads long ones
+    flipped = render_page(lines, width=800, font_size=30, angle=180)
+    want = RapidOcrEngine(ocr, CPU).recognize([flipped])
+    with_cls = BatchEngine(ocr, CPU)
+    without_cls = BatchEngine(OcrSettings(use_cls=False), CPU)
+    try:
+        got = with_cls.recognize([flipped])
+        unturned = without_cls.recognize([flipped])
+    finally:
+        with_cls.close()
+        without_cls.close()
+    _assert_same_text(got, want)
+    truth = Counter(" ".join(lines).split())
+    assert Counter(got[0].text.split()) == truth  # every line turned the right way up
+    assert Counter(unturned[0].text.split()) != truth
+    assert got[0].timings["cls"] > 0
+
+
+def test_out_of_memory_splits_batches_and_loses_no_page(
+    recording_sessions: Sessions, pages: list[Image], reference: list[PageResult]
+) -> None:
+    recording_sessions.limits.update(det=1, rec=3)
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=4)
+    try:
+        results = engine.recognize(pages)
+    finally:
+        engine.close()
+    det, rec = recording_sessions["det"], recording_sessions["rec"]
+    assert det.failed and rec.failed, "the fake must have refused some batches"
+    assert all(shape[0] <= 1 for shape in det.shapes)
+    assert all(shape[0] <= 3 for shape in rec.shapes)
+    _assert_same_text(results, reference)
+
+
+def test_out_of_memory_on_a_single_page_is_a_transient_document_error(
+    recording_sessions: Sessions, pages: list[Image]
+) -> None:
+    recording_sessions.limits.update(det=0)
+    engine = BatchEngine(OcrSettings(), CPU)
+    try:
+        with pytest.raises(GpuOutOfMemoryError) as caught:
+            engine.recognize(pages[:2])
+    finally:
+        engine.close()
+    assert caught.value.permanent is False
+    assert recording_sessions["det"].failed == [2, 1]  # tried the pair, then the first half
+
+
+def test_other_session_errors_are_not_retried(recording_sessions: Sessions) -> None:
+    engine = BatchEngine(OcrSettings(), CPU)
+    det = recording_sessions["det"]
+
+    def broken(names: Any, feeds: Any) -> Any:
+        det.failed.append(1)
+        raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : bad input")
+
+    det.run = broken  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+            engine.recognize([render_page(["hello"])])
+    finally:
+        engine.close()
+    assert det.failed == [1]
+
+
+def test_recognize_after_warmup_uses_only_warmed_shapes(
+    recording_sessions: Sessions, pages: list[Image]
+) -> None:
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=4)
+    try:
+        engine.recognize(pages)
+        warmed = engine.warmup_shapes()
+    finally:
+        engine.close()
+    for model in ("det", "rec"):
+        seen = set(recording_sessions[model].shapes)
+        assert seen, model
+        assert seen <= set(warmed[model]), (model, seen - set(warmed[model]))
+
+
+class ZeroSession:
+    """Stands in for a model in the warm-up test: running every real bucket takes minutes."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.shapes: list[tuple[int, ...]] = []
+
+    def get_inputs(self) -> Any:
+        return self.real.get_inputs()
+
+    def get_modelmeta(self) -> Any:
+        return self.real.get_modelmeta()
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        (batch,) = feeds.values()
+        self.shapes.append(tuple(batch.shape))
+        return [np.zeros((len(batch), 1), np.float32)]
+
+
+@pytest.mark.parametrize(("use_cls", "limit_type", "limit"), [(False, "min", 736),
+                                                              (True, "max", 1280)])
+def test_warmup_runs_every_bucket_once(
+    monkeypatch: pytest.MonkeyPatch, use_cls: bool, limit_type: str, limit: int
+) -> None:
+    made: dict[str, ZeroSession] = {}
+    real_create = batch_module.create_session
+
+    def create(path: Path, choice: Any, ocr: OcrSettings) -> ZeroSession:
+        kind = "det" if "det" in path.name else "cls" if "cls" in path.name else "rec"
+        made[kind] = ZeroSession(real_create(path, choice, ocr))
+        return made[kind]
+
+    monkeypatch.setattr(batch_module, "create_session", create)
+    ocr = OcrSettings(use_cls=use_cls, det_limit_type=limit_type, det_limit_side_len=limit)
+    engine = BatchEngine(ocr, CPU, max_pages=4)
+    try:
+        spent = engine.warmup()
+    finally:
+        engine.close()
+    assert set(spent) == set(made) == ({"det", "cls", "rec"} if use_cls else {"det", "rec"})
+    for model, session in made.items():
+        counts = Counter(session.shapes)
+        assert set(counts.values()) == {1}, model
+    det_shapes = {shape[2:] for shape in made["det"].shapes}
+    assert det_shapes == set(buckets.det_warm_shapes(limit, limit_type))
+    assert {shape[0] for shape in made["det"].shapes} == {1, 2, 4}
+    assert {shape[3] for shape in made["rec"].shapes} == set(buckets.REC_WIDTHS)
+    assert all(limit in shape[2:] for shape in made["det"].shapes)
+
+
+def test_real_warmup_runs_and_leaves_results_unchanged(
+    pages: list[Image], reference: list[PageResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Warm-up on the real models, with the bucket set cut down so it takes seconds."""
+    monkeypatch.setattr(buckets, "REC_WIDTHS", (320, 640))
+    monkeypatch.setattr(buckets, "det_warm_shapes", lambda limit, kind: [(736, 1344)])
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=2, rec_batch_sizes=(1, 2, 4))
+    try:
+        spent = engine.warmup()
+        results = engine.recognize(pages[:2])
+    finally:
+        engine.close()
+    assert spent["det"] > 0 and spent["rec"] > 0 and "cls" not in spent
+    _assert_same_text(results, reference[:2])
+
+
+def test_unknown_language_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"ocr\.lang"):
+        resolve_model_paths(OcrSettings(lang="klingon"))
+
+
+def test_missing_model_file_is_a_config_error_not_a_download(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import rapidocr.main
+
+    monkeypatch.setattr(rapidocr.main, "root_dir", tmp_path)
+    with pytest.raises(ConfigError, match="does not download"):
+        resolve_model_paths(OcrSettings())
+    assert not any(tmp_path.rglob("*.onnx"))
+
+
+@pytest.mark.parametrize(
+    ("count", "max_waste", "expected"),
+    [
+        (7, 0.0, [(4, 4), (2, 2), (1, 1)]),
+        (4, 0.0, [(4, 4)]),
+        (13, 0.25, [(16, 13)]),
+        (9, 0.25, [(8, 8), (1, 1)]),
+        (40, 0.25, [(32, 32), (8, 8)]),
+        (0, 0.25, []),
+    ],
+)
+def test_plan_batches(count: int, max_waste: float,
+                      expected: list[tuple[int, int]]) -> None:
+    plan = buckets.plan_batches(count, (1, 2, 4, 8, 16, 32) if max_waste else (1, 2, 4),
+                                max_waste)
+    assert [(slot.size, slot.real) for slot in plan] == expected
+    assert sum(slot.real for slot in plan) == count
+
+
+def test_buckets_cover_and_bound_the_padding() -> None:
+    ladder = buckets.det_ladder(736)
+    assert 736 in ladder
+    for side in range(32, 4000, 32):
+        bucket = buckets.det_bucket_side(side, ladder)
+        assert bucket >= side and bucket % 32 == 0
+        if side >= 256:
+            assert bucket <= side * 1.2
+    for needed in range(1, 4000, 7):
+        width = buckets.rec_bucket_width(needed)
+        assert width >= max(needed, 320)
