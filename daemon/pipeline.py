@@ -144,12 +144,23 @@ class Pipeline:
             except SQLAlchemyError as exc:  # the lease runs out and it is requeued anyway
                 log.warning("could not hand back document %s: %s", doc.claim.sha256[:12], exc)
         self._running.clear()
+        # Idle loops notice within one poll timeout. A worker inside a native OCR call cannot
+        # be interrupted: its pages were handed back above, so it is not waited for.
+        grace = time.monotonic() + 1.0
         for thread in self._threads:
-            thread.join(5)
+            thread.join(max(0.0, grace - time.monotonic()))
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        busy = [thread.name for thread in self._threads if thread.is_alive()]
+        if busy:
+            log.warning("%s still inside the OCR engine at the stop timeout; its work was "
+                        "handed back", ", ".join(busy))
+            return handed_back  # closing an engine under a running inference is unsafe
         for engine in {id(e): e for e in self.engines}.values():
             engine.close()
         return handed_back
+
+    def threads_alive(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
 
     def inflight_count(self) -> int:
         with self._inflight_lock:
