@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -49,6 +48,9 @@ FAST_ENV = {**ENGINE_ENV, "OCR_DAEMON_OCR__DET_LIMIT_SIDE_LEN": "64"}
 FAST_OCR = {"engine": ENGINE_ENV["OCR_DAEMON_OCR__ENGINE"], "det_limit_side_len": 64}
 
 REPO = Path(__file__).resolve().parents[1]
+# Root reads anything (CAP_DAC_OVERRIDE); without these capabilities mode 000 means unreadable
+# even for root, while the daemon still runs the interpreter under /root.
+DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
 _FONT = ImageFont.load_default(size=20)
 
 
@@ -81,7 +83,7 @@ class DaemonProcess:
     """`python -m daemon run` in `workdir` (inbox, database and log there), restartable."""
 
     def __init__(self, workdir: Path, env: dict[str, str] | None = None,
-                 user: str | None = None) -> None:
+                 unprivileged: bool = False) -> None:
         self.workdir = workdir
         self.inbox = workdir / "inbox"
         self.db_path = workdir / "ocr.db"
@@ -99,7 +101,7 @@ class DaemonProcess:
             **FAST_ENV,
             **(env or {}),
         })
-        self.user = user
+        self.unprivileged = unprivileged
         self.log = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -113,10 +115,9 @@ class DaemonProcess:
         with self.log.open("ab") as log:
             log.write(f"=== start {self.starts}\n".encode())
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "run"], cwd=self.workdir, env=self.env,
-                stdout=log, stderr=subprocess.STDOUT, user=self.user,
-                group="nogroup" if self.user == "nobody" else None,
-                extra_groups=[] if self.user else None)
+                [*(DROP_DAC if self.unprivileged else []), sys.executable, "-m", "daemon",
+                 "run"],
+                cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         if wait_ready:
             self.wait_for_log("ready", 90, since_start=True)
 
@@ -180,8 +181,8 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     made: list[DaemonProcess] = []
 
     def make(env: dict[str, str] | None = None, workdir: Path | None = None,
-             user: str | None = None) -> DaemonProcess:
-        instance = DaemonProcess(workdir or tmp_path, env, user)
+             unprivileged: bool = False) -> DaemonProcess:
+        instance = DaemonProcess(workdir or tmp_path, env, unprivileged)
         instance.inbox.mkdir(parents=True, exist_ok=True)
         made.append(instance)
         return instance
@@ -533,32 +534,21 @@ def test_slow_writer_is_read_once_settled_and_permanent_errors_fail_at_once(
     assert_nothing_half_written(rows)
 
 
-@pytest.fixture
-def nobody_workdir() -> Iterator[Path]:
-    """A folder the unprivileged user can use (pytest's tmp_path is root's, mode 700)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run the daemon as another user")
-    workdir = Path(tempfile.mkdtemp(prefix="ocr-daemon-nobody-"))
-    workdir.chmod(0o755)
-    (workdir / "inbox").mkdir()
-    yield workdir
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-def chown_tree(root: Path, user: str = "nobody") -> None:
-    for path in [root, *root.rglob("*")]:
-        shutil.chown(path, user, "nogroup")
+def needs_root_to_drop_privileges() -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the daemon without its file-access override")
 
 
 @pytest.mark.slow
 def test_permission_flapping_after_intake_is_retried_with_backoff(
-        daemon_factory: Callable[..., DaemonProcess], nobody_workdir: Path) -> None:
-    """Root reads anything, so the daemon runs as `nobody`. The file is already queued in
-    the ledger (its intake happened) when it becomes unreadable; it comes back later."""
+        daemon_factory: Callable[..., DaemonProcess]) -> None:
+    """The file is already queued in the ledger (its intake happened) when it becomes
+    unreadable; it comes back later. The daemon runs without CAP_DAC_OVERRIDE."""
+    needs_root_to_drop_privileges()
     daemon = daemon_factory({"OCR_DAEMON_QUEUE__MAX_ATTEMPTS": "6",
                              "OCR_DAEMON_QUEUE__RETRY_BACKOFF_SECONDS": "0.5",
                              "OCR_DAEMON_WATCH__RESCAN_INTERVAL_SECONDS": "1"},
-                            workdir=nobody_workdir, user="nobody")
+                            unprivileged=True)
     data = tiny_page("flap")
     path = daemon.inbox / "flap.png"
     path.write_bytes(data)
@@ -567,8 +557,6 @@ def test_permission_flapping_after_intake_is_retried_with_backoff(
     Ledger(engine).register(str(path), sha256(data), len(data))
     engine.dispose()
     path.chmod(0o000)
-    chown_tree(nobody_workdir)
-    shutil.chown(path, "root", "root")  # root's file, mode 000: nobody cannot read it
     daemon.start()
     daemon.wait_for_log("permission denied", 30)
     assert wait_until(lambda: "retrying" in daemon.log_text() and "attempt 2 of 6"
