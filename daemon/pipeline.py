@@ -399,7 +399,8 @@ class Pipeline:
         self.metrics.files_total.labels(status="failed").inc()
         log.error("failed %s: %s", where, reason)
         for recorded in outcome.paths:
-            quarantine(Path(recorded), reason, self.settings, self.root)
+            quarantine(Path(recorded), reason, self.settings, self.root,
+                       sha256=doc.claim.sha256)
 
     def _forget(self, doc: InFlight) -> None:
         with self._inflight_lock:
@@ -520,10 +521,21 @@ def move_into(path: Path, folder: Path) -> Path:
     return target
 
 
-def quarantine(path: Path, reason: str, settings: Settings, root: Path) -> None:
-    """Move a failed file to `watch.failed_dir` with a sidecar saying why, when configured."""
+def quarantine(path: Path, reason: str, settings: Settings, root: Path,
+               sha256: str | None = None) -> None:
+    """Move a failed file to `watch.failed_dir` with a sidecar saying why, when configured.
+    With `sha256`, only while `path` still holds that content: a file rewritten since is new
+    content of its own, not the failure."""
     if settings.watch.failed_dir is None or not (path.is_file() or path.is_symlink()):
         return
+    if sha256 is not None and not path.is_symlink():
+        try:
+            digest, _ = sha256_file(path, settings.watch.max_file_bytes)
+        except (OSError, DocumentError):
+            digest = sha256  # unreadable or too large: it is the failure, move it
+        if digest != sha256:
+            log.info("not moving %s to the failed folder: it holds new content now", path)
+            return
     try:
         relative_ok = path.parent.resolve() == root or root in path.parent.resolve().parents
         if not relative_ok:
