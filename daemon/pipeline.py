@@ -445,7 +445,10 @@ class Pipeline:
             if after == "delete":
                 path.unlink()
             else:
-                move_into(path, done_folder(self.settings, self.root))
+                folder = done_folder(self.settings, self.root)
+                if not folder_is_safe(folder, self.settings.watch.done_dir, self.root):
+                    return
+                move_into(path, folder)
         except OSError as exc:
             log.warning("could not %s %s after processing: %s", after, path, exc)
 
@@ -508,6 +511,38 @@ def done_folder(settings: Settings, root: Path) -> Path:
     return root / (settings.watch.done_dir or Path("done"))
 
 
+def folder_is_safe(folder: Path, configured: Path | None, root: Path) -> bool:
+    """A done/failed folder configured inside the watched folder must still be inside it once
+    resolved: anyone who can write to the inbox could replace it with a link elsewhere."""
+    if configured is not None and configured.is_absolute():
+        return True  # the operator chose a place outside; it is not the producers' to change
+    try:
+        resolved = folder.resolve()
+    except (OSError, RuntimeError):
+        resolved = folder
+    if root in resolved.parents:
+        return True
+    log.error("not moving files into %s: it resolves to %s, outside the watched folder",
+              folder, resolved)
+    return False
+
+
+def write_sidecar(target: Path, text: str) -> Path:
+    """`NAME.error.txt` beside `target`, created new: never through a link planted there,
+    never over an existing file."""
+    n = 0
+    while True:
+        sidecar = target.with_name(f"{target.name}.error{f'.{n}' if n else ''}.txt")
+        try:
+            fd = os.open(sidecar, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            n += 1
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return sidecar
+
+
 def move_into(path: Path, folder: Path) -> Path:
     """Move `path` into `folder` without overwriting anything there. Moves the name only:
     a symlink is moved as a link, its target is never touched."""
@@ -540,8 +575,10 @@ def quarantine(path: Path, reason: str, settings: Settings, root: Path,
         relative_ok = path.parent.resolve() == root or root in path.parent.resolve().parents
         if not relative_ok:
             return
-        target = move_into(path, root / settings.watch.failed_dir)
-        sidecar = target.with_name(target.name + ".error.txt")
-        sidecar.write_text(f"{path}\n{reason}\n", encoding="utf-8")
+        folder = root / settings.watch.failed_dir
+        if not folder_is_safe(folder, settings.watch.failed_dir, root):
+            return
+        target = move_into(path, folder)
+        write_sidecar(target, f"{path}\n{reason}\n")
     except OSError as exc:
         log.warning("could not move %s to the failed folder: %s", path, exc)
