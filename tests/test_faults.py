@@ -231,12 +231,13 @@ def ledger_rows(url: str) -> dict[str, Row]:
 
 def count_states(url: str) -> dict[str, int]:
     engine = create_engine(url)
+    found: dict[str, int] = {}
     try:
         with engine.connect() as connection:
             found = dict(connection.execute(text(
                 "SELECT state, count(*) FROM documents GROUP BY state")).all())
     except Exception:  # the daemon has not created the tables yet
-        found = {}
+        pass
     finally:
         engine.dispose()
     return {state: int(found.get(state, 0))
