@@ -145,16 +145,29 @@ class Pipeline:
             except SQLAlchemyError as exc:  # the lease runs out and it is requeued anyway
                 log.warning("could not hand back document %s: %s", doc.claim.sha256[:12], exc)
         self._running.clear()
+        # Idle loops notice within one poll timeout. A worker inside a native OCR call cannot
+        # be interrupted: its pages were handed back above, so it is not waited for.
+        grace = time.monotonic() + 1.0
         for thread in self._threads:
-            thread.join(5)
+            thread.join(max(0.0, grace - time.monotonic()))
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        busy = [thread.name for thread in self._threads if thread.is_alive()]
+        if busy:
+            log.warning("%s still inside the OCR engine at the stop timeout; its work was "
+                        "handed back", ", ".join(busy))
+            return handed_back  # closing an engine under a running inference is unsafe
         for engine in {id(e): e for e in self.engines}.values():
             engine.close()
         return handed_back
 
     @property
     def alive(self) -> bool:
+        """Every loop running (for the systemd watchdog)."""
         return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
+
+    def threads_alive(self) -> bool:
+        """Any loop still running (a stop waits for them)."""
+        return any(thread.is_alive() for thread in self._threads)
 
     def inflight_count(self) -> int:
         with self._inflight_lock:
@@ -396,7 +409,8 @@ class Pipeline:
         self.metrics.files_total.labels(status="failed").inc()
         log.error("failed %s: %s", where, reason)
         for recorded in outcome.paths:
-            quarantine(Path(recorded), reason, self.settings, self.root)
+            quarantine(Path(recorded), reason, self.settings, self.root,
+                       sha256=doc.claim.sha256)
 
     def _forget(self, doc: InFlight) -> None:
         with self._inflight_lock:
@@ -441,7 +455,10 @@ class Pipeline:
             if after == "delete":
                 path.unlink()
             else:
-                move_into(path, done_folder(self.settings, self.root))
+                folder = done_folder(self.settings, self.root)
+                if not folder_is_safe(folder, self.settings.watch.done_dir, self.root):
+                    return
+                move_into(path, folder)
         except OSError as exc:
             log.warning("could not %s %s after processing: %s", after, path, exc)
 
@@ -504,6 +521,38 @@ def done_folder(settings: Settings, root: Path) -> Path:
     return root / (settings.watch.done_dir or Path("done"))
 
 
+def folder_is_safe(folder: Path, configured: Path | None, root: Path) -> bool:
+    """A done/failed folder configured inside the watched folder must still be inside it once
+    resolved: anyone who can write to the inbox could replace it with a link elsewhere."""
+    if configured is not None and configured.is_absolute():
+        return True  # the operator chose a place outside; it is not the producers' to change
+    try:
+        resolved = folder.resolve()
+    except (OSError, RuntimeError):
+        resolved = folder
+    if root in resolved.parents:
+        return True
+    log.error("not moving files into %s: it resolves to %s, outside the watched folder",
+              folder, resolved)
+    return False
+
+
+def write_sidecar(target: Path, text: str) -> Path:
+    """`NAME.error.txt` beside `target`, created new: never through a link planted there,
+    never over an existing file."""
+    n = 0
+    while True:
+        sidecar = target.with_name(f"{target.name}.error{f'.{n}' if n else ''}.txt")
+        try:
+            fd = os.open(sidecar, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            n += 1
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return sidecar
+
+
 def move_into(path: Path, folder: Path) -> Path:
     """Move `path` into `folder` without overwriting anything there. Moves the name only:
     a symlink is moved as a link, its target is never touched."""
@@ -517,16 +566,29 @@ def move_into(path: Path, folder: Path) -> Path:
     return target
 
 
-def quarantine(path: Path, reason: str, settings: Settings, root: Path) -> None:
-    """Move a failed file to `watch.failed_dir` with a sidecar saying why, when configured."""
+def quarantine(path: Path, reason: str, settings: Settings, root: Path,
+               sha256: str | None = None) -> None:
+    """Move a failed file to `watch.failed_dir` with a sidecar saying why, when configured.
+    With `sha256`, only while `path` still holds that content: a file rewritten since is new
+    content of its own, not the failure."""
     if settings.watch.failed_dir is None or not (path.is_file() or path.is_symlink()):
         return
+    if sha256 is not None and not path.is_symlink():
+        try:
+            digest, _ = sha256_file(path, settings.watch.max_file_bytes)
+        except (OSError, DocumentError):
+            digest = sha256  # unreadable or too large: it is the failure, move it
+        if digest != sha256:
+            log.info("not moving %s to the failed folder: it holds new content now", path)
+            return
     try:
         relative_ok = path.parent.resolve() == root or root in path.parent.resolve().parents
         if not relative_ok:
             return
-        target = move_into(path, root / settings.watch.failed_dir)
-        sidecar = target.with_name(target.name + ".error.txt")
-        sidecar.write_text(f"{path}\n{reason}\n", encoding="utf-8")
+        folder = root / settings.watch.failed_dir
+        if not folder_is_safe(folder, settings.watch.failed_dir, root):
+            return
+        target = move_into(path, folder)
+        write_sidecar(target, f"{path}\n{reason}\n")
     except OSError as exc:
         log.warning("could not move %s to the failed folder: %s", path, exc)

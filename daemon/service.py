@@ -4,6 +4,7 @@ reverse (producers before consumers, so nothing new is taken in while work is fi
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -226,4 +227,12 @@ def run(settings: Settings) -> None:
         service.start()
         service.wait()
     finally:
-        service.stop()
+        try:
+            service.stop()
+        finally:
+            if service.pipeline is not None and service.pipeline.threads_alive():
+                # A worker still inside onnxruntime (its work handed back, or a second signal
+                # cut the stop short): tearing the interpreter down under a running native call
+                # aborts the process (SIGABRT, "terminate called..."), so leave without it.
+                logging.shutdown()
+                os._exit(ExitCode.INTERRUPTED if service._signals > 1 else ExitCode.OK)

@@ -97,6 +97,11 @@ class FailureResult:
     paths: tuple[str, ...]
 
 
+def rejection_key(path: str) -> str:
+    """The row of a file refused before its content was read is keyed by its path."""
+    return hashlib.sha256(f"rejected:{path}".encode()).hexdigest()
+
+
 def page_row(document_id: int, page_no: int, page: PageResult) -> PageRow:
     return PageRow(
         document_id=document_id,
@@ -132,6 +137,9 @@ class Ledger:
     def _register_once(self, path: str, sha256: str, size: int) -> Registration:
         now = self._clock()
         with self._sessions.begin() as session:
+            rejected = rejection_key(path)
+            if sha256 != rejected:  # the file was refused once, and has been read now
+                session.execute(delete(Document).where(Document.sha256 == rejected))
             doc = session.scalars(select(Document).where(Document.sha256 == sha256)).first()
             created = doc is None
             if doc is None:
@@ -307,8 +315,8 @@ class Ledger:
         """A file refused before its content was read (symlink out of the folder, unreadable,
         a directory with a file's name...). It has no content hash, so the row is keyed by a
         hash of its path: the same refusal is recorded once, and should the file become
-        readable its real content gets a row of its own."""
-        key = hashlib.sha256(f"rejected:{path}".encode()).hexdigest()
+        readable its real content gets a row of its own, which replaces this one."""
+        key = rejection_key(path)
         registration = self.register(path, key, 0)
         if registration.state == State.FAILED and registration.created is False:
             return registration
