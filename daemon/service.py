@@ -120,8 +120,14 @@ class Service:
         else:  # the batch engine is shared; its sessions are thread-safe
             engines += [first] * (workers - 1)
         warmup = getattr(first, "warmup", None)
-        if callable(warmup):
-            warmup()
+        if callable(warmup) and first.provider != "cpu":
+            # cuDNN algorithm search and arena growth for every shape bucket happen now, not
+            # on the first files. On the CPU there is nothing to gain and it takes minutes.
+            spent = warmup()
+            log.info("warmed up every shape bucket: %s",
+                     ", ".join(f"{k} {v:.1f}s" for k, v in spent.items()))
+        for stage in ("det", "cls", "rec"):
+            self.metrics.set_stage_provider(stage, first.provider)
         log.info("models loaded in %.1fs", time.perf_counter() - start)
         return engines
 
