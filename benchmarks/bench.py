@@ -9,6 +9,9 @@ Modes (each runs in its own subprocess, so peak RSS is that mode's alone):
   c  the whole daemon end to end (`python -m daemon run` on a temporary inbox and SQLite
      database); latency is from the file's drop into the inbox to its text being stored
   d  the naive loop with RapidOCR's `EngineConfig.onnxruntime.use_cuda=True` (GPU only)
+  e  the whole daemon end to end as c, but with FORCE_CPU=true: the CPU path on this machine
+
+Modes b and c use the provider the daemon would choose (a GPU where there is one).
 
 Ground truth, where it exists: SROIE `box/NAME.csv` beside `img/` (the text is what follows
 the eighth comma), or `NAME.txt` beside `NAME.tif` (a `NAME-rotated-X.png` variant is scored
@@ -43,7 +46,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
-ALL_MODES = ("a", "b", "c", "d")
+ALL_MODES = ("a", "b", "c", "d", "e")
 
 
 def say(message: str) -> None:
@@ -244,12 +247,16 @@ def mode_naive(args: argparse.Namespace, images: list[Path], cuda: bool) -> dict
 
 
 def mode_batch(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
+    from daemon.config import Settings
     from daemon.ocr.batch import BatchEngine
-    from daemon.ocr.providers import CPU
+    from daemon.ocr.providers import CPU, choose_provider
 
     ocr = ocr_settings(args)
     start = time.perf_counter()
-    engine = BatchEngine(ocr, CPU, max_pages=args.batch)
+    choice = choose_provider(Settings(ocr=ocr)) if args.provider == "auto" else CPU
+    engine = BatchEngine(ocr, choice, max_pages=args.batch)
+    if engine.provider != "cpu":
+        engine.warmup()  # as the daemon does on a GPU
     load_s = time.perf_counter() - start
     owners: list[int] = []
     frames: list[Any] = []
@@ -305,8 +312,12 @@ def worker_main(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ mode c: the daemon
 
 
-def daemon_env(inbox: Path, db: Path, args: argparse.Namespace) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OCR_DAEMON_")}
+def daemon_env(inbox: Path, db: Path, args: argparse.Namespace, *, force_cpu: bool = False
+               ) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("OCR_DAEMON_") and k != "FORCE_CPU"}
+    if force_cpu:
+        env["FORCE_CPU"] = "true"
     env.update({
         "OCR_DAEMON_WATCH__PATH": str(inbox),
         "OCR_DAEMON_DATABASE__URL": f"sqlite:///{db}",
@@ -316,14 +327,15 @@ def daemon_env(inbox: Path, db: Path, args: argparse.Namespace) -> dict[str, str
         "OCR_DAEMON_OCR__DET_LIMIT_SIDE_LEN": str(args.det_limit_side_len),
         "OCR_DAEMON_OCR__DET_LIMIT_TYPE": args.det_limit_type,
         "OCR_DAEMON_BATCH__MAX_PAGES": str(args.batch),
-        "PYTHONPATH": str(args.daemon_root),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(args.daemon_root),
+                                                    os.environ.get("PYTHONPATH")])),
     })
     return env
 
 
 def daemon_cli(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "daemon", *argv], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=env["PYTHONPATH"])
+                          text=True, timeout=120, cwd=env["PYTHONPATH"].split(os.pathsep)[0])
 
 
 def latencies_from_db(db: Path, dropped: dict[str, float]) -> list[float] | None:
@@ -346,18 +358,19 @@ def latencies_from_db(db: Path, dropped: dict[str, float]) -> list[float] | None
     return out or None
 
 
-def mode_daemon(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
+def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool = False
+                ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="ocr-bench-"))
     inbox, db = tmp / "inbox", tmp / "db.sqlite"
     inbox.mkdir()
-    env = daemon_env(inbox, db, args)
+    env = daemon_env(inbox, db, args, force_cpu=force_cpu)
     daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=env,
                               cwd=args.daemon_root, stdout=subprocess.DEVNULL,
                               stderr=open(tmp / "daemon.log", "wb"))  # noqa: SIM115
     probe = GpuMemoryProbe([daemon.pid])
     try:
-        deadline = time.monotonic() + 120
-        while daemon_cli(env, "status", "--json").returncode != 0:  # ready: migrated db
+        deadline = time.monotonic() + 600  # a GPU warms every shape bucket before "ready"
+        while "ready:" not in (tmp / "daemon.log").read_text(errors="replace"):
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"daemon did not start; see {tmp / 'daemon.log'}")
             time.sleep(0.5)
@@ -401,7 +414,7 @@ def mode_daemon(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
         daemon.terminate()
         try:
             _, _, usage = os.wait4(daemon.pid, 0)
-            rss = usage.ru_maxrss * 1024
+            rss: int | None = usage.ru_maxrss * 1024
             cpu: float | None = usage.ru_utime + usage.ru_stime
         except ChildProcessError:
             rss, cpu = None, None
@@ -456,6 +469,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use-cls", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--det-limit-side-len", type=int, default=736)
     parser.add_argument("--det-limit-type", choices=("min", "max"), default="min")
+    parser.add_argument("--provider", choices=("auto", "cpu"), default="auto",
+                        help="mode b: the daemon's provider choice, or the CPU")
     parser.add_argument("--per-file", action="store_true", help="also score each file alone")
     parser.add_argument("--daemon-root", type=Path, default=REPO,
                         help="checkout whose `python -m daemon` mode c runs")
@@ -501,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             say(f"mode {mode}: {len(images)} files ...")
             try:
-                if mode == "c":
-                    raw = mode_daemon(args, images)
+                if mode in ("c", "e"):
+                    raw = mode_daemon(args, images, force_cpu=mode == "e")
                     rss = raw.pop("daemon_peak_rss_bytes")
                 else:
                     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -536,7 +551,7 @@ def ratios(modes: dict[str, Any]) -> dict[str, float | None]:
         return entry["pages_per_s"] if entry else None
 
     out: dict[str, float | None] = {}
-    for top, bottom in (("b", "a"), ("c", "a"), ("c", "d")):
+    for top, bottom in (("b", "a"), ("c", "a"), ("c", "d"), ("c", "e")):
         x, y = rate(top), rate(bottom)
         out[f"{top}/{bottom}"] = round(x / y, 3) if x and y else None
     return out

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One-shot GPU check on a lent GPU machine (see the issue notes): installs onnxruntime-gpu and
+# the daemon's dependencies from a carried bundle, then runs doctor, the GPU tests and the
+# benchmarks, writing everything under $OUT. Usage: benchmarks/gpu_check.sh BUNDLE_PARTS_DIR EVAL_DIR
+set -u
+parts=${1:-/tmp/parts}; eval_dir=${2:-.evaldata}; out=${OUT:-/tmp/gpu-out}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+step() { echo "== $* ($(date +%T))"; }
+
+step install
+if [ ! -d /tmp/site/onnxruntime ]; then
+  mkdir -p /tmp/bundle /tmp/site
+  cat "$parts"/p0* | tar xf - -C /tmp/bundle || exit 1
+  tar xJf /tmp/bundle/ort-gpu.tar.xz -C /tmp/site || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/bundle/whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+
+step doctor
+python3 -m daemon doctor 2>&1 | tee "$out/doctor.txt"
+python3 -m daemon doctor --json > "$out/doctor.json" 2>/dev/null
+
+step gpu tests
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_providers.py tests/test_metrics.py 2>&1 | tail -5 | tee "$out/tests.txt"
+
+step receipts: naive CPU, batch engine, daemon GPU, naive CUDA, daemon FORCE_CPU
+timeout 300 python3 benchmarks/bench.py --images "$eval_dir/sroie/img" --modes a,b,c,d,e --batch 8 \
+  > "$out/bench-sroie.json" 2> "$out/bench-sroie.log"
+tail -3 "$out/bench-sroie.log"
+
+step 1000 rendered pages through the daemon, GPU memory sampled every second
+nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/gpumem.csv" &
+sampler=$!
+timeout 240 python3 benchmarks/bench.py --render 1000 --modes c --batch 8 \
+  > "$out/bench-1000.json" 2> "$out/bench-1000.log"
+kill $sampler
+tail -2 "$out/bench-1000.log"
+step done
