@@ -260,7 +260,7 @@ def test_warmup_runs_every_bucket_once(
     ocr = OcrSettings(use_cls=use_cls, det_limit_type=limit_type, det_limit_side_len=limit)
     engine = BatchEngine(ocr, CPU, max_pages=4)
     try:
-        spent = engine.warmup()
+        spent = engine.warmup(full=True)
     finally:
         engine.close()
     assert set(spent) == set(made) == ({"det", "cls", "rec"} if use_cls else {"det", "rec"})
@@ -274,6 +274,30 @@ def test_warmup_runs_every_bucket_once(
     assert all(limit in shape[2:] for shape in made["det"].shapes)
 
 
+def test_warmup_on_the_cpu_runs_one_small_shape_per_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: dict[str, ZeroSession] = {}
+    real_create = batch_module.create_session
+
+    def create(path: Path, choice: Any, ocr: OcrSettings) -> ZeroSession:
+        kind = "det" if "det" in path.name else "cls" if "cls" in path.name else "rec"
+        made[kind] = ZeroSession(real_create(path, choice, ocr))
+        return made[kind]
+
+    monkeypatch.setattr(batch_module, "create_session", create)
+    engine = BatchEngine(OcrSettings(use_cls=True), CPU)
+    try:
+        engine.warmup()
+        warm = engine.warmup_shapes()
+    finally:
+        engine.close()
+    for model, session in made.items():
+        assert len(session.shapes) == 1, model
+        assert session.shapes[0] in warm[model]
+    assert made["det"].shapes[0][0] == 1 and made["rec"].shapes[0] == (1, 3, 48, 320)
+
+
 def test_real_warmup_runs_and_leaves_results_unchanged(
     pages: list[Image], reference: list[PageResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -282,7 +306,7 @@ def test_real_warmup_runs_and_leaves_results_unchanged(
     monkeypatch.setattr(buckets, "det_warm_shapes", lambda limit, kind: [(736, 1344)])
     engine = BatchEngine(OcrSettings(), CPU, max_pages=2, rec_batch_sizes=(1, 2, 4))
     try:
-        spent = engine.warmup()
+        spent = engine.warmup(full=True)
         results = engine.recognize(pages[:2])
     finally:
         engine.close()
