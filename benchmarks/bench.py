@@ -467,8 +467,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(ALL_MODES))
     parser.add_argument("--batch", type=int, default=4, help="pages per engine call (b, c)")
     parser.add_argument("--use-cls", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--det-limit-side-len", type=int, default=736)
-    parser.add_argument("--det-limit-type", choices=("min", "max"), default="min")
+    from daemon.config import OcrSettings
+
+    defaults = OcrSettings()  # the daemon's own defaults unless told otherwise
+    parser.add_argument("--det-limit-side-len", type=int, default=defaults.det_limit_side_len)
+    parser.add_argument("--det-limit-type", choices=("min", "max"),
+                        default=defaults.det_limit_type)
     parser.add_argument("--provider", choices=("auto", "cpu"), default="auto",
                         help="mode b: the daemon's provider choice, or the CPU")
     parser.add_argument("--per-file", action="store_true", help="also score each file alone")

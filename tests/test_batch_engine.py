@@ -271,7 +271,11 @@ def test_warmup_runs_every_bucket_once(
     assert det_shapes == set(buckets.det_warm_shapes(limit, limit_type))
     assert {shape[0] for shape in made["det"].shapes} == {1, 2, 4}
     assert {shape[3] for shape in made["rec"].shapes} == set(buckets.REC_WIDTHS)
-    assert all(limit in shape[2:] for shape in made["det"].shapes)
+    if limit_type == "min":  # the short side is always the limit
+        assert all(limit in shape[2:] for shape in made["det"].shapes)
+    else:  # pages up to the limit keep their size: every bucket up to it, none above
+        assert all(max(shape[2:]) <= limit for shape in made["det"].shapes)
+        assert (256, 256) in det_shapes and (limit, limit) in det_shapes
 
 
 def test_warmup_on_the_cpu_runs_one_small_shape_per_model(

@@ -59,12 +59,17 @@ def det_warm_shapes(limit_side_len: int, limit_type: str) -> list[tuple[int, int
     """The detection buckets a page can land in once RapidOCR's resize rule is applied.
 
     "min": the short side becomes the limit, the long side anything above it.
-    "max": the long side becomes the limit for every page at least that large (smaller pages
-    keep their size and fall into ladder buckets below the limit, which are not warmed).
+    "max": the long side becomes the limit for every page at least that large; smaller pages
+    keep their size and fall into any ladder bucket up to the limit, so all of those are warmed.
     """
     ladder = det_ladder(limit_side_len)
     fixed = det_bucket_side(_round_up(limit_side_len, DET_ALIGN), ladder)
-    others = [s for s in ladder if (s >= fixed if limit_type == "min" else s <= fixed)]
+    if limit_type == "max":
+        # pages smaller than the limit keep their size: every pair of rungs up to the limit
+        # (about a hundred small shapes, cheap to warm)
+        below = [s for s in ladder if s <= fixed]
+        return sorted((h, w) for h in below for w in below)
+    others = [s for s in ladder if s >= fixed]
     shapes = {(fixed, s) for s in others} | {(s, fixed) for s in others}
     return sorted(shapes)
 

@@ -168,6 +168,9 @@ def session_options(ocr: OcrSettings) -> ort.SessionOptions:
     if ocr.intra_op_threads:
         options.intra_op_num_threads = ocr.intra_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The CPU arena keeps the high-water mark of every input shape for the process's life
+    # (2.0 -> 1.4 GB peak RSS on receipts without it); RapidOCR turns it off as well.
+    options.enable_cpu_mem_arena = False
     return options
 
 
