@@ -23,17 +23,17 @@ python3 -m daemon doctor 2>&1 | tee "$out/doctor.txt"
 python3 -m daemon doctor --json > "$out/doctor.json" 2>/dev/null
 
 step gpu tests
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_providers.py tests/test_metrics.py 2>&1 | tail -5 | tee "$out/tests.txt"
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_providers.py tests/test_metrics.py 2>&1 | tail -5 | tee "$out/tests.txt"
 
 step receipts: naive CPU, batch engine, daemon GPU, naive CUDA, daemon FORCE_CPU
-timeout 300 python3 benchmarks/bench.py --images "$eval_dir/sroie/img" --modes a,b,c,d,e --batch 8 \
+timeout 230 python3 benchmarks/bench.py --images "$eval_dir/sroie/img" --modes a,b,c,d,e --batch 8 \
   > "$out/bench-sroie.json" 2> "$out/bench-sroie.log"
 tail -3 "$out/bench-sroie.log"
 
 step 1000 rendered pages through the daemon, GPU memory sampled every second
 nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/gpumem.csv" &
 sampler=$!
-timeout 240 python3 benchmarks/bench.py --render 1000 --modes c --batch 8 \
+timeout 190 python3 benchmarks/bench.py --render 1000 --modes c --batch 8 \
   > "$out/bench-1000.json" 2> "$out/bench-1000.log"
 kill $sampler
 tail -2 "$out/bench-1000.log"

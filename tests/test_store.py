@@ -150,3 +150,10 @@ def test_rejection_recorded_once(ledger: Ledger) -> None:
     assert first.path_added and not again.path_added
     assert ledger.counts()[State.FAILED] == 1
     assert ledger.status()["failures"][0]["reason"].startswith("symlink")
+
+
+def test_migrations_are_found_installed_or_from_a_source_tree() -> None:
+    from daemon.store.migrate import head_revision, migrations_dir
+
+    assert (migrations_dir() / "env.py").is_file()
+    assert head_revision() is not None

@@ -12,10 +12,19 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 
+def migrations_dir() -> Path:
+    """`migrations/`: shipped inside an installed package as `daemon.migrations`; beside the
+    package when the daemon runs from a source tree that was never installed."""
+    try:
+        package = importlib.import_module("daemon.migrations")
+        return Path(str(package.__file__)).parent
+    except ImportError:
+        return Path(__file__).resolve().parents[2] / "migrations"
+
+
 def _alembic_config() -> Config:
     cfg = Config()
-    package = importlib.import_module("daemon.migrations")  # migrations/, shipped in the package
-    cfg.set_main_option("script_location", str(Path(str(package.__file__)).parent))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     return cfg
 
 
