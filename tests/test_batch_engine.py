@@ -212,7 +212,7 @@ def test_other_session_errors_are_not_retried(recording_sessions: Sessions) -> N
 def test_recognize_after_warmup_uses_only_warmed_shapes(
     recording_sessions: Sessions, pages: list[Image]
 ) -> None:
-    engine = BatchEngine(OcrSettings(), CPU, max_pages=4)
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True)  # the GPU's shapes
     try:
         engine.recognize(pages)
         warmed = engine.warmup_shapes()
@@ -307,7 +307,7 @@ def test_real_warmup_runs_and_leaves_results_unchanged(
 ) -> None:
     """Warm-up on the real models, with the bucket set cut down so it takes seconds."""
     monkeypatch.setattr(buckets, "REC_WIDTHS", (320, 640))
-    monkeypatch.setattr(buckets, "det_warm_shapes", lambda limit, kind: [(736, 1344)])
+    monkeypatch.setattr(buckets, "det_warm_shapes", lambda limit, kind, coarse=False: [(736, 1344)])
     engine = BatchEngine(OcrSettings(), CPU, max_pages=2, rec_batch_sizes=(1, 2, 4))
     try:
         spent = engine.warmup(full=True)
@@ -364,3 +364,19 @@ def test_buckets_cover_and_bound_the_padding() -> None:
     for needed in range(1, 4000, 7):
         width = buckets.rec_bucket_width(needed)
         assert width >= max(needed, 320)
+
+
+def test_gpu_buckets_are_few_and_cover_every_page() -> None:
+    """On a GPU each new shape is a cuDNN search: max mode needs one detection shape, min mode
+    a handful, and every page the resize rule can produce still lands in one of them."""
+    assert buckets.det_warm_shapes(960, "max", coarse=True) == [(960, 960)]
+    ladder = buckets.det_ladder(960, coarse=True)
+    for side in (32, 500, 959, 960):
+        assert buckets.det_bucket_side(side, ladder) == 960
+    min_shapes = buckets.det_warm_shapes(736, "min", coarse=True)
+    assert len(min_shapes) <= 15
+    min_ladder = buckets.det_ladder(736, coarse=True)
+    for long_side in (736, 1000, 3000, 8000):
+        h, w = buckets.det_bucket(736, long_side, min_ladder)
+        assert (h, w) in min_shapes and w >= long_side
+    assert len(buckets.det_warm_shapes(960, "max")) > 10  # the CPU keeps a fine ladder

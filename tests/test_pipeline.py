@@ -147,3 +147,26 @@ def test_stop_hands_unfinished_work_back(settings_factory: SettingsFactory) -> N
     assert pipeline.stop(timeout=0.3) == 1
     assert ledger.counts() == {"queued": 1, "processing": 0, "done": 0, "failed": 0}
     assert ledger.due_queued(10)[0].attempts == 0
+
+
+def test_twenty_page_mixed_pdf_is_stored_page_by_page(service: Callable[..., Service]) -> None:
+    from tests.test_pdf import IMAGE, _mixed_specs, make_pdf
+
+    specs = _mixed_specs(20)
+    svc = service(ocr={"pdf_dpi": 150})
+    inbox = svc.settings.watch.path
+    part = inbox / "mixed.pdf.part"
+    part.write_bytes(make_pdf(specs))
+    part.rename(inbox / "mixed.pdf")
+    assert svc.ledger is not None
+    ledger = svc.ledger
+    assert wait_until(lambda: ledger.counts()["done"] == 1, 120)
+    doc = ledger.find("x", [str(inbox / "mixed.pdf")])
+    assert [p.page_no for p in doc.pages] == list(range(1, 21))
+    for spec, page in zip(specs, doc.pages, strict=True):
+        if spec == IMAGE:  # a scan: OCR'd
+            assert page.source == "ocr"
+            assert "page" in page.text.lower(), page.text
+        else:  # born-digital: its own text layer, exactly
+            assert page.source == "text_layer"
+            assert page.text == "\n".join(spec)

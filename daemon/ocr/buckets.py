@@ -23,10 +23,15 @@ DET_ALIGN = 32  # the detector's stride: every side RapidOCR feeds it is a multi
 
 # Recognition: RapidOCR never feeds a line narrower than 320 px (48 x 320/48 at least).
 REC_HEIGHT = 48
+REC_MIN_WIDTH = 320
 REC_WIDTHS = (320, 480, 640, 800, 960, 1280, 1600, 1920, 2560, 3200)
 REC_WIDTH_STEP_BEYOND = 640  # lines wider than the ladder: rare, rounded to this, not warmed
 
-REC_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+# GPU: few batch sizes (each new shape is a cuDNN search, ~2 s measured for a rec batch on an
+# H200), padded generously since padding entries cost the GPU almost nothing.
+REC_BATCH_SIZES = (1, 8, 32)
+REC_MAX_WASTE_GPU = 0.8
+REC_MAX_WASTE_CPU = 0.25
 REC_BATCH_SIZES_CPU = (1, 2, 4, 8)
 CLS_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
@@ -35,8 +40,21 @@ def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-def det_ladder(limit_side_len: int) -> tuple[int, ...]:
-    sides = {_round_up(limit_side_len, DET_ALIGN)}
+def det_ladder(limit_side_len: int, *, coarse: bool = False) -> tuple[int, ...]:
+    """Detection sides. `coarse` (GPU providers): the limit, then x1.5 steps only.
+
+    On a GPU every new input shape costs a cuDNN algorithm search (measured on an H200 with
+    onnxruntime-gpu 1.31: 1.5 s per shape with HEURISTIC, 3 s with EXHAUSTIVE, against 11 ms
+    for a warm 4x3x960x960 detection), so few shapes with more padding beat many tight ones;
+    padding costs the GPU next to nothing. On the CPU padding is real work: a fine ladder."""
+    limit = _round_up(limit_side_len, DET_ALIGN)
+    sides = {limit}
+    if coarse:
+        side = limit
+        while side < _DET_LADDER_END:
+            side = _round_up(math.ceil(side * 1.5), 64)
+            sides.add(min(side, _DET_LADDER_END))
+        return tuple(sorted(sides))
     side = _DET_LADDER_START
     while side <= _DET_LADDER_END:
         sides.add(side)
@@ -55,14 +73,15 @@ def det_bucket(height: int, width: int, ladder: Sequence[int]) -> tuple[int, int
     return det_bucket_side(height, ladder), det_bucket_side(width, ladder)
 
 
-def det_warm_shapes(limit_side_len: int, limit_type: str) -> list[tuple[int, int]]:
+def det_warm_shapes(limit_side_len: int, limit_type: str, *, coarse: bool = False
+                    ) -> list[tuple[int, int]]:
     """The detection buckets a page can land in once RapidOCR's resize rule is applied.
 
     "min": the short side becomes the limit, the long side anything above it.
     "max": the long side becomes the limit for every page at least that large; smaller pages
     keep their size and fall into any ladder bucket up to the limit, so all of those are warmed.
     """
-    ladder = det_ladder(limit_side_len)
+    ladder = det_ladder(limit_side_len, coarse=coarse)
     fixed = det_bucket_side(_round_up(limit_side_len, DET_ALIGN), ladder)
     if limit_type == "max":
         # pages smaller than the limit keep their size: every pair of rungs up to the limit
