@@ -83,7 +83,6 @@ def settings_factory(tmp_path: Path) -> object:
                       "rescan_interval_seconds": 1.0},
             "database": {"url": f"sqlite:///{tmp_path / 'ocr.db'}"},
             "metrics": {"port": 0},
-            "ocr": {"engine": "rapidocr"},
         }
         for section, values in sections.items():
             data.setdefault(section, {}).update(values)
