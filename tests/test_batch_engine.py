@@ -166,7 +166,8 @@ def test_out_of_memory_splits_batches_and_loses_no_page(
     recording_sessions: Sessions, pages: list[Image], reference: list[PageResult]
 ) -> None:
     recording_sessions.limits.update(det=1, rec=3)
-    engine = BatchEngine(OcrSettings(), CPU, max_pages=4)
+    # the GPU's batched shapes: the CPU runs every line (and most pages) alone
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True)
     try:
         results = engine.recognize(pages)
     finally:
@@ -175,14 +176,23 @@ def test_out_of_memory_splits_batches_and_loses_no_page(
     assert det.failed and rec.failed, "the fake must have refused some batches"
     assert all(shape[0] <= 1 for shape in det.shapes)
     assert all(shape[0] <= 3 for shape in rec.shapes)
-    _assert_same_text(results, reference)
+    # the same text as RapidOCR, and boxes exactly as without the splits (the GPU's padded
+    # detection shapes move boxes by a few pixels against RapidOCR's unpadded ones)
+    recording_sessions.limits.clear()
+    whole = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True)
+    try:
+        unsplit = whole.recognize(pages)
+    finally:
+        whole.close()
+    assert [r.lines for r in results] == [r.lines for r in unsplit]
+    assert [r.text for r in results] == [r.text for r in reference]
 
 
 def test_out_of_memory_on_a_single_page_is_a_transient_document_error(
     recording_sessions: Sessions, pages: list[Image]
 ) -> None:
     recording_sessions.limits.update(det=0)
-    engine = BatchEngine(OcrSettings(), CPU)
+    engine = BatchEngine(OcrSettings(), CPU, fixed_shapes=True)  # both pages in one GPU bucket
     try:
         with pytest.raises(GpuOutOfMemoryError) as caught:
             engine.recognize(pages[:2])
@@ -380,3 +390,22 @@ def test_gpu_buckets_are_few_and_cover_every_page() -> None:
         h, w = buckets.det_bucket(736, long_side, min_ladder)
         assert (h, w) in min_shapes and w >= long_side
     assert len(buckets.det_warm_shapes(960, "max")) > 10  # the CPU keeps a fine ladder
+
+
+def test_cpu_runs_pages_and_lines_unpadded(
+    recording_sessions: Sessions, pages: list[Image], reference: list[PageResult]
+) -> None:
+    """On the CPU padding is real compute: pages run at their own size, lines one at a time at
+    their own width (no 320 floor), and the text still matches RapidOCR's."""
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=4)
+    try:
+        results = engine.recognize(pages)
+        det_sizes = {engine._prepare(page).det_input.shape[2:] for page in pages}  # type: ignore[union-attr]
+    finally:
+        engine.close()
+    det, rec = recording_sessions["det"], recording_sessions["rec"]
+    assert {shape[2:] for shape in det.shapes} == det_sizes
+    assert all(shape[0] == 1 for shape in rec.shapes)
+    widths = [shape[3] for shape in rec.shapes]
+    assert min(widths) >= buckets.REC_MIN_WIDTH_CPU and min(widths) < buckets.REC_MIN_WIDTH
+    _assert_same_text(results, reference)

@@ -24,6 +24,12 @@ DET_ALIGN = 32  # the detector's stride: every side RapidOCR feeds it is a multi
 # Recognition: RapidOCR never feeds a line narrower than 320 px (48 x 320/48 at least).
 REC_HEIGHT = 48
 REC_MIN_WIDTH = 320
+# The CPU feeds each line alone at its own width, with a 128 floor instead of 320 (one thread,
+# receipts, CPU-s/page and bag-of-words F1; plain RapidOCR: 1.79, 0.9086 on 60 pages): floor
+# 320 1.74/0.9147, 160 1.27/0.9176, 128 1.22/0.9153, 0 1.15/0.9158 on 60 pages; on the 20 of
+# the benchmark 0 scored 0.9181 against RapidOCR's 0.9182 and 128 0.9221 (the shortest
+# lines, a digit or two, read better with some blank beside them).
+REC_MIN_WIDTH_CPU = 128
 REC_WIDTHS = (320, 480, 640, 800, 960, 1280, 1600, 1920, 2560, 3200)
 REC_WIDTH_STEP_BEYOND = 640  # lines wider than the ladder: rare, rounded to this, not warmed
 
