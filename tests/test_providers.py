@@ -417,3 +417,26 @@ def test_tensorrt_cache_follows_systemd_then_xdg(monkeypatch: pytest.MonkeyPatch
     assert providers.tensorrt_cache_dir() == Path("/xdg/ocr-daemon/tensorrt")
     monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/ocr-daemon")
     assert providers.tensorrt_cache_dir() == Path("/var/cache/ocr-daemon/tensorrt")
+
+
+def test_tensorrt_without_its_libraries_is_refused_without_building_a_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GPU build lists TensorRT whether or not libnvinfer is installed; the probe must say
+    so in one line instead of letting onnxruntime fail (and print) a session build."""
+    from daemon.config import OcrSettings
+    from daemon.ocr import providers
+
+    monkeypatch.setattr(providers.ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                 "CPUExecutionProvider"])
+    monkeypatch.setattr(providers, "preload_gpu_libraries", lambda: None)
+
+    def no_session(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("no session may be built without the TensorRT libraries")
+
+    monkeypatch.setattr(providers.ort, "InferenceSession", no_session)
+    assert not providers.tensorrt_libraries_loadable()  # this machine has no TensorRT
+    result = providers.probe_provider("tensorrt", OcrSettings())
+    assert (result.ok, result.code) == (False, "no_libraries")
+    assert "libnvinfer" in result.detail

@@ -15,6 +15,7 @@ silent fallback is logged and reported to the fallback listeners (metrics counts
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import os
@@ -219,6 +220,20 @@ class ProbeResult:
     detail: str
 
 
+def tensorrt_libraries_loadable() -> bool:
+    """onnxruntime's TensorRT bridge library and TensorRT's own libnvinfer both load."""
+    bridge = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_tensorrt.so"
+    if not bridge.is_file():
+        return False
+    for candidate in ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(candidate)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def probe_provider(name: str, ocr: OcrSettings, cache_dir: Path | None = None) -> ProbeResult:
     """Build a real session with `name` first and run it once; ok only if it stayed first."""
     ort_name = ORT_NAMES[name]
@@ -231,6 +246,14 @@ def probe_provider(name: str, ocr: OcrSettings, cache_dir: Path | None = None) -
             f"{', '.join(available)}); install onnxruntime-gpu instead of onnxruntime",
         )
     preload_gpu_libraries()
+    if name == "tensorrt" and not tensorrt_libraries_loadable():
+        # Asking onnxruntime anyway prints a screenful of EP errors on every CUDA host
+        # without TensorRT (most of them) before it falls back; say it in one line instead.
+        return ProbeResult(
+            False,
+            "no_libraries",
+            "TensorRT libraries (libnvinfer) are not installed or not on the loader path",
+        )
     if cache_dir is not None:
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
