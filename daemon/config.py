@@ -56,6 +56,13 @@ class WatchSettings(_Section):
     sidecar: Literal["none", "txt", "json", "both"] = "none"
     sidecar_dir: Path | None = None
 
+    @property
+    def done_folder(self) -> Path | None:
+        """Where `after = "move"` puts files: `done_dir`, or `done` inside the watched folder."""
+        if self.done_dir is not None:
+            return self.done_dir
+        return Path("done") if self.after == "move" else None
+
     @field_validator("extensions")
     @classmethod
     def _lower_dotted(cls, value: tuple[str, ...]) -> tuple[str, ...]:

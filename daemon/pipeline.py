@@ -518,7 +518,7 @@ class _Stopped(Exception):
 
 
 def done_folder(settings: Settings, root: Path) -> Path:
-    return root / (settings.watch.done_dir or Path("done"))
+    return root / (settings.watch.done_folder or Path("done"))
 
 
 def folder_is_safe(folder: Path, configured: Path | None, root: Path) -> bool:

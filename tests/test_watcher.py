@@ -179,3 +179,17 @@ def test_network_and_fuse_mounts_choose_polling(tmp_path: Path) -> None:
 
 def test_is_ignored() -> None:
     assert is_ignored("a.part", ["*.part"]) and not is_ignored("a.png", ["*.part"])
+
+
+def test_recursive_move_without_done_dir_skips_the_default_done_folder(inbox: Path) -> None:
+    """`after = "move"` with no done_dir moves files to inbox/done: never taken in again."""
+    (inbox / "done").mkdir()
+    (inbox / "done" / "old.png").write_bytes(b"x")
+    (inbox / "new.png").write_bytes(b"y")
+    watcher, recorder = start(inbox, recursive=True, after="move")
+    try:
+        assert recorder.wait_for(lambda: recorder.ready)
+        time.sleep(0.6)
+        assert [p.name for p in recorder.ready] == ["new.png"]
+    finally:
+        watcher.stop()
