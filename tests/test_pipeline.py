@@ -53,6 +53,8 @@ def test_files_are_stored_deduplicated_and_moved(service: Callable[..., Service]
     assert svc.ledger is not None
     ledger = svc.ledger
     assert wait_until(lambda: ledger.counts()["done"] == 2)
+    # the move follows the commit of the text
+    assert wait_until(lambda: (inbox / "done" / "one.png").exists())
     shutil.copy(inbox / "done" / "one.png", inbox / "again.png")  # same content, new name
     assert wait_until(lambda: not (inbox / "again.png").exists())
     assert ledger.counts() == {"queued": 0, "processing": 0, "done": 2, "failed": 0}
