@@ -7,7 +7,9 @@ import re
 from difflib import SequenceMatcher
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+
+from tests import rendering
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog",
@@ -21,13 +23,10 @@ SENTENCES = [
 
 def render_page(lines: list[str], *, size: int = 36, width: int = 1200,
                 margin: int = 60) -> Image.Image:
-    font = ImageFont.load_default(size=size)
-    height = margin * 2 + int(size * 1.8) * len(lines)
-    image = Image.new("RGB", (width, max(height, 200)), "white")
-    draw = ImageDraw.Draw(image)
-    for i, line in enumerate(lines):
-        draw.text((margin, margin + i * int(size * 1.8)), line, fill="black", font=font)
-    return image
+    """`tests.rendering.render_page`, as a Pillow image (for files and PDFs)."""
+    bgr = rendering.render_page(lines, width=width, font_size=size, margin=margin,
+                                line_gap=int(size * 0.8))
+    return Image.fromarray(bgr[:, :, ::-1].copy())
 
 
 def page_bytes(lines: list[str], fmt: str = "PNG", **kwargs: int) -> bytes:
