@@ -18,7 +18,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -229,7 +229,7 @@ class Pipeline:
             data, path = self._read_verified(doc.claim)
             doc.path = path
             count = 0
-            for page in self._pages_of(data):
+            for page in iter_pages(data, self.settings.ocr):
                 if doc.failed:
                     return
                 count += 1
@@ -251,9 +251,6 @@ class Pipeline:
         except Exception as exc:  # a decoder bug must not take the daemon down
             log.exception("decoding %s crashed", doc.claim.sha256[:12])
             self._fail(doc, f"decoder crashed: {type(exc).__name__}: {exc}", permanent=True)
-
-    def _pages_of(self, data: bytes) -> Iterator[Page]:
-        yield from iter_pages(data, self.settings.ocr)
 
     def _read_verified(self, claim: Claim) -> tuple[bytes, Path]:
         """The claimed content, read from one of its paths and checked against its hash."""

@@ -116,7 +116,6 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._observer: BaseObserver | None = None
         self.observer_kind = "none"
-        self.last_scan: float = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -194,7 +193,6 @@ class Watcher:
         with self._lock:  # forget files that are gone, so a new file of that name counts
             for key in [k for k in self._handled if not os.path.lexists(k)]:
                 del self._handled[key]
-        self.last_scan = time.monotonic()
         return count
 
     def _walk(self) -> Iterator[Path]:
@@ -280,22 +278,16 @@ class Watcher:
     def _settle(self, path: Path, previous: Snapshot | None, since: float, now: float
                 ) -> str | None:
         """'ready', 'vanished', a rejection reason, or None (not yet: still settling)."""
-        try:
-            link = path.lstat()
-        except FileNotFoundError:
-            return "vanished"
-        except OSError as exc:
-            return f"cannot stat: {exc.strerror}"
+        link = _stat_or_reason(path, follow_symlinks=False)
+        if isinstance(link, str):
+            return link
         if stat.S_ISLNK(link.st_mode):
             reason = self._symlink_problem(path)
             if reason:
                 return reason
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return "vanished"
-        except OSError as exc:
-            return f"cannot stat: {exc.strerror}"
+        st = _stat_or_reason(path, follow_symlinks=True)
+        if isinstance(st, str):
+            return st
         if stat.S_ISDIR(st.st_mode):
             return "a directory, not a file"
         if not stat.S_ISREG(st.st_mode):
@@ -329,6 +321,16 @@ class Watcher:
         if target != self.root and self.root not in target.parents:
             return "symlink points outside the watched folder"
         return None
+
+
+def _stat_or_reason(path: Path, *, follow_symlinks: bool) -> os.stat_result | str:
+    """The file's stat, or why there is none: 'vanished' or a reason to reject it."""
+    try:
+        return path.stat(follow_symlinks=follow_symlinks)
+    except FileNotFoundError:
+        return "vanished"
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror}"
 
 
 def _snapshot(path: Path) -> Snapshot | None:

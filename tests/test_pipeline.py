@@ -148,7 +148,7 @@ def test_stop_hands_unfinished_work_back(settings_factory: SettingsFactory) -> N
     assert ledger.counts()["processing"] == 1
     assert pipeline.stop(timeout=0.3) == 1
     assert ledger.counts() == {"queued": 1, "processing": 0, "done": 0, "failed": 0}
-    assert ledger.due_queued(10)[0].attempts == 0
+    assert ledger.find("x", [str(settings.watch.path / "a.png")]).attempts == 0
 
 
 def mixed_pdf(specs: list[list[str] | None], scan_lines: list[str]) -> bytes:

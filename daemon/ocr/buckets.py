@@ -23,7 +23,7 @@ DET_ALIGN = 32  # the detector's stride: every side RapidOCR feeds it is a multi
 
 # Recognition: RapidOCR never feeds a line narrower than 320 px (48 x 320/48 at least).
 REC_HEIGHT = 48
-REC_MIN_WIDTH = 320
+REC_MIN_WIDTH = 320  # RapidOCR's floor (48 x 320/48); the CPU path goes below it
 # The CPU feeds each line alone at its own width, with a 128 floor instead of 320 (one thread,
 # receipts, CPU-s/page and bag-of-words F1; plain RapidOCR: 1.79, 0.9086 on 60 pages): floor
 # 320 1.74/0.9147, 160 1.27/0.9176, 128 1.22/0.9153, 0 1.15/0.9158 on 60 pages; on the 20 of

@@ -212,24 +212,6 @@ class Ledger:
         return Claim(doc.id, doc.sha256, doc.attempts, tuple(p.path for p in doc.paths),
                      as_utc(doc.first_seen_at) or doc.first_seen_at)
 
-    def due_queued(self, limit: int, exclude: Sequence[int] = ()) -> list[Claim]:
-        """Queued documents whose retry time has come (for the re-queue loop)."""
-        now = self._clock()
-        with self._sessions() as session:
-            query = (
-                select(Document)
-                .options(selectinload(Document.paths))
-                .where(Document.state == State.QUEUED,
-                       or_(Document.next_attempt_at.is_(None), Document.next_attempt_at <= now))
-                .order_by(Document.id)
-                .limit(limit)
-            )
-            if exclude:
-                query = query.where(Document.id.not_in(list(exclude)))
-            return [Claim(d.id, d.sha256, d.attempts, tuple(p.path for p in d.paths),
-                          as_utc(d.first_seen_at) or d.first_seen_at)
-                    for d in session.scalars(query)]
-
     # -- outcomes -------------------------------------------------------------------------
 
     def complete(self, document_id: int, worker: str, pages: Sequence[PageResult],
