@@ -211,7 +211,7 @@ def ocr_settings(args: argparse.Namespace) -> Any:
 
 
 def load_pages(path: Path, ocr: Any) -> list[Any]:
-    from daemon.ocr.decode import iter_pages
+    from daemon.documents.decode import iter_pages
 
     return [page.image for page in iter_pages(path.read_bytes(), ocr) if page.image is not None]
 
@@ -219,7 +219,7 @@ def load_pages(path: Path, ocr: Any) -> list[Any]:
 def mode_naive(args: argparse.Namespace, images: list[Path], cuda: bool) -> dict[str, Any]:
     from rapidocr import RapidOCR
 
-    from daemon.ocr.providers import CPU, ProviderChoice
+    from daemon.hardware.providers import CPU, ProviderChoice
     from daemon.ocr.rapid import rapidocr_params, to_page_result
 
     ocr = ocr_settings(args)
@@ -248,8 +248,8 @@ def mode_naive(args: argparse.Namespace, images: list[Path], cuda: bool) -> dict
 
 def mode_batch(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
     from daemon.config import Settings
+    from daemon.hardware.providers import CPU, choose_provider
     from daemon.ocr.batch import BatchEngine
-    from daemon.ocr.providers import CPU, choose_provider
 
     ocr = ocr_settings(args)
     start = time.perf_counter()

@@ -29,7 +29,7 @@ from PIL import ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daemon.config import OcrSettings
-from daemon.ocr.pdf import iter_pdf_pages
+from daemon.documents.pdf import iter_pdf_pages
 
 WORDS = [
     "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "invoices",

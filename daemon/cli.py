@@ -12,12 +12,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from daemon import __version__
 from daemon.config import Settings, load_settings
 from daemon.errors import DaemonError, DocumentError, ExitCode
 from daemon.logs import setup_logging
+
+if TYPE_CHECKING:
+    from daemon.store.repository import Ledger
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,8 +90,8 @@ def cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
-    from daemon.service import open_ledger
     from daemon.store import migrate
+    from daemon.store.db import open_ledger
 
     engine, _ = open_ledger(settings, migrate_now=True)
     print(f"database at revision {migrate.current_revision(engine)}")
@@ -96,8 +99,9 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger(settings: Settings) -> Any:
-    from daemon.service import open_ledger
+def _ledger(settings: Settings) -> Ledger:
+    """The ledger for the read-only commands: the store alone, no engine, no service."""
+    from daemon.store.db import open_ledger
 
     return open_ledger(settings, migrate_now=False)[1]
 
@@ -135,7 +139,7 @@ def cmd_text(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     """One line per page: path, page, the snippet with its matches [marked]."""
-    from daemon.store.repository import parse_query
+    from daemon.store.search import parse_query
 
     if not parse_query(args.query):
         print("ocr-daemon: the search query is empty", file=sys.stderr)
@@ -150,9 +154,10 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_ocr(settings: Settings, args: argparse.Namespace) -> int:
-    from daemon.ocr.decode import iter_pages
+    from daemon.documents.decode import iter_pages
+    from daemon.hardware.providers import choose_provider
     from daemon.ocr.engines import build_engine
-    from daemon.ocr.providers import choose_provider
+    from daemon.results import join_pages, line_json
 
     logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     engine = build_engine(settings, choose_provider(settings), 1)
@@ -177,32 +182,28 @@ def cmd_ocr(settings: Settings, args: argparse.Namespace) -> int:
                     "file": str(path), "page": number, "source": result.source,
                     "confidence": result.confidence, "seconds": round(seconds, 4),
                     "timings": result.timings,
-                    "lines": [{"text": line.text, "score": line.score,
-                               "box": [list(p) for p in line.box]} for line in result.lines],
+                    "lines": [line_json(line) for line in result.lines],
                 }, ensure_ascii=False))
         else:
             if len(args.files) > 1:
                 print(f"==> {path} <==")
-            print("\n\f\n".join(result.text for result in results))
+            print(join_pages(result.text for result in results))
     engine.close()
     return status
 
 
 def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
-    from daemon.ocr import hardware
+    from daemon.hardware.doctor import doctor_report, format_doctor
 
-    report = hardware.doctor_report(settings)
-    print(json.dumps(report, indent=2) if args.json else hardware.format_doctor(report))
+    report = doctor_report(settings)
+    print(json.dumps(report, indent=2) if args.json else format_doctor(report))
     return 0
 
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
-    from daemon.metrics import check_health
+    from daemon.http import check_health
 
-    host = settings.metrics.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    healthy = check_health(host, settings.metrics.port, timeout=args.timeout)
+    healthy = check_health(settings.metrics.host, settings.metrics.port, timeout=args.timeout)
     return 0 if healthy else int(ExitCode.UNHEALTHY)
 
 

@@ -46,6 +46,12 @@ class NotFoundError(DaemonError):
     exit_code = ExitCode.NOT_FOUND
 
 
+class Interrupted(DaemonError):
+    """The second SIGINT/SIGTERM: stop waiting for work in flight, exit at once."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
 class DocumentError(Exception):
     """One file could not be processed. Never fatal.
 

@@ -1,11 +1,17 @@
-"""queue -> batch -> OCR -> store.
+"""claim -> decode -> batch -> OCR -> store: the flow and nothing else.
 
-Documents are claimed from the ledger (`queued -> processing`) only while the bounded
-in-memory queue has room: when it is full, files wait in the folder and nothing grows.
-A claimed document is read and hash-checked, decoded into pages by the CPU pool, its pages
-batched across documents by the OCR workers (`batch.max_pages` or `batch.max_wait_ms`,
-whichever comes first), and stored — text and `done` in one transaction — as soon as its last
-page is recognised. Failures are recorded with their reason; transient ones are retried later.
+Three kinds of thread, each a `while running` loop around one blocking get:
+- the claim loop takes a queue slot, then a document from the ledger (`queued -> processing`):
+  when every slot is taken, files wait in the folder and nothing grows;
+- the decode pool reads a claimed document, checks its hash and decodes it into pages;
+- one OCR loop per engine collects pages across documents (`batch.max_pages` or
+  `batch.max_wait_ms`, whichever comes first) and recognises them.
+A document is stored — text and `done` in one transaction — as soon as its last page is
+recognised, then its files get their sidecars and after-action (`daemon.files`). Failures are
+recorded with their reason; transient ones are retried later.
+
+A little over our ~400-line habit: the loops and the outcomes share one in-flight table, its
+locks and its slot accounting; kept in one file, that discipline is read in one place.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import hashlib
 import logging
 import os
 import queue
-import shutil
 import socket
 import threading
 import time
@@ -28,37 +33,19 @@ from typing import TypeVar
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from daemon.config import Settings
+from daemon.documents.decode import iter_pages
 from daemon.errors import DocumentError
+from daemon.files import after_done, quarantine, resolves_within, write_sidecars
 from daemon.metrics import Metrics
-from daemon.ocr.decode import iter_pages
-from daemon.ocr.types import OcrEngine, Page, PageResult
-from daemon.sidecar import write_sidecars
+from daemon.ocr.engines import OcrEngine
+from daemon.results import Page, PageResult
 from daemon.store.models import State
 from daemon.store.repository import Claim, Ledger
 
 log = logging.getLogger("daemon.pipeline")
 T = TypeVar("T")
 
-HASH_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path, max_bytes: int) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            size += len(chunk)
-            if size > max_bytes:
-                raise DocumentError(f"file is larger than watch.max_file_bytes={max_bytes}")
-            digest.update(chunk)
-    return digest.hexdigest(), size
-
-
-def path_key(path: Path) -> str:
-    """How paths are recorded: absolute, symlinks not resolved (the name the file came as)."""
-    return os.path.abspath(path)
-
-
+HOUSEKEEPING_SECONDS = 10.0  # how often expired leases are looked for
 @dataclass
 class InFlight:
     claim: Claim
@@ -111,7 +98,7 @@ class Pipeline:
     def start(self) -> None:
         self._running.set()
         self._accepting.set()
-        self._threads.append(threading.Thread(target=self._dispatch_loop, name="dispatch",
+        self._threads.append(threading.Thread(target=self._claim_loop, name="claim",
                                               daemon=True))
         for i, engine in enumerate(self.engines):
             self._threads.append(threading.Thread(target=self._ocr_loop, args=(engine,),
@@ -175,29 +162,19 @@ class Pipeline:
 
     # -- claiming -------------------------------------------------------------------------
 
-    def _dispatch_loop(self) -> None:
+    def _claim_loop(self) -> None:
         next_housekeeping = 0.0
         while self._running.is_set():
             if not self._accepting.is_set():
                 time.sleep(0.05)
                 continue
-            try:
-                if time.monotonic() >= next_housekeeping:
-                    requeued = self.ledger.requeue_stale()
-                    if requeued:
-                        log.info("re-queued %d documents whose lease ran out", requeued)
-                    next_housekeeping = time.monotonic() + 10
-                if not self._slots.acquire(timeout=0.2):
-                    continue
-                claim = self._claim()
-                self.database_ok = True
-            except SQLAlchemyError as exc:
-                self._database_down(exc)
-                continue
+            if time.monotonic() >= next_housekeeping:
+                self._requeue_expired()
+                next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+            if not self._slots.acquire(timeout=0.2):
+                continue  # the queue is full
+            claim = self._claim()
             if claim is None:
-                self._slots.release()
-                self._wake.wait(0.5)
-                self._wake.clear()
                 continue
             doc = InFlight(claim)
             with self._inflight_lock:
@@ -206,14 +183,35 @@ class Pipeline:
             self._decode_pool.submit(self._decode, doc)
 
     def _claim(self) -> Claim | None:
+        """The next queued document for the slot just taken; None, with the slot given back,
+        when there is none (after waiting for news a while) or the database is away."""
+        with self._inflight_lock:
+            exclude = list(self._inflight)
         try:
-            with self._inflight_lock:
-                exclude = list(self._inflight)
-            return self.ledger.claim_next(self.worker_id, self.settings.queue.lease_seconds,
-                                          exclude)
-        except BaseException:
+            claim = self.ledger.claim_next(self.worker_id, self.settings.queue.lease_seconds,
+                                           exclude)
+            self.database_ok = True
+        except BaseException as exc:
             self._slots.release()
-            raise
+            if not isinstance(exc, SQLAlchemyError):
+                raise
+            self._database_down(exc)
+            return None
+        if claim is None:
+            self._slots.release()
+            self._wake.wait(0.5)
+            self._wake.clear()
+        return claim
+
+    def _requeue_expired(self) -> None:
+        try:
+            requeued = self.ledger.requeue_stale()
+            self.database_ok = True
+        except SQLAlchemyError as exc:
+            self._database_down(exc)
+            return
+        if requeued:
+            log.info("re-queued %d documents whose lease ran out", requeued)
 
     def _database_down(self, exc: Exception) -> None:
         if self.database_ok:
@@ -257,7 +255,7 @@ class Pipeline:
         reasons = []
         for recorded in reversed(claim.paths):
             path = Path(recorded)
-            if not self._inside_root(path):
+            if not resolves_within(path, self.root):
                 continue
             try:
                 with open(path, "rb") as handle:
@@ -281,13 +279,6 @@ class Pipeline:
         reason = reasons[-1] if reasons else "no path inside the watched folder holds it"
         raise DocumentError(f"cannot read the file: {reason}",
                             permanent="changed" in reason or not reasons)
-
-    def _inside_root(self, path: Path) -> bool:
-        try:
-            resolved = path.resolve()
-        except (OSError, RuntimeError):
-            return False
-        return resolved == self.root or self.root in resolved.parents
 
     def _put_page(self, task: PageTask) -> None:
         while self._running.is_set() and not task.doc.failed:
@@ -318,28 +309,32 @@ class Pipeline:
     def _ocr_loop(self, engine: OcrEngine) -> None:
         while self._running.is_set():
             batch = self._collect()
-            if not batch:
-                continue
-            images = [task.page.image for task in batch if task.page.image is not None]
-            start = time.perf_counter()
-            try:
-                results = engine.recognize(images)
-            except Exception as exc:
-                log.exception("OCR failed on a batch of %d pages", len(batch))
-                for doc in {id(t.doc): t.doc for t in batch}.values():
-                    self._fail(doc, f"OCR engine error: {type(exc).__name__}: {exc}",
-                               permanent=False)
-                continue
-            seconds = time.perf_counter() - start
-            self.metrics.batch_size.observe(len(batch))
-            for stage in ("det", "cls", "rec"):
-                spent = sum(r.timings.get(stage, 0.0) for r in results)
-                if spent:
-                    self.metrics.stage_seconds.labels(stage=stage).observe(spent)
-            for task, result in zip(batch, results, strict=True):
-                with task.doc.lock:
-                    task.doc.ocr_seconds += seconds / len(batch)
-                self._add_result(task.doc, task.page.index, result)
+            if batch:
+                self._recognize(engine, batch)
+
+    def _recognize(self, engine: OcrEngine, batch: list[PageTask]) -> None:
+        images = [task.page.image for task in batch if task.page.image is not None]
+        start = time.perf_counter()
+        try:
+            results = engine.recognize(images)
+        except Exception as exc:
+            log.exception("OCR failed on a batch of %d pages", len(batch))
+            for doc in {id(t.doc): t.doc for t in batch}.values():
+                self._fail(doc, f"OCR engine error: {type(exc).__name__}: {exc}",
+                           permanent=False)
+            return
+        seconds = time.perf_counter() - start
+        self.metrics.batch_size.observe(len(batch))
+        for stage in ("det", "cls", "rec"):
+            spent = sum(r.timings.get(stage, 0.0) for r in results)
+            if spent:
+                self.metrics.stage_seconds.labels(stage=stage).observe(spent)
+        for task, result in zip(batch, results, strict=True):
+            with task.doc.lock:
+                task.doc.ocr_seconds += seconds / len(batch)
+            self._add_result(task.doc, task.page.index, result)
+
+    # -- outcomes -------------------------------------------------------------------------
 
     def _add_result(self, doc: InFlight, index: int, result: PageResult) -> None:
         with doc.lock:
@@ -349,8 +344,6 @@ class Pipeline:
             ready = doc.complete
         if ready:
             self._finish(doc)
-
-    # -- outcomes -------------------------------------------------------------------------
 
     def _finish(self, doc: InFlight) -> None:
         with doc.lock:
@@ -381,7 +374,8 @@ class Pipeline:
         # Sidecars (watch.sidecar): after the text is stored, before the file is moved.
         write_sidecars(self.settings, doc.path or Path(doc.claim.paths[-1]), pages,
                        doc.claim.sha256)
-        self._after_done(doc.claim)
+        for recorded in doc.claim.paths:
+            after_done(Path(recorded), doc.claim.sha256, self.settings, self.root)
 
     def _fail(self, doc: InFlight, reason: str, *, permanent: bool) -> None:
         with doc.lock:
@@ -432,160 +426,6 @@ class Pipeline:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _after_done(self, claim: Claim) -> None:
-        for recorded in claim.paths:
-            self.after_done_path(Path(recorded), claim.sha256)
-
-    def after_done_path(self, path: Path, sha256: str) -> None:
-        """keep, move to the done folder, or delete `path` — only if it still holds the
-        stored content (a new file may have taken the name meanwhile)."""
-        after = self.settings.watch.after
-        if after == "keep" or not path.is_file() or not self._inside_root(path):
-            return
-        try:
-            digest, _ = sha256_file(path, self.settings.watch.max_file_bytes)
-        except (OSError, DocumentError):
-            return
-        if digest != sha256:
-            return
-        try:
-            if after == "delete":
-                path.unlink()
-            else:
-                folder = done_folder(self.settings, self.root)
-                if not folder_is_safe(folder, self.settings.watch.done_dir, self.root):
-                    return
-                move_into(path, folder)
-        except OSError as exc:
-            log.warning("could not %s %s after processing: %s", after, path, exc)
-
-
-class Intake:
-    """The watcher's side of the ledger: hash a ready file and record it as queued."""
-
-    def __init__(self, settings: Settings, ledger: Ledger, pipeline: Pipeline,
-                 metrics: Metrics) -> None:
-        self.settings = settings
-        self.ledger = ledger
-        self.pipeline = pipeline
-        self.metrics = metrics
-        self.root = settings.watch.path.resolve()
-
-    def take(self, path: Path) -> None:
-        key = path_key(path)
-        try:
-            digest, size = sha256_file(path, self.settings.watch.max_file_bytes)
-        except FileNotFoundError:
-            return  # gone before we got to it: nothing to record
-        except DocumentError as exc:
-            self.reject(path, exc.reason)
-            return
-        except PermissionError:
-            self.reject(path, "permission denied: the daemon's user cannot read it")
-            return
-        except OSError as exc:
-            self.reject(path, f"cannot read: {exc.strerror}")
-            return
-        registration = self.pipeline.retry_db(lambda: self.ledger.register(key, digest, size))
-        if registration.created:
-            log.info("seen %s (%d bytes, sha256 %s)", key, size, digest[:12])
-            self.pipeline.notify()
-        elif registration.state == State.DONE and registration.path_added:
-            log.info("seen %s: same content as an already stored document (sha256 %s)",
-                     key, digest[:12])
-            self.metrics.files_total.labels(status="duplicate").inc()
-            self.pipeline.after_done_path(path, digest)
-        elif registration.path_added:
-            log.info("seen %s: same content as a document already %s (sha256 %s)", key,
-                     registration.state, digest[:12])
-            self.metrics.files_total.labels(status="duplicate").inc()
-
-    def reject(self, path: Path, reason: str) -> None:
-        key = path_key(path)
-        registration = self.pipeline.retry_db(lambda: self.ledger.record_rejection(key, reason))
-        if not registration.path_added:
-            return
-        log.error("failed %s: %s", key, reason)
-        self.metrics.files_total.labels(status="failed").inc()
-        quarantine(path, reason, self.settings, self.root)
-
 
 class _Stopped(Exception):
     """The daemon is stopping while the database is away; the lease will hand the work back."""
-
-
-def done_folder(settings: Settings, root: Path) -> Path:
-    return root / (settings.watch.done_folder or Path("done"))
-
-
-def folder_is_safe(folder: Path, configured: Path | None, root: Path) -> bool:
-    """A done/failed folder configured inside the watched folder must still be inside it once
-    resolved: anyone who can write to the inbox could replace it with a link elsewhere."""
-    if configured is not None and configured.is_absolute():
-        return True  # the operator chose a place outside; it is not the producers' to change
-    try:
-        resolved = folder.resolve()
-    except (OSError, RuntimeError):
-        resolved = folder
-    if root in resolved.parents:
-        return True
-    log.error("not moving files into %s: it resolves to %s, outside the watched folder",
-              folder, resolved)
-    return False
-
-
-def write_sidecar(target: Path, text: str) -> Path:
-    """`NAME.error.txt` beside `target`, created new: never through a link planted there,
-    never over an existing file."""
-    n = 0
-    while True:
-        sidecar = target.with_name(f"{target.name}.error{f'.{n}' if n else ''}.txt")
-        try:
-            fd = os.open(sidecar, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        except FileExistsError:
-            n += 1
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        return sidecar
-
-
-def move_into(path: Path, folder: Path) -> Path:
-    """Move `path` into `folder` without overwriting anything there. Moves the name only:
-    a symlink is moved as a link, its target is never touched."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / path.name
-    n = 1
-    while target.exists() or target.is_symlink():
-        target = folder / f"{path.stem}.{n}{path.suffix}"
-        n += 1
-    shutil.move(str(path), str(target))
-    return target
-
-
-def quarantine(path: Path, reason: str, settings: Settings, root: Path,
-               sha256: str | None = None) -> None:
-    """Move a failed file to `watch.failed_dir` with a sidecar saying why, when configured.
-    With `sha256`, only while `path` still holds that content: a file rewritten since is new
-    content of its own, not the failure."""
-    if settings.watch.failed_dir is None or not (path.is_file() or path.is_symlink()):
-        return
-    if sha256 is not None and not path.is_symlink():
-        try:
-            digest, _ = sha256_file(path, settings.watch.max_file_bytes)
-        except (OSError, DocumentError):
-            digest = sha256  # unreadable or too large: it is the failure, move it
-        if digest != sha256:
-            log.info("not moving %s to the failed folder: it holds new content now", path)
-            return
-    try:
-        relative_ok = path.parent.resolve() == root or root in path.parent.resolve().parents
-        if not relative_ok:
-            return
-        folder = root / settings.watch.failed_dir
-        if not folder_is_safe(folder, settings.watch.failed_dir, root):
-            return
-        target = move_into(path, folder)
-        write_sidecar(target, f"{path}\n{reason}\n")
-    except OSError as exc:
-        log.warning("could not move %s to the failed folder: %s", path, exc)

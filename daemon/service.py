@@ -3,12 +3,14 @@ reverse (producers before consumers, so nothing new is taken in while work is fi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -17,38 +19,58 @@ from sqlalchemy import Engine, text
 
 from daemon import __version__, sdnotify
 from daemon.config import Settings
-from daemon.errors import DaemonError, DatabaseError, ExitCode
-from daemon.metrics import Metrics, MetricsServer, health_document
-from daemon.ocr import hardware
-from daemon.ocr.engines import build_engine, worker_count
-from daemon.ocr.providers import ProviderChoice, choose_provider
-from daemon.ocr.types import OcrEngine
-from daemon.pipeline import Intake, Pipeline
-from daemon.store import migrate
-from daemon.store.db import is_sqlite, make_engine
+from daemon.errors import ExitCode, Interrupted
+from daemon.hardware.nvml import NvmlReader, NvmlReport, probe_nvml
+from daemon.hardware.opencl import OpenClReport, probe_opencl
+from daemon.hardware.providers import ProviderChoice, choose_provider
+from daemon.hardware.sessions import add_fallback_listener
+from daemon.http import MetricsServer, health_document
+from daemon.intake import Intake
+from daemon.metrics import Metrics
+from daemon.ocr.engines import OcrEngine, build_engines, worker_count
+from daemon.pipeline import Pipeline
+from daemon.store.db import is_sqlite, open_ledger
 from daemon.store.repository import Ledger
 from daemon.watcher import Watcher
 
 log = logging.getLogger("daemon.service")
 
 
-class Interrupted(DaemonError):
-    exit_code = ExitCode.INTERRUPTED
+@dataclass(frozen=True)
+class Hardware:
+    """What start-up found, for the provider choice, /health and the metrics."""
+
+    choice: ProviderChoice
+    nvml: NvmlReport | None  # None: not probed (FORCE_CPU)
+    opencl: OpenClReport | None  # None: not probed (FORCE_CPU, or an NVIDIA GPU was found)
 
 
-def open_ledger(settings: Settings, *, migrate_now: bool) -> tuple[Engine, Ledger]:
-    engine = make_engine(settings.database)
-    try:
-        if migrate_now:
-            migrate.upgrade(engine)
-        elif not migrate.is_up_to_date(engine):
-            raise DatabaseError("database schema is not up to date: run `ocr-daemon migrate`")
-    except DaemonError:
-        raise
-    except Exception as exc:
-        raise DatabaseError(f"database {engine.url.render_as_string(hide_password=True)}: "
-                            f"{str(exc).splitlines()[0]}") from None
-    return engine, Ledger(engine)
+@dataclass(frozen=True)
+class Components:
+    """Everything a running daemon is made of, built complete before anything starts."""
+
+    database: Engine
+    ledger: Ledger
+    hardware: Hardware
+    pipeline: Pipeline
+    watcher: Watcher
+    server: MetricsServer | None  # None when metrics.enabled = false
+
+
+def count_fallbacks(metrics: Metrics) -> Callable[[], None]:
+    """Count every session that falls back to the CPU from now on; returns the unsubscriber."""
+    return add_fallback_listener(lambda event: metrics.record_fallback(event.reason))
+
+
+def probe_hardware(settings: Settings) -> Hardware:
+    """NVML and OpenCL once, then the provider choice. FORCE_CPU skips every probe (a broken
+    driver or ICD cannot hurt a CPU deployment)."""
+    nvml = opencl = None
+    if not settings.cpu_only:
+        nvml = probe_nvml()
+        if not nvml.gpus:
+            opencl = probe_opencl()
+    return Hardware(choose_provider(settings, nvml=nvml, opencl=opencl), nvml, opencl)
 
 
 class Service:
@@ -57,73 +79,70 @@ class Service:
         self.started = time.monotonic()
         self.stop_requested = threading.Event()
         self._signals = 0
-        self.metrics = Metrics(__version__)
-        self.engine: Engine | None = None
-        self.ledger: Ledger | None = None
-        self.choice: ProviderChoice | None = None
-        self.pipeline: Pipeline | None = None
-        self.watcher: Watcher | None = None
-        self.server: MetricsServer | None = None
-        self.nvml: hardware.NvmlReport | None = None
-        self.opencl: hardware.OpenClReport | None = None
-        self._unwatch_fallbacks: Callable[[], None] | None = None
+        self._nvml = NvmlReader()
+        self.metrics = Metrics(__version__, gpu_reader=self._nvml.read)
+        self.components: Components | None = None
         self.ready = False
+        self._stack = contextlib.ExitStack()  # what has started, stopped in reverse
 
-    def _probe_hardware(self) -> None:
-        """NVML and OpenCL once, for the provider choice, /health and the metrics.
-        FORCE_CPU skips every probe (a broken driver or ICD cannot hurt a CPU deployment)."""
-        if self.settings.cpu_only:
-            return
-        self.nvml = hardware.probe_nvml()
-        if not self.nvml.gpus:
-            self.opencl = hardware.probe_opencl()
+    @property
+    def ledger(self) -> Ledger:
+        if self.components is None:
+            raise RuntimeError("the service has not started")
+        return self.components.ledger
 
     # -- start ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        settings = self.settings
+        settings, stack = self.settings, self._stack
         PILImage.MAX_IMAGE_PIXELS = settings.ocr.max_image_pixels
-        self.engine, self.ledger = open_ledger(settings,
-                                               migrate_now=settings.database.migrate_on_start)
-        requeued = self.ledger.requeue_stale(all_processing=is_sqlite(self.engine))
+        stack.callback(self._nvml.close)
+        database, ledger = open_ledger(settings, migrate_now=settings.database.migrate_on_start)
+        stack.callback(database.dispose)
+        requeued = ledger.requeue_stale(all_processing=is_sqlite(database))
         if requeued:
             log.info("re-queued %d documents left in processing by an earlier run", requeued)
-        self._probe_hardware()
-        self.choice = choose_provider(settings, nvml=self.nvml, opencl=self.opencl)
-        self.metrics.set_provider(self.choice)
-        if self.opencl is not None:
-            self.metrics.set_opencl_devices(self.opencl.devices)
-        self._unwatch_fallbacks = self.metrics.watch_fallbacks()
-        workers = worker_count(settings, self.choice)
-        sdnotify.extend_timeout(300)  # model loading and bucket warm-up (TensorRT builds)
-        engines = self._engines(workers)
-        self.pipeline = Pipeline(settings, self.ledger, engines, self.metrics, self.choice.name)
-        self._start_metrics()
-        self.pipeline.start()
-        intake = Intake(settings, self.ledger, self.pipeline, self.metrics)
-        self.watcher = Watcher(settings.watch, intake.take, intake.reject)
-        self.watcher.start()
-        self.ready = True
-        sdnotify.ready(f"watching {self.watcher.root}")
-        log.info("ocr-daemon %s ready: provider %s (%s), %d worker%s, database %s", __version__,
-                 self.choice.name, self.choice.reason, workers, "" if workers == 1 else "s",
-                 self.engine.url.render_as_string(hide_password=True))
 
-    def _engines(self, workers: int) -> list[OcrEngine]:
-        assert self.choice is not None
+        hardware = probe_hardware(settings)
+        self.metrics.set_provider(hardware.choice.name, hardware.choice.fallbacks)
+        if hardware.opencl is not None:
+            self.metrics.set_opencl_devices(hardware.opencl.devices)
+        stack.callback(count_fallbacks(self.metrics))
+        workers = worker_count(settings, hardware.choice)
+        sdnotify.extend_timeout(300)  # model loading and bucket warm-up (TensorRT builds)
+        engines = self._engines(hardware.choice, workers)
+
+        pipeline = Pipeline(settings, ledger, engines, self.metrics, hardware.choice.name)
+        intake = Intake(settings, ledger, self.metrics, retry_db=pipeline.retry_db,
+                        notify=pipeline.notify)
+        watcher = Watcher(settings.watch, intake.take, intake.reject)
+        server = (MetricsServer(self.metrics, settings.metrics.host, settings.metrics.port,
+                                self.health, self.is_ready)
+                  if settings.metrics.enabled else None)
+        self.components = Components(database, ledger, hardware, pipeline, watcher, server)
+
+        if server is not None:
+            server.start()
+            stack.callback(server.stop)
+            log.info("metrics on http://%s:%s/metrics", settings.metrics.host, server.port)
+        pipeline.start()
+        stack.callback(self._stop_pipeline, pipeline)
+        watcher.start()
+        stack.callback(watcher.stop)
+        self.ready = True
+        sdnotify.ready(f"watching {watcher.root}")
+        log.info("ocr-daemon %s ready: provider %s (%s), %d worker%s, database %s", __version__,
+                 hardware.choice.name, hardware.choice.reason, workers,
+                 "" if workers == 1 else "s", database.url.render_as_string(hide_password=True))
+
+    def _engines(self, choice: ProviderChoice, workers: int) -> list[OcrEngine]:
         start = time.perf_counter()
-        first = build_engine(self.settings, self.choice, workers)
-        engines = [first]
-        if self.settings.ocr.engine == "rapidocr":  # not thread-safe: one per worker
-            engines += [build_engine(self.settings, self.choice, workers)
-                        for _ in range(workers - 1)]
-        else:  # the batch engine is shared; its sessions are thread-safe
-            engines += [first] * (workers - 1)
-        warmup = getattr(first, "warmup", None)
-        if callable(warmup) and first.provider != "cpu":
+        engines = build_engines(self.settings, choice, workers)
+        first = engines[0]
+        if first.provider != "cpu":
             # cuDNN algorithm search and arena growth for every shape bucket happen now, not
             # on the first files. On the CPU there is nothing to gain and it takes minutes.
-            spent = warmup()
+            spent = first.warmup()
             log.info("warmed up every shape bucket: %s",
                      ", ".join(f"{k} {v:.1f}s" for k, v in spent.items()))
         for stage in ("det", "cls", "rec"):
@@ -131,52 +150,51 @@ class Service:
         log.info("models loaded in %.1fs", time.perf_counter() - start)
         return engines
 
-    def _start_metrics(self) -> None:
-        if not self.settings.metrics.enabled:
-            return
-        self.server = MetricsServer(self.metrics, self.settings.metrics.host,
-                                    self.settings.metrics.port, self.health, self.is_ready)
-        self.server.start()
-        log.info("metrics on http://%s:%s/metrics", self.settings.metrics.host, self.server.port)
+    def _stop_pipeline(self, pipeline: Pipeline) -> None:
+        handed = pipeline.stop(self.settings.batch.stop_timeout_seconds)
+        if handed:
+            log.info("handed %d unfinished documents back to the queue", handed)
 
     # -- health ---------------------------------------------------------------------------
 
     def database_reachable(self) -> bool:
-        if self.engine is None:
+        if self.components is None:
             return False
         try:
-            with self.engine.connect() as connection:
+            with self.components.database.connect() as connection:
                 connection.execute(text("SELECT 1"))
             return True
         except Exception:
             return False
 
     def is_ready(self) -> bool:
-        return bool(self.ready and self.watcher and self.watcher.alive
-                    and self.pipeline and self.pipeline.database_ok)
+        parts = self.components
+        return bool(self.ready and parts and parts.watcher.alive and parts.pipeline.database_ok)
 
     def health(self) -> dict[str, Any]:
+        parts = self.components
         database = self.database_reachable()
-        watcher_alive = bool(self.watcher and self.watcher.alive)
-        choice = self.choice
-        fell_back = bool(choice and choice.fallbacks)
+        watcher_alive = bool(parts and parts.watcher.alive)
+        hardware = parts.hardware if parts else None
+        choice = hardware.choice if hardware else None
         if not self.ready or not watcher_alive:
             status = "unhealthy"
-        elif not database or fell_back:
+        elif not database or (choice and choice.fallbacks):
             status = "degraded"
         else:
             status = "healthy"
         return health_document(
             status=status,
             version=__version__,
-            gpu_available=bool(self.nvml and self.nvml.gpus),
+            gpu_available=bool(hardware and hardware.nvml and hardware.nvml.gpus),
             provider=choice.name if choice else "none",
             uptime=time.monotonic() - self.started,
-            queue_depth=self.pipeline.inflight_count() if self.pipeline else 0,
+            queue_depth=parts.pipeline.inflight_count() if parts else 0,
             database="ok" if database else "unreachable",
             provider_reason=choice.reason if choice else None,
-            opencl_gpus=[d.device for d in self.opencl.gpus] if self.opencl else [],
-            watcher=self.watcher.observer_kind if self.watcher else None,
+            opencl_gpus=[d.device for d in hardware.opencl.gpus]
+            if hardware and hardware.opencl else [],
+            watcher=parts.watcher.observer_kind if parts else None,
         )
 
     # -- stop -----------------------------------------------------------------------------
@@ -203,27 +221,19 @@ class Service:
         next_ping = 0.0
         while not self.stop_requested.wait(0.5):
             if interval is not None and time.monotonic() >= next_ping:
-                if self.watcher and self.watcher.alive and self.pipeline and \
-                        self.pipeline.alive:
+                parts = self.components
+                if parts and parts.watcher.alive and parts.pipeline.alive:
                     sdnotify.watchdog()
                 next_ping = time.monotonic() + interval
 
     def stop(self) -> None:
         self.ready = False
-        if self.watcher is not None:
-            self.watcher.stop()
-        if self.pipeline is not None:
-            handed = self.pipeline.stop(self.settings.batch.stop_timeout_seconds)
-            if handed:
-                log.info("handed %d unfinished documents back to the queue", handed)
-        if self.server is not None:
-            self.server.stop()
-        if self._unwatch_fallbacks is not None:
-            self._unwatch_fallbacks()
-        self.metrics.close()
-        if self.engine is not None:
-            self.engine.dispose()
+        self._stack.close()
         log.info("stopped")
+
+    def workers_busy(self) -> bool:
+        """A worker is still inside the engine (its work handed back) after the stop."""
+        return self.components is not None and self.components.pipeline.threads_alive()
 
 
 def run(settings: Settings) -> None:
@@ -236,7 +246,7 @@ def run(settings: Settings) -> None:
         try:
             service.stop()
         finally:
-            if service.pipeline is not None and service.pipeline.threads_alive():
+            if service.workers_busy():
                 # A worker still inside onnxruntime (its work handed back, or a second signal
                 # cut the stop short): tearing the interpreter down under a running native call
                 # aborts the process (SIGABRT, "terminate called..."), so leave without it.

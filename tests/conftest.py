@@ -2,13 +2,16 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from daemon.config import DatabaseSettings, Settings
+from daemon.http import MetricsServer
+from daemon.metrics import Metrics
 from daemon.store import migrate
 from daemon.store.db import make_engine
 from daemon.store.repository import Ledger
@@ -89,3 +92,22 @@ def settings_factory(tmp_path: Path) -> object:
         return Settings.model_validate(data)
 
     return make
+
+
+ServerFactory = Callable[..., MetricsServer]
+
+
+@pytest.fixture
+def serve() -> Iterator[ServerFactory]:
+    """Start MetricsServers on port 0; every one is stopped after the test."""
+    started: list[MetricsServer] = []
+
+    def start(metrics: Metrics, **kwargs: Any) -> MetricsServer:
+        server = MetricsServer(metrics, "127.0.0.1", 0, **kwargs)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
-from daemon.ocr.types import Image
+from daemon.results import Image
 
 WORDS = (
     "invoice", "total", "amount", "paid", "cash", "change", "receipt", "number", "date",

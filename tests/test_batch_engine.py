@@ -12,12 +12,14 @@ import pytest
 
 from daemon.config import OcrSettings
 from daemon.errors import ConfigError
+from daemon.hardware.providers import CPU
 from daemon.ocr import batch as batch_module
 from daemon.ocr import buckets
-from daemon.ocr.batch import BatchEngine, GpuOutOfMemoryError, resolve_model_paths
-from daemon.ocr.providers import CPU
+from daemon.ocr.batch import BatchEngine
+from daemon.ocr.device import GpuOutOfMemoryError
+from daemon.ocr.models import resolve_model_paths
 from daemon.ocr.rapid import RapidOcrEngine
-from daemon.ocr.types import Image, PageResult
+from daemon.results import Image, PageResult
 from tests.rendering import random_lines, render_page
 
 OOM_MESSAGE = (
@@ -41,6 +43,9 @@ class RecordingSession:
 
     def get_modelmeta(self) -> Any:
         return self.real.get_modelmeta()
+
+    def get_providers(self) -> list[str]:
+        return list(self.real.get_providers())
 
     def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
         (batch,) = feeds.values()
@@ -246,6 +251,9 @@ class ZeroSession:
 
     def get_modelmeta(self) -> Any:
         return self.real.get_modelmeta()
+
+    def get_providers(self) -> list[str]:
+        return list(self.real.get_providers())
 
     def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
         (batch,) = feeds.values()

@@ -1,13 +1,10 @@
 """Metrics over real HTTP: a MetricsServer on an ephemeral port, scraped with urllib and parsed
-with prometheus_client's own parser."""
+with prometheus_client's own parser. The server's other endpoints: tests/test_http.py."""
 
 from __future__ import annotations
 
-import json
-import socket
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import onnxruntime as ort
@@ -15,17 +12,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from daemon.config import MetricsSettings, Settings
-from daemon.metrics import (
-    HEALTH_KEYS,
-    Metrics,
-    MetricsServer,
-    check_health,
-    health_document,
-)
-from daemon.ocr import providers
-from daemon.ocr.hardware import GpuInfo, probe_opencl
-from daemon.ocr.providers import CPU_EP, CUDA_EP, ProviderChoice, create_session
+from daemon.config import Settings
+from daemon.hardware import providers
+from daemon.hardware.nvml import GpuInfo, NvmlReader
+from daemon.hardware.opencl import probe_opencl
+from daemon.hardware.providers import CPU_EP, CUDA_EP, ProviderChoice
+from daemon.hardware.sessions import create_session, provider_name
+from daemon.http import MetricsServer, health_document
+from daemon.metrics import Metrics
+from daemon.service import count_fallbacks
+from tests.conftest import ServerFactory
 
 EXPECTED_FAMILIES = {
     "ocr_build_info",  # the text format names an Info family after its sample
@@ -54,24 +50,6 @@ class Clock:
 
 
 Health = dict[str, Any]
-ServerFactory = Callable[..., MetricsServer]
-
-
-@pytest.fixture
-def serve() -> Iterator[ServerFactory]:
-    """Start MetricsServers on port 0; every one is stopped after the test."""
-    started: list[tuple[MetricsServer, Metrics]] = []
-
-    def start(metrics: Metrics, **kwargs: Any) -> MetricsServer:
-        server = MetricsServer(metrics, "127.0.0.1", 0, **kwargs)
-        server.start()
-        started.append((server, metrics))
-        return server
-
-    yield start
-    for server, metrics in started:
-        server.stop()
-        metrics.close()
 
 
 def get(server: MetricsServer, path: str, accept: str | None = None) -> tuple[int, str, str]:
@@ -174,7 +152,8 @@ def test_throughput_is_a_sliding_window(serve: ServerFactory) -> None:
 def test_provider_and_fallbacks(serve: ServerFactory) -> None:
     metrics = Metrics("1", gpu_reader=list)
     server = serve(metrics)
-    metrics.set_provider(ProviderChoice("cuda", fallbacks=("tensorrt_not_in_build",)))
+    choice = ProviderChoice("cuda", fallbacks=("tensorrt_not_in_build",))
+    metrics.set_provider(choice.name, choice.fallbacks)
     metrics.set_stage_provider("rec", "cpu")
 
     families = scrape(server)
@@ -193,14 +172,14 @@ def test_provider_and_fallbacks(serve: ServerFactory) -> None:
 def test_silent_fallback_from_a_real_session_is_counted(serve: ServerFactory) -> None:
     metrics = Metrics("1", gpu_reader=list)
     server = serve(metrics)
-    stop_watching = metrics.watch_fallbacks()
+    stop_watching = count_fallbacks(metrics)
     ocr = Settings().ocr
     choice = ProviderChoice("cuda", ort_providers=(CUDA_EP, CPU_EP))
     try:
         session = create_session(providers.probe_model_path(), choice, ocr)
     finally:
         stop_watching()
-    metrics.set_stage_provider("cls", providers.provider_name(session))
+    metrics.set_stage_provider("cls", provider_name(session))
 
     families = scrape(server)
     fallbacks = families["ocr_provider_fallbacks"]
@@ -237,9 +216,11 @@ def test_no_nvml_library_means_no_gpu_series(
 
     monkeypatch.setattr(pynvml, "nvmlLib", None)
     monkeypatch.setattr(pynvml, "CDLL", missing)
-    server = serve(Metrics("1"))  # the real NVML reader
+    reader = NvmlReader()  # the real one, as the service passes it
+    server = serve(Metrics("1", gpu_reader=reader.read))
     assert not GPU_FAMILIES & set(scrape(server))
     assert not GPU_FAMILIES & set(scrape(server))
+    reader.close()
 
 
 def test_opencl_devices_are_reported(serve: ServerFactory) -> None:
@@ -264,68 +245,3 @@ def test_openmetrics_is_negotiated_without_created(serve: ServerFactory) -> None
     assert status == 200 and content_type.startswith("application/openmetrics-text")
     assert text.rstrip().endswith("# EOF")
     assert "_created" not in text
-
-
-@pytest.mark.parametrize("path", ["/health", "/health/"])
-@pytest.mark.parametrize(("state", "code"), [("healthy", 200), ("degraded", 200),
-                                             ("unhealthy", 503)])
-def test_health(serve: ServerFactory, path: str, state: str, code: int) -> None:
-    server = serve(Metrics("1", gpu_reader=list), health=lambda: health(state, queue_depth=4))
-    status, content_type, text = get(server, path)
-    assert (status, content_type) == (code, "application/json")
-    body = json.loads(text)
-    assert tuple(body) == HEALTH_KEYS
-    assert body["status"] == state and body["queue_depth"] == 4 and body["version"] == "9.9.9"
-    assert check_health("127.0.0.1", server.port) is (code == 200)
-
-
-def test_health_that_raises_is_unhealthy(serve: ServerFactory) -> None:
-    def broken() -> Health:
-        raise RuntimeError("database gone")
-
-    server = serve(Metrics("1", gpu_reader=list), health=broken)
-    status, _, text = get(server, "/health")
-    assert status == 503
-    assert json.loads(text) == {"status": "unhealthy", "error": "database gone"}
-    assert check_health("127.0.0.1", server.port) is False
-
-
-def test_ready_follows_the_callable(serve: ServerFactory) -> None:
-    ready = False
-    server = serve(Metrics("1", gpu_reader=list), ready=lambda: ready)
-    assert get(server, "/ready")[0] == 503
-    ready = True
-    status, _, text = get(server, "/ready")
-    assert status == 200 and json.loads(text) == {"ready": True}
-    assert get(server, "/nope")[0] == 404
-
-
-def test_check_health_false_after_stop_and_when_nothing_listens() -> None:
-    metrics = Metrics("1", gpu_reader=list)
-    with MetricsServer(metrics, "127.0.0.1", 0, health=health) as server:
-        port = server.port
-        assert check_health("127.0.0.1", port)
-        assert check_health("0.0.0.0", port)  # a wildcard bind is checked on loopback
-    assert check_health("127.0.0.1", port) is False
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    assert check_health("127.0.0.1", free, timeout=1.0) is False
-
-
-def test_check_health_false_for_something_else_on_the_port() -> None:
-    metrics = Metrics("1", gpu_reader=list)
-    with MetricsServer(metrics, "127.0.0.1", 0,
-                       health=lambda: {"status": "sort of"}) as server:
-        assert check_health("127.0.0.1", server.port) is False
-
-
-def test_default_bind_is_loopback() -> None:
-    assert MetricsSettings().host == "127.0.0.1"
-    assert MetricsServer(Metrics("1", gpu_reader=list)).host == "127.0.0.1"
-
-
-def test_health_document_rejects_unknown_status() -> None:
-    with pytest.raises(ValueError, match="healthy, degraded or unhealthy"):
-        health("fine")

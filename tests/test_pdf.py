@@ -24,10 +24,10 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 
 from daemon.config import OcrSettings
+from daemon.documents.decode import iter_pages
+from daemon.documents.pdf import iter_pdf_pages, render_size
 from daemon.errors import DocumentError
-from daemon.ocr.decode import iter_pages
-from daemon.ocr.pdf import iter_pdf_pages, render_size
-from daemon.ocr.types import Page
+from daemon.results import Page
 
 LETTER = (612.0, 792.0)  # points; 8.5 x 11 in
 IMAGE = "image"  # page spec: a full-page scan made with Pillow
@@ -285,7 +285,7 @@ def test_image_page_renders_bgr_at_the_configured_dpi() -> None:
 
 def test_pixel_cap_lowers_the_scale_instead_of_refusing(caplog: pytest.LogCaptureFixture) -> None:
     cap = 500_000
-    with caplog.at_level(logging.WARNING, logger="daemon.ocr.pdf"):
+    with caplog.at_level(logging.WARNING, logger="daemon.documents.pdf"):
         [page] = pages(_scan_pdf(1), pdf_dpi=300, max_image_pixels=cap)
     assert page.image is not None
     height, width, _ = page.image.shape

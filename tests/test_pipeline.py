@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 
 from daemon.config import Settings
+from daemon.intake import Intake
 from daemon.metrics import Metrics
-from daemon.ocr.types import Image, PageResult
-from daemon.pipeline import Intake, Pipeline
-from daemon.service import Service, open_ledger
+from daemon.pipeline import Pipeline
+from daemon.results import Image, PageResult
+from daemon.service import Service
+from daemon.store.db import open_ledger
 from daemon.store.repository import Ledger
 from daemon.watcher import Watcher
 from tests.pages import SENTENCES, page_bytes, similarity, write_page
@@ -50,7 +52,6 @@ def test_files_are_stored_deduplicated_and_moved(service: Callable[..., Service]
     inbox = svc.settings.watch.path
     write_page(inbox / "one.png", SENTENCES[:2])
     write_page(inbox / "two.jpg", SENTENCES[2:4])
-    assert svc.ledger is not None
     ledger = svc.ledger
     assert wait_until(lambda: ledger.counts()["done"] == 2)
     # the move follows the commit of the text
@@ -69,7 +70,6 @@ def test_bad_file_is_quarantined_and_the_rest_goes_on(service: Callable[..., Ser
     inbox = svc.settings.watch.path
     (inbox / "broken.png").write_bytes(page_bytes(SENTENCES[:3])[:3000])  # truncated
     write_page(inbox / "good.png", SENTENCES[:1])
-    assert svc.ledger is not None
     ledger = svc.ledger
     assert wait_until(lambda: ledger.counts()["done"] == 1 and ledger.counts()["failed"] == 1)
     assert wait_until(lambda: not (inbox / "good.png").exists())  # after = delete
@@ -115,7 +115,8 @@ def run_pipeline(settings: Settings, engine: object) -> tuple[Pipeline, Ledger, 
     metrics = Metrics("test")
     pipeline = Pipeline(settings, ledger, [engine], metrics, "cpu")  # type: ignore[list-item]
     pipeline.start()
-    intake = Intake(settings, ledger, pipeline, metrics)
+    intake = Intake(settings, ledger, metrics, retry_db=pipeline.retry_db,
+                    notify=pipeline.notify)
     watcher = Watcher(settings.watch, intake.take, intake.reject, tick_seconds=0.05)
     watcher.start()
     return pipeline, ledger, watcher
@@ -191,7 +192,6 @@ def test_twenty_page_mixed_pdf_is_stored_page_by_page(service: Callable[..., Ser
     part = inbox / "mixed.pdf.part"
     part.write_bytes(mixed_pdf(specs, SENTENCES[:2]))
     part.rename(inbox / "mixed.pdf")
-    assert svc.ledger is not None
     ledger = svc.ledger
     assert wait_until(lambda: ledger.counts()["done"] == 1, 180)
     doc = ledger.find("x", [str(inbox / "mixed.pdf")])

@@ -16,12 +16,13 @@ from sqlalchemy import text
 
 from daemon.cli import main
 from daemon.config import DatabaseSettings, OcrSettings
-from daemon.ocr.providers import CPU
+from daemon.hardware.providers import CPU
 from daemon.ocr.rapid import RapidOcrEngine
-from daemon.ocr.types import Line, PageResult
+from daemon.results import Line, PageResult
 from daemon.store import migrate
 from daemon.store.db import make_engine
-from daemon.store.repository import Ledger, parse_query, snippet
+from daemon.store.repository import Ledger
+from daemon.store.search import parse_query, snippet
 
 FONT = Path(__file__).parent / "fonts" / "DroidSansFallback-test-subset.ttf"
 BOX = ((0.0, 0.0), (10.0, 0.0), (10.0, 5.0), (0.0, 5.0))

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from daemon.errors import NotFoundError
-from daemon.ocr.types import Line, PageResult
+from daemon.results import Line, PageResult
 from daemon.store.models import State
 from daemon.store.repository import Ledger
 

@@ -1,4 +1,6 @@
-"""OCR: hardware probe and provider choice, onnxruntime sessions, engines, page decoding.
+"""The engine: batching, shape buckets, host stages and device runs; the plain-RapidOCR
+reference engine; the bundled models and languages.
 
-Never imports the store: results go back to the pipeline as plain `PageResult` values.
+Sessions come from `daemon.hardware`; results go back as `daemon.results.PageResult` values.
+Never imports the store.
 """

@@ -18,130 +18,31 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import cv2
 import numpy as np
-import numpy.typing as npt
 
 from daemon.config import OcrSettings
-from daemon.errors import ConfigError, DocumentError
+from daemon.errors import ConfigError
+from daemon.hardware.providers import ProviderChoice
+from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets
-from daemon.ocr.providers import CPU, ProviderChoice, create_session
-from daemon.ocr.rapid import rapidocr_params
-from daemon.ocr.types import Image, Line, PageResult, Point
+from daemon.ocr.device import FloatArray, GpuOutOfMemoryError, run_split
+from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
+from daemon.results import Image, Line, PageResult, Point
 
 log = logging.getLogger(__name__)
-
-FloatArray = npt.NDArray[np.float32]
 
 # Detection input is (pixel/255 - 0.5)/0.5; padding a page with white (1.0) makes the padded
 # area look like more page margin, which disturbs the text near the edge least.
 DET_PAD_WHITE = 1.0
-
-_OOM_PATTERN = re.compile(
-    r"out of memory|CUDNN|cudaMalloc|Failed to allocate|allocation fail|BFCArena", re.IGNORECASE
-)
-
-
-class GpuOutOfMemoryError(DocumentError):
-    """One page alone does not fit in GPU memory. Transient: retried, perhaps with more room."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason, permanent=False)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    return bool(_OOM_PATTERN.search(str(exc)))
-
-
-@dataclass(frozen=True)
-class ModelPaths:
-    det: Path
-    cls: Path
-    rec: Path
-
-
-def load_rapidocr_config(ocr: OcrSettings) -> Any:
-    """RapidOCR's own configuration with our settings applied, as `RapidOCR()` would build it."""
-    from rapidocr.main import DEFAULT_CFG_PATH
-    from rapidocr.utils.parse_parameters import ParseParams
-
-    cfg = ParseParams.load(DEFAULT_CFG_PATH)
-    return ParseParams.update_batch(cfg, rapidocr_params(ocr, CPU))
-
-
-def resolve_model_paths(ocr: OcrSettings, cfg: Any | None = None) -> ModelPaths:
-    """The model files RapidOCR would use for `ocr.lang`, from the installed package.
-
-    RapidOCR downloads missing models at run time; the daemon never does, so a missing file is
-    a configuration error naming the file to install.
-    """
-    from rapidocr.inference_engine.base import FileInfo, InferSession
-    from rapidocr.main import root_dir
-
-    cfg = cfg if cfg is not None else load_rapidocr_config(ocr)
-    model_dir = Path(root_dir) / "models"
-    paths: dict[str, Path] = {}
-    for section in ("Det", "Cls", "Rec"):
-        part = cfg[section]
-        try:
-            info = InferSession.get_model_url(
-                FileInfo(
-                    engine_type=part.engine_type,
-                    ocr_version=part.ocr_version,
-                    task_type=part.task_type,
-                    lang_type=part.lang_type,
-                    model_type=part.model_type,
-                )
-            )
-        except ValueError as exc:
-            raise ConfigError(f"ocr.lang={ocr.lang!r}: {exc}") from None
-        path = model_dir / Path(str(info["model_dir"])).name
-        if not path.is_file():
-            raise ConfigError(
-                f"ocr.lang={ocr.lang!r} needs the {section.lower()} model {path.name}, which is "
-                f"not installed in {model_dir}; the daemon does not download models: put the "
-                f"file there (from {info['model_dir']}) or choose another ocr.lang"
-            )
-        paths[section.lower()] = path
-    return ModelPaths(det=paths["det"], cls=paths["cls"], rec=paths["rec"])
-
-
-def run_split(session: Any, batch: FloatArray, real: int) -> FloatArray:
-    """`session.run` on `batch`, halving it on out-of-memory until it fits.
-
-    Returns the outputs of the first `real` entries only (the rest are padding). Halves holding
-    nothing but padding are skipped. A single entry that still does not fit is a
-    `GpuOutOfMemoryError` for the pages concerned; any other error propagates unchanged.
-    """
-    name = session.get_inputs()[0].name
-    try:
-        output: FloatArray = session.run(None, {name: batch})[0]
-        return output[:real]
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        if len(batch) == 1:
-            raise GpuOutOfMemoryError(
-                f"out of GPU memory on a single input of shape {list(batch.shape)}"
-            ) from exc
-        log.warning("out of memory on batch %s; retrying in halves", list(batch.shape))
-    middle = len(batch) // 2
-    first = run_split(session, batch[:middle], min(real, middle))
-    if real <= middle:
-        return first
-    second = run_split(session, batch[middle:], real - middle)
-    return np.concatenate([first, second])
-
 
 @dataclass
 class _Page:
@@ -188,7 +89,7 @@ class BatchEngine:
         self._rec = create_session(paths.rec, choice, ocr)
         self._cls = create_session(paths.cls, choice, ocr) if ocr.use_cls else None
 
-        self._provider = _provider_of(self._det, choice.name)
+        self._provider = provider_name(self._det)
         det = cfg.Det
         self._det_pre = DetPreProcess(det.limit_side_len, det.limit_type, det.mean, det.std)
         self._det_post = DBPostProcess(
@@ -237,6 +138,10 @@ class BatchEngine:
     def provider(self) -> str:
         """What the detector really runs on: a GPU provider can fall back to the CPU silently."""
         return self._provider
+
+    @property
+    def thread_safe(self) -> bool:
+        return True  # onnxruntime's run is thread-safe and all per-call state is local
 
     def close(self) -> None:
         if self._pool is not None:
@@ -477,21 +382,6 @@ class BatchEngine:
                     log.warning("warm-up of %s %s: %s", model, list(shape), exc)
             spent[model] = time.perf_counter() - start
         return spent
-
-
-_EP_NAMES = {
-    "TensorrtExecutionProvider": "tensorrt",
-    "CUDAExecutionProvider": "cuda",
-    "CPUExecutionProvider": "cpu",
-}
-
-
-def _provider_of(session: Any, default: str) -> str:
-    try:
-        first = session.get_providers()[0]
-    except (AttributeError, IndexError):
-        return default
-    return _EP_NAMES.get(str(first), str(first))
 
 
 def _resize_norm_rec(crop: Image, resized_w: int, out: FloatArray) -> None:

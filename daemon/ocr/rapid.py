@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from daemon.config import OcrSettings
-from daemon.ocr.providers import ProviderChoice
-from daemon.ocr.types import Image, Line, PageResult, Point
+from daemon.hardware.providers import ProviderChoice
+from daemon.results import Image, Line, PageResult, Point
 
 logging.getLogger("RapidOCR").setLevel(logging.WARNING)
 
@@ -64,6 +64,14 @@ class RapidOcrEngine:
     @property
     def provider(self) -> str:
         return self._choice.name
+
+    @property
+    def thread_safe(self) -> bool:
+        return False
+
+    def warmup(self) -> dict[str, float]:
+        """Nothing to warm: RapidOCR picks its own shapes per page."""
+        return {}
 
     def recognize(self, images: Sequence[Image]) -> list[PageResult]:
         results = []

@@ -1,4 +1,6 @@
-"""Engines per URL. SQLite gets WAL, a busy timeout and foreign keys on every connection."""
+"""Engines per URL, and `open_ledger`, the one way in for the service and the CLI.
+
+SQLite gets WAL, a busy timeout and foreign keys on every connection."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from daemon.config import DatabaseSettings
-from daemon.errors import ConfigError
+from daemon.config import DatabaseSettings, Settings
+from daemon.errors import ConfigError, DaemonError, DatabaseError
+from daemon.store import migrate
+from daemon.store.repository import Ledger
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -42,3 +46,22 @@ def make_engine(settings: DatabaseSettings) -> Engine:
 
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+def open_ledger(settings: Settings, *, migrate_now: bool) -> tuple[Engine, Ledger]:
+    """The database engine and the ledger on it. With `migrate_now` the schema is brought up
+    to date; without, a schema behind the code is a `DatabaseError` naming the fix."""
+    engine = make_engine(settings.database)
+    try:
+        if migrate_now:
+            migrate.upgrade(engine)
+        elif not migrate.is_up_to_date(engine):
+            raise DatabaseError("database schema is not up to date: run `ocr-daemon migrate`")
+    except DaemonError:
+        engine.dispose()
+        raise
+    except Exception as exc:
+        engine.dispose()
+        raise DatabaseError(f"database {engine.url.render_as_string(hide_password=True)}: "
+                            f"{str(exc).splitlines()[0]}") from None
+    return engine, Ledger(engine)

@@ -1,5 +1,9 @@
 """The ledger and text store: the only module that writes SQL.
 
+It is longer than our ~400-line habit on purpose: every query the daemon runs, state changes
+and search alike, is in this one file, so a reviewer audits the SQL (and its two dialects) in
+one place. The query language and snippets are in `daemon.store.search`.
+
 Every state change is one short transaction. The OCR text and the `done` state are written in
 the same transaction, so a crash at any point leaves either nothing or everything.
 Claims are conditional updates (`WHERE state = 'queued'`), so of several workers or several
@@ -21,8 +25,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from daemon.errors import NotFoundError
-from daemon.ocr.types import PageResult
+from daemon.results import PageResult, join_pages, line_json
 from daemon.store.models import Document, DocumentPath, PageRow, State
+from daemon.store.search import parse_query, snippet
 
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -78,7 +83,7 @@ class StoredDocument:
 
     @property
     def text(self) -> str:
-        return "\n\f\n".join(page.text for page in self.pages)
+        return join_pages(page.text for page in self.pages)
 
 
 @dataclass(frozen=True)
@@ -109,11 +114,7 @@ def page_row(document_id: int, page_no: int, page: PageResult) -> PageRow:
         text=page.text,
         confidence=page.confidence,
         source=page.source,
-        lines=[
-            {"text": line.text, "score": round(line.score, 5),
-             "box": [[round(x, 1), round(y, 1)] for x, y in line.box]}
-            for line in page.lines
-        ],
+        lines=[line_json(line) for line in page.lines],
     )
 
 
@@ -395,23 +396,7 @@ class Ledger:
 
 # -- search -------------------------------------------------------------------------------
 
-MAX_TERMS = 32
 TRIGRAM = 3  # shortest term the trigram indexes can look up; shorter ones are scanned
-
-
-def parse_query(query: str) -> list[str]:
-    """Split a search query into terms: whitespace separates them, "double quotes" keep a
-    phrase together (an unclosed quote runs to the end of the query). Nothing else has a
-    meaning: AND, OR, -, *, %, _, parentheses are text like any other. Duplicates
-    (ignoring case) go; past MAX_TERMS terms the rest is ignored."""
-    terms: dict[str, str] = {}
-    for i, part in enumerate(query.replace("\x00", "").split('"')):
-        inside_quotes = i % 2 == 1
-        for term in [" ".join(part.split())] if inside_quotes else part.split():
-            if term:
-                terms.setdefault(term.casefold(), term)
-    return list(terms.values())[:MAX_TERMS]
-
 
 def _like_pattern(term: str) -> str:
     return "%" + term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -465,34 +450,3 @@ def _postgresql_search(terms: Sequence[str]) -> tuple[str, dict[str, Any]]:
            "FROM pages p JOIN documents d ON d.id = p.document_id "
            f"WHERE {' AND '.join(where)} {_SEARCH_ORDER}")
     return sql, params
-
-
-def snippet(page_text: str, query: str | Sequence[str], width: int = 40,
-            mark: tuple[str, str] = ("[", "]")) -> str:
-    """The part of the page around the first match, whitespace flattened, every match in it
-    marked (`[match]`). The same on both backends, since it is computed here."""
-    flat = " ".join(page_text.split())
-    terms = parse_query(query) if isinstance(query, str) else list(query)
-    found = None
-    if terms:
-        pattern = re.compile("|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)),
-                             re.IGNORECASE)
-        found = pattern.search(flat)
-    if found is None:
-        return flat[: 2 * width] + ("…" if len(flat) > 2 * width else "")
-    start, end = max(0, found.start() - width), min(len(flat), found.end() + width)
-    if start > 0 and flat[start - 1] != " ":  # begin and end on whole words where there are
-        space = flat.find(" ", start, found.start())  # spaces (not in Chinese, Japanese)
-        start = space + 1 if space >= 0 else start
-    parts, at = [], start
-    for match in pattern.finditer(flat, start):
-        if match.start() >= end:
-            break
-        end = max(end, match.end())  # never cut a match in two
-        parts += [flat[at:match.start()], mark[0], match.group(), mark[1]]
-        at = match.end()
-    if end < len(flat) and flat[end] != " ":
-        space = flat.rfind(" ", at, end)
-        end = space if space >= 0 else end
-    parts.append(flat[at:end])
-    return ("…" if start else "") + "".join(parts) + ("…" if end < len(flat) else "")

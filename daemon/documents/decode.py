@@ -16,7 +16,7 @@ from PIL import ImageOps, ImageSequence, UnidentifiedImageError
 
 from daemon.config import OcrSettings
 from daemon.errors import DocumentError
-from daemon.ocr.types import Image, Page
+from daemon.results import Image, Page
 
 IMAGE_FORMATS = {"PNG", "JPEG", "BMP", "WEBP", "TIFF", "MPO"}
 MIN_SIDE = 8
@@ -49,7 +49,7 @@ def iter_pages(data: bytes, ocr: OcrSettings) -> Iterator[Page]:
         raise DocumentError("empty file (0 bytes)")
     kind = sniff(data)
     if kind == "pdf":
-        from daemon.ocr.pdf import iter_pdf_pages
+        from daemon.documents.pdf import iter_pdf_pages
 
         yield from iter_pdf_pages(data, ocr)
         return

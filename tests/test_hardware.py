@@ -16,26 +16,22 @@ import pytest
 
 from daemon.config import Settings, load_settings
 from daemon.errors import ExitCode, ProviderError
-from daemon.ocr import hardware, providers
-from daemon.ocr.hardware import (
-    NvmlReport,
-    OpenClDevice,
-    OpenClReport,
-    doctor_report,
-    format_doctor,
-    probe_nvml,
-    probe_opencl,
-)
-from daemon.ocr.providers import (
+from daemon.hardware import opencl, providers, sessions
+from daemon.hardware.doctor import doctor_report, format_doctor
+from daemon.hardware.nvml import GpuInfo, NvmlReader, NvmlReport, probe_nvml
+from daemon.hardware.opencl import OpenClDevice, OpenClReport, probe_opencl
+from daemon.hardware.providers import (
     CPU_EP,
     CUDA_EP,
     TENSORRT_EP,
-    Fallback,
     ProviderChoice,
-    add_fallback_listener,
     choose_provider,
-    create_session,
     probe_model_path,
+)
+from daemon.hardware.sessions import (
+    Fallback,
+    add_fallback_listener,
+    create_session,
     provider_name,
 )
 
@@ -78,8 +74,8 @@ def no_probes(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("probe ran although the CPU was forced")
 
-    monkeypatch.setattr(hardware, "probe_nvml", forbidden)
-    monkeypatch.setattr(hardware, "probe_opencl", forbidden)
+    monkeypatch.setattr(providers, "probe_nvml", forbidden)
+    monkeypatch.setattr(providers, "probe_opencl", forbidden)
     monkeypatch.setattr(providers, "probe_provider", forbidden)
 
 
@@ -119,7 +115,7 @@ def test_no_nvml_library_means_no_gpu_not_a_crash(no_nvml_library: None) -> None
     assert report.error is not None and "no NVIDIA GPU" in report.error
     assert "libnvidia-ml" in report.error
 
-    reader = hardware.NvmlReader()
+    reader = NvmlReader()
     assert reader.read() == []
     assert reader.read() == []  # found out once, stays quiet
     reader.close()
@@ -181,14 +177,14 @@ def test_opencl_only_gpu_is_reported_and_cpu_used(no_nvml_library: None) -> None
 
 
 def test_opencl_probe_that_hangs_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hardware, "_OPENCL_SCRIPT", "import time; time.sleep(30)")
+    monkeypatch.setattr(opencl, "_OPENCL_SCRIPT", "import time; time.sleep(30)")
     report = probe_opencl(timeout=0.5)
     assert not report.available
     assert report.error is not None and "timed out" in report.error
 
 
 def test_opencl_probe_that_crashes_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hardware, "_OPENCL_SCRIPT", "import os; os.abort()")
+    monkeypatch.setattr(opencl, "_OPENCL_SCRIPT", "import os; os.abort()")
     report = probe_opencl()
     assert not report.available
     assert report.error is not None and "exited with status" in report.error
@@ -240,7 +236,7 @@ def test_auto_on_cpu_build_without_gpu_is_no_fallback(no_nvml_library: None) -> 
 def test_gpu_present_but_cpu_build_counts_as_fallback() -> None:
     if CUDA_IN_BUILD:
         pytest.skip("onnxruntime-gpu is installed here")
-    gpu_host = NvmlReport(True, "580.1", "13.0", [hardware.GpuInfo(
+    gpu_host = NvmlReport(True, "580.1", "13.0", [GpuInfo(
         0, "NVIDIA H100 80GB HBM3", "GPU-1", 80 * 2**30, 2**20, 0.0)])
     choice = choose_provider(Settings(), environ={}, nvml=gpu_host, opencl=OpenClReport(False))
     assert choice.name == "cpu"
@@ -265,7 +261,7 @@ def test_cuda_options_follow_settings() -> None:
     assert "gpu_mem_limit" not in providers.cuda_options(Settings().ocr)
 
     trt = providers.ort_providers_for("tensorrt", ocr, Path("/cache"))
-    assert [providers._spec_name(s) for s in trt] == [TENSORRT_EP, CUDA_EP, CPU_EP]
+    assert [sessions._spec_name(s) for s in trt] == [TENSORRT_EP, CUDA_EP, CPU_EP]
     assert trt[0][1]["trt_engine_cache_path"] == "/cache"  # type: ignore[index]
 
 
@@ -366,7 +362,7 @@ def test_cuda_on_a_gpu_is_chosen_and_sessions_keep_it() -> None:
 # --- choice logic where this host cannot produce the case -------------------------------------
 
 
-H100 = NvmlReport(True, "580.159.04", "13.0", [hardware.GpuInfo(
+H100 = NvmlReport(True, "580.159.04", "13.0", [GpuInfo(
     0, "NVIDIA H100 80GB HBM3", "GPU-86ec9c67", 80 * 2**30, 2**30, 0.1)])
 
 
@@ -381,14 +377,14 @@ def test_cuda_chosen_when_tensorrt_lacks_its_libraries(
         return providers.ProbeResult(True, "", "CUDAExecutionProvider session ran")
 
     monkeypatch.setattr(providers, "probe_provider", probe)
-    caplog.set_level("INFO", logger="daemon.ocr.providers")
+    caplog.set_level("INFO", logger="daemon.hardware.providers")
     choice = choose_provider(Settings(), environ={}, nvml=H100, tensorrt_cache=tmp_path)
 
     assert choice.name == "cuda"
     assert choice.gpu_info == "CUDA: NVIDIA H100 80GB HBM3"
     assert choice.fallbacks == ()  # TensorRT is optional on top of CUDA: no fallback alert
     assert "TensorRT not used: libnvinfer.so.10 not found" in choice.reason
-    assert [providers._spec_name(s) for s in choice.ort_providers] == [CUDA_EP, CPU_EP]
+    assert [sessions._spec_name(s) for s in choice.ort_providers] == [CUDA_EP, CPU_EP]
     assert "GPU acceleration available gpu_info='CUDA: NVIDIA H100 80GB HBM3'" in caplog.text
 
 
@@ -396,8 +392,8 @@ def test_cuda_visible_devices_maps_device_id_to_the_nvml_gpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     two = NvmlReport(True, "580", "13.0", [
-        hardware.GpuInfo(0, "NVIDIA A10", "GPU-aaaa", 1, 1, 0.0),
-        hardware.GpuInfo(1, "NVIDIA H100 80GB HBM3", "GPU-bbbb", 1, 1, 0.0),
+        GpuInfo(0, "NVIDIA A10", "GPU-aaaa", 1, 1, 0.0),
+        GpuInfo(1, "NVIDIA H100 80GB HBM3", "GPU-bbbb", 1, 1, 0.0),
     ])
     monkeypatch.setattr(
         providers, "probe_provider",
@@ -425,7 +421,6 @@ def test_tensorrt_without_its_libraries_is_refused_without_building_a_session(
     """A GPU build lists TensorRT whether or not libnvinfer is installed; the probe must say
     so in one line instead of letting onnxruntime fail (and print) a session build."""
     from daemon.config import OcrSettings
-    from daemon.ocr import providers
 
     monkeypatch.setattr(providers.ort, "get_available_providers",
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",

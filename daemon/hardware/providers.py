@@ -1,4 +1,4 @@
-"""Execution provider choice and onnxruntime session construction.
+"""Execution provider choice, once at start-up.
 
 Order TensorRT -> CUDA -> CPU. A provider counts only once a real session built with it reports
 it in `session.get_providers()`: onnxruntime lists CUDA even when its libraries cannot load and
@@ -6,22 +6,18 @@ then silently runs on the CPU.
 
 `choose_provider` runs once at start-up. An explicitly named provider ("cuda", "tensorrt") that
 cannot be brought up is a `ProviderError`; with "auto" the daemon goes on with the best provider
-that works and says why in `ProviderChoice.reason`. `create_session` checks every later session
-again, because a provider that worked for the probe model can still be dropped for a real one
-(out of GPU memory, an unsupported operator, a lazily loaded cuDNN library missing); such a
-silent fallback is logged and reported to the fallback listeners (metrics counts them).
+that works and says why in `ProviderChoice.reason`. Every later session is checked again by
+`daemon.hardware.sessions.create_session`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import logging
 import os
-import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +25,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from daemon.config import OcrSettings, Settings
+from daemon.config import PROVIDER_NAMES, OcrSettings, Settings
 from daemon.errors import ProviderError
-from daemon.ocr import hardware
+from daemon.hardware.nvml import GpuInfo, NvmlReport, probe_nvml
+from daemon.hardware.opencl import OpenClReport, probe_opencl
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +38,8 @@ CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 TENSORRT_EP = "TensorrtExecutionProvider"
 
-ORT_NAMES = {"cpu": CPU_EP, "cuda": CUDA_EP, "tensorrt": TENSORRT_EP}
+# short name (config, metrics, logs) -> onnxruntime name, in the order of PROVIDER_NAMES
+ORT_NAMES: dict[str, str] = dict(zip(PROVIDER_NAMES, (CPU_EP, CUDA_EP, TENSORRT_EP), strict=True))
 SHORT_NAMES = {ort_name: short for short, ort_name in ORT_NAMES.items()}
 
 # The smallest model that ships with rapidocr; a probe session must run a real convolution so
@@ -68,49 +66,6 @@ class ProviderChoice:
 
 
 CPU = ProviderChoice("cpu")
-
-
-@dataclass(frozen=True)
-class Fallback:
-    """One session that came up on another provider than the one chosen."""
-
-    wanted: str  # "cuda" | "tensorrt"
-    got: str  # the short name of the provider the session actually runs on
-    reason: str  # short code, the metric label: "<wanted>_dropped" | "<wanted>_session_failed"
-    detail: str  # for the log
-    model: str  # the model file's name
-
-
-FallbackListener = Callable[[Fallback], None]
-
-_listeners: list[FallbackListener] = []
-_listeners_lock = threading.Lock()
-
-
-def add_fallback_listener(listener: FallbackListener) -> Callable[[], None]:
-    """Call `listener` for every silent fallback `create_session` detects; returns the remover.
-
-    A hook rather than an import of the metrics module: ocr code only reports, the side concern
-    (metrics, tests) decides what to do with it.
-    """
-    with _listeners_lock:
-        _listeners.append(listener)
-
-    def remove() -> None:
-        with _listeners_lock, contextlib.suppress(ValueError):
-            _listeners.remove(listener)
-
-    return remove
-
-
-def _notify(event: Fallback) -> None:
-    with _listeners_lock:
-        listeners = list(_listeners)
-    for listener in listeners:
-        try:
-            listener(event)
-        except Exception:  # a broken listener must not break OCR
-            log.exception("fallback listener %r failed", listener)
 
 
 # --- options ------------------------------------------------------------------------------
@@ -173,16 +128,6 @@ def session_options(ocr: OcrSettings) -> ort.SessionOptions:
     # (2.0 -> 1.4 GB peak RSS on receipts without it); RapidOCR turns it off as well.
     options.enable_cpu_mem_arena = False
     return options
-
-
-def provider_name(session: Any) -> str:
-    """The short name ("cpu", "cuda", "tensorrt") of the provider a session runs on first."""
-    providers = session.get_providers()
-    return SHORT_NAMES.get(providers[0], providers[0]) if providers else "cpu"
-
-
-def _spec_name(spec: ProviderSpec) -> str:
-    return spec if isinstance(spec, str) else spec[0]
 
 
 @functools.cache
@@ -303,8 +248,8 @@ def visible_cuda_devices(environ: Mapping[str, str]) -> list[str] | None:
 
 
 def _nvml_gpu_for(
-    device_id: int, visible: list[str] | None, gpus: list[hardware.GpuInfo]
-) -> hardware.GpuInfo | None:
+    device_id: int, visible: list[str] | None, gpus: list[GpuInfo]
+) -> GpuInfo | None:
     """The NVML GPU behind CUDA device `device_id`, best effort.
 
     NVML numbers GPUs by PCI bus; CUDA numbers the visible ones, fastest first unless
@@ -323,7 +268,7 @@ def _nvml_gpu_for(
     return gpus[device_id] if device_id < len(gpus) else None
 
 
-def _describe_gpu(name: str, gpu: hardware.GpuInfo | None, device_id: int) -> str:
+def _describe_gpu(name: str, gpu: GpuInfo | None, device_id: int) -> str:
     label = "TensorRT" if name == "tensorrt" else "CUDA"
     return f"{label}: {gpu.name}" if gpu is not None else f"{label}: device {device_id}"
 
@@ -332,8 +277,8 @@ def choose_provider(
     settings: Settings,
     *,
     environ: Mapping[str, str] | None = None,
-    nvml: hardware.NvmlReport | None = None,
-    opencl: hardware.OpenClReport | None = None,
+    nvml: NvmlReport | None = None,
+    opencl: OpenClReport | None = None,
     tensorrt_cache: Path | None = None,
 ) -> ProviderChoice:
     """Pick the provider for this process, once, at start-up.
@@ -351,7 +296,7 @@ def choose_provider(
     env = os.environ if environ is None else environ
     requested = ocr.provider
     candidates = ["tensorrt", "cuda"] if requested == "auto" else [requested]
-    nvml = nvml if nvml is not None else hardware.probe_nvml()
+    nvml = nvml if nvml is not None else probe_nvml()
     visible = visible_cuda_devices(env)
     gpu = _nvml_gpu_for(ocr.device_id, visible, nvml.gpus)
 
@@ -403,7 +348,7 @@ def choose_provider(
 
     reason = _cpu_reason(nvml, opencl, failures, codes)
     if opencl is None and not nvml.gpus:
-        opencl = hardware.probe_opencl()
+        opencl = probe_opencl()
         reason = _cpu_reason(nvml, opencl, failures, codes)
     if opencl is not None and opencl.gpus and not nvml.gpus:
         codes.append("opencl_only")
@@ -413,8 +358,8 @@ def choose_provider(
 
 
 def _cpu_reason(
-    nvml: hardware.NvmlReport,
-    opencl: hardware.OpenClReport | None,
+    nvml: NvmlReport,
+    opencl: OpenClReport | None,
     failures: list[ProbeResult],
     codes: list[str],
 ) -> str:
@@ -439,76 +384,4 @@ def _cpu_reason(
         parts.extend(f.detail for f in failures if f.code != "not_in_build")
     return "; ".join(parts)
 
-
-# --- sessions -----------------------------------------------------------------------------
-
-
-def create_session(
-    model_path: Path,
-    choice: ProviderChoice,
-    ocr: OcrSettings,
-    *,
-    on_fallback: FallbackListener | None = None,
-) -> Any:
-    """An InferenceSession for `model_path` on `choice`'s providers, verified.
-
-    If the chosen GPU provider is not first in the built session's providers (onnxruntime drops
-    it with only a warning), or building with it raises, the fallback is logged, reported to
-    `on_fallback` and the module's listeners, and a session that runs on the CPU is returned.
-    """
-    options = session_options(ocr)
-    wanted = _spec_name(choice.ort_providers[0])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            session = ort.InferenceSession(
-                str(model_path), sess_options=options, providers=list(choice.ort_providers)
-            )
-        except Exception as exc:
-            if wanted == CPU_EP:
-                raise
-            # Build on the CPU first: if that fails too, the model is at fault, not the GPU,
-            # and its error is the one to raise, with no fallback counted.
-            cpu_session = ort.InferenceSession(
-                str(model_path), sess_options=session_options(ocr), providers=[CPU_EP]
-            )
-            event = Fallback(
-                wanted=choice.name,
-                got="cpu",
-                reason=f"{choice.name}_session_failed",
-                detail=str(exc),
-                model=Path(model_path).name,
-            )
-            _report(event, on_fallback)
-            return cpu_session
-    got = session.get_providers()
-    if got and got[0] == wanted:
-        return session
-    said = "; ".join(str(w.message) for w in caught)
-    event = Fallback(
-        wanted=choice.name,
-        got=provider_name(session),
-        reason=f"{choice.name}_dropped",
-        detail=f"session providers {got}" + (f": {said}" if said else ""),
-        model=Path(model_path).name,
-    )
-    _report(event, on_fallback)
-    return session  # onnxruntime already built it on what it kept, which ends with the CPU
-
-
-def _report(event: Fallback, on_fallback: FallbackListener | None) -> None:
-    log.warning(
-        "Execution provider fell back model=%s wanted=%s got=%s reason=%s detail=%r",
-        event.model,
-        event.wanted,
-        event.got,
-        event.reason,
-        event.detail,
-    )
-    if on_fallback is not None:
-        try:
-            on_fallback(event)
-        except Exception:
-            log.exception("on_fallback callback failed")
-    _notify(event)
 

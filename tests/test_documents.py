@@ -8,8 +8,8 @@ import pytest
 from PIL import Image as PILImage
 
 from daemon.config import OcrSettings
+from daemon.documents.decode import iter_image_pages, iter_pages
 from daemon.errors import DocumentError
-from daemon.ocr.decode import iter_image_pages, iter_pages
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

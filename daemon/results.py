@@ -1,16 +1,25 @@
-"""Plain values passed between decoding, the engines and the pipeline."""
+"""The values OCR produces and the store keeps: a leaf that imports nothing of the daemon.
+
+`documents` decodes files into `Page`s, `ocr` turns images into `PageResult`s, `store` writes
+them, `files` renders them into sidecars; each imports these types from here, so none of them
+needs another's module.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 Image = npt.NDArray[np.uint8]  # H x W x 3, BGR (OpenCV's order, as RapidOCR expects)
 Point = tuple[float, float]
+
+# Between the pages of a document's text wherever it is printed or written as one text
+# (`ocr-daemon text`, `ocr`, `.txt` sidecars): a form feed on a line of its own.
+PAGE_SEPARATOR = "\n\f\n"
 
 
 @dataclass(frozen=True)
@@ -46,14 +55,16 @@ class Page:
     text_layer: PageResult | None = None
 
 
-class OcrEngine(Protocol):
-    """What the pipeline needs from an engine. Tests swap in fakes that crash or stall."""
+def join_pages(texts: Iterable[str]) -> str:
+    """A document's text: its pages' texts in order, separated by `PAGE_SEPARATOR`."""
+    return PAGE_SEPARATOR.join(texts)
 
-    @property
-    def provider(self) -> str: ...
 
-    def recognize(self, images: Sequence[Image]) -> list[PageResult]:
-        """OCR every image; one result per image, in order."""
-        ...
-
-    def close(self) -> None: ...
+def line_json(line: Line) -> dict[str, Any]:
+    """One line as the ledger stores it and the JSON outputs show it (score to 5 places,
+    box corners to 0.1 px: more is noise, and it keeps rows small)."""
+    return {
+        "text": line.text,
+        "score": round(line.score, 5),
+        "box": [[round(x, 1), round(y, 1)] for x, y in line.box],
+    }

@@ -41,7 +41,7 @@ import pypdfium2.raw as pdfium_c
 
 from daemon.config import OcrSettings
 from daemon.errors import DocumentError
-from daemon.ocr.types import Image, Line, Page, PageResult, Point
+from daemon.results import Image, Line, Page, PageResult, Point
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,254 @@
+"""Every write into the user's folders: the after-action (move to the done folder, delete),
+quarantine of failed files with an error sidecar, and the text sidecars — on one set of
+primitives that never overwrite a file and never follow a link out of the watched folder.
+
+Text sidecars (`watch.sidecar`, `watch.sidecar_dir`): `scan.png` gets `scan.png.txt` (pages
+separated by a form feed, as `ocr-daemon text` prints them) and/or `scan.png.json` (pages,
+lines, scores, boxes). The full name is kept so that `scan.png` and `scan.pdf` do not share one
+sidecar. They are written to a hidden temporary name and renamed, so a reader never sees half a
+sidecar; the watcher takes neither in (not in `watch.extensions`, which config validation
+enforces; the temporary name is hidden). The text is already in the database when any of this
+runs: a file that cannot be moved or written is logged, never a failure of the document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon.config import Settings
+from daemon.errors import DocumentError
+from daemon.results import PageResult, join_pages, line_json
+
+log = logging.getLogger("daemon.files")
+
+HASH_CHUNK = 1 << 20
+
+
+# --- paths ------------------------------------------------------------------------------------
+
+
+def is_within(resolved: Path, root: Path, *, strictly: bool = False) -> bool:
+    """`resolved` (a path already resolved) is `root` or below it; below it only if `strictly`."""
+    return root in resolved.parents or (not strictly and resolved == root)
+
+
+def resolves_within(path: Path, root: Path, *, strictly: bool = False) -> bool:
+    """`path`, links followed, is inside `root` (False when it cannot be resolved: a loop)."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):
+        return False
+    return is_within(resolved, root, strictly=strictly)
+
+
+def sha256_file(path: Path, max_bytes: int) -> tuple[str, int]:
+    """The SHA-256 and size of a file, read in chunks; a file over `max_bytes` is refused."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise DocumentError(f"file is larger than watch.max_file_bytes={max_bytes}")
+            digest.update(chunk)
+    return digest.hexdigest(), size
+
+
+def holds(path: Path, sha256: str, max_bytes: int) -> bool | None:
+    """Whether `path` still holds the content `sha256`; None when it cannot be read."""
+    try:
+        digest, _ = sha256_file(path, max_bytes)
+    except (OSError, DocumentError):
+        return None
+    return digest == sha256
+
+
+def folder_is_safe(folder: Path, configured: Path | None, root: Path) -> bool:
+    """A done/failed folder configured inside the watched folder must still be inside it once
+    resolved: anyone who can write to the inbox could replace it with a link elsewhere."""
+    if configured is not None and configured.is_absolute():
+        return True  # the operator chose a place outside; it is not the producers' to change
+    if resolves_within(folder, root, strictly=True):
+        return True
+    log.error("not moving files into %s: it resolves outside the watched folder %s",
+              folder, root)
+    return False
+
+
+def move_into(path: Path, folder: Path) -> Path:
+    """Move `path` into `folder` without overwriting anything there. Moves the name only:
+    a symlink is moved as a link, its target is never touched."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    n = 1
+    while target.exists() or target.is_symlink():
+        target = folder / f"{path.stem}.{n}{path.suffix}"
+        n += 1
+    shutil.move(str(path), str(target))
+    return target
+
+
+def write_error_sidecar(target: Path, text: str) -> Path:
+    """`NAME.error.txt` beside `target`, created new: never through a link planted there,
+    never over an existing file."""
+    n = 0
+    while True:
+        sidecar = target.with_name(f"{target.name}.error{f'.{n}' if n else ''}.txt")
+        try:
+            fd = os.open(sidecar, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            n += 1
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return sidecar
+
+
+# --- after a document is done or failed ----------------------------------------------------
+
+
+def done_folder(settings: Settings, root: Path) -> Path:
+    return root / (settings.watch.done_folder or Path("done"))
+
+
+def after_done(path: Path, sha256: str, settings: Settings, root: Path) -> None:
+    """keep, move to the done folder, or delete `path` — only if it still holds the
+    stored content (a new file may have taken the name meanwhile)."""
+    after = settings.watch.after
+    if after == "keep" or not path.is_file() or not resolves_within(path, root):
+        return
+    if not holds(path, sha256, settings.watch.max_file_bytes):
+        return
+    try:
+        if after == "delete":
+            path.unlink()
+        else:
+            folder = done_folder(settings, root)
+            if not folder_is_safe(folder, settings.watch.done_dir, root):
+                return
+            move_into(path, folder)
+    except OSError as exc:
+        log.warning("could not %s %s after processing: %s", after, path, exc)
+
+
+def quarantine(path: Path, reason: str, settings: Settings, root: Path,
+               sha256: str | None = None) -> None:
+    """Move a failed file to `watch.failed_dir` with a sidecar saying why, when configured.
+    With `sha256`, only while `path` still holds that content: a file rewritten since is new
+    content of its own, not the failure."""
+    if settings.watch.failed_dir is None or not (path.is_file() or path.is_symlink()):
+        return
+    if sha256 is not None and not path.is_symlink() and \
+            holds(path, sha256, settings.watch.max_file_bytes) is False:
+        # (unreadable or too large: it is the failure, move it)
+        log.info("not moving %s to the failed folder: it holds new content now", path)
+        return
+    try:
+        if not resolves_within(path.parent, root):
+            return
+        folder = root / settings.watch.failed_dir
+        if not folder_is_safe(folder, settings.watch.failed_dir, root):
+            return
+        target = move_into(path, folder)
+        write_error_sidecar(target, f"{path}\n{reason}\n")
+    except OSError as exc:
+        log.warning("could not move %s to the failed folder: %s", path, exc)
+
+
+# --- text sidecars ----------------------------------------------------------------------------
+
+
+def sidecar_paths(settings: Settings, source_path: Path) -> list[Path]:
+    """Where the sidecars of `source_path` go; empty when sidecars are off or the file is
+    not inside the watched folder (nothing is ever written outside the watched folder or
+    `watch.sidecar_dir`)."""
+    kind = settings.watch.sidecar
+    if kind == "none":
+        return []
+    root = settings.watch.path.resolve()
+    folder = Path(os.path.abspath(source_path)).parent
+    if not resolves_within(folder, root):
+        return []
+    relative = folder.resolve().relative_to(root)
+    if settings.watch.sidecar_dir is not None:
+        base = (root / settings.watch.sidecar_dir).resolve()
+        folder = base / relative
+    else:
+        base = root
+    suffixes = {"txt": [".txt"], "json": [".json"], "both": [".txt", ".json"]}[kind]
+    return [_inside(base, folder / (source_path.name + suffix)) for suffix in suffixes]
+
+
+def _inside(base: Path, target: Path) -> Path:
+    if not resolves_within(target.parent, base):
+        raise _Outside(f"{target} resolves outside {base}")
+    return target.parent.resolve() / target.name
+
+
+class _Outside(Exception):
+    pass
+
+
+def render_txt(pages: Sequence[PageResult]) -> str:
+    text = join_pages(page.text for page in pages)
+    return text + "\n" if text else ""
+
+
+def render_json(source_path: Path, pages: Sequence[PageResult], sha256: str | None) -> str:
+    document: dict[str, Any] = {
+        "source": os.path.abspath(source_path),
+        "sha256": sha256,
+        "pages": [
+            {
+                "page": number,
+                "source": page.source,
+                "confidence": page.confidence,
+                "text": page.text,
+                "lines": [line_json(line) for line in page.lines],
+            }
+            for number, page in enumerate(pages, 1)
+        ],
+    }
+    return json.dumps(document, ensure_ascii=False, indent=1) + "\n"
+
+
+def write_atomic(target: Path, content: str) -> None:
+    """Temporary file in the target's folder (created exclusively, hidden from the watcher),
+    then rename: replaces the name itself, never follows a link planted at it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(content)
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_sidecars(settings: Settings, source_path: Path, pages: Sequence[PageResult],
+                   sha256: str | None = None) -> list[Path]:
+    """Write the sidecars `watch.sidecar` asks for; returns the paths written. Never raises:
+    it runs on an OCR worker thread after the text is safely stored."""
+    try:
+        targets = sidecar_paths(settings, source_path)
+        for target in targets:
+            content = (render_txt(pages) if target.suffix == ".txt"
+                       else render_json(source_path, pages, sha256))
+            write_atomic(target, content)
+        return targets
+    except _Outside as exc:
+        log.warning("sidecar for %s not written: %s", source_path, exc)
+    except OSError as exc:
+        log.warning("sidecar for %s not written: %s", source_path, exc)
+    except Exception:
+        log.exception("sidecar for %s not written", source_path)
+    return []

@@ -1,0 +1,133 @@
+"""`ocr-daemon doctor`: the hardware found, onnxruntime's build and the provider choice, as
+JSON or as a few readable tables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+import onnxruntime as ort
+
+from daemon.config import Settings
+from daemon.errors import ProviderError
+from daemon.hardware.nvml import probe_nvml
+from daemon.hardware.opencl import probe_opencl
+from daemon.hardware.providers import choose_provider
+
+# --- onnxruntime ------------------------------------------------------------------------------
+
+
+def onnxruntime_info() -> dict[str, Any]:
+    build_info = getattr(ort, "get_build_info", None)
+    return {
+        "version": ort.__version__,
+        "device": ort.get_device(),
+        "available_providers": list(ort.get_available_providers()),
+        "build_info": build_info() if build_info is not None else None,
+    }
+
+
+# --- doctor -----------------------------------------------------------------------------------
+
+
+def doctor_report(settings: Settings) -> dict[str, Any]:
+    """Everything `ocr-daemon doctor` shows, JSON-able. Probes run even with FORCE_CPU: the
+    point is to see the hardware; the provider line still follows the settings."""
+
+    nvml = probe_nvml()
+    opencl = probe_opencl()
+    provider: dict[str, Any] = {
+        "requested": settings.ocr.provider,
+        "force_cpu": settings.force_cpu,
+        "device_id": settings.ocr.device_id,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+    try:
+        choice = choose_provider(settings, nvml=nvml, opencl=opencl)
+    except ProviderError as exc:
+        provider.update(name=None, reason=str(exc), gpu_info=None, fallbacks=[], error=True)
+    else:
+        provider.update(
+            name=choice.name,
+            reason=choice.reason,
+            gpu_info=choice.gpu_info,
+            fallbacks=list(choice.fallbacks),
+            error=False,
+        )
+    return {
+        "onnxruntime": onnxruntime_info(),
+        "nvml": asdict(nvml),
+        "opencl": asdict(opencl),
+        "provider": provider,
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = ["  " + line.rstrip()]
+    for row in rows:
+        out.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return out
+
+
+def format_doctor(report: dict[str, Any]) -> str:
+    """`doctor_report`'s dict as a few readable tables."""
+    lines: list[str] = []
+    rt = report["onnxruntime"]
+    lines.append(f"onnxruntime {rt['version']} ({rt['device']} build)")
+    lines.append(f"  providers in this build: {', '.join(rt['available_providers'])}")
+
+    nvml = report["nvml"]
+    lines.append("")
+    if nvml["gpus"]:
+        lines.append(
+            f"NVIDIA GPUs (driver {nvml['driver_version']}, CUDA {nvml['cuda_driver_version']})"
+        )
+        rows = [
+            [
+                str(g["index"]),
+                g["name"],
+                _mib(g["memory_used_bytes"]),
+                _mib(g["memory_total_bytes"]),
+                "n/a" if g["utilization_ratio"] is None else f"{g['utilization_ratio']:.0%}",
+            ]
+            for g in nvml["gpus"]
+        ]
+        lines.extend(_table(["GPU", "NAME", "MEM USED", "MEM TOTAL", "UTIL"], rows))
+    else:
+        lines.append(f"NVIDIA GPUs: none ({nvml['error'] or 'no NVIDIA GPU'})")
+
+    opencl = report["opencl"]
+    lines.append("")
+    if opencl["devices"]:
+        lines.append("OpenCL devices")
+        rows = [
+            [d["type"], d["device"], d["platform"], _mib(d["memory_bytes"])]
+            for d in opencl["devices"]
+        ]
+        lines.extend(_table(["TYPE", "DEVICE", "PLATFORM", "MEMORY"], rows))
+    else:
+        lines.append(f"OpenCL devices: none ({opencl['error'] or 'no OpenCL device'})")
+
+    p = report["provider"]
+    lines.append("")
+    requested = f"requested {p['requested']}" + (", FORCE_CPU=true" if p["force_cpu"] else "")
+    if p["error"]:
+        lines.append(f"Execution provider: NONE ({requested})")
+        lines.append(f"  error: {p['reason']}")
+    else:
+        lines.append(f"Execution provider: {p['name']} ({requested})")
+        if p["gpu_info"]:
+            lines.append(f"  gpu: {p['gpu_info']}")
+        lines.append(f"  reason: {p['reason']}")
+        if p["fallbacks"]:
+            lines.append(f"  fallbacks: {', '.join(p['fallbacks'])}")
+    if p["cuda_visible_devices"] is not None:
+        lines.append(f"  CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']!r}")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""onnxruntime sessions that run where they were asked to, or say so.
+
+A provider that worked for the start-up probe can still be dropped for a real model (out of GPU
+memory, an unsupported operator, a lazily loaded cuDNN library missing); onnxruntime then runs
+on the CPU with only a warning. `create_session` checks every session it builds; such a silent
+fallback is logged and reported to the fallback listeners (the service hands them to metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from daemon.config import OcrSettings
+from daemon.hardware.providers import (
+    CPU_EP,
+    SHORT_NAMES,
+    ProviderChoice,
+    ProviderSpec,
+    session_options,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """One session that came up on another provider than the one chosen."""
+
+    wanted: str  # "cuda" | "tensorrt"
+    got: str  # the short name of the provider the session actually runs on
+    reason: str  # short code, the metric label: "<wanted>_dropped" | "<wanted>_session_failed"
+    detail: str  # for the log
+    model: str  # the model file's name
+
+
+FallbackListener = Callable[[Fallback], None]
+
+_listeners: list[FallbackListener] = []
+_listeners_lock = threading.Lock()
+
+
+def add_fallback_listener(listener: FallbackListener) -> Callable[[], None]:
+    """Call `listener` for every silent fallback `create_session` detects; returns the remover.
+
+    A hook rather than an import of the metrics module: ocr code only reports, the side concern
+    (metrics, tests) decides what to do with it.
+    """
+    with _listeners_lock:
+        _listeners.append(listener)
+
+    def remove() -> None:
+        with _listeners_lock, contextlib.suppress(ValueError):
+            _listeners.remove(listener)
+
+    return remove
+
+
+def _notify(event: Fallback) -> None:
+    with _listeners_lock:
+        listeners = list(_listeners)
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:  # a broken listener must not break OCR
+            log.exception("fallback listener %r failed", listener)
+
+
+def provider_name(session: Any) -> str:
+    """The short name ("cpu", "cuda", "tensorrt") of the provider a session runs on first."""
+    providers = session.get_providers()
+    return SHORT_NAMES.get(providers[0], providers[0]) if providers else "cpu"
+
+
+def _spec_name(spec: ProviderSpec) -> str:
+    return spec if isinstance(spec, str) else spec[0]
+
+
+
+def create_session(
+    model_path: Path,
+    choice: ProviderChoice,
+    ocr: OcrSettings,
+    *,
+    on_fallback: FallbackListener | None = None,
+) -> Any:
+    """An InferenceSession for `model_path` on `choice`'s providers, verified.
+
+    If the chosen GPU provider is not first in the built session's providers (onnxruntime drops
+    it with only a warning), or building with it raises, the fallback is logged, reported to
+    `on_fallback` and the module's listeners, and a session that runs on the CPU is returned.
+    """
+    options = session_options(ocr)
+    wanted = _spec_name(choice.ort_providers[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            session = ort.InferenceSession(
+                str(model_path), sess_options=options, providers=list(choice.ort_providers)
+            )
+        except Exception as exc:
+            if wanted == CPU_EP:
+                raise
+            # Build on the CPU first: if that fails too, the model is at fault, not the GPU,
+            # and its error is the one to raise, with no fallback counted.
+            cpu_session = ort.InferenceSession(
+                str(model_path), sess_options=session_options(ocr), providers=[CPU_EP]
+            )
+            event = Fallback(
+                wanted=choice.name,
+                got="cpu",
+                reason=f"{choice.name}_session_failed",
+                detail=str(exc),
+                model=Path(model_path).name,
+            )
+            _report(event, on_fallback)
+            return cpu_session
+    got = session.get_providers()
+    if got and got[0] == wanted:
+        return session
+    said = "; ".join(str(w.message) for w in caught)
+    event = Fallback(
+        wanted=choice.name,
+        got=provider_name(session),
+        reason=f"{choice.name}_dropped",
+        detail=f"session providers {got}" + (f": {said}" if said else ""),
+        model=Path(model_path).name,
+    )
+    _report(event, on_fallback)
+    return session  # onnxruntime already built it on what it kept, which ends with the CPU
+
+
+def _report(event: Fallback, on_fallback: FallbackListener | None) -> None:
+    log.warning(
+        "Execution provider fell back model=%s wanted=%s got=%s reason=%s detail=%r",
+        event.model,
+        event.wanted,
+        event.got,
+        event.reason,
+        event.detail,
+    )
+    if on_fallback is not None:
+        try:
+            on_fallback(event)
+        except Exception:
+            log.exception("on_fallback callback failed")
+    _notify(event)
+

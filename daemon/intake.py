@@ -1,0 +1,83 @@
+"""The watcher's side of the ledger: a ready file -> its hash -> a ledger row, or a refusal
+with its reason. A file whose content is already stored is a duplicate: its path is recorded
+and the after-action applies to it as it did to the first."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from daemon.config import Settings
+from daemon.errors import DocumentError
+from daemon.files import after_done, quarantine, sha256_file
+from daemon.metrics import Metrics
+from daemon.store.models import State
+from daemon.store.repository import Ledger
+
+log = logging.getLogger("daemon.intake")
+T = TypeVar("T")
+
+
+class RetryDb(Protocol):
+    def __call__(self, action: Callable[[], T], /) -> T: ...
+
+
+def path_key(path: Path) -> str:
+    """How paths are recorded: absolute, symlinks not resolved (the name the file came as)."""
+    return os.path.abspath(path)
+
+
+class Intake:
+    """`take` and `reject` are the watcher's two callbacks. `retry_db` waits out a database
+    outage (the pipeline's, so both sides report the database the same way); `notify` wakes
+    the pipeline when something new is queued."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, metrics: Metrics, *,
+                 retry_db: RetryDb, notify: Callable[[], None]) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.metrics = metrics
+        self.retry_db = retry_db
+        self.notify = notify
+        self.root = settings.watch.path.resolve()
+
+    def take(self, path: Path) -> None:
+        key = path_key(path)
+        try:
+            digest, size = sha256_file(path, self.settings.watch.max_file_bytes)
+        except FileNotFoundError:
+            return  # gone before we got to it: nothing to record
+        except DocumentError as exc:
+            self.reject(path, exc.reason)
+            return
+        except PermissionError:
+            self.reject(path, "permission denied: the daemon's user cannot read it")
+            return
+        except OSError as exc:
+            self.reject(path, f"cannot read: {exc.strerror}")
+            return
+        registration = self.retry_db(lambda: self.ledger.register(key, digest, size))
+        if registration.created:
+            log.info("seen %s (%d bytes, sha256 %s)", key, size, digest[:12])
+            self.notify()
+        elif registration.state == State.DONE and registration.path_added:
+            log.info("seen %s: same content as an already stored document (sha256 %s)",
+                     key, digest[:12])
+            self.metrics.files_total.labels(status="duplicate").inc()
+            after_done(path, digest, self.settings, self.root)
+        elif registration.path_added:
+            log.info("seen %s: same content as a document already %s (sha256 %s)", key,
+                     registration.state, digest[:12])
+            self.metrics.files_total.labels(status="duplicate").inc()
+
+    def reject(self, path: Path, reason: str) -> None:
+        key = path_key(path)
+        registration = self.retry_db(lambda: self.ledger.record_rejection(key, reason))
+        if not registration.path_added:
+            return
+        log.error("failed %s: %s", key, reason)
+        self.metrics.files_total.labels(status="failed").inc()
+        quarantine(path, reason, self.settings, self.root)
