@@ -28,6 +28,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from daemon.config import DEFAULT_IGNORES, WatchSettings
+from daemon.files import is_within
 
 log = logging.getLogger("daemon.watcher")
 
@@ -318,7 +319,7 @@ class Watcher:
             return "dangling symlink"
         except (RuntimeError, OSError):
             return "symlink loop"
-        if target != self.root and self.root not in target.parents:
+        if not is_within(target, self.root):
             return "symlink points outside the watched folder"
         return None
 
