@@ -38,6 +38,15 @@ ProviderName = Literal["cpu", "cuda", "tensorrt"]
 PROVIDER_NAMES: tuple[ProviderName, ...] = get_args(ProviderName)
 
 
+def cache_dir() -> Path:
+    """Where the daemon keeps what it derives and can always rebuild (TensorRT engines, edited
+    models): systemd's CacheDirectory= ($CACHE_DIRECTORY), else the XDG cache."""
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "ocr-daemon"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from daemon.config import PROVIDER_NAMES, OcrSettings, Settings
+from daemon.config import PROVIDER_NAMES, OcrSettings, Settings, cache_dir
 from daemon.errors import ProviderError
 from daemon.hardware.nvml import GpuInfo, NvmlReport, probe_nvml
 from daemon.hardware.opencl import OpenClReport, probe_opencl
@@ -85,14 +85,8 @@ def cuda_options(ocr: OcrSettings) -> dict[str, Any]:
 
 
 def tensorrt_cache_dir() -> Path:
-    """Where TensorRT keeps built engines, so only the first start pays for building them.
-
-    systemd's CacheDirectory= sets $CACHE_DIRECTORY; otherwise the XDG cache.
-    """
-    if os.environ.get("CACHE_DIRECTORY"):
-        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0]) / "tensorrt"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "ocr-daemon" / "tensorrt"
+    """Where TensorRT keeps built engines, so only the first start pays for building them."""
+    return cache_dir() / "tensorrt"
 
 
 def tensorrt_options(ocr: OcrSettings, cache_dir: Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from daemon.hardware.providers import ProviderChoice
 from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets
 from daemon.ocr.device import FloatArray, GpuOutOfMemoryError, run_split
+from daemon.ocr.graphs import reduced_rec_model
 from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
 from daemon.results import Image, Line, PageResult, Point
 
@@ -86,7 +87,8 @@ class BatchEngine:
         paths = resolve_model_paths(ocr, cfg)
 
         self._det = create_session(paths.det, choice, ocr)
-        self._rec = create_session(paths.rec, choice, ocr)
+        # the device hands back arg-max and max per time step, not every class's probability
+        self._rec = create_session(reduced_rec_model(paths.rec), choice, ocr)
         self._cls = create_session(paths.cls, choice, ocr) if ocr.use_cls else None
 
         self._provider = provider_name(self._det)
@@ -220,7 +222,7 @@ class BatchEngine:
                     _, _, h, w = page.det_input.shape
                     batch[k, :, :h, :w] = page.det_input[0]
                 start = time.perf_counter()
-                maps = run_split(self._det, batch, slot.real)
+                (maps,) = run_split(self._det, batch, slot.real)
                 share = (time.perf_counter() - start) / len(chunk)
                 for k, page in enumerate(chunk):
                     assert page.det_input is not None
@@ -262,7 +264,7 @@ class BatchEngine:
             batch = np.zeros((slot.size, *self._cls_shape), np.float32)
             for k, idx in enumerate(chunk):
                 batch[k] = TextClassifier.resize_norm_img(cast(Any, shim), crops[idx])
-            probs = run_split(self._cls, batch, slot.real)
+            (probs,) = run_split(self._cls, batch, slot.real)
             for k, (label, score) in enumerate(self._cls_post(probs)):
                 if "180" in label and score > self._cls_thresh:
                     out[chunk[k]] = cv2.rotate(crops[chunk[k]], cv2.ROTATE_180)
@@ -280,8 +282,8 @@ class BatchEngine:
             batch = np.zeros((size, 3, buckets.REC_HEIGHT, width), np.float32)
             for k, idx in enumerate(chunk):
                 _resize_norm_rec(crops[idx], min(needed[idx], width), batch[k])
-            preds = run_split(self._rec, batch, len(chunk))
-            lines, _ = self._decode(preds)
+            best, best_prob = run_split(self._rec, batch, len(chunk))
+            lines, _ = self._decode.decode(best, best_prob, remove_duplicate=True)
             for k, (text, score) in enumerate(lines):
                 results[chunk[k]] = (text, float(score))
         _share_out(pages, owners, "rec", time.perf_counter() - start)

@@ -31,17 +31,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return bool(_OOM_PATTERN.search(str(exc)))
 
 
-def run_split(session: Any, batch: FloatArray, real: int) -> FloatArray:
+def run_split(session: Any, batch: FloatArray, real: int) -> list[npt.NDArray[Any]]:
     """`session.run` on `batch`, halving it on out-of-memory until it fits.
 
-    Returns the outputs of the first `real` entries only (the rest are padding). Halves holding
-    nothing but padding are skipped. A single entry that still does not fit is a
-    `GpuOutOfMemoryError` for the pages concerned; any other error propagates unchanged.
+    Returns every output of the model, each for the first `real` entries only (the rest are
+    padding). Halves holding nothing but padding are skipped. A single entry that still does
+    not fit is a `GpuOutOfMemoryError` for the pages concerned; any other error propagates
+    unchanged.
     """
     name = session.get_inputs()[0].name
     try:
-        output: FloatArray = session.run(None, {name: batch})[0]
-        return output[:real]
+        outputs: list[npt.NDArray[Any]] = session.run(None, {name: batch})
+        return [output[:real] for output in outputs]
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
@@ -55,4 +56,4 @@ def run_split(session: Any, batch: FloatArray, real: int) -> FloatArray:
     if real <= middle:
         return first
     second = run_split(session, batch[middle:], real - middle)
-    return np.concatenate([first, second])
+    return [np.concatenate([a, b]) for a, b in zip(first, second, strict=True)]
