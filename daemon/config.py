@@ -103,6 +103,7 @@ class BatchSettings(_Section):
     max_wait_ms: int = Field(50, ge=0)
     workers: int = Field(0, ge=0)
     decode_threads: int = Field(2, ge=1)
+    host_processes: int | Literal["auto"] = "auto"
     stop_timeout_seconds: float = Field(30.0, ge=0)
 
 

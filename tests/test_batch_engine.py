@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections import Counter
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -285,14 +288,14 @@ def test_warmup_runs_every_bucket_once(
     for model, session in made.items():
         counts = Counter(session.shapes)
         assert set(counts.values()) == {1}, model
-    det_shapes = {shape[2:] for shape in made["det"].shapes}
+    det_shapes = {shape[1:3] for shape in made["det"].shapes}  # [N, H, W, 3] pixels
     assert det_shapes == set(buckets.det_warm_shapes(limit, limit_type))
     assert {shape[0] for shape in made["det"].shapes} == {1, 2, 4}
-    assert {shape[3] for shape in made["rec"].shapes} == set(buckets.REC_WIDTHS)
+    assert {shape[2] for shape in made["rec"].shapes} == set(buckets.REC_WIDTHS)
     if limit_type == "min":  # the short side is always the limit
-        assert all(limit in shape[2:] for shape in made["det"].shapes)
+        assert all(limit in shape[1:3] for shape in made["det"].shapes)
     else:  # pages up to the limit keep their size: every bucket up to it, none above
-        assert all(max(shape[2:]) <= limit for shape in made["det"].shapes)
+        assert all(max(shape[1:3]) <= limit for shape in made["det"].shapes)
         assert (256, 256) in det_shapes and (limit, limit) in det_shapes
 
 
@@ -317,7 +320,7 @@ def test_warmup_on_the_cpu_runs_one_small_shape_per_model(
     for model, session in made.items():
         assert len(session.shapes) == 1, model
         assert session.shapes[0] in warm[model]
-    assert made["det"].shapes[0][0] == 1 and made["rec"].shapes[0] == (1, 3, 48, 320)
+    assert made["det"].shapes[0][0] == 1 and made["rec"].shapes[0] == (1, 48, 320, 3)
 
 
 def test_real_warmup_runs_and_leaves_results_unchanged(
@@ -408,12 +411,66 @@ def test_cpu_runs_pages_and_lines_unpadded(
     engine = BatchEngine(OcrSettings(), CPU, max_pages=4)
     try:
         results = engine.recognize(pages)
-        det_sizes = {engine._prepare(page).det_input.shape[2:] for page in pages}  # type: ignore[union-attr]
+        det_sizes = {engine._prepare(page).det_input.shape[:2] for page in pages}  # type: ignore[union-attr]
     finally:
         engine.close()
     det, rec = recording_sessions["det"], recording_sessions["rec"]
-    assert {shape[2:] for shape in det.shapes} == det_sizes
+    assert {shape[1:3] for shape in det.shapes} == det_sizes
     assert all(shape[0] == 1 for shape in rec.shapes)
-    widths = [shape[3] for shape in rec.shapes]
+    widths = [shape[2] for shape in rec.shapes]
     assert min(widths) >= buckets.REC_MIN_WIDTH_CPU and min(widths) < buckets.REC_MIN_WIDTH
     _assert_same_text(results, reference)
+
+
+# -- host stages in worker processes ----------------------------------------------------------
+
+
+def test_host_processes_give_the_same_results_as_in_process(
+    pages: list[Image], reference: list[PageResult]
+) -> None:
+    """The GPU path's box extraction and crops in worker processes (pages in shared memory):
+    line for line, box for box what the in-process path gives."""
+    in_process = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True,
+                             host_processes=0)
+    processes = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True,
+                            host_processes=2)
+    try:
+        assert processes._host is not None and in_process._host is None
+        want = in_process.recognize(pages)
+        got = processes.recognize(pages)
+        again = processes.recognize(pages[:2])  # the workers serve call after call
+    finally:
+        in_process.close()
+        processes.close()
+    assert [r.lines for r in got] == [r.lines for r in want]
+    assert [r.lines for r in again] == [r.lines for r in want[:2]]
+    assert [r.text for r in got] == [r.text for r in reference]
+    assert not list(Path("/dev/shm").glob("psm_*")), "shared pages must be unlinked"
+
+
+def test_a_dead_host_worker_is_replaced(pages: list[Image],
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A worker killed between calls (OOM killer, a crash) costs no page: the next call finds
+    the pool broken and starts new workers; one killed during a call fails that call only
+    (BrokenProcessPool, which the pipeline retries)."""
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True, host_processes=1)
+    try:
+        assert engine._host is not None
+        want = engine.recognize(pages[:1])
+        dying = engine._host._executor.submit(os._exit, 1)
+        with pytest.raises(BrokenProcessPool):
+            dying.result()
+        with caplog.at_level(logging.WARNING, logger="daemon.ocr.host"):
+            assert engine.recognize(pages[:1])[0].lines == want[0].lines
+        assert "starting new ones" in caplog.text
+        assert engine.recognize(pages[:1])[0].lines == want[0].lines
+    finally:
+        engine.close()
+
+
+def test_auto_host_processes_on_a_gpu_provider_only() -> None:
+    cpu = BatchEngine(OcrSettings(), CPU, host_processes="auto")
+    try:
+        assert cpu._host is None  # inference uses the cores on the CPU provider
+    finally:
+        cpu.close()

@@ -1,5 +1,6 @@
-"""The recogniser reduced on the device: the same text and scores as decoding the full
-probabilities, from ~1/6000 of the bytes; the edited model cached by the source's hash."""
+"""The models edited for the device: pixels normalised there (the same float input to the
+bit), the recogniser's classes reduced there (the same text and scores from ~1/6000 of the
+bytes); the edited models cached by the source's hash."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from daemon.hardware.nvml import probe_nvml
 from daemon.hardware.providers import CPU, CUDA_EP, ProviderChoice, ort_providers_for
 from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets, graphs
-from daemon.ocr.batch import _resize_norm_rec
-from daemon.ocr.graphs import REC_INDEX_OUTPUT, REC_SCORE_OUTPUT, reduced_rec_model
-from daemon.ocr.models import resolve_model_paths
+from daemon.ocr.batch import _resize_rec, det_lut, normalise_rec, rec_lut
+from daemon.ocr.graphs import REC_INDEX_OUTPUT, REC_PAD, REC_SCORE_OUTPUT, det_model, rec_model
+from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
 from daemon.results import Image as BgrImage
 from tests.rendering import random_lines, render_page
 
@@ -47,36 +48,44 @@ def choice_for(provider: str, ocr: OcrSettings) -> ProviderChoice:
     return ProviderChoice("cuda", ort_providers=ort_providers_for("cuda", ocr))
 
 
-def rec_batch(images: list[BgrImage]) -> np.ndarray[Any, np.dtype[np.float32]]:
+def rec_batches(images: list[BgrImage]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """The lines as RapidOCR feeds them (normalised float32, zero-padded) and as the edited
+    recogniser takes them (uint16 pixels, REC_PAD-padded)."""
     needed = [buckets.rec_needed_width(im.shape[0], im.shape[1]) for im in images]
-    batch = np.zeros((len(images), 3, buckets.REC_HEIGHT, max(needed)), np.float32)
-    for k, (image, width) in enumerate(zip(images, needed, strict=True)):
-        _resize_norm_rec(image, width, batch[k])
-    return batch
+    width = max(needed)
+    floats = np.zeros((len(images), 3, buckets.REC_HEIGHT, width), np.float32)
+    pixels = np.full((len(images), buckets.REC_HEIGHT, width, 3), REC_PAD, np.uint16)
+    for k, (image, w) in enumerate(zip(images, needed, strict=True)):
+        _resize_rec(image, w, pixels[k])
+        floats[k, :, :, :w] = normalise_rec(pixels[k, :, :w].astype(np.uint8))
+    return floats, pixels
 
 
-@pytest.mark.parametrize("provider", [
+PROVIDERS = [
     "cpu",
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not CUDA_READY, reason="needs an NVIDIA GPU and onnxruntime-gpu")]),
-])
-def test_reduced_recogniser_gives_the_same_text_and_scores(provider: str, tmp_path: Path) -> None:
+]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_edited_recogniser_gives_the_same_text_and_scores(provider: str, tmp_path: Path) -> None:
     from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
 
     ocr = OcrSettings(lang="ch")
     source = resolve_model_paths(ocr).rec
     choice = choice_for(provider, ocr)
     full = create_session(source, choice, ocr)
-    reduced = create_session(reduced_rec_model(source, tmp_path), choice, ocr)
+    reduced = create_session(rec_model(source, rec_lut(), tmp_path), choice, ocr)
     assert provider_name(reduced) == provider
     assert [o.name for o in reduced.get_outputs()] == [REC_INDEX_OUTPUT, REC_SCORE_OUTPUT]
     character = full.get_modelmeta().custom_metadata_map["character"].splitlines()
     decoder = CTCLabelDecode(character=character)
 
-    batch = rec_batch(line_images())
-    (probs,) = full.run(None, {"x": batch})
+    floats, pixels = rec_batches(line_images())
+    (probs,) = full.run(None, {"x": floats})
     want, _ = decoder(probs)  # what RapidOCR's CTCLabelDecode gives from the probabilities
-    best, best_prob = reduced.run(None, {"x": batch})
+    best, best_prob = reduced.run(None, {"x": pixels})
     got, _ = decoder.decode(best, best_prob, remove_duplicate=True)
 
     assert got == want
@@ -87,14 +96,14 @@ def test_reduced_recogniser_gives_the_same_text_and_scores(provider: str, tmp_pa
 def test_the_edited_model_is_cached_by_the_source_hash(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     source = resolve_model_paths(OcrSettings()).rec
-    first = reduced_rec_model(source, tmp_path)
+    first = rec_model(source, rec_lut(), tmp_path)
     assert first.parent == tmp_path / "models" and first.is_file()
 
-    def no_edit(_source: Path) -> bytes:
+    def no_edit(_source: Path, _edit: object) -> bytes:
         raise AssertionError("an unchanged model must be read back from the cache")
 
-    monkeypatch.setattr(graphs, "_reduce_rec", no_edit)
-    assert reduced_rec_model(source, tmp_path) == first
+    monkeypatch.setattr(graphs, "_apply", no_edit)
+    assert rec_model(source, rec_lut(), tmp_path) == first
 
     monkeypatch.undo()
     import onnx
@@ -103,7 +112,7 @@ def test_the_edited_model_is_cached_by_the_source_hash(tmp_path: Path,
     model.doc_string = "a retrained model under the same name"
     changed = tmp_path / source.name
     onnx.save(model, str(changed))
-    second = reduced_rec_model(changed, tmp_path)
+    second = rec_model(changed, rec_lut(), tmp_path)
     assert second != first and second.is_file()
 
 
@@ -111,7 +120,28 @@ def test_an_unwritable_cache_falls_back_to_a_private_folder(tmp_path: Path) -> N
     source = resolve_model_paths(OcrSettings()).rec
     blocked = tmp_path / "cache"
     blocked.write_text("a file where the cache folder should be")
-    path = reduced_rec_model(source, blocked)
+    path = rec_model(source, rec_lut(), blocked)
     assert path.is_file() and blocked not in path.parents
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == [REC_INDEX_OUTPUT, REC_SCORE_OUTPUT]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_edited_detector_sees_the_same_input(provider: str, tmp_path: Path) -> None:
+    from rapidocr.ch_ppocr_det.utils import DetPreProcess
+
+    ocr = OcrSettings()
+    det = load_rapidocr_config(ocr).Det
+    pre = DetPreProcess(det.limit_side_len, det.limit_type, det.mean, det.std)
+    source = resolve_model_paths(ocr).det
+    choice = choice_for(provider, ocr)
+    full = create_session(source, choice, ocr)
+    edited = create_session(det_model(source, det_lut(pre), tmp_path), choice, ocr)
+    rng = np.random.default_rng(5)
+    page = render_page(random_lines(3, 5), width=640, font_size=30)
+    page[:40, :40] = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)  # every pixel value
+    resized = pre.resize(page)
+    (want,) = full.run(None, {"x": pre(page)})  # RapidOCR's own pre-processing on the host
+    (got,) = edited.run(None, {"x": resized[None]})
+    assert np.array_equal(got, want)
+    assert edited.get_inputs()[0].type == "tensor(uint8)"

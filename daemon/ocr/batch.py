@@ -15,19 +15,20 @@ and all per-call state is local.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from daemon.config import OcrSettings
 from daemon.errors import ConfigError
@@ -35,15 +36,16 @@ from daemon.hardware.providers import ProviderChoice
 from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets
 from daemon.ocr.device import FloatArray, GpuOutOfMemoryError, run_split
-from daemon.ocr.graphs import reduced_rec_model
+from daemon.ocr.graphs import REC_PAD, det_model, rec_model
+from daemon.ocr.host import Detected, HostPool, PageBuffer, detect_lines
 from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
 from daemon.results import Image, Line, PageResult, Point
 
 log = logging.getLogger(__name__)
 
-# Detection input is (pixel/255 - 0.5)/0.5; padding a page with white (1.0) makes the padded
-# area look like more page margin, which disturbs the text near the edge least.
-DET_PAD_WHITE = 1.0
+# Padding a page with white makes the padded area look like more page margin, which disturbs
+# the text near the edge least.
+DET_PAD_WHITE = 255
 
 @dataclass
 class _Page:
@@ -52,10 +54,11 @@ class _Page:
     ori_shape: tuple[int, int]
     image: Image  # after RapidOCR's bounds resize and vertical padding: boxes refer to this
     op_record: dict[str, Any]
-    det_input: FloatArray | None  # [1,3,h,w], or None when the page is too small to detect
+    det_input: Image | None  # [h,w,3] resized for detection; None when too small to detect
     boxes: FloatArray | None = None
     crops: list[Image] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    buffer: PageBuffer | None = None  # the image in shared memory, for the host processes
 
 
 class BatchEngine:
@@ -70,6 +73,7 @@ class BatchEngine:
         rec_batch_sizes: Sequence[int] | None = None,
         post_threads: int = 2,
         fixed_shapes: bool | None = None,
+        host_processes: int | Literal["auto"] = 0,
     ) -> None:
         from rapidocr.ch_ppocr_cls.main import CLS_SHAPE_BY_OCR_VERSION
         from rapidocr.ch_ppocr_cls.utils import ClsPostProcess
@@ -86,22 +90,23 @@ class BatchEngine:
         self._cfg = cfg
         paths = resolve_model_paths(ocr, cfg)
 
-        self._det = create_session(paths.det, choice, ocr)
-        # the device hands back arg-max and max per time step, not every class's probability
-        self._rec = create_session(reduced_rec_model(paths.rec), choice, ocr)
-        self._cls = create_session(paths.cls, choice, ocr) if ocr.use_cls else None
-
-        self._provider = provider_name(self._det)
         det = cfg.Det
         self._det_pre = DetPreProcess(det.limit_side_len, det.limit_type, det.mean, det.std)
-        self._det_post = DBPostProcess(
-            thresh=det.thresh,
-            box_thresh=det.box_thresh,
-            max_candidates=det.max_candidates,
-            unclip_ratio=det.unclip_ratio,
-            use_dilation=det.use_dilation,
-            score_mode=det.score_mode,
-        )
+        # Both models normalise pixels on the device, by tables of this host code's own
+        # results; the recogniser also hands back arg-max and max, not 18,710 probabilities.
+        self._det = create_session(det_model(paths.det, det_lut(self._det_pre)), choice, ocr)
+        self._rec = create_session(rec_model(paths.rec, rec_lut()), choice, ocr)
+        self._cls = create_session(paths.cls, choice, ocr) if ocr.use_cls else None
+        self._provider = provider_name(self._det)
+        db_params = {
+            "thresh": det.thresh,
+            "box_thresh": det.box_thresh,
+            "max_candidates": det.max_candidates,
+            "unclip_ratio": det.unclip_ratio,
+            "use_dilation": det.use_dilation,
+            "score_mode": det.score_mode,
+        }
+        self._det_post = DBPostProcess(**db_params)
         # GPU providers (or when asked): a small fixed set of input shapes, all warmed up
         self._coarse = self._provider != "cpu" if fixed_shapes is None else fixed_shapes
         self._det_ladder = buckets.det_ladder(det.limit_side_len, coarse=self._coarse)
@@ -135,6 +140,12 @@ class BatchEngine:
             if post_threads > 0
             else None
         )
+        if host_processes == "auto":
+            # the GPU path's host stages on every core; on the CPU inference has them already
+            host_processes = len(os.sched_getaffinity(0)) if self._provider != "cpu" else 0
+        # the angle classifier turns raw crops, so with it lines are cut in this process
+        self._host = (HostPool(host_processes, db_params)
+                      if host_processes > 0 and self._cls is None else None)
 
     @property
     def provider(self) -> str:
@@ -148,6 +159,8 @@ class BatchEngine:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self._host is not None:
+            self._host.close()
 
     # ---------------------------------------------------------------- the pipeline
 
@@ -155,7 +168,12 @@ class BatchEngine:
         if not images:
             return []
         pages = self._map(self._prepare, images)
-        self._detect(pages)
+        try:
+            self._detect(pages)
+        finally:
+            for page in pages:
+                if page.buffer is not None:
+                    page.buffer.release()
         crops = [(p, i) for p, page in enumerate(pages) for i in range(len(page.crops))]
         flat = [pages[p].crops[i] for p, i in crops]
         owners = [p for p, _ in crops]
@@ -192,12 +210,14 @@ class BatchEngine:
             )
         else:
             op_record["padding_1"] = {"top": 0, "left": 0}
-        det_input = self._det_pre(img)
+        det_input = self._det_pre.resize(img)  # normalised on the device
         page = _Page(
             ori_shape=(image.shape[0], image.shape[1]),
             image=img,
             op_record=op_record,
             det_input=det_input,
+            buffer=PageBuffer(img) if self._host is not None and det_input is not None
+            else None,
         )
         page.timings["det"] = time.perf_counter() - start
         return page
@@ -206,46 +226,50 @@ class BatchEngine:
         by_bucket: dict[tuple[int, int], list[_Page]] = defaultdict(list)
         for page in pages:
             if page.det_input is not None:
-                _, _, h, w = page.det_input.shape
+                h, w = page.det_input.shape[:2]
                 # the CPU runs each page at its own size: padding there is real convolution
                 key = buckets.det_bucket(h, w, self._det_ladder) if self._coarse else (h, w)
                 by_bucket[key].append(page)
         pending: list[Future[None]] = []
+        detected: list[tuple[_Page, Future[Detected]]] = []
         for (bucket_h, bucket_w), members in by_bucket.items():
             offset = 0
             for slot in buckets.plan_batches(len(members), self._det_sizes, max_waste=0.0):
                 chunk = members[offset : offset + slot.real]
                 offset += slot.real
-                batch = np.full((slot.size, 3, bucket_h, bucket_w), DET_PAD_WHITE, np.float32)
+                batch = np.full((slot.size, bucket_h, bucket_w, 3), DET_PAD_WHITE, np.uint8)
                 for k, page in enumerate(chunk):
                     assert page.det_input is not None
-                    _, _, h, w = page.det_input.shape
-                    batch[k, :, :h, :w] = page.det_input[0]
+                    h, w = page.det_input.shape[:2]
+                    batch[k, :h, :w] = page.det_input
                 start = time.perf_counter()
                 (maps,) = run_split(self._det, batch, slot.real)
                 share = (time.perf_counter() - start) / len(chunk)
                 for k, page in enumerate(chunk):
                     assert page.det_input is not None
-                    _, _, h, w = page.det_input.shape
+                    h, w = page.det_input.shape[:2]
                     page.timings["det"] += share
                     prob = np.ascontiguousarray(maps[k : k + 1, :, :h, :w])
-                    if self._pool is None:
+                    if self._host is not None and page.buffer is not None:
+                        detected.append((page, self._host.post_detect(page.buffer.ref, prob)))
+                    elif self._pool is None:
                         self._post_detect(page, prob)
                     else:
                         pending.append(self._pool.submit(self._post_detect, page, prob))
         for future in pending:
             future.result()
+        for page, result in detected:
+            start = time.perf_counter()
+            lines = result.result()
+            page.boxes, page.crops = lines.boxes, lines.lines
+            page.timings["det"] += time.perf_counter() - start
 
     def _post_detect(self, page: _Page, prob: FloatArray) -> None:
-        """DB boxes for one page from its cropped probability map, then the line crops."""
-        from rapidocr.ch_ppocr_det.main import TextDetector
-        from rapidocr.utils.process_img import get_rotate_crop_image
-
+        """DB boxes for one page from its cropped probability map, then its lines (raw crops
+        for the angle classifier, else resized for the recogniser as the host processes do)."""
         start = time.perf_counter()
-        boxes, _ = self._det_post(prob, page.image.shape[:2])
-        if len(boxes) > 0:
-            page.boxes = TextDetector.sorted_boxes(boxes)
-            page.crops = [get_rotate_crop_image(page.image, copy.deepcopy(b)) for b in page.boxes]
+        found = detect_lines(self._det_post, page.image, prob, resize=self._cls is None)
+        page.boxes, page.crops = found.boxes, found.lines
         page.timings["det"] += time.perf_counter() - start
 
     def _classify(self, crops: list[Image], owners: list[int], pages: list[_Page]) -> list[Image]:
@@ -279,9 +303,9 @@ class BatchEngine:
         needed = [buckets.rec_needed_width(c.shape[0], c.shape[1]) for c in crops]
         order = sorted(range(len(crops)), key=lambda k: crops[k].shape[1] / crops[k].shape[0])
         for width, chunk, size in self._rec_plan(order, needed):
-            batch = np.zeros((size, 3, buckets.REC_HEIGHT, width), np.float32)
+            batch = np.full((size, buckets.REC_HEIGHT, width, 3), REC_PAD, np.uint16)
             for k, idx in enumerate(chunk):
-                _resize_norm_rec(crops[idx], min(needed[idx], width), batch[k])
+                _resize_rec(crops[idx], min(needed[idx], width), batch[k])
             best, best_prob = run_split(self._rec, batch, len(chunk))
             lines, _ = self._decode.decode(best, best_prob, remove_duplicate=True)
             for k, (text, score) in enumerate(lines):
@@ -343,13 +367,13 @@ class BatchEngine:
     def warmup_shapes(self) -> dict[str, list[tuple[int, ...]]]:
         """Every input shape `warmup` runs, per model."""
         det = [
-            (n, 3, h, w)
+            (n, h, w, 3)
             for h, w in buckets.det_warm_shapes(self._cfg.Det.limit_side_len,
                                                 self._cfg.Det.limit_type, coarse=self._coarse)
             for n in self._det_sizes
         ]
         rec = [
-            (n, 3, buckets.REC_HEIGHT, w) for w in buckets.REC_WIDTHS for n in self._rec_sizes
+            (n, buckets.REC_HEIGHT, w, 3) for w in buckets.REC_WIDTHS for n in self._rec_sizes
         ]
         cls = (
             [(n, *self._cls_shape) for n in buckets.CLS_BATCH_SIZES]
@@ -368,7 +392,10 @@ class BatchEngine:
         """
         if full is None:
             full = self._provider != "cpu"
+        if self._host is not None:
+            self._host.warmup()  # worker processes start now, not on the first page
         sessions = {"det": self._det, "cls": self._cls, "rec": self._rec}
+        dtypes = {"det": np.uint8, "cls": np.float32, "rec": np.uint16}
         spent: dict[str, float] = {}
         for model, shapes in self.warmup_shapes().items():
             session = sessions[model]
@@ -379,22 +406,43 @@ class BatchEngine:
             start = time.perf_counter()
             for shape in shapes:
                 try:
-                    run_split(session, np.zeros(shape, np.float32), shape[0])
+                    run_split(session, np.zeros(shape, dtypes[model]), shape[0])
                 except GpuOutOfMemoryError as exc:  # pages this big will split or fail alone
                     log.warning("warm-up of %s %s: %s", model, list(shape), exc)
             spent[model] = time.perf_counter() - start
         return spent
 
 
-def _resize_norm_rec(crop: Image, resized_w: int, out: FloatArray) -> None:
-    """RapidOCR's TextRecognizer.resize_norm_img, written into a bucket-wide slot.
+def _resize_rec(crop: Image, resized_w: int, out: npt.NDArray[np.uint16]) -> None:
+    """RapidOCR's TextRecognizer.resize_norm_img without the normalisation (done on the
+    device), written into a bucket-wide `[48, W, 3]` slot that holds REC_PAD beyond the line
+    (normalised to 0.0, mid-grey, as RapidOCR pads). A line already at that size (resized
+    where it was cropped) is copied as it is."""
+    if crop.shape[:2] == (buckets.REC_HEIGHT, resized_w):
+        out[:, :resized_w] = crop
+    else:
+        out[:, :resized_w] = cv2.resize(crop, (resized_w, buckets.REC_HEIGHT))
 
-    The slot is zero (the normalised value of mid-grey), as RapidOCR pads.
-    """
-    resized = cv2.resize(crop, (resized_w, buckets.REC_HEIGHT)).astype(np.float32)
-    out[:, :, :resized_w] = resized.transpose((2, 0, 1)) / 255
-    out[:, :, :resized_w] -= 0.5
-    out[:, :, :resized_w] /= 0.5
+
+def normalise_rec(pixels: Image) -> FloatArray:
+    """RapidOCR's recognition normalisation of `[H, W, 3]` pixels, to `[3, H, W]` float32."""
+    out = cast(FloatArray, pixels.astype(np.float32).transpose((2, 0, 1)) / 255)
+    out -= 0.5
+    out /= 0.5
+    return out
+
+
+def rec_lut() -> FloatArray:
+    """`normalise_rec` of every pixel value, per channel (256 x 3), and 0.0 for REC_PAD."""
+    values = np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2)
+    table = normalise_rec(values)[:, 0, :].T  # [256, 3]
+    return np.concatenate([table, np.zeros((1, 3), np.float32)])
+
+
+def det_lut(pre: Any) -> FloatArray:
+    """RapidOCR's DetPreProcess normalisation of every pixel value, per channel (256 x 3)."""
+    values = np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2)
+    return np.ascontiguousarray(pre.normalize(values)[0].astype(np.float32))
 
 
 def _share_out(pages: list[_Page], owners: list[int], stage: str, seconds: float) -> None:

@@ -31,7 +31,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return bool(_OOM_PATTERN.search(str(exc)))
 
 
-def run_split(session: Any, batch: FloatArray, real: int) -> list[npt.NDArray[Any]]:
+def run_split(session: Any, batch: npt.NDArray[Any], real: int) -> list[npt.NDArray[Any]]:
     """`session.run` on `batch`, halving it on out-of-memory until it fits.
 
     Returns every output of the model, each for the first `real` entries only (the rest are

@@ -56,7 +56,8 @@ def build_engine(settings: Settings, choice: ProviderChoice, workers: int) -> Oc
     if ocr.engine == "batch":
         from daemon.ocr.batch import BatchEngine
 
-        return BatchEngine(ocr, choice, max_pages=settings.batch.max_pages)
+        return BatchEngine(ocr, choice, max_pages=settings.batch.max_pages,
+                           host_processes=settings.batch.host_processes)
     from daemon.ocr.rapid import RapidOcrEngine
 
     return RapidOcrEngine(ocr, choice)

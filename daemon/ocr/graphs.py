@@ -1,17 +1,25 @@
 """Edits to the bundled models' graphs, made once at load and cached.
 
-The recogniser ends in a Softmax over its whole dictionary (18,710 classes for PP-OCRv6): a run
-hands back `[lines, W/8, 18710]` float32, ~190 MB for 32 lines 640 px wide, copied from the GPU
-only for the host to keep the arg-max and the max of each time step. Appending an ArgMax and a
-ReduceMax over the class axis, and making those the graph's only outputs, leaves two `[lines,
-W/8]` tensors (12 bytes a time step instead of 74,840); onnxruntime then never materialises the
-probabilities on the host. CTC decoding of the two (RapidOCR's `CTCLabelDecode.decode`, given
-them) yields the same text and scores as decoding the full probabilities.
+Pre-processing on the device: detection and recognition inputs are normalised pixel by pixel
+((v/255 - mean) / std) into float32 NCHW, which cost the host more than any other stage of
+the GPU path (numpy in float64, on one core under the GIL) and sent 4 bytes per value to the
+device. The edited models take the pixels themselves, NHWC as OpenCV holds them (detection
+uint8, recognition uint16 where 256 marks padding), and look each value up in a table of the
+host's own normalisation results, computed by the host code on every possible value: the
+float32 input the original graph sees is identical to the bit.
 
-The edited model is written to the cache (`daemon.config.cache_dir()/models`) under a name
-keyed by the source model's SHA-256, so a changed model is edited again and an unchanged one is
-read back. A cache that cannot be written is not an error: the model goes to a private
-temporary folder for this process instead.
+Reduction on the device: the recogniser ends in a Softmax over its whole dictionary (18,710
+classes for PP-OCRv6): a run hands back `[lines, W/8, 18710]` float32, ~190 MB for 32 lines
+640 px wide, copied from the GPU only for the host to keep the arg-max and the max of each
+time step. Appending an ArgMax and a ReduceMax over the class axis, and making those the
+graph's only outputs, leaves two `[lines, W/8]` tensors (12 bytes a time step instead of
+74,840). CTC decoding of the two (RapidOCR's `CTCLabelDecode.decode`, given them) yields the
+same text and scores as decoding the full probabilities.
+
+Edited models are written to the cache (`daemon.config.cache_dir()/models`) under names keyed
+by the source model's SHA-256 and the edit, so a changed model is edited again and an
+unchanged one is read back. A cache that cannot be written is not an error: the model goes to
+a private temporary folder for this process instead.
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from daemon.config import cache_dir
 from daemon.errors import ConfigError
@@ -29,7 +41,10 @@ log = logging.getLogger(__name__)
 
 REC_INDEX_OUTPUT = "ocr_daemon_argmax"  # int64 [N, T]: the most likely class per time step
 REC_SCORE_OUTPUT = "ocr_daemon_max"  # float32 [N, T]: its probability
-EDIT_VERSION = 1  # bump when the edit changes, so cached models are rebuilt
+EDIT_VERSION = 2  # bump when an edit changes, so cached models are rebuilt
+REC_PAD = 256  # the recogniser's input value for padding (normalised to 0.0, mid-grey)
+
+FloatArray = npt.NDArray[np.float32]
 
 
 def file_sha256(path: Path) -> str:
@@ -40,21 +55,37 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def reduced_rec_model(source: Path, cache: Path | None = None) -> Path:
-    """The recogniser at `source` with its output reduced on the device (see the module doc).
+def det_model(source: Path, lut: FloatArray, cache: Path | None = None) -> Path:
+    """The detector taking uint8 `[N, H, W, 3]` pixels; `lut[v, c]` is the host's normalised
+    value of pixel value `v` in channel `c` (256 x 3)."""
+    return _edited(source, "det-u8", lut.tobytes(), lambda model: _take_pixels(
+        model, lut, uint16=False), cache)
 
-    Returns the path of the edited model, from the cache when it is there already.
-    """
-    key = f"{source.stem}.argmax-v{EDIT_VERSION}.{file_sha256(source)[:16]}.onnx"
+
+def rec_model(source: Path, lut: FloatArray, cache: Path | None = None) -> Path:
+    """The recogniser taking uint16 `[N, 48, W, 3]` pixels (`REC_PAD` = padding; `lut` is
+    257 x 3) and returning arg-max and max per time step (see the module doc)."""
+    def edit(model: Any) -> None:
+        _take_pixels(model, lut, uint16=True)
+        _reduce_classes(model, source)
+    return _edited(source, "rec-u16-argmax", lut.tobytes(), edit, cache)
+
+
+def _edited(source: Path, edit_name: str, params: bytes, edit: Any,
+            cache: Path | None) -> Path:
+    """`source` edited by `edit`, from the cache when it is there (keyed by the source's
+    SHA-256, the edit and its parameters)."""
+    key_hash = hashlib.sha256(file_sha256(source).encode() + params).hexdigest()[:16]
+    key = f"{source.stem}.{edit_name}-v{EDIT_VERSION}.{key_hash}.onnx"
     folder = (cache if cache is not None else cache_dir()) / "models"
     target = folder / key
     if target.is_file():
         return target
-    data = _reduce_rec(source)
+    data = _apply(source, edit)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomic(target, data)
-        log.info("recognition model %s reduced on the device, cached as %s", source.name, target)
+        log.info("%s edited for the device (%s), cached as %s", source.name, edit_name, target)
         return target
     except OSError as exc:
         private = Path(tempfile.mkdtemp(prefix="ocr-daemon-models-")) / key
@@ -64,11 +95,57 @@ def reduced_rec_model(source: Path, cache: Path | None = None) -> Path:
         return private
 
 
-def _reduce_rec(source: Path) -> bytes:
+def _apply(source: Path, edit: Any) -> bytes:
+    import onnx
+
+    model = onnx.load(str(source))
+    edit(model)
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+def _take_pixels(model: Any, lut: FloatArray, *, uint16: bool) -> None:
+    """Make the graph's input NHWC pixels: index = value * 3 + channel into the flattened
+    table, gathered, transposed to the NCHW float32 input the original graph read."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    old = graph.input[0]
+    name = old.name
+    inner = f"{name}_normalised"
+    for node in graph.node:  # the original graph now reads the normalised tensor
+        node.input[:] = [inner if i == name else i for i in node.input]
+    dims = [d.dim_param or d.dim_value for d in old.type.tensor_type.shape.dim]
+    if len(dims) != 4 or dims[1] != 3:
+        raise ConfigError(f"expected an [N, 3, H, W] input, found {dims}")
+    pixel = onnx.TensorProto.UINT16 if uint16 else onnx.TensorProto.UINT8
+    graph.input.remove(old)
+    graph.input.insert(0, helper.make_tensor_value_info(
+        name, pixel, [dims[0], dims[2], dims[3], 3]))
+    graph.initializer.extend([
+        numpy_helper.from_array(np.ascontiguousarray(lut, np.float32).reshape(-1),
+                                "ocr_daemon_lut"),
+        numpy_helper.from_array(np.array(3, np.int32), "ocr_daemon_three"),
+        numpy_helper.from_array(np.array([0, 1, 2], np.int32), "ocr_daemon_channels"),
+    ])
+    nodes = [
+        helper.make_node("Cast", [name], ["ocr_daemon_value"], to=onnx.TensorProto.INT32),
+        helper.make_node("Mul", ["ocr_daemon_value", "ocr_daemon_three"], ["ocr_daemon_row"]),
+        helper.make_node("Add", ["ocr_daemon_row", "ocr_daemon_channels"],
+                         ["ocr_daemon_index"]),
+        helper.make_node("Gather", ["ocr_daemon_lut", "ocr_daemon_index"],
+                         ["ocr_daemon_nhwc"], axis=0),
+        helper.make_node("Transpose", ["ocr_daemon_nhwc"], [inner], perm=[0, 3, 1, 2]),
+    ]
+    for position, node in enumerate(nodes):
+        graph.node.insert(position, node)
+
+
+def _reduce_classes(model: Any, source: Path) -> None:
     import onnx
     from onnx import helper
 
-    model = onnx.load(str(source))
     graph = model.graph
     if len(graph.output) != 1:
         raise ConfigError(f"{source.name}: expected one output (the class probabilities), "
@@ -83,8 +160,6 @@ def _reduce_rec(source: Path) -> bytes:
         helper.make_tensor_value_info(REC_INDEX_OUTPUT, onnx.TensorProto.INT64, ["N", "T"]),
         helper.make_tensor_value_info(REC_SCORE_OUTPUT, onnx.TensorProto.FLOAT, ["N", "T"]),
     ])
-    onnx.checker.check_model(model)
-    return bytes(model.SerializeToString())
 
 
 def _write_atomic(target: Path, data: bytes) -> None:

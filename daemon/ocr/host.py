@@ -1,0 +1,157 @@
+"""Host stages of the GPU path in worker processes, so they use every core.
+
+After detection, each page's DB boxes are extracted from its probability map, sorted, cropped
+from the page and each crop resized to the recogniser's height: Python loops and small OpenCV
+calls, the largest share of the host work left once pre-processing moved to the device. In
+threads they hold the GIL (the whole host pipeline scaled 1.04x from one core to two); in
+processes they scale with the cores.
+
+The page travels in shared memory (the main process writes it once; the worker maps it, no
+copy); the probability map goes pickled (a page's own `h x w` crop of the batch output); boxes
+and resized lines come back pickled (tens of kB). The functions are RapidOCR's own, so a line
+is cropped and resized to the byte as the in-process path does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any, cast
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from daemon.ocr import buckets
+from daemon.results import Image
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class SharedPage:
+    """A page image in shared memory: what a worker needs to map it."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+class PageBuffer:
+    """The main process's side of a shared page: created with the image, unlinked when done."""
+
+    def __init__(self, image: Image) -> None:
+        self._shm = shared_memory.SharedMemory(create=True, size=max(1, image.nbytes))
+        view: Image = np.ndarray(image.shape, np.uint8, buffer=self._shm.buf)
+        view[...] = image
+        self.ref = SharedPage(self._shm.name, tuple(image.shape))
+
+    def release(self) -> None:
+        self._shm.close()
+        self._shm.unlink()
+
+
+@dataclass(frozen=True)
+class Detected:
+    boxes: FloatArray | None  # sorted as RapidOCR sorts them; None when no text was found
+    lines: list[Image]  # each box's crop (resized to the recogniser's height), in box order
+
+
+# --- in the worker -----------------------------------------------------------------------
+
+_post: Any = None
+
+
+def _init_worker(det_params: dict[str, Any]) -> None:
+    global _post
+    from rapidocr.ch_ppocr_det.utils import DBPostProcess
+
+    cv2.setNumThreads(1)  # one process per core already
+    _post = DBPostProcess(**det_params)
+
+
+def post_detect(page: SharedPage, prob: FloatArray) -> Detected:
+    """DB boxes of one page from its probability map, then its lines, ready to recognise."""
+    shm = shared_memory.SharedMemory(name=page.name)
+    try:
+        image: Image = np.ndarray(page.shape, np.uint8, buffer=shm.buf)
+        try:
+            return detect_lines(_post, image, prob)
+        finally:
+            del image  # the mapping cannot close while a view of it lives
+    finally:
+        shm.close()
+
+
+def detect_lines(post: Any, image: Image, prob: FloatArray, *, resize: bool = True) -> Detected:
+    """RapidOCR's DB post-processing, box sorting and rotated crops, then (with `resize`) each
+    crop resized to the recogniser's height at its own width: the width its slot gets in any
+    batch, so the recogniser's input is the same as resizing it there."""
+    from rapidocr.ch_ppocr_det.main import TextDetector
+    from rapidocr.utils.process_img import get_rotate_crop_image
+
+    boxes, _ = post(prob, image.shape[:2])
+    if len(boxes) == 0:
+        return Detected(None, [])
+    boxes = TextDetector.sorted_boxes(boxes)
+    crops = [get_rotate_crop_image(image, copy.deepcopy(box)) for box in boxes]
+    if not resize:
+        return Detected(boxes, crops)
+    lines: list[Image] = []
+    for crop in crops:
+        width = buckets.rec_needed_width(crop.shape[0], crop.shape[1])
+        lines.append(cast(Image, cv2.resize(crop, (width, buckets.REC_HEIGHT))))
+    return Detected(boxes, lines)
+
+
+# --- in the main process -----------------------------------------------------------------
+
+
+class HostPool:
+    """A process pool for `post_detect`, rebuilt if a worker dies (the batch that was running
+    fails and is retried by the pipeline; the next batch gets fresh workers)."""
+
+    def __init__(self, processes: int, det_params: dict[str, Any]) -> None:
+        self._processes = processes
+        self._det_params = det_params
+        self._lock = threading.Lock()
+        self._executor = self._start()
+
+    @property
+    def processes(self) -> int:
+        return self._processes
+
+    def _start(self) -> ProcessPoolExecutor:
+        # spawn: forking a process that holds onnxruntime sessions and threads is unsafe
+        return ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context(
+            "spawn"), initializer=_init_worker, initargs=(self._det_params,))
+
+    def post_detect(self, page: SharedPage, prob: FloatArray) -> Future[Detected]:
+        with self._lock:
+            try:
+                return self._executor.submit(post_detect, page, prob)
+            except BrokenProcessPool:
+                log.warning("a host worker process died; starting new ones")
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._start()
+                return self._executor.submit(post_detect, page, prob)
+
+    def warmup(self) -> None:
+        """Start every worker now (imports take a second each), not on the first page."""
+        futures = [self._executor.submit(_ready) for _ in range(self._processes * 2)]
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _ready() -> bool:
+    return _post is not None
