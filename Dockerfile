@@ -30,15 +30,11 @@ RUN python3.12 -m venv /opt/ocr-daemon/venv
 ENV PATH=/opt/ocr-daemon/venv/bin:$PATH
 WORKDIR /src
 COPY . .
-# The base dependencies name the CPU-only `onnxruntime`; the [gpu] extra adds onnxruntime-gpu.
-# Both install the same `onnxruntime` module, so whichever comes last overwrites the other's
-# files, and uninstalling one would delete files of both. Install everything, remove both, then
-# put back onnxruntime-gpu alone (--no-deps: its dependencies are already there).
-# `pip check` consequently reports ocr-daemon's unmet `onnxruntime` requirement; that is
-# expected in this image.
-RUN pip install "/src[gpu]" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
- && pip uninstall -y onnxruntime onnxruntime-gpu \
- && pip install --no-deps --force-reinstall "onnxruntime-gpu==${ORT_GPU_VERSION}"
+# The daemon depends on no onnxruntime build itself (the CPU and GPU builds install the same
+# module and must never be installed together: daemon/hardware/builds.py); the [gpu] extra
+# brings onnxruntime-gpu alone, pinned here to the CUDA 13 build that builds.py names for a
+# CUDA 13 driver. CUDA and cuDNN come from the base image, not from pip.
+RUN pip install "/src[gpu]" "onnxruntime-gpu==${ORT_GPU_VERSION}"
 
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime
@@ -74,7 +70,8 @@ ENV PATH=/opt/ocr-daemon/venv/bin:$PATH \
     OCR_DAEMON_LOG__FORMAT=json \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    CUDA_CACHE_PATH=/var/lib/ocr-daemon/.nv/ComputeCache
+    CUDA_CACHE_PATH=/var/lib/ocr-daemon/.nv/ComputeCache \
+    XDG_CACHE_HOME=/var/lib/ocr-daemon/.cache
 
 # Build-time proof, with no network, that the image is complete:
 #  - every shared library that onnxruntime's CUDA provider links resolves against this base
@@ -82,7 +79,8 @@ ENV PATH=/opt/ocr-daemon/venv/bin:$PATH \
 #    NVIDIA container toolkit mounts from the host driver at run time;
 #  - cuDNN 9, which the provider loads lazily (dlopen), is in the linker cache;
 #  - the CUDA provider is compiled in (onnxruntime-gpu, not the CPU wheel, owns the module);
-#  - RapidOCR's bundled det/rec/cls models are present and OCR a rendered line offline;
+#  - RapidOCR's bundled det/rec/cls models are present and OCR a rendered line offline (the
+#    models edited for the device are cached in the image as they are made, for the ocr user);
 #  - the console script starts.
 RUN --network=none set -eu; \
     cuda_ep="$(find /opt/ocr-daemon/venv -name 'libonnxruntime_providers_cuda.so' -print -quit)"; \
@@ -92,7 +90,8 @@ RUN --network=none set -eu; \
     if [ -n "$missing" ]; then echo "not in the base image: $missing" >&2; exit 1; fi; \
     if ! ldconfig -p | grep 'libcudnn\.so\.9 ' >/dev/null; then echo "cuDNN 9 missing" >&2; exit 1; fi; \
     python /opt/ocr-daemon/selfcheck.py --require-cuda-provider; \
-    ocr-daemon --version
+    ocr-daemon --version; \
+    chown -R ocr:ocr /var/lib/ocr-daemon/.cache
 
 USER 10001:10001
 WORKDIR /var/lib/ocr-daemon

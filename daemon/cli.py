@@ -76,6 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaemonError as exc:
         print(f"ocr-daemon: {exc}", file=sys.stderr)
         return int(exc.exit_code)
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnxruntime":
+            raise
+        from daemon.hardware.builds import choose_build, driver_cuda_version
+
+        build = choose_build(driver_cuda_version())
+        print(f"ocr-daemon: onnxruntime is not installed; for this host ({build.reason}): "
+              f"pip install '{build.requirement}' (make setup does it)", file=sys.stderr)
+        return int(ExitCode.CONFIG)
     except KeyboardInterrupt:
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:

@@ -236,7 +236,12 @@ def test_dockerfile_instructions() -> None:
     runs = [rest for kw, rest in instructions if kw == "RUN"]
     installs = " ".join(runs)
     assert '"/src[gpu]"' in installs
-    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in installs
+    # one onnxruntime build: the CUDA 13 one builds.py names, and the CPU build never
+    from daemon.hardware.builds import ORT_GPU_CUDA13
+
+    assert re.search(rf"ORT_GPU_VERSION={re.escape(ORT_GPU_CUDA13)}\b", args)
+    assert f'"onnxruntime-gpu==${{ORT_GPU_VERSION}}"' in installs
+    assert not re.search(r"\bonnxruntime(?![-\w])", installs.replace("onnxruntime-gpu", ""))
     # Models come from the rapidocr wheel; nothing fetches them, and the check proves it offline.
     assert not re.search(r"\b(wget|curl|hf_hub|huggingface|modelscope)\b", installs)
     assert any(r.startswith("--network=none") and "selfcheck.py" in r for r in runs)

@@ -11,7 +11,8 @@ import onnxruntime as ort
 
 from daemon.config import Settings
 from daemon.errors import ProviderError
-from daemon.hardware.nvml import probe_nvml
+from daemon.hardware.builds import build_report
+from daemon.hardware.nvml import NvmlReport, probe_nvml
 from daemon.hardware.opencl import probe_opencl
 from daemon.hardware.providers import choose_provider
 
@@ -57,10 +58,19 @@ def doctor_report(settings: Settings) -> dict[str, Any]:
         )
     return {
         "onnxruntime": onnxruntime_info(),
+        "build": build_report(driver_cuda(nvml), probe=False),
         "nvml": asdict(nvml),
         "opencl": asdict(opencl),
         "provider": provider,
     }
+
+
+def driver_cuda(nvml: NvmlReport) -> tuple[int, int] | None:
+    """The driver's CUDA version as NVML reads it ("13.0"), as `builds` wants it."""
+    if not nvml.cuda_driver_version:
+        return None
+    major, _, minor = nvml.cuda_driver_version.partition(".")
+    return int(major), int(minor or 0)
 
 
 def _mib(n: int) -> str:
@@ -82,6 +92,11 @@ def format_doctor(report: dict[str, Any]) -> str:
     rt = report["onnxruntime"]
     lines.append(f"onnxruntime {rt['version']} ({rt['device']} build)")
     lines.append(f"  providers in this build: {', '.join(rt['available_providers'])}")
+    build = report["build"]
+    installed = ", ".join(f"{k} {v}" for k, v in build["installed"].items()) or "none"
+    lines.append(f"  installed: {installed}; this host wants {build['recommended']} "
+                 f"({build['reason']})")
+    lines.extend(f"  PROBLEM: {problem}" for problem in build["problems"])
 
     nvml = report["nvml"]
     lines.append("")

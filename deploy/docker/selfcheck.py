@@ -2,9 +2,10 @@
 
 Run by the Dockerfile under `RUN --network=none`, so a model that RapidOCR would fetch at run
 time fails the build instead of the first container start. Also checks that the CUDA execution
-provider is compiled into the installed onnxruntime (i.e. onnxruntime-gpu won the install, not
-the CPU-only `onnxruntime` that the base dependencies name). No GPU is needed: the OCR itself
-runs on the CPU provider here.
+provider is compiled into the installed onnxruntime (onnxruntime-gpu, not the CPU build), and
+that the daemon's own engine reads the line too: it edits the models for the device (the onnx
+package, offline) and caches them ($XDG_CACHE_HOME), so the image ships them ready. No GPU is
+needed: the OCR itself runs on the CPU provider here.
 
 Usage: python selfcheck.py [--require-cuda-provider]
 """
@@ -44,6 +45,21 @@ def main(argv: list[str]) -> int:
     print(f"OCR of a rendered line: {text!r}")
     if "2024" not in text:
         print("FAIL: the engine ran but did not read the test line")
+        return 1
+
+    from daemon.config import OcrSettings
+    from daemon.hardware.providers import CPU
+    from daemon.ocr.batch import BatchEngine
+
+    engine = BatchEngine(OcrSettings(), CPU)
+    try:
+        bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+        [page] = engine.recognize([bgr])
+    finally:
+        engine.close()
+    print(f"the daemon's engine read: {page.text!r}")
+    if "2024" not in page.text:
+        print("FAIL: the daemon's engine ran but did not read the test line")
         return 1
     print("OK")
     return 0
