@@ -111,6 +111,7 @@ class OcrSettings(_Section):
     engine: Literal["batch", "rapidocr"] = "batch"
     provider: Literal["auto", ProviderName] = "auto"
     device_id: int = Field(0, ge=0)
+    gpus: Literal["all"] | list[int] = "all"
     use_cls: bool = False
     # max/960 measured best on real receipts (F1 0.9156 vs 0.9120 for RapidOCR's min/736) at
     # less than half the memory; see the benchmark notes.

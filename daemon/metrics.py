@@ -174,6 +174,20 @@ class Metrics:
         for status in FILE_STATUSES:
             self.files_total.labels(status)
         self.pages_total = Counter("ocr_pages", "Pages recognised and stored", registry=r)
+        # per OCR device: "cpu", or the CUDA device number (after CUDA_VISIBLE_DEVICES; NVML's
+        # `gpu` label of ocr_gpu_* counts by PCI bus and may differ)
+        self.device_pages_total = Counter(
+            "ocr_device_pages", "Pages recognised, by the OCR device that ran them", ["device"],
+            registry=r,
+        )
+        self.device_batches_total = Counter(
+            "ocr_device_batches", "OCR batches run, by device and outcome (ok, failed)",
+            ["device", "outcome"], registry=r,
+        )
+        self.device_up = Gauge(
+            "ocr_device_up", "1 while the OCR device is in service, 0 once taken out",
+            ["device"], registry=r,
+        )
         self.queue_depth = Gauge("ocr_queue_depth", "Files waiting in the queue", registry=r)
         self.queue_capacity = Gauge(
             "ocr_queue_capacity", "Capacity of the in-memory queue", registry=r

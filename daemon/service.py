@@ -177,9 +177,10 @@ class Service:
         watcher_alive = bool(parts and parts.watcher.alive)
         hardware = parts.hardware if parts else None
         choice = hardware.choice if hardware else None
-        if not self.ready or not watcher_alive:
+        pipeline = parts.pipeline if parts else None
+        if not self.ready or not watcher_alive or not (pipeline and pipeline.devices_ok):
             status = "unhealthy"
-        elif not database or (choice and choice.fallbacks):
+        elif not database or (choice and choice.fallbacks) or pipeline.devices_degraded:
             status = "degraded"
         else:
             status = "healthy"
@@ -195,6 +196,7 @@ class Service:
             opencl_gpus=[d.device for d in hardware.opencl.gpus]
             if hardware and hardware.opencl else [],
             watcher=parts.watcher.observer_kind if parts else None,
+            devices=pipeline.device_report() if pipeline else [],
         )
 
     # -- stop -----------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def test_dockerfile_instructions() -> None:
     from daemon.hardware.builds import ORT_GPU_CUDA13
 
     assert re.search(rf"ORT_GPU_VERSION={re.escape(ORT_GPU_CUDA13)}\b", args)
-    assert f'"onnxruntime-gpu==${{ORT_GPU_VERSION}}"' in installs
+    assert '"onnxruntime-gpu==${ORT_GPU_VERSION}"' in installs
     assert not re.search(r"\bonnxruntime(?![-\w])", installs.replace("onnxruntime-gpu", ""))
     # Models come from the rapidocr wheel; nothing fetches them, and the check proves it offline.
     assert not re.search(r"\b(wget|curl|hf_hub|huggingface|modelscope)\b", installs)

@@ -435,3 +435,43 @@ def test_tensorrt_without_its_libraries_is_refused_without_building_a_session(
     result = providers.probe_provider("tensorrt", OcrSettings())
     assert (result.ok, result.code) == (False, "no_libraries")
     assert "libnvinfer" in result.detail
+
+
+# --- several GPUs -------------------------------------------------------------------------------
+
+
+def _gpus(n: int) -> list[GpuInfo]:
+    return [GpuInfo(i, "NVIDIA H100 80GB HBM3", f"GPU-{i:04d}", 1, 1, 0.0) for i in range(n)]
+
+
+@pytest.mark.parametrize(("gpus", "visible", "devices"), [
+    ("all", None, (0, 1, 2, 3)),              # every NVIDIA GPU
+    ("all", ["2", "3"], (0, 1)),              # CUDA_VISIBLE_DEVICES=2,3: CUDA numbers them 0, 1
+    ("all", [], (0,)),                        # nothing visible: the probed device only
+    ([1, 3], None, (1, 3)),
+    ([1, 7], None, (1,)),                     # no device 7 here: left out, with a warning
+    ([9], None, (0,)),                        # none of them here: the probed device
+])
+def test_one_engine_per_visible_gpu(gpus: Any, visible: list[str] | None,
+                                    devices: tuple[int, ...]) -> None:
+    ocr = Settings(ocr={"gpus": gpus}).ocr
+    assert providers.gpu_devices(ocr, visible, _gpus(4)) == devices
+
+
+def test_each_device_gets_its_own_provider_options() -> None:
+    ocr = Settings().ocr
+    choice = ProviderChoice("cuda", ort_providers=providers.ort_providers_for("cuda", ocr),
+                            devices=(0, 1))
+    on_one = choice.on_device(1, ocr)
+    assert on_one.ort_providers[0][1]["device_id"] == 1  # type: ignore[index]
+    assert choice.ort_providers[0][1]["device_id"] == 0  # type: ignore[index]
+    assert (on_one.name, on_one.devices) == ("cuda", (0, 1))
+
+
+def test_two_workers_per_gpu() -> None:
+    from daemon.ocr.engines import GPU_BATCHES_IN_FLIGHT, worker_count
+
+    settings = Settings()
+    assert worker_count(settings, ProviderChoice("cuda", devices=(0, 1, 2))) == \
+        3 * GPU_BATCHES_IN_FLIGHT
+    assert worker_count(settings, ProviderChoice("cuda", devices=(0,))) == GPU_BATCHES_IN_FLIGHT

@@ -36,6 +36,9 @@ EXPECTED_FAMILIES = {
     "ocr_stage_seconds",
     "ocr_file_latency_seconds",
     "ocr_throughput_pages_per_second",
+    "ocr_device_pages",
+    "ocr_device_batches",
+    "ocr_device_up",
 }
 GPU_FAMILIES = {"ocr_gpu_memory_used_bytes", "ocr_gpu_memory_total_bytes",
                 "ocr_gpu_utilization_ratio"}
@@ -98,6 +101,9 @@ def test_every_metric_is_exposed_with_its_value_and_no_created(serve: ServerFact
     clock.now += 10
     metrics.observe_pages(7)
     metrics.observe_pages(0)  # ignored
+    metrics.device_pages_total.labels("1").inc(5)
+    metrics.device_batches_total.labels("1", "ok").inc()
+    metrics.device_up.labels("0").set(0)
 
     families = scrape(server)
     assert set(families) == EXPECTED_FAMILIES  # no GPU here: no ocr_gpu_*
@@ -125,6 +131,10 @@ def test_every_metric_is_exposed_with_its_value_and_no_created(serve: ServerFact
     # 7 pages in the first 10 s of uptime
     throughput = families["ocr_throughput_pages_per_second"]
     assert value(throughput, "ocr_throughput_pages_per_second") == pytest.approx(0.7)
+    assert value(families["ocr_device_pages"], "ocr_device_pages_total", device="1") == 5
+    assert value(families["ocr_device_batches"], "ocr_device_batches_total", device="1",
+                 outcome="ok") == 1
+    assert value(families["ocr_device_up"], "ocr_device_up", device="0") == 0
 
 
 def test_throughput_is_a_sliding_window(serve: ServerFactory) -> None:

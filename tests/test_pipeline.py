@@ -13,7 +13,7 @@ from daemon.config import Settings
 from daemon.intake import Intake
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline
-from daemon.results import Image, PageResult
+from daemon.results import Image, Line, PageResult
 from daemon.service import Service
 from daemon.store.db import open_ledger
 from daemon.store.repository import Ledger
@@ -82,6 +82,7 @@ def test_bad_file_is_quarantined_and_the_rest_goes_on(service: Callable[..., Ser
 
 class CrashingEngine:
     provider = "cpu"
+    device = "cpu"
 
     def __init__(self) -> None:
         self.calls = 0
@@ -96,6 +97,7 @@ class CrashingEngine:
 
 class StallingEngine:
     provider = "cpu"
+    device = "cpu"
 
     def __init__(self) -> None:
         self.entered = threading.Event()
@@ -203,3 +205,116 @@ def test_twenty_page_mixed_pdf_is_stored_page_by_page(service: Callable[..., Ser
         else:  # born-digital: its own text layer, exactly
             assert page.source == "text_layer"
             assert page.text == "\n".join(spec)
+
+
+# -- several OCR devices: spread and failover (stand-in engines; the real ones need GPUs) ----
+
+
+class DeviceEngine:
+    """A stand-in for one GPU's engine: each page's text names the device that read it; a
+    `lost` one raises as a GPU that fell off the bus does."""
+
+    provider = "cuda"
+    thread_safe = True
+
+    def __init__(self, device: str, *, lost: bool = False, delay: float = 0.05) -> None:
+        self.device = device
+        self.lost = lost
+        self.delay = delay
+        self.pages = 0
+        self._lock = threading.Lock()
+
+    def recognize(self, images: Sequence[Image]) -> list[PageResult]:
+        if self.lost:
+            raise RuntimeError("CUDA error: unspecified launch failure (Xid 79: GPU has fallen "
+                               "off the bus)")
+        time.sleep(self.delay)
+        with self._lock:
+            self.pages += len(images)
+        box = ((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0))
+        return [PageResult(lines=(Line(f"read on device {self.device}", 0.9, box),))
+                for _ in images]
+
+    def warmup(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def gpu_service(settings: Settings, engines: list[DeviceEngine],
+                monkeypatch: pytest.MonkeyPatch) -> Service:
+    """The real service with these engines as its GPUs (two workers each, as on a GPU host)."""
+    from daemon import service as service_module
+    from daemon.hardware.providers import ProviderChoice
+    from daemon.service import Hardware
+
+    devices = tuple(int(e.device) for e in engines)
+    choice = ProviderChoice("cuda", reason="stand-in engines", devices=devices)
+    monkeypatch.setattr(service_module, "probe_hardware",
+                        lambda _settings: Hardware(choice, None, None))
+    monkeypatch.setattr(service_module, "build_engines",
+                        lambda _s, _c, workers: [engines[k % len(engines)]
+                                                 for k in range(workers)])
+    svc = Service(settings)
+    svc.start()
+    return svc
+
+
+def test_work_is_spread_over_every_device(settings_factory: SettingsFactory,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    engines = [DeviceEngine("0"), DeviceEngine("1")]
+    svc = gpu_service(settings_factory(batch={"max_pages": 2}), engines, monkeypatch)
+    try:
+        assert len(svc.components.pipeline.engines) == 4  # two batches in flight per device
+        for n in range(16):
+            (svc.settings.watch.path / f"p{n}.png").write_bytes(page_bytes([f"page {n}"]))
+        assert wait_until(lambda: svc.ledger.counts()["done"] == 16)
+        assert engines[0].pages > 0 and engines[1].pages > 0
+        assert engines[0].pages + engines[1].pages == 16
+        health = svc.health()
+        assert health["status"] == "healthy"
+        assert [d["state"] for d in health["devices"]] == ["ok", "ok"]
+    finally:
+        svc.stop()
+
+
+def test_a_lost_gpu_fails_over_to_the_others_and_shows_in_health(
+    settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lost, good = DeviceEngine("0", lost=True), DeviceEngine("1")
+    svc = gpu_service(settings_factory(batch={"max_pages": 2}), [lost, good], monkeypatch)
+    try:
+        for n in range(8):
+            (svc.settings.watch.path / f"p{n}.png").write_bytes(page_bytes([f"page {n}"]))
+        assert wait_until(lambda: svc.ledger.counts()["done"] == 8)
+        counts = svc.ledger.counts()
+        assert counts["failed"] == 0 and counts["queued"] == 0
+        stored = [svc.ledger.find("x", [str(svc.settings.watch.path / f"p{n}.png")])
+                  for n in range(8)]
+        assert {doc.text for doc in stored} == {"read on device 1"}
+        assert all(doc.attempts == 1 for doc in stored)  # failed over, not retried
+        health = svc.health()
+        assert health["status"] == "degraded"
+        states = {d["device"]: d["state"] for d in health["devices"]}
+        assert states == {"0": "failed", "1": "ok"}
+        failed = next(d for d in health["devices"] if d["device"] == "0")
+        assert "fallen off the bus" in str(failed["last_error"])
+    finally:
+        svc.stop()
+
+
+def test_every_device_failing_is_unhealthy(settings_factory: SettingsFactory,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    engines = [DeviceEngine("0", lost=True), DeviceEngine("1", lost=True)]
+    settings = settings_factory(queue={"max_attempts": 1}, batch={"max_pages": 1})
+    svc = gpu_service(settings, engines, monkeypatch)
+    try:
+        for n in range(6):
+            (svc.settings.watch.path / f"p{n}.png").write_bytes(page_bytes([f"page {n}"]))
+        assert wait_until(lambda: svc.ledger.counts()["failed"] == 6)
+        assert svc.health()["status"] == "unhealthy"
+        # a page no device reads is the page's fault: no device was taken out for it
+        assert [d["state"] for d in svc.health()["devices"]] == ["ok", "ok"]
+    finally:
+        svc.stop()

@@ -18,7 +18,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,12 @@ class ProviderChoice:
     reason: str = "CPU only"
     gpu_info: str | None = None
     fallbacks: tuple[str, ...] = field(default=())
+    devices: tuple[int, ...] = ()  # CUDA devices to run on, one engine each (GPU providers)
+
+    def on_device(self, device: int, ocr: OcrSettings) -> ProviderChoice:
+        """The same provider on CUDA device `device` (its own onnxruntime options)."""
+        device_ocr = ocr.model_copy(update={"device_id": device})
+        return replace(self, ort_providers=ort_providers_for(self.name, device_ocr))
 
 
 CPU = ProviderChoice("cpu")
@@ -262,6 +268,23 @@ def _nvml_gpu_for(
     return gpus[device_id] if device_id < len(gpus) else None
 
 
+def gpu_devices(ocr: OcrSettings, visible: list[str] | None, gpus: list[GpuInfo]
+                ) -> tuple[int, ...]:
+    """The CUDA devices to run engines on: `ocr.gpus` ("all": every GPU CUDA can see, i.e.
+    CUDA_VISIBLE_DEVICES's entries or every NVIDIA GPU), never without `ocr.device_id`, the one
+    the provider was probed on."""
+    count = len(visible) if visible is not None else len(gpus)
+    count = max(count, ocr.device_id + 1)
+    if ocr.gpus == "all":
+        return tuple(range(count))
+    wanted = [d for d in dict.fromkeys(ocr.gpus) if d < count]
+    dropped = [d for d in ocr.gpus if d >= count]
+    if dropped:
+        log.warning("ocr.gpus: no CUDA device %s here (%d visible)",
+                    ", ".join(map(str, dropped)), count)
+    return tuple(wanted) or (ocr.device_id,)
+
+
 def _describe_gpu(name: str, gpu: GpuInfo | None, device_id: int) -> str:
     label = "TensorRT" if name == "tensorrt" else "CUDA"
     return f"{label}: {gpu.name}" if gpu is not None else f"{label}: device {device_id}"
@@ -316,12 +339,16 @@ def choose_provider(
                 # every normal CUDA start would trip a fallback alert.
                 reason += f"; TensorRT not used: {failures[-1].detail}"
                 codes = [c for c in codes if not c.startswith("tensorrt_")]
+            devices = gpu_devices(ocr, visible, nvml.gpus)
+            if len(devices) > 1:
+                reason += f"; one engine on each of CUDA devices {', '.join(map(str, devices))}"
             choice = ProviderChoice(
                 name,
                 ort_providers=ort_providers_for(name, ocr, cache),
                 reason=reason,
                 gpu_info=_describe_gpu(name, gpu, ocr.device_id),
                 fallbacks=tuple(codes),
+                devices=devices,
             )
             log.info(
                 "GPU acceleration available gpu_info=%r provider=%s", choice.gpu_info, name

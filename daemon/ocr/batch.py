@@ -156,6 +156,10 @@ class BatchEngine:
     def thread_safe(self) -> bool:
         return True  # onnxruntime's run is thread-safe and all per-call state is local
 
+    @property
+    def device(self) -> str:
+        return "cpu" if self._provider == "cpu" else str(self._ocr.device_id)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)

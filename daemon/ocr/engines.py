@@ -21,6 +21,11 @@ class OcrEngine(Protocol):
         ...
 
     @property
+    def device(self) -> str:
+        """Where it runs, as metrics and /health label it: "cpu", or the CUDA device ("0")."""
+        ...
+
+    @property
     def thread_safe(self) -> bool:
         """One instance may serve every worker thread at once (else: one per worker)."""
         ...
@@ -36,13 +41,17 @@ class OcrEngine(Protocol):
     def close(self) -> None: ...
 
 
+GPU_BATCHES_IN_FLIGHT = 2  # per GPU: it runs batch k+1 while the host finishes batch k
+
+
 def worker_count(settings: Settings, choice: ProviderChoice) -> int:
-    """One worker per GPU; on the CPU two, so decoding, post-processing and inference of
-    different pages overlap on a small machine, capped by the cores there are."""
+    """OCR worker threads: two per GPU, so each GPU has a batch to run while the host works on
+    the other's; on the CPU two, so decoding, post-processing and inference of different pages
+    overlap on a small machine, capped by the cores there are."""
     if settings.batch.workers:
         return settings.batch.workers
     if choice.name != "cpu":
-        return 1
+        return GPU_BATCHES_IN_FLIGHT * max(1, len(choice.devices))
     return max(1, min(2, os.cpu_count() or 1))
 
 
@@ -64,8 +73,24 @@ def build_engine(settings: Settings, choice: ProviderChoice, workers: int) -> Oc
 
 
 def build_engines(settings: Settings, choice: ProviderChoice, workers: int) -> list[OcrEngine]:
-    """One engine per worker thread: the same instance when it is thread-safe (the batch
-    engine's sessions are), a fresh one each otherwise (plain RapidOCR is not)."""
+    """One engine per worker thread. On GPUs, one engine per device (its own sessions), the
+    workers dealt round-robin over them; elsewhere the same instance when it is thread-safe
+    (the batch engine's sessions are), a fresh one each otherwise (plain RapidOCR is not)."""
+    if choice.name != "cpu" and len(choice.devices) > 1:
+        host = settings.batch.host_processes
+        if host == "auto":  # the cores shared between the GPUs' host workers
+            host = max(1, len(os.sched_getaffinity(0)) // len(choice.devices))
+        per_device = [
+            build_engine(settings.model_copy(update={
+                "ocr": settings.ocr.model_copy(update={"device_id": device}),
+                "batch": settings.batch.model_copy(update={"host_processes": host}),
+            }), choice.on_device(device, settings.ocr), workers)
+            for device in choice.devices
+        ]
+        if all(engine.thread_safe for engine in per_device):
+            return [per_device[k % len(per_device)] for k in range(max(workers, len(per_device)))]
+        return per_device + [build_engine(settings, choice, workers)
+                             for _ in range(workers - len(per_device))]
     first = build_engine(settings, choice, workers)
     if first.thread_safe:
         return [first] * workers

@@ -59,6 +59,7 @@ class RapidOcrEngine:
         from rapidocr import RapidOCR
 
         self._choice = choice
+        self._device_id = ocr.device_id
         self._engine = RapidOCR(params=rapidocr_params(ocr, choice))
 
     @property
@@ -68,6 +69,10 @@ class RapidOcrEngine:
     @property
     def thread_safe(self) -> bool:
         return False
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self._choice.name == "cpu" else str(self._device_id)
 
     def warmup(self) -> dict[str, float]:
         """Nothing to warm: RapidOCR picks its own shapes per page."""
