@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Build, on this machine, what a lent GPU machine needs and cannot fetch: onnxruntime-gpu (CUDA
+# 13, cp312) and every wheel the daemon and its tests need there, as 60 MB parts to carry one
+# per device call (see DEVELOPERS.md), plus the evaluation images. Then run there:
+#   benchmarks/gpu_check.sh .gpu-bundle/parts .gpu-bundle/eval
+# Usage: benchmarks/gpu_bundle.sh [EVAL_DIR]   (default ../shared/ocr-eval)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval_src=${1:-../shared/ocr-eval}
+out=.gpu-bundle  # git-ignored
+py=${PYTHON:-.venv/bin/python}
+ort_gpu=$(PYTHONPATH=. $py -c 'from daemon.hardware.builds import ORT_GPU_CUDA13; print(ORT_GPU_CUDA13)')
+rm -rf "$out/work" "$out/parts"
+mkdir -p "$out/work/whl" "$out/parts" "$out/eval"
+
+# cp312 manylinux wheels, no dependency resolution against this machine's Python
+dl() { $py -m pip download -q --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform any -d "$out/work/whl" "$@"; }
+dl --no-deps "onnxruntime-gpu==$ort_gpu"
+# the daemon's own dependencies (onnxruntime excluded: the GPU build above is the one)
+dl "rapidocr>=3.4,<4" "onnx>=1.16" "pypdfium2>=4.30" "watchdog>=4" "pydantic-settings>=2.3" \
+   "prometheus-client>=0.20" "sqlalchemy>=2.0" "alembic>=1.13" "psycopg[binary]>=3.1" \
+   "nvidia-ml-py>=12" "pytest>=8" "pyyaml>=6"
+rm -f "$out"/work/whl/onnxruntime-[0-9]*.whl "$out"/work/whl/torch-*.whl
+
+# the GPU wheel repacked (xz) to carry fewer parts; gpu_check.sh unpacks it into /tmp/site
+mkdir -p "$out/work/ort"
+unzip -q "$out"/work/whl/onnxruntime_gpu-*.whl -d "$out/work/ort"
+tar cJf "$out/work/ort-gpu.tar.xz" -C "$out/work/ort" .
+rm -rf "$out/work/ort" "$out"/work/whl/onnxruntime_gpu-*.whl
+tar cf - -C "$out/work" ort-gpu.tar.xz whl | split -b 60M - "$out/parts/p0"
+rm -rf "$out/work"
+
+# evaluation images: receipts and the tesseract pages with their ground truth
+cp -r "$eval_src/sroie" "$eval_src/tesseract-testing" "$out/eval/"
+du -sh "$out/parts" "$out/eval"
+ls "$out/parts"
