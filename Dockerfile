@@ -3,7 +3,7 @@
 # ocr-daemon GPU image: CUDA 13 + cuDNN 9 runtime, Python 3.12, onnxruntime-gpu, models baked in.
 #
 #   docker build -t ocr-daemon .
-#   docker run --gpus all -v inbox:/data/inbox -v db:/data/db -p 9464:9464 ocr-daemon
+#   docker run --gpus all --shm-size=1g -v inbox:/data/inbox -v db:/data/db -p 9464:9464 ocr-daemon
 #   docker run --rm ocr-daemon doctor            # any subcommand: ENTRYPOINT is ocr-daemon
 #   docker run -e FORCE_CPU=true ...             # same image without a GPU (CPU provider)
 #

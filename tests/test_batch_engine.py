@@ -474,3 +474,16 @@ def test_auto_host_processes_on_a_gpu_provider_only() -> None:
         assert cpu._host is None  # inference uses the cores on the CPU provider
     finally:
         cpu.close()
+
+
+def test_no_room_in_shared_memory_means_in_process(pages: list[Image],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full /dev/shm (Docker's 64 MB default) must not kill the daemon with SIGBUS: the
+    page is cut in this process instead, to the same lines."""
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True, host_processes=1)
+    try:
+        want = engine.recognize(pages[:2])
+        monkeypatch.setattr(batch_module, "shm_room", lambda _nbytes: False)
+        assert [r.lines for r in engine.recognize(pages[:2])] == [r.lines for r in want]
+    finally:
+        engine.close()

@@ -37,7 +37,7 @@ from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets
 from daemon.ocr.device import FloatArray, GpuOutOfMemoryError, run_split
 from daemon.ocr.graphs import REC_PAD, det_model, rec_model
-from daemon.ocr.host import Detected, HostPool, PageBuffer, detect_lines
+from daemon.ocr.host import Detected, HostPool, PageBuffer, detect_lines, shm_room
 from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
 from daemon.results import Image, Line, PageResult, Point
 
@@ -221,7 +221,7 @@ class BatchEngine:
             op_record=op_record,
             det_input=det_input,
             buffer=PageBuffer(img) if self._host is not None and det_input is not None
-            else None,
+            and shm_room(img.nbytes) else None,
         )
         page.timings["det"] = time.perf_counter() - start
         return page

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import multiprocessing
+import os
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -42,6 +43,21 @@ class SharedPage:
 
     name: str
     shape: tuple[int, ...]
+
+
+SHM_FOLDER = "/dev/shm"
+SHM_KEEP_FREE = 64 << 20  # room left for others in the shared-memory file system
+
+
+def shm_room(nbytes: int) -> bool:
+    """Whether a page of `nbytes` fits in shared memory now. Writing past a full tmpfs kills
+    the process (SIGBUS), and Docker gives containers 64 MB by default: a page that does not
+    fit is cut in this process instead."""
+    try:
+        stats = os.statvfs(SHM_FOLDER)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize >= nbytes + SHM_KEEP_FREE
 
 
 class PageBuffer:
