@@ -243,7 +243,8 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
 # ------------------------------------------------------------------ replay (one subprocess)
 
 
-def replay(recording: Path, images: list[Path], cores: int, max_pages: int) -> dict[str, Any]:
+def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
+           host_processes: str) -> dict[str, Any]:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     with open(recording, "rb") as handle:
         data = pickle.load(handle)
@@ -276,7 +277,7 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int) -> d
         watch={"path": inbox, "settle_seconds": 0.1, "rescan_interval_seconds": 3600},
         database={"url": f"sqlite:///{work / 'ledger.db'}"},
         metrics={"enabled": False},
-        batch={"max_pages": max_pages},
+        batch={"max_pages": max_pages, "host_processes": host_processes},
         queue={"capacity": 256},
     )
     service = Service(settings)
@@ -338,6 +339,8 @@ def main() -> int:
     parser.add_argument("--cores", default="1,2", help="core counts to replay on (default 1,2)")
     parser.add_argument("--max-pages", type=int, default=4, help="batch.max_pages (default 4)")
     parser.add_argument("--repeat", type=int, default=1, help="replays per core count (best)")
+    parser.add_argument("--host-processes", default="auto",
+                        help='batch.host_processes: "auto" (one per core) or a number; 0 = threads')
     parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "replay")
     parser.add_argument("--replay-worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -347,7 +350,8 @@ def main() -> int:
         parser.error(f"no images in {folder}")
 
     if args.replay_worker is not None:
-        result = replay(args.replay_worker, images, int(args.cores), args.max_pages)
+        result = replay(args.replay_worker, images, int(args.cores), args.max_pages,
+                        args.host_processes)
         print(json.dumps(result))
         return 0
 
@@ -363,7 +367,8 @@ def main() -> int:
             say(f"replay on {cores} core(s), run {attempt + 1}")
             proc = subprocess.run(
                 [sys.executable, __file__, "--images", str(args.images), "--cores", str(cores),
-                 "--max-pages", str(args.max_pages), "--replay-worker", str(recording)]
+                 "--max-pages", str(args.max_pages), "--replay-worker", str(recording),
+                 "--host-processes", args.host_processes]
                 + (["--limit", str(args.limit)] if args.limit else []),
                 capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -379,6 +384,7 @@ def main() -> int:
         "images": str(args.images),
         "files": len(images),
         "max_pages": args.max_pages,
+        "host_processes": args.host_processes,
         "runs": runs,
     }
     if "1" in runs and "2" in runs:
