@@ -33,12 +33,13 @@ from typing import TypeVar
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from daemon.config import Settings
+from daemon.devices import Devices
 from daemon.documents.decode import iter_pages
 from daemon.errors import DocumentError
 from daemon.files import after_done, quarantine, resolves_within, write_sidecars
 from daemon.metrics import Metrics
 from daemon.ocr.engines import OcrEngine
-from daemon.results import Image, Page, PageResult
+from daemon.results import Page, PageResult
 from daemon.store.models import State
 from daemon.store.repository import Claim, Ledger
 
@@ -46,22 +47,6 @@ log = logging.getLogger("daemon.pipeline")
 T = TypeVar("T")
 
 HOUSEKEEPING_SECONDS = 10.0  # how often expired leases are looked for
-# A device that failed this many batches in a row which another device then recognised is
-# taken out of service; this many batches in a row that failed on every device make the
-# pipeline unhealthy (the service restarts).
-DEVICE_FAILURES = 2
-ALL_DEVICES_FAILURES = 5
-
-
-@dataclass
-class DeviceHealth:
-    """One OCR device's record, for failover and /health."""
-
-    device: str
-    batches: int = 0
-    consecutive_failures: int = 0
-    failed: bool = False
-    last_error: str | None = None
 @dataclass
 class InFlight:
     claim: Claim
@@ -106,13 +91,9 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._decode_pool = ThreadPoolExecutor(settings.batch.decode_threads,
                                                thread_name_prefix="decode")
-        self._devices = {engine.device: DeviceHealth(engine.device) for engine in engines}
-        self._device_lock = threading.Lock()
-        self._failed_everywhere = 0  # batches in a row that no device could recognise
+        self.devices = Devices(engines, metrics)
         self.database_ok = True
         self.metrics.queue_capacity.set(capacity)
-        for device in self._devices:
-            self.metrics.device_up.labels(device).set(1)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -328,9 +309,8 @@ class Pipeline:
         return [task for task in batch if not task.doc.failed]
 
     def _ocr_loop(self, engine: OcrEngine) -> None:
-        health = self._devices[engine.device]
         while self._running.is_set():
-            if health.failed:  # out of service: the other devices take the work
+            if not self.devices.in_service(engine):  # the other devices take the work
                 time.sleep(0.2)
                 continue
             batch = self._collect()
@@ -340,7 +320,7 @@ class Pipeline:
     def _recognize(self, engine: OcrEngine, batch: list[PageTask]) -> None:
         images = [task.page.image for task in batch if task.page.image is not None]
         start = time.perf_counter()
-        outcome = self._run_with_failover(engine, images)
+        outcome = self.devices.run(engine, images)
         if isinstance(outcome, Exception):
             for doc in {id(t.doc): t.doc for t in batch}.values():
                 self._fail(doc, f"OCR engine error: {type(outcome).__name__}: {outcome}",
@@ -358,79 +338,6 @@ class Pipeline:
             with task.doc.lock:
                 task.doc.ocr_seconds += seconds / len(batch)
             self._add_result(task.doc, task.page.index, result)
-
-    def _run_with_failover(self, engine: OcrEngine, images: list[Image]
-                           ) -> tuple[list[PageResult], OcrEngine] | Exception:
-        """The batch on `engine`; if it raises, on each other device in service in turn. A
-        device whose batch another device then recognised is at fault (after DEVICE_FAILURES
-        in a row it is taken out of service); a batch no device recognises is the batch's
-        fault (or every device's): its documents fail, to be retried."""
-        errors: list[tuple[OcrEngine, Exception]] = []
-        for candidate in self._failover_order(engine):
-            try:
-                results = candidate.recognize(images)
-            except Exception as exc:
-                log.exception("OCR failed on a batch of %d pages on device %s", len(images),
-                              candidate.device)
-                errors.append((candidate, exc))
-                continue
-            for failed, error in errors:
-                self._device_failed(failed, error)
-            self._device_ok(candidate)
-            return results, candidate
-        with self._device_lock:
-            self._failed_everywhere += 1
-        return errors[-1][1] if errors else RuntimeError("no OCR device in service")
-
-    def _failover_order(self, engine: OcrEngine) -> list[OcrEngine]:
-        """`engine`, then one engine of each other device in service."""
-        order = {engine.device: engine}
-        for other in self.engines:
-            if other.device not in order and not self._devices[other.device].failed:
-                order[other.device] = other
-        return list(order.values())
-
-    def _device_ok(self, engine: OcrEngine) -> None:
-        with self._device_lock:
-            health = self._devices[engine.device]
-            health.batches += 1
-            health.consecutive_failures = 0
-            self._failed_everywhere = 0
-        self.metrics.device_batches_total.labels(engine.device, "ok").inc()
-
-    def _device_failed(self, engine: OcrEngine, exc: Exception) -> None:
-        with self._device_lock:
-            health = self._devices[engine.device]
-            health.consecutive_failures += 1
-            health.last_error = f"{type(exc).__name__}: {exc}"[:500]
-            taken_out = health.consecutive_failures >= DEVICE_FAILURES and not health.failed
-            if taken_out:
-                health.failed = True
-        self.metrics.device_batches_total.labels(engine.device, "failed").inc()
-        if taken_out:
-            self.metrics.device_up.labels(engine.device).set(0)
-            log.error("OCR device %s taken out of service after %d failed batches that other "
-                      "devices recognised: %s", engine.device, DEVICE_FAILURES,
-                      health.last_error)
-
-    def device_report(self) -> list[dict[str, object]]:
-        """Each OCR device, for /health."""
-        with self._device_lock:
-            return [{"device": h.device, "state": "failed" if h.failed else "ok",
-                     "batches": h.batches, "last_error": h.last_error}
-                    for h in self._devices.values()]
-
-    @property
-    def devices_ok(self) -> bool:
-        """Some device in service, and not every recent batch failing everywhere."""
-        with self._device_lock:
-            return (any(not h.failed for h in self._devices.values())
-                    and self._failed_everywhere < ALL_DEVICES_FAILURES)
-
-    @property
-    def devices_degraded(self) -> bool:
-        with self._device_lock:
-            return any(h.failed for h in self._devices.values())
 
     # -- outcomes -------------------------------------------------------------------------
 

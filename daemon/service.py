@@ -178,9 +178,9 @@ class Service:
         hardware = parts.hardware if parts else None
         choice = hardware.choice if hardware else None
         pipeline = parts.pipeline if parts else None
-        if not self.ready or not watcher_alive or not (pipeline and pipeline.devices_ok):
+        if not self.ready or not watcher_alive or not (pipeline and pipeline.devices.ok):
             status = "unhealthy"
-        elif not database or (choice and choice.fallbacks) or pipeline.devices_degraded:
+        elif not database or (choice and choice.fallbacks) or pipeline.devices.degraded:
             status = "degraded"
         else:
             status = "healthy"
@@ -196,7 +196,7 @@ class Service:
             opencl_gpus=[d.device for d in hardware.opencl.gpus]
             if hardware and hardware.opencl else [],
             watcher=parts.watcher.observer_kind if parts else None,
-            devices=pipeline.device_report() if pipeline else [],
+            devices=pipeline.devices.report() if pipeline else [],
         )
 
     # -- stop -----------------------------------------------------------------------------

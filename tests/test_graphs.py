@@ -17,8 +17,8 @@ from daemon.hardware.nvml import probe_nvml
 from daemon.hardware.providers import CPU, CUDA_EP, ProviderChoice, ort_providers_for
 from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets, graphs
-from daemon.ocr.batch import _resize_rec, det_lut, normalise_rec, rec_lut
 from daemon.ocr.graphs import REC_INDEX_OUTPUT, REC_PAD, REC_SCORE_OUTPUT, det_model, rec_model
+from daemon.ocr.host import det_lut, normalise_rec, rec_lut, resize_rec
 from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
 from daemon.results import Image as BgrImage
 from tests.rendering import random_lines, render_page
@@ -56,7 +56,7 @@ def rec_batches(images: list[BgrImage]) -> tuple[np.ndarray[Any, Any], np.ndarra
     floats = np.zeros((len(images), 3, buckets.REC_HEIGHT, width), np.float32)
     pixels = np.full((len(images), buckets.REC_HEIGHT, width, 3), REC_PAD, np.uint16)
     for k, (image, w) in enumerate(zip(images, needed, strict=True)):
-        _resize_rec(image, w, pixels[k])
+        resize_rec(image, w, pixels[k])
         floats[k, :, :, :w] = normalise_rec(pixels[k, :, :w].astype(np.uint8))
     return floats, pixels
 

@@ -11,6 +11,10 @@ matches plain `RapidOCR()` with the same settings.
 
 `recognize` may be called from several threads at once: onnxruntime's `run` is thread-safe
 and all per-call state is local.
+
+A little over our ~400-line habit: one call's flow (prepare, detect, classify, recognise,
+finish) and the warm-up of the very shapes that flow feeds read best together; the host
+stages are in `ocr.host`, the device runs in `ocr.device`, the graph edits in `ocr.graphs`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from typing import Any, Literal, cast
 
 import cv2
 import numpy as np
-import numpy.typing as npt
 
 from daemon.config import OcrSettings
 from daemon.errors import ConfigError
@@ -37,7 +40,16 @@ from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets
 from daemon.ocr.device import FloatArray, GpuOutOfMemoryError, run_split
 from daemon.ocr.graphs import REC_PAD, det_model, rec_model
-from daemon.ocr.host import Detected, HostPool, PageBuffer, detect_lines, shm_room
+from daemon.ocr.host import (
+    Detected,
+    HostPool,
+    PageBuffer,
+    det_lut,
+    detect_lines,
+    rec_lut,
+    resize_rec,
+    shm_room,
+)
 from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
 from daemon.results import Image, Line, PageResult, Point
 
@@ -309,7 +321,7 @@ class BatchEngine:
         for width, chunk, size in self._rec_plan(order, needed):
             batch = np.full((size, buckets.REC_HEIGHT, width, 3), REC_PAD, np.uint16)
             for k, idx in enumerate(chunk):
-                _resize_rec(crops[idx], min(needed[idx], width), batch[k])
+                resize_rec(crops[idx], min(needed[idx], width), batch[k])
             best, best_prob = run_split(self._rec, batch, len(chunk))
             lines, _ = self._decode.decode(best, best_prob, remove_duplicate=True)
             for k, (text, score) in enumerate(lines):
@@ -415,38 +427,6 @@ class BatchEngine:
                     log.warning("warm-up of %s %s: %s", model, list(shape), exc)
             spent[model] = time.perf_counter() - start
         return spent
-
-
-def _resize_rec(crop: Image, resized_w: int, out: npt.NDArray[np.uint16]) -> None:
-    """RapidOCR's TextRecognizer.resize_norm_img without the normalisation (done on the
-    device), written into a bucket-wide `[48, W, 3]` slot that holds REC_PAD beyond the line
-    (normalised to 0.0, mid-grey, as RapidOCR pads). A line already at that size (resized
-    where it was cropped) is copied as it is."""
-    if crop.shape[:2] == (buckets.REC_HEIGHT, resized_w):
-        out[:, :resized_w] = crop
-    else:
-        out[:, :resized_w] = cv2.resize(crop, (resized_w, buckets.REC_HEIGHT))
-
-
-def normalise_rec(pixels: Image) -> FloatArray:
-    """RapidOCR's recognition normalisation of `[H, W, 3]` pixels, to `[3, H, W]` float32."""
-    out = cast(FloatArray, pixels.astype(np.float32).transpose((2, 0, 1)) / 255)
-    out -= 0.5
-    out /= 0.5
-    return out
-
-
-def rec_lut() -> FloatArray:
-    """`normalise_rec` of every pixel value, per channel (256 x 3), and 0.0 for REC_PAD."""
-    values = np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2)
-    table = normalise_rec(values)[:, 0, :].T  # [256, 3]
-    return np.concatenate([table, np.zeros((1, 3), np.float32)])
-
-
-def det_lut(pre: Any) -> FloatArray:
-    """RapidOCR's DetPreProcess normalisation of every pixel value, per channel (256 x 3)."""
-    values = np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2)
-    return np.ascontiguousarray(pre.normalize(values)[0].astype(np.float32))
 
 
 def _share_out(pages: list[_Page], owners: list[int], stage: str, seconds: float) -> None:

@@ -1,4 +1,5 @@
-"""Host stages of the GPU path in worker processes, so they use every core.
+"""Host stages of the engine: pre-processing of lines, and box extraction and crops, in
+worker processes on the GPU path so they use every core.
 
 After detection, each page's DB boxes are extracted from its probability map, sorted, cropped
 from the page and each crop resized to the recogniser's height: Python loops and small OpenCV
@@ -78,6 +79,41 @@ class PageBuffer:
 class Detected:
     boxes: FloatArray | None  # sorted as RapidOCR sorts them; None when no text was found
     lines: list[Image]  # each box's crop (resized to the recogniser's height), in box order
+
+
+# --- pre-processing (the normalisation itself runs on the device: ocr/graphs.py) ---------
+
+
+def resize_rec(crop: Image, resized_w: int, out: npt.NDArray[np.uint16]) -> None:
+    """RapidOCR's TextRecognizer.resize_norm_img without the normalisation (done on the
+    device), written into a bucket-wide `[48, W, 3]` slot that holds REC_PAD beyond the line
+    (normalised to 0.0, mid-grey, as RapidOCR pads). A line already at that size (resized
+    where it was cropped) is copied as it is."""
+    if crop.shape[:2] == (buckets.REC_HEIGHT, resized_w):
+        out[:, :resized_w] = crop
+    else:
+        out[:, :resized_w] = cv2.resize(crop, (resized_w, buckets.REC_HEIGHT))
+
+
+def normalise_rec(pixels: Image) -> FloatArray:
+    """RapidOCR's recognition normalisation of `[H, W, 3]` pixels, to `[3, H, W]` float32."""
+    out = cast(FloatArray, pixels.astype(np.float32).transpose((2, 0, 1)) / 255)
+    out -= 0.5
+    out /= 0.5
+    return out
+
+
+def rec_lut() -> FloatArray:
+    """`normalise_rec` of every pixel value, per channel (256 x 3), and 0.0 for REC_PAD."""
+    values = np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2)
+    table = normalise_rec(values)[:, 0, :].T  # [256, 3]
+    return np.concatenate([table, np.zeros((1, 3), np.float32)])
+
+
+def det_lut(pre: Any) -> FloatArray:
+    """RapidOCR's DetPreProcess normalisation of every pixel value, per channel (256 x 3)."""
+    values = np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2)
+    return np.ascontiguousarray(pre.normalize(values)[0].astype(np.float32))
 
 
 # --- in the worker -----------------------------------------------------------------------
