@@ -487,3 +487,26 @@ def test_no_room_in_shared_memory_means_in_process(pages: list[Image],
         assert [r.lines for r in engine.recognize(pages[:2])] == [r.lines for r in want]
     finally:
         engine.close()
+
+
+def test_host_workers_leave_stopping_to_the_daemon(pages: list[Image]) -> None:
+    """systemd sends SIGTERM to the whole cgroup and a terminal's Ctrl-C reaches the whole
+    process group: the workers must go on with the batch the daemon is finishing."""
+    import signal
+
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True, host_processes=1)
+    try:
+        assert engine._host is not None
+        executor = engine._host._executor
+        want = engine.recognize(pages[:1])
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            assert executor.submit(signal.getsignal, signum).result() == signal.SIG_IGN
+        workers = dict(executor._processes)  # type: ignore[arg-type]
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
+        assert engine.recognize(pages[:1])[0].lines == want[0].lines
+        assert engine._host._executor is executor  # not rebuilt: no worker died
+        assert all(process.is_alive() for process in workers.values())
+    finally:
+        engine.close()

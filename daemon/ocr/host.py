@@ -19,6 +19,7 @@ import copy
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -124,6 +125,12 @@ _post: Any = None
 def _init_worker(det_params: dict[str, Any]) -> None:
     global _post
     from rapidocr.ch_ppocr_det.utils import DBPostProcess
+
+    # The daemon decides when its workers stop (it shuts the pool down after the documents in
+    # flight): a Ctrl-C to the terminal's process group or systemd's SIGTERM to the whole
+    # cgroup must not kill them under a batch, nor print a traceback from each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     cv2.setNumThreads(1)  # one process per core already
     _post = DBPostProcess(**det_params)
