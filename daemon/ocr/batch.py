@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +43,7 @@ from daemon.ocr.host import (
     Detected,
     HostPool,
     PageBuffer,
+    auto_processes,
     det_lut,
     detect_lines,
     rec_lut,
@@ -154,7 +154,7 @@ class BatchEngine:
         )
         if host_processes == "auto":
             # the GPU path's host stages on every core; on the CPU inference has them already
-            host_processes = len(os.sched_getaffinity(0)) if self._provider != "cpu" else 0
+            host_processes = auto_processes() if self._provider != "cpu" else 0
         # the angle classifier turns raw crops, so with it lines are cut in this process
         self._host = (HostPool(host_processes, db_params)
                       if host_processes > 0 and self._cls is None else None)

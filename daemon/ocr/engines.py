@@ -8,6 +8,7 @@ from typing import Protocol
 
 from daemon.config import Settings
 from daemon.hardware.providers import ProviderChoice
+from daemon.ocr.host import auto_processes
 from daemon.ocr.langs import validate_lang
 from daemon.results import Image, PageResult
 
@@ -79,7 +80,7 @@ def build_engines(settings: Settings, choice: ProviderChoice, workers: int) -> l
     if choice.name != "cpu" and len(choice.devices) > 1:
         host = settings.batch.host_processes
         if host == "auto":  # the cores shared between the GPUs' host workers
-            host = max(1, len(os.sched_getaffinity(0)) // len(choice.devices))
+            host = auto_processes(len(choice.devices))
         per_device = [
             build_engine(settings.model_copy(update={
                 "ocr": settings.ocr.model_copy(update={"device_id": device}),
