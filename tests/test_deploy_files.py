@@ -370,11 +370,16 @@ def exporter() -> Iterator[int]:
     batch = Histogram("ocr_batch_size", "Batch", buckets=(1, 2, 4, 8, 16), registry=registry)
     stages = Histogram("ocr_stage_seconds", "Stage", ["stage"], registry=registry)
     latency = Histogram("ocr_file_latency_seconds", "Latency", registry=registry)
+    device_pages = Counter("ocr_device_pages", "Pages by device", ["device"], registry=registry)
+    device_up = Gauge("ocr_device_up", "Device in service", ["device"], registry=registry)
+    device_up.labels("0").set(1)
+    device_up.labels("1").set(0)
 
     def tick() -> None:
         files.labels("done").inc(3)
         files.labels("failed").inc()
         pages.inc(7)
+        device_pages.labels("0").inc(7)
         batch.observe(4)
         latency.observe(1.5)
         for stage in ("decode", "det", "cls", "rec", "store"):
