@@ -156,7 +156,7 @@ class BatchEngine:
             # the GPU path's host stages on every core; on the CPU inference has them already
             host_processes = auto_processes() if self._provider != "cpu" else 0
         # the angle classifier turns raw crops, so with it lines are cut in this process
-        self._host = (HostPool(host_processes, db_params)
+        self._host = (HostPool(host_processes, db_params, keep_segments=2 * max_pages)
                       if host_processes > 0 and self._cls is None else None)
 
     @property
@@ -232,8 +232,9 @@ class BatchEngine:
             image=img,
             op_record=op_record,
             det_input=det_input,
-            buffer=PageBuffer(img) if self._host is not None and det_input is not None
-            and shm_room(img.nbytes) else None,
+            buffer=PageBuffer(img, self._host.segments)
+            if self._host is not None and det_input is not None and shm_room(img.nbytes)
+            else None,
         )
         page.timings["det"] = time.perf_counter() - start
         return page

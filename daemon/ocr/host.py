@@ -73,18 +73,63 @@ def shm_room(nbytes: int) -> bool:
     return stats.f_bavail * stats.f_frsize >= nbytes + SHM_KEEP_FREE
 
 
-class PageBuffer:
-    """The main process's side of a shared page: created with the image, unlinked when done."""
+class SegmentPool:
+    """Shared-memory segments reused page after page. A new segment's memory is faulted in
+    and zeroed by the kernel on first touch: copying a receipt into a fresh one cost the main
+    process more than the rest of preparing it (py-spy, benchmarks/host_ceiling.py). At most
+    `keep` idle segments are kept (about the pages of two batches in flight), sized in steps
+    of `SEGMENT_STEP`; the rest are unlinked."""
 
-    def __init__(self, image: Image) -> None:
-        self._shm = shared_memory.SharedMemory(create=True, size=max(1, image.nbytes))
+    SEGMENT_STEP = 4 << 20
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._idle: list[shared_memory.SharedMemory] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> shared_memory.SharedMemory:
+        with self._lock:
+            fitting = [shm for shm in self._idle if shm.size >= nbytes]
+            if fitting:
+                best = min(fitting, key=lambda shm: shm.size)
+                self._idle.remove(best)
+                return best
+        size = -(-max(1, nbytes) // self.SEGMENT_STEP) * self.SEGMENT_STEP
+        return shared_memory.SharedMemory(create=True, size=size)
+
+    def release(self, shm: shared_memory.SharedMemory) -> None:
+        with self._lock:
+            if len(self._idle) < self._keep:
+                self._idle.append(shm)
+                return
+        _unlink(shm)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for shm in idle:
+            _unlink(shm)
+
+
+def _unlink(shm: shared_memory.SharedMemory) -> None:
+    shm.close()
+    shm.unlink()
+
+
+class PageBuffer:
+    """The main process's side of a shared page: the image copied into a segment of the pool,
+    which gets the segment back when the page is done."""
+
+    def __init__(self, image: Image, pool: SegmentPool) -> None:
+        self._pool = pool
+        self._shm = pool.acquire(image.nbytes)
         view: Image = np.ndarray(image.shape, np.uint8, buffer=self._shm.buf)
         view[...] = image
+        del view  # a segment cannot be closed while a view of it lives
         self.ref = SharedPage(self._shm.name, tuple(image.shape))
 
     def release(self) -> None:
-        self._shm.close()
-        self._shm.unlink()
+        self._pool.release(self._shm)
 
 
 @dataclass(frozen=True)
@@ -188,11 +233,13 @@ class HostPool:
     """A process pool for `post_detect`, rebuilt if a worker dies (the batch that was running
     fails and is retried by the pipeline; the next batch gets fresh workers)."""
 
-    def __init__(self, processes: int, det_params: dict[str, Any]) -> None:
+    def __init__(self, processes: int, det_params: dict[str, Any], keep_segments: int = 8
+                 ) -> None:
         self._processes = processes
         self._det_params = det_params
         self._lock = threading.Lock()
         self._executor = self._start()
+        self.segments = SegmentPool(keep_segments)
 
     @property
     def processes(self) -> int:
@@ -221,6 +268,7 @@ class HostPool:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.segments.close()
 
 
 def _ready() -> bool:
