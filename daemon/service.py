@@ -178,8 +178,9 @@ class Service:
         hardware = parts.hardware if parts else None
         choice = hardware.choice if hardware else None
         pipeline = parts.pipeline if parts else None
-        if not self.ready or not watcher_alive or not (pipeline and pipeline.devices.ok):
-            status = "unhealthy"
+        if not self.ready or not watcher_alive or not (pipeline and pipeline.alive
+                                                       and pipeline.devices.ok):
+            status = "unhealthy"  # a dead loop is not hidden: systemd and Docker restart it
         elif not database or (choice and choice.fallbacks) or pipeline.devices.degraded:
             status = "degraded"
         else:

@@ -318,3 +318,24 @@ def test_every_device_failing_is_unhealthy(settings_factory: SettingsFactory,
         assert [d["state"] for d in svc.health()["devices"]] == ["ok", "ok"]
     finally:
         svc.stop()
+
+
+class DyingEngine(DeviceEngine):
+    """Raises what no `except Exception` catches: the OCR loop that called it ends."""
+
+    def recognize(self, images: Sequence[Image]) -> list[PageResult]:
+        raise SystemExit("an OCR loop ends")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_ocr_loop_is_unhealthy(settings_factory: SettingsFactory,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_factory(batch={"stop_timeout_seconds": 0.5})
+    svc = gpu_service(settings, [DyingEngine("0")], monkeypatch)
+    try:
+        assert svc.health()["status"] == "healthy"
+        (svc.settings.watch.path / "a.png").write_bytes(page_bytes(["page"]))
+        assert wait_until(lambda: svc.health()["status"] == "unhealthy", 30)
+        assert svc.components is not None and not svc.components.pipeline.alive
+    finally:
+        svc.stop()
