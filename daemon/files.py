@@ -220,12 +220,18 @@ def render_json(source_path: Path, pages: Sequence[PageResult], sha256: str | No
     return json.dumps(document, ensure_ascii=False, indent=1) + "\n"
 
 
+SIDECAR_MODE = 0o644  # readable by whoever reads the folder, as the error sidecars are
+
+
 def write_atomic(target: Path, content: str) -> None:
     """Temporary file in the target's folder (created exclusively, hidden from the watcher),
-    then rename: replaces the name itself, never follows a link planted at it."""
+    then rename: replaces the name itself, never follows a link planted at it. Readable like
+    the error sidecars (mkstemp alone makes it 0600: producers in the group could not read
+    the text of their own scans)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, SIDECAR_MODE)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(content)
         os.replace(temp, target)

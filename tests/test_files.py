@@ -55,6 +55,9 @@ def test_txt_and_json_next_to_the_file(settings_factory: SettingsFactory) -> Non
                                                      [1.0, 9.0]]}
     write_sidecars(settings, inbox / "scan.png", PAGES[:1])  # stored again: replaced whole
     assert (inbox / "scan.png.txt").read_text(encoding="utf-8") == "first line\nsecond\n"
+    # readable by the folder's readers, as the error sidecars are (mkstemp alone gives 0600)
+    for sidecar in ("scan.png.txt", "scan.png.json"):
+        assert (inbox / sidecar).stat().st_mode & 0o777 == 0o644
 
 
 def test_sidecar_dir_mirrors_sub_folders(settings_factory: SettingsFactory) -> None:
