@@ -27,6 +27,11 @@ from daemon.metrics import Metrics
 log = logging.getLogger(__name__)
 
 HEALTHY_STATUSES = ("healthy", "degraded")
+# A connection that sends nothing for this long is closed, and at most this many are served at
+# once (one thread each): idle or slow clients cannot pile up threads, and the health check of
+# Docker or systemd gets through once they time out.
+REQUEST_TIMEOUT_SECONDS = 10.0
+MAX_CONNECTIONS = 32
 
 HEALTH_KEYS = ("status", "version", "gpu_available", "provider", "uptime", "queue_depth",
                "database")
@@ -73,18 +78,41 @@ class _Server(ThreadingHTTPServer):
         metrics: Metrics,
         health: Callable[[], dict[str, Any]],
         ready: Callable[[], bool],
+        *,
+        request_timeout: float = REQUEST_TIMEOUT_SECONDS,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.metrics = metrics
         self.health = health
         self.ready = ready
+        self.request_timeout = request_timeout
+        self._connections = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._connections.acquire(blocking=False):
+            log.warning("metrics/health server busy (%d connections): refusing one",
+                        MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.request_timeout)  # for every read and write
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -142,8 +170,13 @@ class MetricsServer:
         port: int = 9464,
         health: Callable[[], dict[str, Any]] | None = None,
         ready: Callable[[], bool] | None = None,
+        *,
+        request_timeout: float = REQUEST_TIMEOUT_SECONDS,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self._metrics = metrics
+        self._request_timeout = request_timeout
+        self._max_connections = max_connections
         self._host = host
         self._requested_port = port
         self._health = health or (lambda: {"status": "healthy", "version": metrics.version})
@@ -166,7 +199,8 @@ class MetricsServer:
         if self._server is not None:
             return
         self._server = _Server((self._host, self._requested_port), self._metrics, self._health,
-                               self._ready)
+                               self._ready, request_timeout=self._request_timeout,
+                               max_connections=self._max_connections)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.2},

@@ -34,6 +34,7 @@ from daemon.store.repository import Ledger
 from daemon.watcher import Watcher
 
 log = logging.getLogger("daemon.service")
+DATABASE_CHECK_SECONDS = 2.0  # /health reuses a database check this recent
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class Service:
         self.components: Components | None = None
         self.ready = False
         self._stack = contextlib.ExitStack()  # what has started, stopped in reverse
+        self._database_check = (-DATABASE_CHECK_SECONDS, False)
+        self._database_check_lock = threading.Lock()
 
     @property
     def ledger(self) -> Ledger:
@@ -158,14 +161,22 @@ class Service:
     # -- health ---------------------------------------------------------------------------
 
     def database_reachable(self) -> bool:
+        """SELECT 1, at most once per DATABASE_CHECK_SECONDS: /health is asked by Docker,
+        systemd and every curious client, and each answer must not cost a round trip."""
         if self.components is None:
             return False
-        try:
-            with self.components.database.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            return True
-        except Exception:
-            return False
+        with self._database_check_lock:
+            checked_at, reachable = self._database_check
+            if time.monotonic() - checked_at < DATABASE_CHECK_SECONDS:
+                return reachable
+            try:
+                with self.components.database.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+                reachable = True
+            except Exception:
+                reachable = False
+            self._database_check = (time.monotonic(), reachable)
+            return reachable
 
     def is_ready(self) -> bool:
         parts = self.components

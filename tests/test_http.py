@@ -6,6 +6,8 @@ import json
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """The server closed `sock` (recv sees the end) within `timeout` seconds."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except (TimeoutError, ConnectionResetError):
+        return False
+
+
+def test_idle_connections_are_closed_and_capped() -> None:
+    """Clients that connect and say nothing cannot hold the server's threads for good: each
+    is closed after the request timeout, and past the cap new ones are refused at once."""
+    metrics = Metrics("1", gpu_reader=list)
+    with MetricsServer(metrics, "127.0.0.1", 0, health=health, request_timeout=0.5,
+                       max_connections=2) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        assert wait_until(lambda: _busy(server.port), 5)  # both slots taken: refused
+        for sock in idle:
+            assert _closed_by_server(sock, 5)  # timed out by the server
+            sock.close()
+        assert wait_until(lambda: check_health("127.0.0.1", server.port, timeout=2), 5)
+
+
+def _busy(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        return _closed_by_server(sock, 0.3)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

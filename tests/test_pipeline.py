@@ -339,3 +339,24 @@ def test_a_dead_ocr_loop_is_unhealthy(settings_factory: SettingsFactory,
         assert svc.components is not None and not svc.components.pipeline.alive
     finally:
         svc.stop()
+
+
+def test_health_reuses_a_recent_database_check(service: Callable[..., Service]) -> None:
+    """Docker, systemd and any client may ask /health often: one SELECT per couple of seconds,
+    not one per request."""
+    from sqlalchemy import event
+
+    from daemon.service import DATABASE_CHECK_SECONDS
+
+    svc = service()
+    assert svc.components is not None
+    checks: list[str] = []
+    event.listen(svc.components.database, "before_cursor_execute",
+                 lambda _c, _cur, statement, *_a: checks.append(statement))
+    start = time.monotonic()
+    for _ in range(20):
+        assert svc.health()["database"] == "ok"
+    if time.monotonic() - start < DATABASE_CHECK_SECONDS:  # (always, unless this host crawls)
+        assert checks.count("SELECT 1") == 1
+    # and once the check is older than that, the next request checks again
+    assert wait_until(lambda: (svc.health(), checks.count("SELECT 1") >= 2)[1], 10)
