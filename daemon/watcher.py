@@ -40,9 +40,13 @@ NETWORK_FS = {
 
 @dataclass(frozen=True)
 class Snapshot:
+    """What says a file changed. ctime too: a replacement with the same size, inode and mtime
+    (`cp -p`, `touch -r`, coarse SMB timestamps) still changes the ctime."""
+
     size: int
     mtime_ns: int
     inode: int
+    ctime_ns: int
 
 
 def mount_fstype(path: Path, mounts_file: Path = Path("/proc/mounts")) -> str | None:
@@ -222,7 +226,7 @@ class Watcher:
                     yield path
 
     def _on_rejected_once(self, path: Path, reason: str) -> None:
-        snap = Snapshot(0, 0, -1)
+        snap = Snapshot(0, 0, -1, 0)
         with self._lock:
             if self._handled.get(str(path)) == snap:
                 return
@@ -293,7 +297,7 @@ class Watcher:
             return "a directory, not a file"
         if not stat.S_ISREG(st.st_mode):
             return "not a regular file"
-        current = Snapshot(st.st_size, st.st_mtime_ns, st.st_ino)
+        current = Snapshot(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
         if current != previous:
             with self._lock:
                 if str(path) in self._pending:
@@ -339,4 +343,4 @@ def _snapshot(path: Path) -> Snapshot | None:
         st = path.stat()
     except OSError:
         return None
-    return Snapshot(st.st_size, st.st_mtime_ns, st.st_ino)
+    return Snapshot(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)

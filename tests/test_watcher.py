@@ -96,6 +96,25 @@ def test_rewritten_file_is_reported_again(running: tuple[Watcher, Recorder],
     assert recorder.wait_for(lambda: len(recorder.ready) == 2)
 
 
+def test_a_replacement_with_the_same_size_and_mtime_is_reported_again(
+    running: tuple[Watcher, Recorder], inbox: Path
+) -> None:
+    """`cp -p`, `touch -r` or an SMB client with coarse timestamps: new content, same size,
+    inode and mtime. Only the ctime tells."""
+    _, recorder = running
+    target = inbox / "a.png"
+    target.write_bytes(b"one")
+    assert recorder.wait_for(lambda: len(recorder.ready) == 1)
+    before = target.stat()
+    with open(target, "r+b") as handle:  # same inode, same size
+        handle.write(b"two")
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # same mtime
+    after = target.stat()
+    assert (after.st_size, after.st_ino, after.st_mtime_ns) == \
+        (before.st_size, before.st_ino, before.st_mtime_ns)
+    assert recorder.wait_for(lambda: len(recorder.ready) == 2)
+
+
 @pytest.mark.parametrize("name", [".hidden.png", "x.png.part", "y.filepart", "z.tmp",
                                   "~$doc.png", "Thumbs.db", "notes.txt", "skip-me.png"])
 def test_ignored_names(inbox: Path, name: str) -> None:
