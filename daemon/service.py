@@ -184,7 +184,8 @@ class Service:
 
     def health(self) -> dict[str, Any]:
         parts = self.components
-        database = self.database_reachable()
+        # the pipeline's own last word counts at once; the cached check fills the quiet times
+        database = self.database_reachable() and bool(parts and parts.pipeline.database_ok)
         watcher_alive = bool(parts and parts.watcher.alive)
         hardware = parts.hardware if parts else None
         choice = hardware.choice if hardware else None
