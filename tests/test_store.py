@@ -157,3 +157,45 @@ def test_migrations_are_found_installed_or_from_a_source_tree() -> None:
 
     assert (migrations_dir() / "env.py").is_file()
     assert head_revision() is not None
+
+
+def test_a_rejection_is_recorded_failed_in_one_transaction(ledger: Ledger) -> None:
+    """A claimer must never see a refused file's row as queued, even for a moment."""
+    from sqlalchemy import event
+
+    states: list[str] = []
+
+    def on_commit(connection: object) -> None:
+        states.append("commit")
+
+    event.listen(ledger.engine, "commit", on_commit)
+    try:
+        registration = ledger.record_rejection("/in/link.png", "symlink points outside")
+    finally:
+        event.remove(ledger.engine, "commit", on_commit)
+    assert states == ["commit"]
+    assert registration.state == State.FAILED and registration.created
+    assert ledger.claim_next("w", 60) is None
+    assert ledger.status()["failures"][0]["reason"] == "symlink points outside"
+    again = ledger.record_rejection("/in/link.png", "symlink points outside")
+    assert not again.path_added and again.state == State.FAILED
+
+
+def test_a_claim_counts_only_if_its_update_hit_the_row(ledger: Ledger,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between claim_next's SELECT and its UPDATE another worker can take the row (SQLite
+    has no row locks): then this worker has no claim."""
+    from sqlalchemy.orm import Session
+
+    taken = ledger.register("/in/a.png", sha("a"), 1)
+    assert ledger.claim(taken.document_id, "other", 60) is not None  # another worker has it
+    real_scalar = Session.scalar
+
+    def stale_select(self: Session, statement: object, *args: object, **kwargs: object) -> object:
+        real_scalar(self, statement, *args, **kwargs)
+        return taken.document_id  # what the SELECT saw a moment before the other claim
+
+    monkeypatch.setattr(Session, "scalar", stale_select)
+    assert ledger.claim_next("me", 60) is None
+    monkeypatch.undo()
+    assert ledger.find(taken.sha256).attempts == 1  # the other worker's claim only

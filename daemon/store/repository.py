@@ -126,21 +126,24 @@ class Ledger:
 
     # -- intake ---------------------------------------------------------------------------
 
-    def register(self, path: str, sha256: str, size: int) -> Registration:
-        """Record that `path` holds content `sha256`; create a queued document if it is new."""
+    def register(self, path: str, sha256: str, size: int, *, rejected: str | None = None
+                 ) -> Registration:
+        """Record that `path` holds content `sha256`; create a queued document if it is new
+        (failed, with the reason `rejected`, for a file refused before it was read)."""
         for _ in range(3):  # a concurrent insert of the same content by another daemon
             try:
-                return self._register_once(path, sha256, size)
+                return self._register_once(path, sha256, size, rejected)
             except IntegrityError:
                 continue
-        return self._register_once(path, sha256, size)
+        return self._register_once(path, sha256, size, rejected)
 
-    def _register_once(self, path: str, sha256: str, size: int) -> Registration:
+    def _register_once(self, path: str, sha256: str, size: int, rejected: str | None
+                       ) -> Registration:
         now = self._clock()
         with self._sessions.begin() as session:
-            rejected = rejection_key(path)
-            if sha256 != rejected:  # the file was refused once, and has been read now
-                session.execute(delete(Document).where(Document.sha256 == rejected))
+            rejection = rejection_key(path)
+            if sha256 != rejection:  # the file was refused once, and has been read now
+                session.execute(delete(Document).where(Document.sha256 == rejection))
             doc = session.scalars(select(Document).where(Document.sha256 == sha256)).first()
             created = doc is None
             if doc is None:
@@ -157,6 +160,9 @@ class Ledger:
                                          last_seen_at=now))
             else:
                 known.last_seen_at = now
+            if rejected is not None and doc.state != State.FAILED:
+                # in the same transaction: a claimer must never see it queued
+                doc.state, doc.reason, doc.finished_at = State.FAILED, rejected, now
             return Registration(doc.id, sha256, doc.state, created, known is None)
 
     # -- claims ---------------------------------------------------------------------------
@@ -196,7 +202,7 @@ class Ledger:
             document_id = session.scalar(query)
             if document_id is None:
                 return None
-            session.execute(
+            result = session.execute(
                 update(Document)
                 .where(Document.id == document_id, Document.state == State.QUEUED)
                 .values(state=State.PROCESSING, claimed_by=worker,
@@ -204,6 +210,8 @@ class Ledger:
                         attempts=Document.attempts + 1)
                 .execution_options(synchronize_session=False)
             )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return None  # another worker took it between the SELECT and the UPDATE
             return self._claim_of(session, document_id)
 
     @staticmethod
@@ -299,18 +307,7 @@ class Ledger:
         a directory with a file's name...). It has no content hash, so the row is keyed by a
         hash of its path: the same refusal is recorded once, and should the file become
         readable its real content gets a row of its own, which replaces this one."""
-        key = rejection_key(path)
-        registration = self.register(path, key, 0)
-        if registration.state == State.FAILED and registration.created is False:
-            return registration
-        now = self._clock()
-        with self._sessions.begin() as session:
-            doc = session.get_one(Document, registration.document_id)
-            doc.state = State.FAILED
-            doc.reason = reason
-            doc.finished_at = now
-        return Registration(registration.document_id, key, State.FAILED,
-                            registration.created, registration.path_added)
+        return self.register(path, rejection_key(path), 0, rejected=reason)
 
     # -- reading --------------------------------------------------------------------------
 
