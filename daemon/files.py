@@ -13,6 +13,7 @@ runs: a file that cannot be moved or written is logged, never a failure of the d
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -84,15 +85,67 @@ def folder_is_safe(folder: Path, configured: Path | None, root: Path) -> bool:
 
 
 def move_into(path: Path, folder: Path) -> Path:
-    """Move `path` into `folder` without overwriting anything there. Moves the name only:
-    a symlink is moved as a link, its target is never touched."""
+    """Move `path` into `folder` as `NAME`, or `STEM.N.SUFFIX` when that is taken: never over
+    an existing file, even one another worker created a moment ago, because the new name is
+    made with link(2), which fails when it exists, and only then is the old name removed.
+    Across file systems the content is first copied to a hidden name in `folder` and synced, so
+    a crash leaves the original or a hidden copy, never a partial file under a real name. Moves
+    the name only: a symlink is moved as a link, its target is never touched."""
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        target = _link_new_name(path, folder, path)
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        if exc.errno != errno.EXDEV:  # a file system without hard links: as before
+            return _rename_checked(path, folder)
+        copy = _copy_beside(path, folder)
+        try:
+            target = _link_new_name(copy, folder, path)
+        finally:
+            copy.unlink(missing_ok=True)
+    path.unlink()
+    return target
+
+
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _link_new_name(source: Path, folder: Path, named: Path) -> Path:
+    n = 0
+    while True:
+        target = folder / (named.name if n == 0 else f"{named.stem}.{n}{named.suffix}")
+        try:
+            os.link(source, target, follow_symlinks=False)
+            return target
+        except FileExistsError:
+            n += 1
+
+
+def _copy_beside(path: Path, folder: Path) -> Path:
+    """A synced copy of `path` (the link itself, for a symlink) under a hidden name in `folder`."""
+    while True:
+        temp = folder / f".{path.name}.{os.urandom(4).hex()}.moving"
+        try:
+            if path.is_symlink():
+                os.symlink(os.readlink(path), temp)
+                return temp
+            with open(path, "rb") as source, open(temp, "xb") as copy:
+                shutil.copyfileobj(source, copy)
+                copy.flush()
+                os.fsync(copy.fileno())
+            return temp
+        except FileExistsError:
+            continue
+
+
+def _rename_checked(path: Path, folder: Path) -> Path:
     target = folder / path.name
     n = 1
     while target.exists() or target.is_symlink():
         target = folder / f"{path.stem}.{n}{path.suffix}"
         n += 1
-    shutil.move(str(path), str(target))
+    os.rename(path, target)
     return target
 
 

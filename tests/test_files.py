@@ -4,6 +4,8 @@ folder, and never taken in by the watcher."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,3 +140,45 @@ def test_daemon_writes_sidecars_and_does_not_take_them_in(
         assert len(document["pages"]) == 1 and len(document["pages"][0]["lines"]) == 2
     finally:
         service.stop()
+
+
+def test_a_move_never_overwrites_a_file_that_appeared_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two documents named scan.pdf (recursive mode) finishing at once: whatever a check of the
+    folder said a moment ago, the second must not replace the first."""
+    from daemon.files import move_into
+
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "scan.pdf").write_bytes(b"first")  # moved there by another worker just now
+    incoming = tmp_path / "sub" / "scan.pdf"
+    incoming.parent.mkdir()
+    incoming.write_bytes(b"second")
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # its check ran before that move
+    monkeypatch.setattr(Path, "is_symlink", lambda self: False)
+    target = move_into(incoming, done)
+    monkeypatch.undo()
+    assert (done / "scan.pdf").read_bytes() == b"first"
+    assert target.read_bytes() == b"second" and target.name == "scan.1.pdf"
+    assert not incoming.exists()
+
+
+def test_a_move_across_file_systems_leaves_no_partial_file(tmp_path: Path) -> None:
+    from daemon.files import move_into
+
+    other = Path("/dev/shm") / f"ocr-daemon-test-{os.getpid()}"
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm and the test folder are one file system here")
+    try:
+        source = tmp_path / "scan.png"
+        source.write_bytes(b"x" * 100_000)
+        link = tmp_path / "link.png"
+        link.symlink_to("/etc/hostname")
+        moved = move_into(source, other)
+        moved_link = move_into(link, other)
+        assert moved.read_bytes() == b"x" * 100_000 and not source.exists()
+        assert moved_link.is_symlink() and os.readlink(moved_link) == "/etc/hostname"
+        assert sorted(p.name for p in other.iterdir()) == ["link.png", "scan.png"]  # no temp
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
