@@ -104,8 +104,10 @@ class Watcher:
         on_rejected: Callable[[Path, str], None],
         *,
         tick_seconds: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self._clock = clock
         self.root = settings.path.resolve()
         self._on_ready = on_ready
         self._on_rejected = on_rejected
@@ -166,7 +168,7 @@ class Watcher:
         if not self._wanted(path):
             return
         with self._lock:
-            self._pending.setdefault(str(path), (None, time.monotonic()))
+            self._pending.setdefault(str(path), (None, self._clock()))
 
     def _wanted(self, path: Path) -> bool:
         if is_ignored(path.name, self._patterns):
@@ -193,7 +195,7 @@ class Watcher:
                 if snap is not None and self._handled.get(key) == snap:
                     continue
                 if key not in self._pending:
-                    self._pending[key] = (None, time.monotonic())
+                    self._pending[key] = (None, self._clock())
                     count += 1
         with self._lock:  # forget files that are gone, so a new file of that name counts
             for key in [k for k in self._handled if not os.path.lexists(k)]:
@@ -249,14 +251,16 @@ class Watcher:
             time.sleep(self._tick)
 
     def _check_pending(self) -> None:
-        now = time.monotonic()
         with self._lock:
             items = list(self._pending.items())
         for key, (previous, since) in items:
             if not self._running.is_set():
                 return
             path = Path(key)
-            verdict = self._settle(path, previous, since, now)
+            # the time of this file's check, not of the pass: taking files in (hashing) runs
+            # inside the pass, and a stale time made a file first seen late in a long pass
+            # "settled" after one tick
+            verdict = self._settle(path, previous, since, self._clock())
             if verdict is None:
                 continue
             with self._lock:

@@ -212,3 +212,33 @@ def test_recursive_move_without_done_dir_skips_the_default_done_folder(inbox: Pa
         assert [p.name for p in recorder.ready] == ["new.png"]
     finally:
         watcher.stop()
+
+
+def test_settling_is_timed_when_each_file_is_checked(inbox: Path) -> None:
+    """Taking a file in (hashing it) runs inside the watcher's pass: a file first looked at
+    after a slow one in the same pass must still be watched for settle_seconds from then."""
+    now = [0.0]
+    ready: list[str] = []
+
+    def slow_take_in(path: Path) -> None:
+        ready.append(path.name)
+        now[0] += 5.0  # hashing a big file took five seconds
+
+    settings = WatchSettings(path=inbox, settle_seconds=1.0)
+    watcher = Watcher(settings, slow_take_in, lambda _p, _r: None, clock=lambda: now[0])
+    watcher._running.set()  # driven by hand, no threads: the clock is ours
+    (inbox / "big.png").write_bytes(b"a" * 100)
+    watcher.scan()
+    watcher._check_pending()  # big.png: first look
+    now[0] = 1.0
+    (inbox / "late.png").write_bytes(b"b" * 100)
+    watcher.scan()  # late.png nominated at 1.0
+    now[0] = 1.05
+    watcher._check_pending()  # big.png settled, taken in (until 6.05); late.png: first look
+    assert ready == ["big.png"]
+    now[0] += 0.05
+    watcher._check_pending()  # late.png has been looked at for 0.05 s only
+    assert ready == ["big.png"]
+    now[0] += 1.0
+    watcher._check_pending()
+    assert ready == ["big.png", "late.png"]
