@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SESSION_STAGES = ("det", "cls", "rec")
 STAGES = ("decode", "det", "cls", "rec", "store")
-FILE_STATUSES = ("done", "failed", "duplicate", "retried", "quarantined")
+FILE_STATUSES = ("done", "failed", "duplicate", "retried", "quarantined", "error")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

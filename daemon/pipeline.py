@@ -363,6 +363,9 @@ class Pipeline:
         except _Stopped:
             self._forget(doc)
             return
+        except Exception as exc:
+            self._outcome_crashed(doc, exc, storing=True)
+            return
         self.metrics.stage_seconds.labels(stage="store").observe(time.perf_counter() - start)
         self._forget(doc)
         if not stored:
@@ -395,6 +398,9 @@ class Pipeline:
         except _Stopped:
             self._forget(doc)
             return
+        except Exception as exc:
+            self._outcome_crashed(doc, exc, storing=False)
+            return
         self._forget(doc)
         where = doc.path or (doc.claim.paths[-1] if doc.claim.paths else doc.claim.sha256)
         if outcome.state == State.QUEUED:
@@ -407,6 +413,28 @@ class Pipeline:
         for recorded in outcome.paths:
             quarantine(Path(recorded), reason, self.settings, self.root,
                        sha256=doc.claim.sha256)
+
+    def _outcome_crashed(self, doc: InFlight, exc: Exception, *, storing: bool) -> None:
+        """The ledger refused an outcome with something other than an outage (a DataError, a
+        pool timeout, a bug): logged with the file and counted; text that cannot be stored
+        fails the attempt (transient: retried, then failed after queue.max_attempts, never
+        looping); the slot is freed and the loop lives on. A failure that cannot be recorded
+        is left to the claim's lease."""
+        where = doc.path or (doc.claim.paths[-1] if doc.claim.paths else doc.claim.sha256)
+        what = "store the text of" if storing else "record the failure of"
+        log.error("could not %s %s: %s: %s", what, where, type(exc).__name__,
+                  str(exc).splitlines()[0] if str(exc) else "", exc_info=exc)
+        self.metrics.files_total.labels(status="error").inc()
+        if storing:
+            reason = f"could not store the text: {type(exc).__name__}: {exc}".splitlines()[0]
+            try:
+                self.ledger.fail(doc.claim.document_id, reason[:500], permanent=False,
+                                 max_attempts=self.settings.queue.max_attempts,
+                                 backoff_seconds=self.settings.queue.retry_backoff_seconds)
+            except Exception as again:
+                log.warning("could not record that either (%s): the lease hands %s back",
+                            type(again).__name__, where)
+        self._forget(doc)
 
     def _forget(self, doc: InFlight) -> None:
         with self._inflight_lock:

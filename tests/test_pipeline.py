@@ -360,3 +360,37 @@ def test_health_reuses_a_recent_database_check(service: Callable[..., Service]) 
         assert checks.count("SELECT 1") == 1
     # and once the check is older than that, the next request checks again
     assert wait_until(lambda: (svc.health(), checks.count("SELECT 1") >= 2)[1], 10)
+
+
+def test_an_outcome_the_ledger_refuses_fails_the_attempt_not_the_loop(
+    settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a database outage was waited out: any other error while storing (a DataError, a
+    pool timeout, a bug) killed the OCR loop. Now it costs one attempt, then the document is
+    stored on the next, and the loop lives on."""
+    from sqlalchemy.exc import DataError
+
+    settings = settings_factory(queue={"max_attempts": 3, "retry_backoff_seconds": 0.1})
+    engine = DeviceEngine("cpu", delay=0.0)
+    pipeline, ledger, watcher = run_pipeline(settings, engine)
+    real_complete = ledger.complete
+    refusals = []
+
+    def refuse_once(*args: object, **kwargs: object) -> bool:
+        if not refusals:
+            refusals.append(1)
+            raise DataError("INSERT INTO pages ...", {}, ValueError("a NUL in the text"))
+        return real_complete(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ledger, "complete", refuse_once)
+    try:
+        write_page(settings.watch.path / "a.png", SENTENCES[:1])
+        assert wait_until(lambda: ledger.counts()["done"] == 1, 30)
+        doc = ledger.find("x", [str(settings.watch.path / "a.png")])
+        assert refusals == [1] and doc.attempts == 2 and doc.text == "read on device cpu"
+        assert pipeline.alive and pipeline.inflight_count() == 0
+        registry = pipeline.metrics.registry
+        assert registry.get_sample_value("ocr_files_total", {"status": "error"}) == 1
+    finally:
+        watcher.stop()
+        pipeline.stop(1)
