@@ -321,6 +321,12 @@ class Pipeline:
         images = [task.page.image for task in batch if task.page.image is not None]
         start = time.perf_counter()
         outcome = self.devices.run(engine, images)
+        if isinstance(outcome, Exception) and len(batch) > 1:
+            # one page may be at fault: each alone, so that only its own document fails
+            log.warning("retrying the %d pages of a failed batch one by one", len(batch))
+            for task in batch:
+                self._recognize(engine, [task])
+            return
         if isinstance(outcome, Exception):
             for doc in {id(t.doc): t.doc for t in batch}.values():
                 self._fail(doc, f"OCR engine error: {type(outcome).__name__}: {outcome}",

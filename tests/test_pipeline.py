@@ -394,3 +394,48 @@ def test_an_outcome_the_ledger_refuses_fails_the_attempt_not_the_loop(
     finally:
         watcher.stop()
         pipeline.stop(1)
+
+
+class PoisonEngine(DeviceEngine):
+    """Raises on any batch holding a black page, as an engine bug or a bad page does."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu", delay=0.0)
+        self.batches: list[int] = []
+
+    def recognize(self, images: Sequence[Image]) -> list[PageResult]:
+        self.batches.append(len(images))
+        if any(int(image.max()) == 0 for image in images):
+            raise RuntimeError("the engine cannot take this page")
+        return super().recognize(images)
+
+
+def test_a_page_that_breaks_the_engine_fails_only_its_document(
+    settings_factory: SettingsFactory,
+) -> None:
+    """The batch is retried page by page: the neighbours of a bad page are stored at their
+    first attempt, only the bad page's document fails."""
+    from PIL import Image as PILImage
+
+    settings = settings_factory(queue={"max_attempts": 1},
+                                batch={"max_pages": 4, "max_wait_ms": 3000})
+    engine = PoisonEngine()
+    pipeline, ledger, watcher = run_pipeline(settings, engine)
+    try:
+        inbox = settings.watch.path
+        staging = inbox.parent / "staging"
+        staging.mkdir()
+        for n in range(3):
+            write_page(staging / f"good{n}.png", [f"page {n}"])
+        PILImage.new("RGB", (200, 100), "black").save(staging / "black.png")
+        for path in staging.iterdir():  # all four at once: one batch
+            path.rename(inbox / path.name)
+        assert wait_until(lambda: sum(ledger.counts().values()) == 4 and
+                          ledger.counts()["done"] + ledger.counts()["failed"] == 4, 30)
+        assert ledger.counts()["done"] == 3 and ledger.counts()["failed"] == 1
+        assert "cannot take this page" in ledger.status()["failures"][0]["reason"]
+        assert engine.batches[0] == 4  # they did arrive together
+        assert pipeline.alive
+    finally:
+        watcher.stop()
+        pipeline.stop(1)
