@@ -88,13 +88,14 @@ class _Server(ThreadingHTTPServer):
         self.health = health
         self.ready = ready
         self.request_timeout = request_timeout
+        self.max_connections = max_connections
         self._connections = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._connections.acquire(blocking=False):
             log.warning("metrics/health server busy (%d connections): refusing one",
-                        MAX_CONNECTIONS)
+                        self.max_connections)
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)

@@ -6,8 +6,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from daemon.config import MetricsSettings
 from daemon.http import HEALTH_KEYS, MetricsServer, check_health
 from daemon.metrics import Metrics
 from tests.conftest import ServerFactory
+from tests.test_faults import wait_until
 from tests.test_metrics import Health, get, health
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,12 +133,3 @@ def test_idle_connections_are_closed_and_capped() -> None:
 def _busy(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port)) as sock:
         return _closed_by_server(sock, 0.3)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 from daemon.config import Settings
 from daemon.hardware.providers import ProviderChoice
@@ -74,25 +74,32 @@ def build_engine(settings: Settings, choice: ProviderChoice, workers: int) -> Oc
 
 
 def build_engines(settings: Settings, choice: ProviderChoice, workers: int) -> list[OcrEngine]:
-    """One engine per worker thread. On GPUs, one engine per device (its own sessions), the
-    workers dealt round-robin over them; elsewhere the same instance when it is thread-safe
-    (the batch engine's sessions are), a fresh one each otherwise (plain RapidOCR is not)."""
-    if choice.name != "cpu" and len(choice.devices) > 1:
-        host = settings.batch.host_processes
-        if host == "auto":  # the cores shared between the GPUs' host workers
-            host = auto_processes(len(choice.devices))
-        per_device = [
-            build_engine(settings.model_copy(update={
-                "ocr": settings.ocr.model_copy(update={"device_id": device}),
-                "batch": settings.batch.model_copy(update={"host_processes": host}),
-            }), choice.on_device(device, settings.ocr), workers)
-            for device in choice.devices
-        ]
-        if all(engine.thread_safe for engine in per_device):
-            return [per_device[k % len(per_device)] for k in range(max(workers, len(per_device)))]
-        return per_device + [build_engine(settings, choice, workers)
-                             for _ in range(workers - len(per_device))]
-    first = build_engine(settings, choice, workers)
-    if first.thread_safe:
-        return [first] * workers
-    return [first] + [build_engine(settings, choice, workers) for _ in range(workers - 1)]
+    """One engine per worker thread, the workers dealt round-robin over the GPUs (each engine
+    with its own sessions and device_id). A thread-safe engine (the batch engine's sessions
+    are) is built once per device and shared by its workers; plain RapidOCR, which is not,
+    once per worker."""
+    several = choice.name != "cpu" and len(choice.devices) > 1
+    devices: tuple[int | None, ...] = choice.devices if several else (None,)
+    host = settings.batch.host_processes
+    if host == "auto" and several:  # the cores shared between the GPUs' host workers
+        host = auto_processes(len(devices))
+    first: dict[int | None, OcrEngine] = {}
+    engines = []
+    for slot in range(max(workers, len(devices))):
+        device = devices[slot % len(devices)]
+        shared = first.get(device)
+        if shared is None or not shared.thread_safe:
+            shared = _build_on(settings, choice, device, host, workers)
+            first.setdefault(device, shared)
+        engines.append(shared)
+    return engines
+
+
+def _build_on(settings: Settings, choice: ProviderChoice, device: int | None,
+              host: int | Literal["auto"], workers: int) -> OcrEngine:
+    if device is None:
+        return build_engine(settings, choice, workers)
+    return build_engine(settings.model_copy(update={
+        "ocr": settings.ocr.model_copy(update={"device_id": device}),
+        "batch": settings.batch.model_copy(update={"host_processes": host}),
+    }), choice.on_device(device, settings.ocr), workers)

@@ -47,14 +47,6 @@ REC_PAD = 256  # the recogniser's input value for padding (normalised to 0.0, mi
 FloatArray = npt.NDArray[np.float32]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def det_model(source: Path, lut: FloatArray, cache: Path | None = None) -> Path:
     """The detector taking uint8 `[N, H, W, 3]` pixels; `lut[v, c]` is the host's normalised
     value of pixel value `v` in channel `c` (256 x 3)."""
@@ -75,7 +67,9 @@ def _edited(source: Path, edit_name: str, params: bytes, edit: Any,
             cache: Path | None) -> Path:
     """`source` edited by `edit`, from the cache when it is there (keyed by the source's
     SHA-256, the edit and its parameters)."""
-    key_hash = hashlib.sha256(file_sha256(source).encode() + params).hexdigest()[:16]
+    with open(source, "rb") as handle:
+        source_hash = hashlib.file_digest(handle, "sha256").hexdigest()
+    key_hash = hashlib.sha256(source_hash.encode() + params).hexdigest()[:16]
     key = f"{source.stem}.{edit_name}-v{EDIT_VERSION}.{key_hash}.onnx"
     folder = (cache if cache is not None else cache_dir()) / "models"
     target = folder / key
@@ -163,6 +157,7 @@ def _reduce_classes(model: Any, source: Path) -> None:
 
 
 def _write_atomic(target: Path, data: bytes) -> None:
+    """A cache file appears whole or not at all (temporary name, then rename)."""
     fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
