@@ -51,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="a JSON list: path, sha256, page_no, snippet, score")
     search.add_argument("--limit", type=_positive_int, default=20, metavar="N",
                         help="at most N pages (default 20)")
+    retry = sub.add_parser(
+        "retry", parents=[common], help="re-queue failed documents",
+        description="Failed documents back in the queue with their attempts reset (the reason "
+                    "each had stays in its history). A running daemon takes them within a "
+                    "second; a file refused before it was read is read again now.")
+    retry.add_argument("refs", nargs="*", metavar="PATH|SHA256")
+    retry.add_argument("--failed", action="store_true", help="every failed document")
+    forget = sub.add_parser(
+        "forget", parents=[common], help="remove a document and its text from the ledger",
+        description="The document, its paths and its text are removed (its history stays). "
+                    "Its file, if still in the watched folder, is OCR'd again when next seen "
+                    "(changed, or at the daemon's next start).")
+    forget.add_argument("ref", metavar="PATH|SHA256")
     doctor = sub.add_parser("doctor", parents=[common], help="hardware, providers, the choice")
     doctor.add_argument("--json", action="store_true")
     check = sub.add_parser("check", parents=[common],
@@ -146,6 +159,89 @@ def cmd_text(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from daemon.errors import NotFoundError
+    from daemon.logs import escape_controls
+
+    if bool(args.refs) == args.failed:
+        print("ocr-daemon: retry takes PATH|SHA256 ... or --failed", file=sys.stderr)
+        return int(ExitCode.USAGE)
+    ledger = _ledger(settings)
+    status = 0
+    ids: list[int] | None = None
+    if args.refs:
+        ids = []
+        for ref in args.refs:
+            try:
+                document = ledger.find(ref, path_candidates(ref))
+            except NotFoundError:
+                print(f"ocr-daemon: no document for {escape_controls(ref)}", file=sys.stderr)
+                status = int(ExitCode.NOT_FOUND)
+                continue
+            if document.state != "failed":
+                print(f"{escape_controls(ref)}: {document.state}, not failed: nothing to retry")
+                status = status or int(ExitCode.ERROR)
+                continue
+            ids.append(document.id)
+        if not ids:
+            return status
+    queued = 0
+    for item in ledger.retry(ids):
+        where = escape_controls(item.paths[-1] if item.paths else item.sha256)
+        if item.rejected:
+            outcome, ok = _read_again(settings, ledger, item.paths)
+            queued += ok
+            print(f"{where}: {outcome}")
+            continue
+        queued += 1
+        print(f"re-queued {where} (it had failed: {escape_controls(item.reason or '?')})")
+    print(f"{queued} document{'' if queued == 1 else 's'} re-queued")
+    return status if queued else status or int(ExitCode.ERROR)
+
+
+def _read_again(settings: Settings, ledger: Ledger, paths: Sequence[str]) -> tuple[str, bool]:
+    """A file refused before it was read (unreadable, too large...), read and queued now as
+    the watcher would, if it can be."""
+    from daemon.files import resolves_within, sha256_file
+
+    root = settings.watch.path.resolve()
+    reason = "no longer there"
+    for recorded in reversed(paths):
+        path = Path(recorded)
+        if not resolves_within(path, root):
+            return "still refused: it leads outside the watched folder", False
+        try:
+            digest, size = sha256_file(path, settings.watch.max_file_bytes)
+        except FileNotFoundError:
+            continue
+        except DocumentError as exc:
+            return f"still refused: {exc.reason}", False
+        except OSError as exc:
+            return f"still cannot be read: {exc.strerror}", False
+        for other in paths:  # each refusal's row (keyed by its path) gives way to the content
+            if other != recorded:
+                ledger.register(other, digest, size)
+        registration = ledger.register(recorded, digest, size)
+        if registration.created or registration.state == "queued":
+            return f"read now, re-queued (sha256 {digest[:12]})", True
+        return f"read now: its content is {registration.state} already", False
+    return f"not re-queued: {reason}", False
+
+
+def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
+    from daemon.logs import escape_controls
+
+    ledger = _ledger(settings)
+    document = ledger.find(args.ref, path_candidates(args.ref))
+    if not ledger.forget(document.id):
+        print(f"{escape_controls(args.ref)}: already gone")
+        return int(ExitCode.NOT_FOUND)
+    pages = f", {len(document.pages)} pages of text" if document.pages else ""
+    print(f"forgot {document.sha256[:12]} ({document.state}{pages}): "
+          f"{', '.join(escape_controls(p) for p in document.paths) or 'no path'}")
+    return 0
+
+
 def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     """One line per page: path, page, the snippet with its matches [marked]."""
     from daemon.store.search import parse_query
@@ -219,4 +315,5 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": cmd_run, "migrate": cmd_migrate, "ocr": cmd_ocr, "status": cmd_status,
     "text": cmd_text, "search": cmd_search, "doctor": cmd_doctor, "check": cmd_check,
+    "retry": cmd_retry, "forget": cmd_forget,
 }

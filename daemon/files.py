@@ -193,27 +193,29 @@ def after_done(path: Path, sha256: str, settings: Settings, root: Path) -> None:
 
 
 def quarantine(path: Path, reason: str, settings: Settings, root: Path,
-               sha256: str | None = None) -> None:
-    """Move a failed file to `watch.failed_dir` with a sidecar saying why, when configured.
-    With `sha256`, only while `path` still holds that content: a file rewritten since is new
-    content of its own, not the failure."""
+               sha256: str | None = None) -> Path | None:
+    """Move a failed file to `watch.failed_dir` with a sidecar saying why, when configured;
+    returns where it went (None: not moved). With `sha256`, only while `path` still holds that
+    content: a file rewritten since is new content of its own, not the failure."""
     if settings.watch.failed_dir is None or not (path.is_file() or path.is_symlink()):
-        return
+        return None
     if sha256 is not None and not path.is_symlink() and \
             holds(path, sha256, settings.watch.max_file_bytes) is False:
         # (unreadable or too large: it is the failure, move it)
         log.info("not moving %s to the failed folder: it holds new content now", path)
-        return
+        return None
     try:
         if not resolves_within(path.parent, root):
-            return
+            return None
         folder = root / settings.watch.failed_dir
         if not folder_is_safe(folder, settings.watch.failed_dir, root):
-            return
+            return None
         target = move_into(path, folder)
         write_error_sidecar(target, f"{path}\n{reason}\n")
+        return target
     except OSError as exc:
         log.warning("could not move %s to the failed folder: %s", path, exc)
+        return None
 
 
 # --- text sidecars ----------------------------------------------------------------------------

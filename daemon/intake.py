@@ -68,6 +68,13 @@ class Intake:
                      key, digest[:12])
             self.metrics.files_total.labels(status="duplicate").inc()
             after_done(path, digest, self.settings, self.root)
+        elif registration.state == State.FAILED:
+            # not OCR'd again by itself: say so, and how, rather than nothing
+            log.warning("seen %s: this content failed before (%s); it is not tried again "
+                        "unless asked: ocr-daemon retry %s", key, registration.reason,
+                        digest)
+            if registration.path_added:
+                self.metrics.files_total.labels(status="duplicate").inc()
         elif registration.path_added:
             log.info("seen %s: same content as a document already %s (sha256 %s)", key,
                      registration.state, digest[:12])
@@ -80,4 +87,7 @@ class Intake:
             return
         log.error("failed %s: %s", key, reason)
         self.metrics.files_total.labels(status="failed").inc()
-        quarantine(path, reason, self.settings, self.root)
+        moved = quarantine(path, reason, self.settings, self.root)
+        if moved is not None:  # where `ocr-daemon retry` will read it from
+            self.retry_db(lambda: self.ledger.register(
+                path_key(moved), registration.sha256, 0, rejected=reason))

@@ -417,8 +417,17 @@ class Pipeline:
         self.metrics.files_total.labels(status="failed").inc()
         log.error("failed %s: %s", where, reason)
         for recorded in outcome.paths:
-            quarantine(Path(recorded), reason, self.settings, self.root,
-                       sha256=doc.claim.sha256)
+            moved = quarantine(Path(recorded), reason, self.settings, self.root,
+                               sha256=doc.claim.sha256)
+            if moved is not None:  # where `ocr-daemon retry` will read it from
+                self._record_path(moved, doc)
+
+    def _record_path(self, path: Path, doc: InFlight) -> None:
+        try:
+            self.ledger.register(os.path.abspath(path), doc.claim.sha256, 0)
+        except SQLAlchemyError as exc:
+            log.warning("could not record that %s is now at %s: %s", doc.claim.sha256[:12],
+                        path, str(exc).splitlines()[0])
 
     def _outcome_crashed(self, doc: InFlight, exc: Exception, *, storing: bool) -> None:
         """The ledger refused an outcome with something other than an outage (a DataError, a

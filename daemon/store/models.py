@@ -92,3 +92,17 @@ class PageRow(Base):
     lines: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
 
     document: Mapped[Document] = relationship(back_populates="pages")
+
+
+class DocumentEvent(Base):
+    """History: failures, operator retries and forgets. By content hash, not a foreign key:
+    it outlives a forgotten document."""
+
+    __tablename__ = "document_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    event: Mapped[str] = mapped_column(String(16))  # failed | retry | forget
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str | None] = mapped_column(Text)

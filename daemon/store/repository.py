@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from daemon.errors import NotFoundError
 from daemon.results import PageResult, join_pages, line_json
-from daemon.store.models import Document, DocumentPath, PageRow, State
+from daemon.store.models import Document, DocumentEvent, DocumentPath, PageRow, State
 from daemon.store.search import parse_query, snippet
 
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -50,6 +50,7 @@ class Registration:
     state: str
     created: bool
     path_added: bool
+    reason: str | None = None  # why it failed, when it did
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,15 @@ class SearchHit:
     page_no: int
     snippet: str  # the matches marked: [match]
     score: float  # higher is better; comparable within one result list only
+
+
+@dataclass(frozen=True)
+class Retried:
+    document_id: int
+    sha256: str
+    paths: tuple[str, ...]
+    reason: str | None  # why it had failed
+    rejected: bool = False  # refused before it was read: left failed, to be read again
 
 
 @dataclass(frozen=True)
@@ -163,7 +173,7 @@ class Ledger:
             if rejected is not None and doc.state != State.FAILED:
                 # in the same transaction: a claimer must never see it queued
                 doc.state, doc.reason, doc.finished_at = State.FAILED, rejected, now
-            return Registration(doc.id, sha256, doc.state, created, known is None)
+            return Registration(doc.id, sha256, doc.state, created, known is None, doc.reason)
 
     # -- claims ---------------------------------------------------------------------------
 
@@ -270,6 +280,8 @@ class Ledger:
                 doc.state = State.FAILED
                 doc.finished_at = now
                 doc.next_attempt_at = None
+            session.add(DocumentEvent(sha256=doc.sha256, at=now, event="failed",
+                                      attempt=doc.attempts, detail=reason))
             return FailureResult(doc.state, doc.attempts, tuple(p.path for p in doc.paths))
 
     def release(self, document_id: int, worker: str) -> bool:
@@ -301,6 +313,55 @@ class Ledger:
                 .execution_options(synchronize_session=False)
             )
             return int(result.rowcount)  # type: ignore[attr-defined]
+
+    # -- operator commands ----------------------------------------------------------------
+
+    def retry(self, document_ids: Sequence[int] | None = None) -> list[Retried]:
+        """Failed documents back to `queued` (all of them with None), attempts reset; the
+        reason each had goes to the history. A document in any other state is left alone.
+        A running daemon claims them at its next look (within a second)."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            query = (select(Document).options(selectinload(Document.paths))
+                     .where(Document.state == State.FAILED).order_by(Document.id)
+                     .with_for_update())
+            if document_ids is not None:
+                query = query.where(Document.id.in_(list(document_ids)))
+            retried = []
+            for doc in session.scalars(query).all():
+                paths = tuple(p.path for p in doc.paths)
+                # refused before it was read: no content to queue; the caller reads it again
+                rejected = any(doc.sha256 == rejection_key(path) for path in paths)
+                retried.append(Retried(doc.id, doc.sha256, paths, doc.reason, rejected))
+                if rejected:
+                    continue
+                session.add(DocumentEvent(sha256=doc.sha256, at=now, event="retry",
+                                          attempt=doc.attempts, detail=doc.reason))
+                doc.state, doc.attempts, doc.reason = State.QUEUED, 0, None
+                doc.next_attempt_at = doc.finished_at = None
+                doc.claimed_by = doc.lease_until = None
+            return retried
+
+    def forget(self, document_id: int) -> bool:
+        """Remove a document, its paths and its text (history kept). False when it is gone
+        already. A daemon processing it finds the claim gone and stores nothing."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            doc = session.get(Document, document_id, with_for_update=True)
+            if doc is None:
+                return False
+            session.add(DocumentEvent(sha256=doc.sha256, at=now, event="forget",
+                                      attempt=doc.attempts, detail=f"was {doc.state}"))
+            session.execute(delete(Document).where(Document.id == document_id))
+            return True
+
+    def history(self, sha256: str) -> list[dict[str, Any]]:
+        with self._sessions() as session:
+            events = session.scalars(select(DocumentEvent)
+                                     .where(DocumentEvent.sha256 == sha256)
+                                     .order_by(DocumentEvent.id)).all()
+            return [{"at": (as_utc(e.at) or e.at).isoformat(), "event": e.event,
+                     "attempt": e.attempt, "detail": e.detail} for e in events]
 
     def record_rejection(self, path: str, reason: str) -> Registration:
         """A file refused before its content was read (symlink out of the folder, unreadable,
