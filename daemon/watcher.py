@@ -123,6 +123,10 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._observer: BaseObserver | None = None
         self.observer_kind = "none"
+        self.scans = 0  # full scans of the folder finished
+        # the last scan after which a pass of the loop ended with nothing left settling: every
+        # file that scan saw had been reported, refused or ignored by then
+        self.quiet_after_scan = -1
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -239,13 +243,18 @@ class Watcher:
 
     def _loop(self) -> None:
         self.scan()
+        self.scans += 1
         next_scan = time.monotonic() + self.settings.rescan_interval_seconds
         while self._running.is_set():
             try:
                 if time.monotonic() >= next_scan:
                     self.scan()
+                    self.scans += 1
                     next_scan = time.monotonic() + self.settings.rescan_interval_seconds
                 self._check_pending()
+                with self._lock:
+                    if not self._pending:
+                        self.quiet_after_scan = self.scans
             except Exception:  # one bad file must never stop the watcher
                 log.exception("watcher loop error")
             time.sleep(self._tick)

@@ -18,6 +18,7 @@ from daemon.files import write_sidecars
 from daemon.results import Line, PageResult
 from daemon.service import Service
 from tests.pages import SENTENCES, similarity, write_page
+from tests.test_watcher import looked_twice
 
 SettingsFactory = Callable[..., Settings]
 BOX = ((1.0, 2.0), (30.0, 2.0), (30.0, 9.0), (1.0, 9.0))
@@ -129,7 +130,8 @@ def test_daemon_writes_sidecars_and_does_not_take_them_in(
         while not (inbox / "letter.png.json").exists():
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        time.sleep(2.5)  # two rescans
+        assert service.components is not None
+        assert looked_twice(service.components.watcher)  # two rescans saw the sidecars
         assert ledger.counts() == {"queued": 0, "processing": 0, "done": 1, "failed": 0}
         assert sorted(p.name for p in inbox.iterdir()) == [
             "done", "letter.png.json", "letter.png.txt"]

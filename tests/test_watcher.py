@@ -35,6 +35,19 @@ class Recorder:
             return self.changed.wait_for(predicate, timeout)  # type: ignore[arg-type]
 
 
+def looked_twice(watcher: Watcher, timeout: float = 10.0) -> bool:
+    """Wait until two full scans have started after this call and a pass of the loop ended
+    with nothing left settling after them: by then every file present now was reported,
+    refused or ignored. What is not reported by then never will be (no fixed sleep)."""
+    target = watcher.scans + 2  # a scan under way now may have missed the newest files
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if watcher.quiet_after_scan >= target:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 @pytest.fixture
 def inbox(tmp_path: Path) -> Path:
     path = tmp_path / "inbox"
@@ -64,7 +77,7 @@ def test_existing_and_new_files_are_reported_once(inbox: Path) -> None:
     try:
         (inbox / "after.jpg").write_bytes(b"y" * 10)
         assert recorder.wait_for(lambda: len(recorder.ready) >= 2)
-        time.sleep(1.2)  # two rescans later: still once each
+        assert looked_twice(watcher)  # two rescans later: still once each
         assert sorted(p.name for p in recorder.ready) == ["after.jpg", "before.png"]
     finally:
         watcher.stop()
@@ -123,7 +136,7 @@ def test_ignored_names(inbox: Path, name: str) -> None:
         (inbox / name).write_bytes(b"data")
         (inbox / "real.png").write_bytes(b"data")
         assert recorder.wait_for(lambda: recorder.ready)
-        time.sleep(0.6)
+        assert looked_twice(watcher)
         assert [p.name for p in recorder.ready] == ["real.png"]
     finally:
         watcher.stop()
@@ -165,7 +178,7 @@ def test_recursive_skips_done_and_failed(inbox: Path) -> None:
     watcher, recorder = start(inbox, recursive=True, done_dir="done", failed_dir="failed")
     try:
         assert recorder.wait_for(lambda: recorder.ready)
-        time.sleep(0.6)
+        assert looked_twice(watcher)
         assert [p.name for p in recorder.ready] == ["a.png"]
     finally:
         watcher.stop()
@@ -208,7 +221,7 @@ def test_recursive_move_without_done_dir_skips_the_default_done_folder(inbox: Pa
     watcher, recorder = start(inbox, recursive=True, after="move")
     try:
         assert recorder.wait_for(lambda: recorder.ready)
-        time.sleep(0.6)
+        assert looked_twice(watcher)
         assert [p.name for p in recorder.ready] == ["new.png"]
     finally:
         watcher.stop()
