@@ -189,6 +189,9 @@ class Metrics:
             ["device"], registry=r,
         )
         self.queue_depth = Gauge("ocr_queue_depth", "Files waiting in the queue", registry=r)
+        self.queue_bytes = Gauge(
+            "ocr_queue_bytes", "Bytes of files being decoded and of decoded pages held "
+            "(bounded by queue.memory_budget_bytes)", registry=r)
         self.queue_capacity = Gauge(
             "ocr_queue_capacity", "Capacity of the in-memory queue", registry=r
         )

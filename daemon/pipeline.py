@@ -32,6 +32,7 @@ from typing import TypeVar
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from daemon.budget import ByteBudget
 from daemon.config import Settings
 from daemon.devices import Devices
 from daemon.documents.decode import iter_pages
@@ -47,6 +48,10 @@ log = logging.getLogger("daemon.pipeline")
 T = TypeVar("T")
 
 HOUSEKEEPING_SECONDS = 10.0  # how often expired leases are looked for
+# Memory decoding a page takes at its peak, per byte of the decoded page: Pillow holds RGBX (4
+# bytes a pixel), numpy's view costs a copy of its bytes (3), the BGR page itself (3); pdfium's
+# BGRx render and its conversion are less. Reserved before, trimmed to the page after.
+DECODE_PEAK = 10 / 3
 @dataclass
 class InFlight:
     claim: Claim
@@ -67,6 +72,7 @@ class InFlight:
 class PageTask:
     doc: InFlight
     page: Page
+    nbytes: int = 0  # of the memory budget, given back once the engine is done with it
 
 
 class Pipeline:
@@ -92,6 +98,7 @@ class Pipeline:
         self._decode_pool = ThreadPoolExecutor(settings.batch.decode_threads,
                                                thread_name_prefix="decode")
         self.devices = Devices(engines, metrics)
+        self._budget = ByteBudget(settings.queue.memory_budget_bytes, metrics.queue_bytes.set)
         self.database_ok = True
         self.metrics.queue_capacity.set(capacity)
 
@@ -224,19 +231,41 @@ class Pipeline:
     # -- decoding -------------------------------------------------------------------------
 
     def _decode(self, doc: InFlight) -> None:
+        """Read, check and decode one document into the page queue, within the memory budget:
+        its raw bytes are held until its last page is decoded, each page until it is OCR'd."""
+        budget = self._budget
+        raw = reserved = 0
+
+        def cancelled() -> bool:
+            return doc.failed or not self._running.is_set()
+
+        def reserve(nbytes: int) -> None:  # before each page is decoded: its peak
+            nonlocal reserved
+            peak = int(nbytes * DECODE_PEAK)
+            if not budget.acquire_page(peak, cancelled):
+                raise _Cancelled()
+            reserved += peak
+
         try:
+            if not budget.acquire_raw(doc.claim.size_bytes, cancelled):
+                return  # stopping (the claim is handed back) or failed already
+            raw = doc.claim.size_bytes
             start = time.perf_counter()
             data, path = self._read_verified(doc.claim)
             doc.path = path
             count = 0
-            for page in iter_pages(data, self.settings.ocr):
+            for page in iter_pages(data, self.settings.ocr, reserve):
+                held = min(reserved, page.image.nbytes if page.image is not None else 0)
+                budget.release_page(reserved - held)  # the decoder's scratch is gone
+                reserved = 0
                 if doc.failed:
+                    budget.release_page(held)
                     return
                 count += 1
                 if page.text_layer is not None:
                     self._add_result(doc, page.index, page.text_layer)
                 else:
-                    self._put_page(PageTask(doc, page))
+                    self._put_page(PageTask(doc, page, held))
             if count == 0:
                 raise DocumentError("no pages in the document")
             self.metrics.stage_seconds.labels(stage="decode").observe(
@@ -246,11 +275,16 @@ class Pipeline:
                 ready = doc.complete and not doc.failed
             if ready:
                 self._finish(doc)
+        except _Cancelled:
+            pass
         except DocumentError as exc:
             self._fail(doc, exc.reason, permanent=exc.permanent)
         except Exception as exc:  # a decoder bug must not take the daemon down
             log.exception("decoding %s crashed", doc.claim.sha256[:12])
             self._fail(doc, f"decoder crashed: {type(exc).__name__}: {exc}", permanent=True)
+        finally:
+            budget.release_raw(raw)
+            budget.release_page(reserved)  # a page reserved but never decoded
 
     def _read_verified(self, claim: Claim) -> tuple[bytes, Path]:
         """The claimed content, read from one of its paths and checked against its hash."""
@@ -289,6 +323,7 @@ class Pipeline:
                 return
             except queue.Full:
                 continue
+        self._budget.release_page(task.nbytes)
 
     # -- OCR ------------------------------------------------------------------------------
 
@@ -306,6 +341,9 @@ class Pipeline:
                              else self._pages.get_nowait())
             except queue.Empty:
                 break
+        for task in batch:
+            if task.doc.failed:  # its document failed meanwhile: dropped
+                self._budget.release_page(task.nbytes)
         return [task for task in batch if not task.doc.failed]
 
     def _ocr_loop(self, engine: OcrEngine) -> None:
@@ -327,6 +365,8 @@ class Pipeline:
             for task in batch:
                 self._recognize(engine, [task])
             return
+        for task in batch:  # the engine is done with the pages
+            self._budget.release_page(task.nbytes)
         if isinstance(outcome, Exception):
             for doc in {id(t.doc): t.doc for t in batch}.values():
                 self._fail(doc, f"OCR engine error: {type(outcome).__name__}: {outcome}",
@@ -473,6 +513,10 @@ class Pipeline:
                     raise _Stopped() from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+class _Cancelled(Exception):
+    """Decoding stopped while waiting for memory: the document failed or the daemon stops."""
 
 
 class _Stopped(Exception):

@@ -32,6 +32,7 @@ EXPECTED_FAMILIES = {
     "ocr_pages",
     "ocr_queue_depth",
     "ocr_queue_capacity",
+    "ocr_queue_bytes",
     "ocr_batch_size",
     "ocr_stage_seconds",
     "ocr_file_latency_seconds",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import cast
 
 import cv2
@@ -49,25 +49,37 @@ def to_bgr(frame: PILImage.Image) -> Image:
     return cast(Image, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
-def iter_pages(data: bytes, ocr: OcrSettings) -> Iterator[Page]:
+Reserve = Callable[[int], None]
+
+
+def _no_reserve(_nbytes: int) -> None:
+    pass
+
+
+def iter_pages(data: bytes, ocr: OcrSettings, reserve: Reserve = _no_reserve
+               ) -> Iterator[Page]:
+    """The pages of a file, decoded one at a time. `reserve(nbytes)` is called with a page's
+    pixel bytes before it is decoded (it may wait for memory, or raise to stop)."""
     if not data:
         raise DocumentError("empty file (0 bytes)")
     kind = sniff(data)
     if kind == "pdf":
         from daemon.documents.pdf import iter_pdf_pages
 
-        yield from iter_pdf_pages(data, ocr)
+        yield from iter_pdf_pages(data, ocr, reserve)
         return
-    yield from iter_image_pages(data, ocr)
+    yield from iter_image_pages(data, ocr, reserve)
 
 
-def iter_image_pages(data: bytes, ocr: OcrSettings) -> Iterator[Page]:
+def iter_image_pages(data: bytes, ocr: OcrSettings, reserve: Reserve = _no_reserve
+                     ) -> Iterator[Page]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
             image = PILImage.open(io.BytesIO(data))
             if image.format not in IMAGE_FORMATS:
                 raise DocumentError(f"unsupported image format {image.format}")
+            single = getattr(image, "n_frames", 1) == 1
             for index, frame in enumerate(ImageSequence.Iterator(image)):
                 if index >= ocr.max_pages:
                     raise DocumentError(f"more than ocr.max_pages={ocr.max_pages} pages")
@@ -79,9 +91,16 @@ def iter_image_pages(data: bytes, ocr: OcrSettings) -> Iterator[Page]:
                     )
                 if min(width, height) < MIN_SIDE:
                     raise DocumentError(f"page {index + 1} is too small to OCR ({width}x{height})")
+                reserve(width * height * 3)
                 if index == 0:  # in place: without an orientation tag there is nothing to copy
                     ImageOps.exif_transpose(frame, in_place=True)
-                yield Page(index=index, image=to_bgr(frame))
+                pixels = to_bgr(frame)
+                if single:  # Pillow's copy (4 bytes a pixel) must not wait with the page
+                    image.close()
+                    del frame
+                    yield Page(index=index, image=pixels)
+                    return
+                yield Page(index=index, image=pixels)
     except DocumentError:
         raise
     except UnidentifiedImageError:

@@ -31,7 +31,7 @@ import logging
 import math
 import threading
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +94,8 @@ def _pixels(width_pt: float, height_pt: float, scale: float) -> tuple[int, int]:
     return max(1, math.ceil(width_pt * scale)), max(1, math.ceil(height_pt * scale))
 
 
-def iter_pdf_pages(data: bytes, ocr: OcrSettings) -> Iterator[Page]:
+def iter_pdf_pages(data: bytes, ocr: OcrSettings,
+                   reserve: Callable[[int], None] = lambda _nbytes: None) -> Iterator[Page]:
     """Every page of the PDF in `data`, in order: its text layer, or a render at `ocr.pdf_dpi`."""
     doc = _open(data)
     try:
@@ -105,7 +106,7 @@ def iter_pdf_pages(data: bytes, ocr: OcrSettings) -> Iterator[Page]:
         for index in range(count):
             with _PDFIUM_LOCK:
                 page = _load_page(doc, index)
-                yield_value = _page(page, index, ocr)
+                yield_value = _page(page, index, ocr, reserve)
             yield yield_value
     finally:
         with _PDFIUM_LOCK:
@@ -144,7 +145,7 @@ def _load_page(doc: Any, index: int) -> Any:
         raise DocumentError(f"broken PDF: page {index + 1} cannot be loaded") from None
 
 
-def _page(page: Any, index: int, ocr: OcrSettings) -> Page:
+def _page(page: Any, index: int, ocr: OcrSettings, reserve: Callable[[int], None]) -> Page:
     """Called with the lock held; always closes `page`."""
     try:
         width_pt, height_pt = page.get_size()
@@ -164,6 +165,7 @@ def _page(page: Any, index: int, ocr: OcrSettings) -> Page:
                 index + 1, width_pt, height_pt, size.dpi, ocr.pdf_dpi, ocr.max_image_pixels,
                 extra={"page": index + 1, "dpi": size.dpi, "scaled": True},
             )
+        reserve(size.width * size.height * 3)
         return Page(index=index, image=_render(page, size, index))
     finally:
         page.close()

@@ -60,6 +60,7 @@ class Claim:
     attempts: int
     paths: tuple[str, ...]
     first_seen_at: datetime
+    size_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ class Ledger:
         doc = session.get_one(Document, document_id, options=[selectinload(Document.paths)],
                               populate_existing=True)
         return Claim(doc.id, doc.sha256, doc.attempts, tuple(p.path for p in doc.paths),
-                     as_utc(doc.first_seen_at) or doc.first_seen_at)
+                     as_utc(doc.first_seen_at) or doc.first_seen_at, doc.size_bytes)
 
     # -- outcomes -------------------------------------------------------------------------
 
