@@ -202,16 +202,16 @@ def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
 def _read_again(settings: Settings, ledger: Ledger, paths: Sequence[str]) -> tuple[str, bool]:
     """A file refused before it was read (unreadable, too large...), read and queued now as
     the watcher would, if it can be."""
-    from daemon.files import resolves_within, sha256_file
+    from daemon.files import LeadsOutside, sha256_beneath
 
     root = settings.watch.path.resolve()
     reason = "no longer there"
     for recorded in reversed(paths):
         path = Path(recorded)
-        if not resolves_within(path, root):
-            return "still refused: it leads outside the watched folder", False
         try:
-            digest, size = sha256_file(path, settings.watch.max_file_bytes)
+            digest, size, _ = sha256_beneath(path, root, settings.watch.max_file_bytes)
+        except LeadsOutside:
+            return "still refused: it leads outside the watched folder", False
         except FileNotFoundError:
             continue
         except DocumentError as exc:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -176,11 +177,18 @@ def after_done(path: Path, sha256: str, settings: Settings, root: Path) -> None:
     """keep, move to the done folder, or delete `path` — only if it still holds the
     stored content (a new file may have taken the name meanwhile)."""
     after = settings.watch.after
-    if after == "keep" or not path.is_file() or not resolves_within(path, root):
-        return
-    if not holds(path, sha256, settings.watch.max_file_bytes):
+    if after == "keep":
         return
     try:
+        digest, _, opened = sha256_beneath(path, root, settings.watch.max_file_bytes)
+    except (OSError, DocumentError):
+        return  # gone, unreadable, or leads out of the folder
+    if digest != sha256:
+        return
+    try:
+        now = path.stat()  # the name still leads to what was hashed (not swapped since)
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            return
         if after == "delete":
             path.unlink()
         else:
@@ -313,3 +321,107 @@ def write_sidecars(settings: Settings, source_path: Path, pages: Sequence[PageRe
     except Exception:
         log.exception("sidecar for %s not written", source_path)
     return []
+
+
+# --- opening without following links out ------------------------------------------------------
+
+MAX_LINKS = 40  # as the kernel's own limit on links followed in one lookup
+
+
+class LeadsOutside(OSError):
+    """The name, its links followed, leads out of the watched folder."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.EXDEV, "leads outside the watched folder", str(path))
+
+
+def open_beneath(path: Path, root: Path) -> int:
+    """A read-only descriptor of the regular file `path`, opened one component at a time from
+    `root` (resolved) with O_NOFOLLOW: a link is followed only by reading it here and only
+    while it stays inside `root`; `..` never climbs above it. What is checked is what is
+    opened: a name swapped for a link between a check and an open cannot lead out. Raises
+    LeadsOutside, FileNotFoundError, IsADirectoryError, OSError(ELOOP) for a loop, or
+    OSError(EINVAL) for something that is not a regular file (a FIFO, a device)."""
+    absolute = Path(os.path.abspath(path))
+    if not is_within(absolute, root, strictly=True):
+        raise LeadsOutside(path)
+    parts = list(absolute.relative_to(root).parts)
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+    links = 0
+    try:
+        while parts:
+            part = parts.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if len(fds) == 1:
+                    raise LeadsOutside(path)
+                os.close(fds.pop())
+                continue
+            last = not parts
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            flags |= os.O_NONBLOCK if last else os.O_DIRECTORY  # a FIFO must not block us
+            try:
+                fd = os.open(part, flags, dir_fd=fds[-1])
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                try:
+                    target = os.readlink(part, dir_fd=fds[-1])
+                except OSError:
+                    raise exc from None  # not a link: a file where a folder was expected
+                links += 1
+                if links > MAX_LINKS:
+                    raise OSError(errno.ELOOP, "symlink loop", str(path)) from None
+                if os.path.isabs(target):
+                    absolute_target = Path(os.path.normpath(target))
+                    if not is_within(absolute_target, root, strictly=True):
+                        raise LeadsOutside(path) from None
+                    for extra in fds[1:]:
+                        os.close(extra)
+                    del fds[1:]
+                    parts = list(absolute_target.relative_to(root).parts) + parts
+                else:
+                    parts = list(Path(target).parts) + parts
+                continue
+            if last:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    os.close(fd)
+                    if stat.S_ISDIR(info.st_mode):
+                        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+                    raise OSError(errno.EINVAL, "not a regular file", str(path))
+                os.set_blocking(fd, True)
+                return fd
+            fds.append(fd)
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def read_beneath(path: Path, root: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """The content of `path` opened with `open_beneath`, and what it was (fstat); a file over
+    `max_bytes` is refused."""
+    fd = open_beneath(path, root)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DocumentError(f"file is larger than watch.max_file_bytes={max_bytes}")
+    return data, info
+
+
+def sha256_beneath(path: Path, root: Path, max_bytes: int) -> tuple[str, int, os.stat_result]:
+    """SHA-256, size and fstat of `path` opened with `open_beneath`, read in chunks."""
+    fd = open_beneath(path, root)
+    digest = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        while chunk := handle.read(HASH_CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise DocumentError(f"file is larger than watch.max_file_bytes={max_bytes}")
+            digest.update(chunk)
+    return digest.hexdigest(), size, info

@@ -12,7 +12,7 @@ from typing import Protocol, TypeVar
 
 from daemon.config import Settings
 from daemon.errors import DocumentError
-from daemon.files import after_done, quarantine, sha256_file
+from daemon.files import LeadsOutside, after_done, quarantine, sha256_beneath
 from daemon.metrics import Metrics
 from daemon.store.models import State
 from daemon.store.repository import Ledger
@@ -46,8 +46,8 @@ class Intake:
 
     def take(self, path: Path) -> None:
         key = path_key(path)
-        try:
-            digest, size = sha256_file(path, self.settings.watch.max_file_bytes)
+        try:  # opened once, links followed only inside the folder: what was checked is read
+            digest, size, _ = sha256_beneath(path, self.root, self.settings.watch.max_file_bytes)
         except FileNotFoundError:
             return  # gone before we got to it: nothing to record
         except DocumentError as exc:
@@ -55,6 +55,9 @@ class Intake:
             return
         except PermissionError:
             self.reject(path, "permission denied: the daemon's user cannot read it")
+            return
+        except LeadsOutside:
+            self.reject(path, "symlink points outside the watched folder")
             return
         except OSError as exc:
             self.reject(path, f"cannot read: {exc.strerror}")

@@ -37,7 +37,7 @@ from daemon.config import Settings
 from daemon.devices import Devices
 from daemon.documents.decode import iter_pages
 from daemon.errors import DocumentError
-from daemon.files import after_done, quarantine, resolves_within, write_sidecars
+from daemon.files import LeadsOutside, after_done, quarantine, read_beneath, write_sidecars
 from daemon.metrics import Metrics
 from daemon.ocr.engines import OcrEngine
 from daemon.results import Page, PageResult
@@ -291,11 +291,13 @@ class Pipeline:
         reasons = []
         for recorded in reversed(claim.paths):
             path = Path(recorded)
-            if not resolves_within(path, self.root):
+            try:  # one descriptor, links followed only inside the folder: read, hashed, decoded
+                data, _ = read_beneath(path, self.root, self.settings.watch.max_file_bytes)
+            except LeadsOutside:
                 continue
-            try:
-                with open(path, "rb") as handle:
-                    data = handle.read(self.settings.watch.max_file_bytes + 1)
+            except DocumentError as exc:  # grew past max_file_bytes: not what was queued
+                reasons.append(exc.reason)
+                continue
             except FileNotFoundError:
                 reasons.append("vanished before it was read")
                 continue

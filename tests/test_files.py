@@ -3,6 +3,7 @@ folder, and never taken in by the watcher."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,9 +15,12 @@ import pytest
 
 from daemon.config import Settings, load_settings
 from daemon.errors import ConfigError
-from daemon.files import write_sidecars
+from daemon.files import LeadsOutside, open_beneath, read_beneath, write_sidecars
+from daemon.intake import Intake
+from daemon.metrics import Metrics
 from daemon.results import Line, PageResult
 from daemon.service import Service
+from daemon.store.db import open_ledger
 from tests.pages import SENTENCES, similarity, write_page
 from tests.test_watcher import looked_twice
 
@@ -184,3 +188,57 @@ def test_a_move_across_file_systems_leaves_no_partial_file(tmp_path: Path) -> No
         assert sorted(p.name for p in other.iterdir()) == ["link.png", "scan.png"]  # no temp
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+# --- open once, never through a link out of the folder -------------------------------------
+
+
+def test_open_beneath_follows_links_only_inside_the_folder(tmp_path: Path) -> None:
+    root = (tmp_path / "inbox").resolve()
+    (root / "sub").mkdir(parents=True)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"secret")
+    (root / "sub" / "page.png").write_bytes(b"page")
+    os.symlink("sub/page.png", root / "relative.png")
+    os.symlink(root / "sub" / "page.png", root / "absolute.png")
+    os.symlink("../relative.png", root / "sub" / "chain.png")
+    os.symlink(outside, root / "escape.png")
+    os.symlink("../secret.png", root / "dotdot.png")
+    os.symlink(tmp_path, root / "door")  # a folder link out, used as a path component
+    os.symlink("loop.png", root / "loop.png")
+    os.mkfifo(root / "pipe.png")
+    for name in ("sub/page.png", "relative.png", "absolute.png", "sub/chain.png"):
+        assert read_beneath(root / name, root, 100)[0] == b"page", name
+    for name in ("escape.png", "dotdot.png", "door/secret.png", "sub/../../secret.png"):
+        with pytest.raises(LeadsOutside):
+            open_beneath(root / name, root)
+    with pytest.raises(OSError) as loop:
+        open_beneath(root / "loop.png", root)
+    assert loop.value.errno == errno.ELOOP
+    with pytest.raises(OSError) as fifo:  # refused at once, not a read that blocks
+        open_beneath(root / "pipe.png", root)
+    assert fifo.value.errno == errno.EINVAL
+    with pytest.raises(IsADirectoryError):
+        open_beneath(root / "sub", root)
+    with pytest.raises(FileNotFoundError):
+        open_beneath(root / "missing.png", root)
+
+
+def test_a_file_swapped_for_a_link_out_after_the_check_is_not_read(
+        settings_factory: SettingsFactory, tmp_path: Path) -> None:
+    """The watcher checked a regular file; by the time it is hashed the name is a link to a
+    file outside (a producer racing the daemon). Its content must not reach the ledger."""
+    settings = settings_factory()
+    ledger = open_ledger(settings, migrate_now=True)[1]
+    rejected: list[str] = []
+    intake = Intake(settings, ledger, Metrics("test"), retry_db=lambda action: action(),
+                    notify=lambda: None)
+    intake.reject = lambda path, reason: rejected.append(reason)  # type: ignore[method-assign]
+    inbox = settings.watch.path
+    inbox.mkdir(parents=True, exist_ok=True)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for the daemon")
+    os.symlink(secret, inbox / "scan.png")  # swapped in after the check
+    intake.take(inbox / "scan.png")
+    assert rejected == ["symlink points outside the watched folder"]
+    assert ledger.counts()["queued"] == 0
