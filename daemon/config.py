@@ -97,6 +97,7 @@ class QueueSettings(_Section):
     retry_backoff_seconds: float = Field(5.0, ge=0)
     lease_seconds: float = Field(600.0, gt=0)
     memory_budget_bytes: int = Field(1 << 30, gt=0)
+    stuck_seconds: float = Field(600.0, gt=0)
 
 
 class BatchSettings(_Section):

@@ -101,6 +101,7 @@ class Pipeline:
         self._budget = ByteBudget(settings.queue.memory_budget_bytes, metrics.queue_bytes.set)
         self.database_ok = True
         self.metrics.queue_capacity.set(capacity)
+        self._progress_at = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -165,6 +166,20 @@ class Pipeline:
         """Any loop still running (a stop waits for them)."""
         return any(thread.is_alive() for thread in self._threads)
 
+    def progressed(self) -> None:
+        """A page decoded or recognised, a document stored or failed."""
+        self._progress_at = time.monotonic()
+
+    def seconds_since_progress(self) -> float:
+        return time.monotonic() - self._progress_at
+
+    @property
+    def stuck(self) -> bool:
+        """Work in flight and no progress for queue.stuck_seconds: a loop alive but hung (a
+        decoder or an engine call that never returns) is reported, not hidden."""
+        idle = time.monotonic() - self._progress_at
+        return self.inflight_count() > 0 and idle > self.settings.queue.stuck_seconds
+
     def inflight_count(self) -> int:
         with self._inflight_lock:
             return len(self._inflight)
@@ -187,6 +202,8 @@ class Pipeline:
                 continue
             doc = InFlight(claim)
             with self._inflight_lock:
+                if not self._inflight:  # the idle time before this does not count as stuck
+                    self._progress_at = time.monotonic()
                 self._inflight[claim.document_id] = doc
                 self.metrics.queue_depth.set(len(self._inflight))
             self._decode_pool.submit(self._decode, doc)
@@ -322,6 +339,7 @@ class Pipeline:
         while self._running.is_set() and not task.doc.failed:
             try:
                 self._pages.put(task, timeout=0.2)
+                self.progressed()
                 return
             except queue.Full:
                 continue
@@ -367,6 +385,7 @@ class Pipeline:
             for task in batch:
                 self._recognize(engine, [task])
             return
+        self.progressed()
         for task in batch:  # the engine is done with the pages
             self._budget.release_page(task.nbytes)
         if isinstance(outcome, Exception):
@@ -494,6 +513,7 @@ class Pipeline:
         self._forget(doc)
 
     def _forget(self, doc: InFlight) -> None:
+        self.progressed()
         with self._inflight_lock:
             if self._inflight.pop(doc.claim.document_id, None) is not None:
                 self._slots.release()

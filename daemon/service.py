@@ -191,8 +191,10 @@ class Service:
         choice = hardware.choice if hardware else None
         pipeline = parts.pipeline if parts else None
         if not self.ready or not watcher_alive or not (pipeline and pipeline.alive
-                                                       and pipeline.devices.ok):
-            status = "unhealthy"  # a dead loop is not hidden: systemd and Docker restart it
+                                                       and pipeline.devices.ok
+                                                       and not pipeline.stuck):
+            status = "unhealthy"  # a dead or hung loop is not hidden: systemd and Docker
+            # restart it
         elif not database or (choice and choice.fallbacks) or pipeline.devices.degraded:
             status = "degraded"
         else:
@@ -210,6 +212,9 @@ class Service:
             if hardware and hardware.opencl else [],
             watcher=parts.watcher.observer_kind if parts else None,
             devices=pipeline.devices.report() if pipeline else [],
+            # how long work has waited without any progress (0 when nothing is in flight)
+            stalled_seconds=round(pipeline.seconds_since_progress(), 1)
+            if pipeline and pipeline.inflight_count() else 0.0,
         )
 
     # -- stop -----------------------------------------------------------------------------
@@ -237,7 +242,8 @@ class Service:
         while not self.stop_requested.wait(0.5):
             if interval is not None and time.monotonic() >= next_ping:
                 parts = self.components
-                if parts and parts.watcher.alive and parts.pipeline.alive:
+                if parts and parts.watcher.alive and parts.pipeline.alive and \
+                        not parts.pipeline.stuck:
                     sdnotify.watchdog()
                 next_ping = time.monotonic() + interval
 

@@ -341,6 +341,41 @@ def test_a_dead_ocr_loop_is_unhealthy(settings_factory: SettingsFactory,
         svc.stop()
 
 
+class HungEngine(DeviceEngine):
+    """A GPU call that never returns (a driver hang): the loop is alive, nothing moves."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(device)
+        self.release = threading.Event()
+
+    def recognize(self, images: Sequence[Image]) -> list[PageResult]:
+        self.release.wait(60)
+        return super().recognize(images)
+
+
+def test_a_hung_loop_is_unhealthy_and_recovers(settings_factory: SettingsFactory,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alive is not enough: work waiting with no progress for queue.stuck_seconds makes
+    /health unhealthy (and stops the systemd watchdog ping); progress makes it healthy."""
+    settings = settings_factory(queue={"stuck_seconds": 1.0})
+    engine = HungEngine("0")
+    svc = gpu_service(settings, [engine], monkeypatch)
+    try:
+        assert svc.components is not None
+        assert wait_until(lambda: svc.health()["status"] == "healthy", 10)
+        (svc.settings.watch.path / "a.png").write_bytes(page_bytes(["page"]))
+        assert wait_until(lambda: svc.health()["status"] == "unhealthy", 30)
+        assert svc.components.pipeline.alive  # every thread alive, and yet
+        assert svc.health()["stalled_seconds"] > 1.0
+        engine.release.set()
+        assert wait_until(lambda: svc.ledger.counts()["done"] == 1, 30)
+        assert svc.health()["status"] == "healthy"
+        assert svc.health()["stalled_seconds"] == 0.0
+    finally:
+        engine.release.set()
+        svc.stop()
+
+
 def test_health_reuses_a_recent_database_check(service: Callable[..., Service]) -> None:
     """Docker, systemd and any client may ask /health often: one SELECT per couple of seconds,
     not one per request."""
