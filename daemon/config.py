@@ -95,7 +95,7 @@ class QueueSettings(_Section):
     capacity: int = Field(32, ge=1)
     max_attempts: int = Field(3, ge=1)
     retry_backoff_seconds: float = Field(5.0, ge=0)
-    lease_seconds: float = Field(600.0, gt=0)
+    lease_seconds: float = Field(60.0, gt=0)
     memory_budget_bytes: int = Field(1 << 30, gt=0)
     stuck_seconds: float = Field(600.0, gt=0)
 

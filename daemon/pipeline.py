@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -83,7 +84,8 @@ class Pipeline:
         self.engines = engines
         self.metrics = metrics
         self.provider = provider
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        # unique per process: two containers with one hostname and PID 1 must not share a claim
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.root = settings.watch.path.resolve()
         capacity = settings.queue.capacity
         self._slots = threading.BoundedSemaphore(capacity)
@@ -187,11 +189,15 @@ class Pipeline:
     # -- claiming -------------------------------------------------------------------------
 
     def _claim_loop(self) -> None:
-        next_housekeeping = 0.0
+        next_housekeeping = next_heartbeat = 0.0
+        heartbeat = max(0.5, self.settings.queue.lease_seconds / 3)
         while self._running.is_set():
             if not self._accepting.is_set():
                 time.sleep(0.05)
                 continue
+            if time.monotonic() >= next_heartbeat:
+                self._heartbeat()
+                next_heartbeat = time.monotonic() + heartbeat
             if time.monotonic() >= next_housekeeping:
                 self._requeue_expired()
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
@@ -229,9 +235,37 @@ class Pipeline:
             self._wake.clear()
         return claim
 
+    def _heartbeat(self) -> None:
+        """Renew the lease of every document this worker holds (being decoded, queued for
+        OCR or in it), every third of a lease: a live worker never loses a claim to the
+        housekeeping of another, however long a document takes. A claim found lost anyway
+        (a database away longer than a lease) stops that document's work here: the worker
+        that has it now stores it, once."""
+        with self._inflight_lock:
+            held = dict(self._inflight)
+        if not held:
+            return
+        try:
+            renewed = self.ledger.renew(self.worker_id, list(held),
+                                        self.settings.queue.lease_seconds)
+            self.database_ok = True
+        except SQLAlchemyError as exc:
+            self._database_down(exc)
+            return
+        for document_id, doc in held.items():
+            if document_id in renewed:
+                continue
+            with doc.lock:
+                if doc.finished or doc.failed:
+                    continue
+                doc.failed = True  # its pages are dropped, nothing is stored
+            log.warning("lost the claim on %s (its lease ran out): its work stops here",
+                        doc.path or doc.claim.sha256[:12])
+            self._forget(doc)
+
     def _requeue_expired(self) -> None:
         try:
-            requeued = self.ledger.requeue_stale()
+            requeued = self.ledger.requeue_stale(max_attempts=self.settings.queue.max_attempts)
             self.database_ok = True
         except SQLAlchemyError as exc:
             self._database_down(exc)
@@ -461,7 +495,8 @@ class Pipeline:
             outcome = self.retry_db(lambda: self.ledger.fail(
                 doc.claim.document_id, reason, permanent=permanent,
                 max_attempts=self.settings.queue.max_attempts,
-                backoff_seconds=self.settings.queue.retry_backoff_seconds))
+                backoff_seconds=self.settings.queue.retry_backoff_seconds,
+                worker=self.worker_id))
         except _Stopped:
             self._forget(doc)
             return
@@ -469,6 +504,10 @@ class Pipeline:
             self._outcome_crashed(doc, exc, storing=False)
             return
         self._forget(doc)
+        if outcome is None:  # another worker holds it now (our lease ran out): its say
+            log.warning("lost the claim on %s before recording its failure (%s); another "
+                        "worker has it", doc.path or doc.claim.sha256[:12], reason)
+            return
         where = doc.path or (doc.claim.paths[-1] if doc.claim.paths else doc.claim.sha256)
         if outcome.state == State.QUEUED:
             self.metrics.files_total.labels(status="retried").inc()
@@ -506,7 +545,8 @@ class Pipeline:
             try:
                 self.ledger.fail(doc.claim.document_id, reason[:500], permanent=False,
                                  max_attempts=self.settings.queue.max_attempts,
-                                 backoff_seconds=self.settings.queue.retry_backoff_seconds)
+                                 backoff_seconds=self.settings.queue.retry_backoff_seconds,
+                                 worker=self.worker_id)
             except Exception as again:
                 log.warning("could not record that either (%s): the lease hands %s back",
                             type(again).__name__, where)

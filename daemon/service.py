@@ -102,7 +102,8 @@ class Service:
         stack.callback(self._nvml.close)
         database, ledger = open_ledger(settings, migrate_now=settings.database.migrate_on_start)
         stack.callback(database.dispose)
-        requeued = ledger.requeue_stale(all_processing=is_sqlite(database))
+        requeued = ledger.requeue_stale(all_processing=is_sqlite(database),
+                                        max_attempts=settings.queue.max_attempts)
         if requeued:
             log.info("re-queued %d documents left in processing by an earlier run", requeued)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -374,6 +375,36 @@ def test_a_hung_loop_is_unhealthy_and_recovers(settings_factory: SettingsFactory
     finally:
         engine.release.set()
         svc.stop()
+
+
+def test_a_document_slower_than_its_lease_is_stored_once(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A 1.5 s lease and an engine that takes 4 s a page: the heartbeat keeps the claim, the
+    housekeeping never takes it back, the page is read once and stored once."""
+    settings = settings_factory(queue={"lease_seconds": 1.5})
+    engine = DeviceEngine("0", delay=4.0)
+    monkeypatch.setattr("daemon.pipeline.HOUSEKEEPING_SECONDS", 0.2)
+    svc = gpu_service(settings, [engine], monkeypatch)
+    try:
+        with caplog.at_level(logging.INFO):
+            (svc.settings.watch.path / "slow.png").write_bytes(page_bytes(["slow page"]))
+            assert wait_until(lambda: svc.ledger.counts()["done"] == 1, 30)
+        assert engine.pages == 1
+        assert svc.ledger.find("x", [str(svc.settings.watch.path / "slow.png")]).attempts == 1
+        assert "lost the claim" not in caplog.text and "re-queued" not in caplog.text
+    finally:
+        svc.stop()
+
+
+def test_worker_ids_are_unique_per_process_and_pipeline(
+        settings_factory: SettingsFactory) -> None:
+    """Two containers with the same hostname and PID 1 must not share a claim."""
+    settings = settings_factory()
+    _, ledger = open_ledger(settings, migrate_now=True)
+    ids = {Pipeline(settings, ledger, [DeviceEngine("0")], Metrics("t"),  # type: ignore[list-item]
+                    "cpu").worker_id for _ in range(3)}
+    assert len(ids) == 3
 
 
 def test_health_reuses_a_recent_database_check(service: Callable[..., Service]) -> None:

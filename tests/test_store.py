@@ -199,3 +199,59 @@ def test_a_claim_counts_only_if_its_update_hit_the_row(ledger: Ledger,
     assert ledger.claim_next("me", 60) is None
     monkeypatch.undo()
     assert ledger.find(taken.sha256).attempts == 1  # the other worker's claim only
+
+
+# -- leases that live (issue: N daemons, one database) ---------------------------------------
+
+
+def test_a_late_failure_from_a_worker_that_lost_its_lease_changes_nothing(
+        ledger: Ledger) -> None:
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    timed = Ledger(ledger.engine, clock=lambda: now[0])
+    doc = timed.register("/in/a.png", sha("a"), 1).document_id
+    assert timed.claim_next("slow", 60) is not None
+    now[0] += timedelta(seconds=61)
+    assert timed.requeue_stale() == 1  # its lease ran out
+    assert timed.claim_next("fast", 60) is not None
+    assert timed.complete(doc, "fast", [page("stored by fast")], 0.1, "cpu")
+    late = timed.fail(doc, "engine error", permanent=True, max_attempts=3, backoff_seconds=0,
+                      worker="slow")
+    assert late is None
+    found = timed.find(sha("a"))
+    assert (found.state, found.text, found.reason) == ("done", "stored by fast", None)
+
+
+def test_the_heartbeat_renews_only_what_a_worker_holds(ledger: Ledger) -> None:
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    timed = Ledger(ledger.engine, clock=lambda: now[0])
+    a = timed.register("/in/a.png", sha("a"), 1).document_id
+    b = timed.register("/in/b.png", sha("b"), 1).document_id
+    assert timed.claim(a, "w1", 60) is not None
+    assert timed.claim(b, "w2", 60) is not None
+    for _ in range(5):  # five minutes of a slow document, renewed every 50 s
+        now[0] += timedelta(seconds=50)
+        assert timed.renew("w1", [a, b], 60) == {a}  # b is not w1's to renew
+        assert timed.renew("w2", [b], 60) == {b}
+        assert timed.requeue_stale() == 0
+    now[0] += timedelta(seconds=61)  # w2 stops renewing (died)
+    assert timed.renew("w1", [a], 60) == {a}
+    assert timed.requeue_stale() == 1
+    assert timed.renew("w2", [b], 60) == set()  # lost: its work must stop
+    assert timed.find(sha("a")).attempts == 1
+
+
+def test_lease_expiries_count_as_attempts(ledger: Ledger) -> None:
+    """A document that kills or hangs its worker every time ends failed, not looping."""
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    timed = Ledger(ledger.engine, clock=lambda: now[0])
+    doc = timed.register("/in/a.png", sha("a"), 1).document_id
+    for attempt in (1, 2, 3):
+        claim = timed.claim_next(f"w{attempt}", 60)
+        assert claim is not None and claim.attempts == attempt
+        now[0] += timedelta(seconds=61)
+        assert timed.requeue_stale(max_attempts=3) == 1
+    found = timed.find(sha("a"))
+    assert found.state == "failed" and "lease ran out" in (found.reason or "")
+    assert [e["event"] for e in timed.history(sha("a"))] == ["expired"] * 3
+    assert timed.claim_next("w4", 60) is None
+    assert doc == found.id

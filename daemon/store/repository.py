@@ -264,11 +264,23 @@ class Ledger:
             return True
 
     def fail(self, document_id: int, reason: str, *, permanent: bool, max_attempts: int,
-             backoff_seconds: float) -> FailureResult:
-        """Record a failure: retried later with exponential backoff, or failed for good."""
+             backoff_seconds: float, worker: str | None = None) -> FailureResult | None:
+        """Record a failure: retried later with exponential backoff, or failed for good.
+
+        With `worker`, only while that worker holds the claim: None when it no longer does (its
+        lease ran out and another worker has the document, or has finished it), so a late
+        failure changes nothing."""
         now = self._clock()
         with self._sessions.begin() as session:
-            doc = session.get_one(Document, document_id, options=[selectinload(Document.paths)])
+            doc = session.scalars(
+                select(Document).options(selectinload(Document.paths))
+                .where(Document.id == document_id).with_for_update()
+            ).first()
+            if doc is None:
+                return None
+            if worker is not None and (doc.state != State.PROCESSING
+                                       or doc.claimed_by != worker):
+                return None
             retry = not permanent and doc.attempts < max_attempts
             doc.reason = reason
             doc.claimed_by = None
@@ -298,22 +310,55 @@ class Ledger:
             )
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
-    def requeue_stale(self, *, all_processing: bool = False) -> int:
+    def renew(self, worker: str, document_ids: Sequence[int], lease_seconds: float
+              ) -> set[int]:
+        """The heartbeat: extend the lease of each document `worker` still holds. Returns the
+        ids renewed; the others were lost (expired and taken back): their work must stop."""
+        if not document_ids:
+            return set()
+        now = self._clock()
+        with self._sessions.begin() as session:
+            held = set(session.scalars(
+                select(Document.id).where(Document.id.in_(list(document_ids)),
+                                          Document.state == State.PROCESSING,
+                                          Document.claimed_by == worker)
+                .with_for_update()).all())
+            if held:
+                session.execute(
+                    update(Document).where(Document.id.in_(list(held)))
+                    .values(lease_until=now + timedelta(seconds=lease_seconds))
+                    .execution_options(synchronize_session=False))
+            return held
+
+    def requeue_stale(self, *, all_processing: bool = False, max_attempts: int | None = None
+                      ) -> int:
         """Rows left in `processing` by a dead worker go back to `queued`.
 
         `all_processing` at start-up of the only daemon on an embedded database; otherwise
-        only rows whose lease has run out (another live daemon may hold the others).
+        only rows whose lease has run out (another live daemon may hold the others). An expiry
+        counts as an attempt, with the reason recorded: with `max_attempts`, a document that
+        has used them all (one that kills or hangs its worker each time) ends `failed` rather
+        than looping.
         """
         now = self._clock()
+        reason = ("the daemon stopped or died while processing it" if all_processing
+                  else "its lease ran out (the worker died or hung)")
         with self._sessions.begin() as session:
-            query = update(Document).where(Document.state == State.PROCESSING)
+            query = select(Document).where(Document.state == State.PROCESSING).with_for_update()
             if not all_processing:
                 query = query.where(Document.lease_until < now)
-            result = session.execute(
-                query.values(state=State.QUEUED, claimed_by=None, lease_until=None)
-                .execution_options(synchronize_session=False)
-            )
-            return int(result.rowcount)  # type: ignore[attr-defined]
+            stale = session.scalars(query).all()
+            for doc in stale:
+                session.add(DocumentEvent(sha256=doc.sha256, at=now, event="expired",
+                                          attempt=doc.attempts, detail=reason))
+                doc.claimed_by = doc.lease_until = None
+                doc.reason = reason
+                if max_attempts is not None and doc.attempts >= max_attempts:
+                    doc.state, doc.finished_at = State.FAILED, now
+                    doc.reason = f"{reason}, {doc.attempts} times"
+                else:
+                    doc.state = State.QUEUED
+            return len(stale)
 
     # -- operator commands ----------------------------------------------------------------
 
