@@ -23,7 +23,7 @@ import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from daemon.config import Settings
 from daemon.errors import DocumentError
@@ -414,14 +414,20 @@ def read_beneath(path: Path, root: Path, max_bytes: int) -> tuple[bytes, os.stat
 
 def sha256_beneath(path: Path, root: Path, max_bytes: int) -> tuple[str, int, os.stat_result]:
     """SHA-256, size and fstat of `path` opened with `open_beneath`, read in chunks."""
-    fd = open_beneath(path, root)
+    with os.fdopen(open_beneath(path, root), "rb") as handle:
+        info = os.fstat(handle.fileno())
+        digest, size = sha256_handle(handle, max_bytes)
+    return digest, size, info
+
+
+def sha256_handle(handle: BinaryIO, max_bytes: int) -> tuple[str, int]:
+    """SHA-256 and size of what is left to read in `handle`, in chunks; over `max_bytes` is
+    refused."""
     digest = hashlib.sha256()
     size = 0
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        while chunk := handle.read(HASH_CHUNK):
-            size += len(chunk)
-            if size > max_bytes:
-                raise DocumentError(f"file is larger than watch.max_file_bytes={max_bytes}")
-            digest.update(chunk)
-    return digest.hexdigest(), size, info
+    while chunk := handle.read(HASH_CHUNK):
+        size += len(chunk)
+        if size > max_bytes:
+            raise DocumentError(f"file is larger than watch.max_file_bytes={max_bytes}")
+        digest.update(chunk)
+    return digest.hexdigest(), size

@@ -12,10 +12,10 @@ from typing import Protocol, TypeVar
 
 from daemon.config import Settings
 from daemon.errors import DocumentError
-from daemon.files import LeadsOutside, after_done, quarantine, sha256_beneath
+from daemon.files import LeadsOutside, after_done, open_beneath, quarantine, sha256_handle
 from daemon.metrics import Metrics
 from daemon.store.models import State
-from daemon.store.repository import Ledger
+from daemon.store.repository import Ledger, PathStat, Registration
 
 log = logging.getLogger("daemon.intake")
 T = TypeVar("T")
@@ -47,7 +47,14 @@ class Intake:
     def take(self, path: Path) -> None:
         key = path_key(path)
         try:  # opened once, links followed only inside the folder: what was checked is read
-            digest, size, _ = sha256_beneath(path, self.root, self.settings.watch.max_file_bytes)
+            with os.fdopen(open_beneath(path, self.root), "rb") as handle:
+                stat = PathStat.of(os.fstat(handle.fileno()))
+                # still what was hashed when last seen (a restart over a kept inbox): not read
+                known = self.retry_db(lambda: self.ledger.known_path(key, stat))
+                if known is not None:
+                    self._seen_again(path, known)
+                    return
+                digest, size = sha256_handle(handle, self.settings.watch.max_file_bytes)
         except FileNotFoundError:
             return  # gone before we got to it: nothing to record
         except DocumentError as exc:
@@ -62,7 +69,8 @@ class Intake:
         except OSError as exc:
             self.reject(path, f"cannot read: {exc.strerror}")
             return
-        registration = self.retry_db(lambda: self.ledger.register(key, digest, size))
+        registration = self.retry_db(lambda: self.ledger.register(key, digest, size,
+                                                                  stat=stat))
         if registration.created:
             log.info("seen %s (%d bytes, sha256 %s)", key, size, digest[:12])
             self.notify()
@@ -71,6 +79,8 @@ class Intake:
                      key, digest[:12])
             self.metrics.files_total.labels(status="duplicate").inc()
             after_done(path, digest, self.settings, self.root)
+        elif registration.state == State.DONE:  # the after-action may not have run (a kill
+            after_done(path, digest, self.settings, self.root)  # between commit and move)
         elif registration.state == State.FAILED:
             # not OCR'd again by itself: say so, and how, rather than nothing
             log.warning("seen %s: this content failed before (%s); it is not tried again "
@@ -82,6 +92,16 @@ class Intake:
             log.info("seen %s: same content as a document already %s (sha256 %s)", key,
                      registration.state, digest[:12])
             self.metrics.files_total.labels(status="duplicate").inc()
+
+    def _seen_again(self, path: Path, known: Registration) -> None:
+        """A file unchanged since it was hashed: its after-action is retried if its document is
+        done (a kill between commit and move), a known failure is said again."""
+        if known.state == State.DONE:
+            after_done(path, known.sha256, self.settings, self.root)
+        elif known.state == State.FAILED:
+            log.warning("seen %s: this content failed before (%s); it is not tried again "
+                        "unless asked: ocr-daemon retry %s", path_key(path), known.reason,
+                        known.sha256)
 
     def reject(self, path: Path, reason: str) -> None:
         key = path_key(path)

@@ -72,6 +72,12 @@ class DocumentPath(Base):
     path: Mapped[str] = mapped_column(Text, index=True)
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # what the file was when it was hashed: a restart does not hash a file that still matches
+    st_size: Mapped[int | None] = mapped_column(BigInteger)
+    st_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    st_ctime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    st_ino: Mapped[int | None] = mapped_column(BigInteger)
+    st_dev: Mapped[int | None] = mapped_column(BigInteger)
 
     document: Mapped[Document] = relationship(back_populates="paths")
 

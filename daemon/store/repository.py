@@ -14,6 +14,7 @@ daemons sharing one PostgreSQL database exactly one gets a document; `claim_next
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,32 @@ class Registration:
     created: bool
     path_added: bool
     reason: str | None = None  # why it failed, when it did
+
+
+@dataclass(frozen=True)
+class PathStat:
+    """What a file was when it was hashed. Equal again later (ctime included: any write or
+    rename changes it) means the same content, so it is not read again."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> PathStat:
+        return cls(info.st_size, info.st_mtime_ns, info.st_ctime_ns, _signed(info.st_ino),
+                   _signed(info.st_dev))
+
+    def columns(self) -> dict[str, int]:
+        return {"st_size": self.size, "st_mtime_ns": self.mtime_ns,
+                "st_ctime_ns": self.ctime_ns, "st_ino": self.ino, "st_dev": self.dev}
+
+
+def _signed(value: int) -> int:
+    """A 64-bit unsigned inode or device number as the signed BIGINT the database holds."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 @dataclass(frozen=True)
@@ -137,19 +164,36 @@ class Ledger:
 
     # -- intake ---------------------------------------------------------------------------
 
-    def register(self, path: str, sha256: str, size: int, *, rejected: str | None = None
-                 ) -> Registration:
-        """Record that `path` holds content `sha256`; create a queued document if it is new
-        (failed, with the reason `rejected`, for a file refused before it was read)."""
+    def register(self, path: str, sha256: str, size: int, *, rejected: str | None = None,
+                 stat: PathStat | None = None) -> Registration:
+        """Record that `path` holds content `sha256` (and, with `stat`, what the file was when
+        hashed); create a queued document if it is new (failed, with the reason `rejected`,
+        for a file refused before it was read)."""
         for _ in range(3):  # a concurrent insert of the same content by another daemon
             try:
-                return self._register_once(path, sha256, size, rejected)
+                return self._register_once(path, sha256, size, rejected, stat)
             except IntegrityError:
                 continue
-        return self._register_once(path, sha256, size, rejected)
+        return self._register_once(path, sha256, size, rejected, stat)
 
-    def _register_once(self, path: str, sha256: str, size: int, rejected: str | None
-                       ) -> Registration:
+    def known_path(self, path: str, stat: PathStat) -> Registration | None:
+        """The document `path` was registered for, if the file is still what was hashed then
+        (a restart need not read it again); None when it changed or was never seen."""
+        with self._sessions() as session:
+            row = session.execute(
+                select(Document.id, Document.sha256, Document.state, Document.reason)
+                .join(DocumentPath, DocumentPath.document_id == Document.id)
+                .where(DocumentPath.path == path,
+                       *(getattr(DocumentPath, name) == value
+                         for name, value in stat.columns().items()))
+                .limit(1)
+            ).first()
+        if row is None:
+            return None
+        return Registration(row.id, row.sha256, row.state, False, False, row.reason)
+
+    def _register_once(self, path: str, sha256: str, size: int, rejected: str | None,
+                       stat: PathStat | None) -> Registration:
         now = self._clock()
         with self._sessions.begin() as session:
             rejection = rejection_key(path)
@@ -166,11 +210,14 @@ class Ledger:
                 select(DocumentPath).where(DocumentPath.document_id == doc.id,
                                            DocumentPath.path == path)
             ).first()
+            columns = stat.columns() if stat is not None else {}
             if known is None:
                 session.add(DocumentPath(document_id=doc.id, path=path, first_seen_at=now,
-                                         last_seen_at=now))
+                                         last_seen_at=now, **columns))
             else:
                 known.last_seen_at = now
+                for name, value in columns.items():
+                    setattr(known, name, value)
             if rejected is not None and doc.state != State.FAILED:
                 # in the same transaction: a claimer must never see it queued
                 doc.state, doc.reason, doc.finished_at = State.FAILED, rejected, now

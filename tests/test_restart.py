@@ -1,0 +1,100 @@
+"""A restart over a kept inbox reads nothing it has already hashed; a done document's file
+left in place (a kill between the commit and the move) gets its after-action then."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from daemon import intake as intake_module
+from daemon.results import Image, PageResult
+from daemon.store.db import open_ledger
+from daemon.store.repository import PathStat
+from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
+from tests.test_watcher import looked_twice
+
+
+class QuickEngine:
+    provider = "cpu"
+    device = "cpu"
+
+    def recognize(self, images: Sequence[Image]) -> list[PageResult]:
+        return [PageResult() for _ in images]
+
+    def close(self) -> None:
+        pass
+
+
+def small_pages(folder: Path, count: int, start: int = 0) -> list[Path]:
+    rng = np.random.default_rng(start)
+    paths = []
+    for n in range(start, start + count):
+        path = folder / f"p{n:04}.png"
+        PILImage.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_a_restart_hashes_nothing_it_has_seen(settings_factory: SettingsFactory,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_factory()
+    inbox = settings.watch.path
+    inbox.mkdir(parents=True, exist_ok=True)
+    small_pages(inbox, 200)
+    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
+    try:
+        assert wait_until(lambda: ledger.counts()["done"] == 200, 120)
+    finally:
+        watcher.stop()
+        pipeline.stop(1)
+
+    hashed: list[int] = []
+    real = intake_module.sha256_handle
+
+    def counting(handle: object, max_bytes: int) -> tuple[str, int]:
+        hashed.append(1)
+        return real(handle, max_bytes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake_module, "sha256_handle", counting)
+    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())  # the restart
+    try:
+        assert looked_twice(watcher, 60)  # every kept file seen, twice over
+        assert hashed == []
+        (inbox / "p0007.png").touch()  # changed (ctime, mtime): read again, same content
+        small_pages(inbox, 1, start=500)  # a new one
+        assert wait_until(lambda: ledger.counts()["done"] == 201, 60)
+        assert looked_twice(watcher, 60)
+        assert len(hashed) == 2
+    finally:
+        watcher.stop()
+        pipeline.stop(1)
+
+
+def test_a_done_document_left_in_place_is_moved_at_the_next_start(
+        settings_factory: SettingsFactory) -> None:
+    """The text was committed, then the daemon was killed before the move: the next start sees
+    the file unchanged, its document done, and moves it."""
+    settings = settings_factory(watch={"after": "move", "done_dir": "done"})
+    inbox = settings.watch.path
+    inbox.mkdir(parents=True, exist_ok=True)
+    [path] = small_pages(inbox, 1)
+    _, ledger = open_ledger(settings, migrate_now=True)
+    data = path.read_bytes()
+    reg = ledger.register(os.path.abspath(path), hashlib.sha256(data).hexdigest(), len(data),
+                          stat=PathStat.of(path.stat()))
+    assert ledger.claim(reg.document_id, "killed", 60) is not None
+    assert ledger.complete(reg.document_id, "killed", [PageResult()], 0.1, "cpu")
+    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
+    try:
+        assert wait_until(lambda: (inbox / "done" / path.name).exists(), 30)
+        assert not path.exists()
+        assert ledger.counts()["done"] == 1
+    finally:
+        watcher.stop()
+        pipeline.stop(1)
