@@ -29,7 +29,7 @@ from daemon.intake import Intake
 from daemon.metrics import Metrics
 from daemon.ocr.engines import OcrEngine, build_engines, worker_count
 from daemon.pipeline import Pipeline
-from daemon.store.db import is_sqlite, open_ledger
+from daemon.store.db import is_sqlite, lock_single_daemon, open_ledger
 from daemon.store.repository import Ledger
 from daemon.watcher import Watcher
 
@@ -102,6 +102,9 @@ class Service:
         stack.callback(self._nvml.close)
         database, ledger = open_ledger(settings, migrate_now=settings.database.migrate_on_start)
         stack.callback(database.dispose)
+        lock = lock_single_daemon(database)  # before anything is re-queued as left over
+        if lock is not None:
+            stack.callback(os.close, lock)
         requeued = ledger.requeue_stale(all_processing=is_sqlite(database),
                                         max_attempts=settings.queue.max_attempts)
         if requeued:

@@ -14,6 +14,7 @@ from PIL import Image as PILImage
 
 from daemon import intake as intake_module
 from daemon.results import Image, PageResult
+from daemon.service import Service
 from daemon.store.db import open_ledger
 from daemon.store.repository import PathStat
 from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
@@ -98,3 +99,26 @@ def test_a_done_document_left_in_place_is_moved_at_the_next_start(
     finally:
         watcher.stop()
         pipeline.stop(1)
+
+
+def test_a_second_daemon_on_one_sqlite_file_refuses_to_start(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never silent double work: the second would re-queue the first one's documents as
+    left over by a dead run. It says why and how to run several."""
+    from daemon.errors import DatabaseError
+    from tests.test_pipeline import DeviceEngine, gpu_service
+
+    settings = settings_factory()
+    first = gpu_service(settings, [DeviceEngine("0")], monkeypatch)
+    try:
+        with pytest.raises(DatabaseError, match=r"another ocr-daemon is running.*PostgreSQL"):
+            second = Service(settings)
+            try:
+                second.start()
+            finally:
+                second.stop()
+        assert first.health()["status"] == "healthy"
+    finally:
+        first.stop()
+    again = gpu_service(settings, [DeviceEngine("0")], monkeypatch)  # the lock went with it
+    again.stop()

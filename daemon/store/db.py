@@ -4,6 +4,9 @@ SQLite gets WAL, a busy timeout and foreign keys on every connection."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -32,8 +35,6 @@ def make_engine(settings: DatabaseSettings) -> Engine:
         raise ConfigError(f"database.url: {exc}") from None
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            from pathlib import Path
-
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url, echo=settings.echo, connect_args={"timeout": 30, "check_same_thread": False}
@@ -46,6 +47,27 @@ def make_engine(settings: DatabaseSettings) -> Engine:
 
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+def lock_single_daemon(engine: Engine) -> int | None:
+    """On an SQLite file: an exclusive lock on `NAME.lock` beside it, held (the descriptor
+    returned) while the daemon runs. SQLite is the single-host default: a second daemon on the
+    same file would re-queue the first one's documents as left over by a dead run and OCR them
+    again, so it refuses to start instead. None for PostgreSQL (leases coordinate there)."""
+    database = engine.url.database if is_sqlite(engine) else None
+    if not database or database == ":memory:":
+        return None
+    path = Path(database).expanduser().resolve()
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise DatabaseError(f"another ocr-daemon is running on {path} (it holds {lock}); one "
+                            "SQLite database serves one daemon: run several on PostgreSQL"
+                            ) from None
+    return fd
 
 
 def open_ledger(settings: Settings, *, migrate_now: bool) -> tuple[Engine, Ledger]:
