@@ -483,8 +483,20 @@ class Pipeline:
         # Sidecars (watch.sidecar): after the text is stored, before the file is moved.
         write_sidecars(self.settings, doc.path or Path(doc.claim.paths[-1]), pages,
                        doc.claim.sha256)
-        for recorded in doc.claim.paths:
+        for recorded in self._paths_now(doc):
             after_done(Path(recorded), doc.claim.sha256, self.settings, self.root)
+
+    def _paths_now(self, doc: InFlight) -> tuple[str, ...]:
+        """The after-action applies to the paths in the ledger now, not only those known at
+        claim time: a duplicate dropped while the document was processed is moved too."""
+        if self.settings.watch.after == "keep":
+            return ()
+        try:
+            return self.ledger.paths_of(doc.claim.document_id) or doc.claim.paths
+        except SQLAlchemyError as exc:
+            log.warning("could not read the paths of %s (%s): acting on those known at claim "
+                        "time", doc.claim.sha256[:12], str(exc).splitlines()[0])
+            return doc.claim.paths
 
     def _fail(self, doc: InFlight, reason: str, *, permanent: bool) -> None:
         with doc.lock:

@@ -122,3 +122,23 @@ def test_a_second_daemon_on_one_sqlite_file_refuses_to_start(
         first.stop()
     again = gpu_service(settings, [DeviceEngine("0")], monkeypatch)  # the lock went with it
     again.stop()
+
+
+def test_a_duplicate_dropped_while_processing_gets_the_after_action_too(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The after-action uses the paths in the ledger when it runs, not those known when the
+    document was claimed."""
+    from tests.test_pipeline import DeviceEngine, gpu_service
+
+    settings = settings_factory(watch={"after": "move", "done_dir": "done"})
+    svc = gpu_service(settings, [DeviceEngine("0", delay=2.0)], monkeypatch)
+    try:
+        inbox = settings.watch.path
+        [first] = small_pages(inbox, 1)
+        assert wait_until(lambda: svc.ledger.counts()["processing"] == 1, 20)
+        (inbox / "copy.png").write_bytes(first.read_bytes())  # same content, while OCR runs
+        assert wait_until(lambda: (inbox / "done" / "copy.png").exists()
+                          and (inbox / "done" / first.name).exists(), 30)
+        assert svc.ledger.counts() == {"queued": 0, "processing": 0, "done": 1, "failed": 0}
+    finally:
+        svc.stop()

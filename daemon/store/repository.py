@@ -448,6 +448,14 @@ class Ledger:
             session.execute(delete(Document).where(Document.id == document_id))
             return True
 
+    def paths_of(self, document_id: int) -> tuple[str, ...]:
+        """Every path the document is known under now (more may have come while it was
+        processed: a duplicate dropped meanwhile, a move recorded)."""
+        with self._sessions() as session:
+            return tuple(session.scalars(
+                select(DocumentPath.path).where(DocumentPath.document_id == document_id)
+                .order_by(DocumentPath.id)).all())
+
     def history(self, sha256: str) -> list[dict[str, Any]]:
         with self._sessions() as session:
             events = session.scalars(select(DocumentEvent)
