@@ -137,6 +137,11 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print("  ".join(f"{state}: {docs[state]}" for state in docs) + f"  pages: {report['pages']}")
     for failure in report["failures"]:
         print(f"failed  {failure['path']}: {failure['reason']}")
+    for worker in report["workers"]:
+        print(f"worker  {worker['id']} on {worker['host']}: {worker['provider']} "
+              f"(devices {worker['devices']}), {worker['documents_held']} held, "
+              f"{worker['pages_per_second']} pages/s, heartbeat "
+              f"{worker['seconds_since_heartbeat']}s ago")
     return 0
 
 

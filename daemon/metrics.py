@@ -189,6 +189,9 @@ class Metrics:
             ["device"], registry=r,
         )
         self.queue_depth = Gauge("ocr_queue_depth", "Files waiting in the queue", registry=r)
+        self.workers = Gauge(
+            "ocr_workers", "Live daemons seen in the ledger (heartbeats), this one included",
+            registry=r)
         self.queue_bytes = Gauge(
             "ocr_queue_bytes", "Bytes of files being decoded and of decoded pages held "
             "(bounded by queue.memory_budget_bytes)", registry=r)

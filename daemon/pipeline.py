@@ -16,6 +16,7 @@ locks and its slot accounting; kept in one file, that discipline is read in one 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -43,7 +44,7 @@ from daemon.metrics import Metrics
 from daemon.ocr.engines import OcrEngine
 from daemon.results import Page, PageResult
 from daemon.store.models import State
-from daemon.store.repository import Claim, Ledger
+from daemon.store.repository import Claim, Ledger, WorkerBeat
 
 log = logging.getLogger("daemon.pipeline")
 T = TypeVar("T")
@@ -104,6 +105,8 @@ class Pipeline:
         self.database_ok = True
         self.metrics.queue_capacity.set(capacity)
         self._progress_at = time.monotonic()
+        self._pages_done = self._beat_pages = 0
+        self._beat_at = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -144,6 +147,8 @@ class Pipeline:
             except SQLAlchemyError as exc:  # the lease runs out and it is requeued anyway
                 log.warning("could not hand back document %s: %s", doc.claim.sha256[:12], exc)
         self._running.clear()
+        with contextlib.suppress(SQLAlchemyError):  # else the row goes stale: not live
+            self.ledger.worker_stopped(self.worker_id)
         # Idle loops notice within one poll timeout. A worker inside a native OCR call cannot
         # be interrupted: its pages were handed back above, so it is not waited for.
         grace = time.monotonic() + 1.0
@@ -243,11 +248,10 @@ class Pipeline:
         that has it now stores it, once."""
         with self._inflight_lock:
             held = dict(self._inflight)
-        if not held:
-            return
         try:
             renewed = self.ledger.renew(self.worker_id, list(held),
                                         self.settings.queue.lease_seconds)
+            self._beat(len(held))
             self.database_ok = True
         except SQLAlchemyError as exc:
             self._database_down(exc)
@@ -262,6 +266,18 @@ class Pipeline:
             log.warning("lost the claim on %s (its lease ran out): its work stops here",
                         doc.path or doc.claim.sha256[:12])
             self._forget(doc)
+
+    def _beat(self, held: int) -> None:
+        """This worker's row for `ocr-daemon status`; `ocr_workers` from all live rows."""
+        now = time.monotonic()
+        rate = (self._pages_done - self._beat_pages) / max(1e-9, now - self._beat_at)
+        self._beat_at, self._beat_pages = now, self._pages_done
+        interval = max(0.5, self.settings.queue.lease_seconds / 3)
+        live = self.ledger.beat(WorkerBeat(
+            self.worker_id, socket.gethostname(), os.getpid(), self.provider,
+            ",".join(sorted({engine.device for engine in self.engines})), held, rate,
+            live_seconds=3 * interval))
+        self.metrics.workers.set(live)
 
     def _requeue_expired(self) -> None:
         try:
@@ -428,6 +444,7 @@ class Pipeline:
                            permanent=False)
             return
         results, used = outcome
+        self._pages_done += len(batch)
         seconds = time.perf_counter() - start
         self.metrics.batch_size.observe(len(batch))
         self.metrics.device_pages_total.labels(used.device).inc(len(batch))

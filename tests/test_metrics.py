@@ -33,6 +33,7 @@ EXPECTED_FAMILIES = {
     "ocr_queue_depth",
     "ocr_queue_capacity",
     "ocr_queue_bytes",
+    "ocr_workers",
     "ocr_batch_size",
     "ocr_stage_seconds",
     "ocr_file_latency_seconds",

@@ -142,3 +142,24 @@ def test_a_duplicate_dropped_while_processing_gets_the_after_action_too(
         assert svc.ledger.counts() == {"queued": 0, "processing": 0, "done": 1, "failed": 0}
     finally:
         svc.stop()
+
+
+def test_status_shows_the_live_workers(settings_factory: SettingsFactory,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_pipeline import DeviceEngine, gpu_service
+
+    settings = settings_factory(queue={"lease_seconds": 1.5})
+    svc = gpu_service(settings, [DeviceEngine("0"), DeviceEngine("1")], monkeypatch)
+    try:
+        assert svc.components is not None
+        assert wait_until(lambda: bool(svc.ledger.status()["workers"]), 10)
+        [worker] = svc.ledger.status()["workers"]
+        assert worker["id"] == svc.components.pipeline.worker_id
+        assert (worker["provider"], worker["devices"], worker["pid"]) == ("cuda", "0,1",
+                                                                          os.getpid())
+        assert worker["seconds_since_heartbeat"] < 5
+        assert svc.metrics.workers._value.get() == 1
+    finally:
+        svc.stop()
+    _, ledger = open_ledger(settings, migrate_now=False)
+    assert ledger.status()["workers"] == []  # a clean stop takes its row away

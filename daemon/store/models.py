@@ -112,3 +112,19 @@ class DocumentEvent(Base):
     event: Mapped[str] = mapped_column(String(16))  # failed | retry | forget
     attempt: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Worker(Base):
+    """A running daemon's heartbeat row (removed when it stops cleanly)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # the claims' worker id
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    provider: Mapped[str] = mapped_column(String(32))
+    devices: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    documents_held: Mapped[int] = mapped_column(Integer)
+    pages_per_second: Mapped[float] = mapped_column(Float)

@@ -27,7 +27,14 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from daemon.errors import NotFoundError
 from daemon.results import PageResult, join_pages, line_json
-from daemon.store.models import Document, DocumentEvent, DocumentPath, PageRow, State
+from daemon.store.models import (
+    Document,
+    DocumentEvent,
+    DocumentPath,
+    PageRow,
+    State,
+    Worker,
+)
 from daemon.store.search import parse_query, snippet
 
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -122,6 +129,18 @@ class SearchHit:
     page_no: int
     snippet: str  # the matches marked: [match]
     score: float  # higher is better; comparable within one result list only
+
+
+@dataclass(frozen=True)
+class WorkerBeat:
+    id: str
+    host: str
+    pid: int
+    provider: str
+    devices: str
+    documents_held: int
+    pages_per_second: float
+    live_seconds: float  # a worker not seen for this long counts as gone
 
 
 @dataclass(frozen=True)
@@ -448,6 +467,42 @@ class Ledger:
             session.execute(delete(Document).where(Document.id == document_id))
             return True
 
+    # -- workers --------------------------------------------------------------------------
+
+    def beat(self, worker: WorkerBeat) -> int:
+        """Record a worker's heartbeat; returns how many workers are live (seen within
+        `live_seconds` of now)."""
+        now = self._clock()
+        with self._sessions.begin() as session:
+            row = session.get(Worker, worker.id)
+            if row is None:
+                row = Worker(id=worker.id, started_at=now)
+                session.add(row)
+            row.host, row.pid, row.provider = worker.host, worker.pid, worker.provider
+            row.devices, row.documents_held = worker.devices, worker.documents_held
+            row.pages_per_second, row.last_seen_at = worker.pages_per_second, now
+            session.flush()
+            since = now - timedelta(seconds=worker.live_seconds)
+            return int(session.scalar(select(func.count()).select_from(Worker)
+                                      .where(Worker.last_seen_at >= since)) or 0)
+
+    def worker_stopped(self, worker: str) -> None:
+        with self._sessions.begin() as session:
+            session.execute(delete(Worker).where(Worker.id == worker))
+
+    def workers(self) -> list[dict[str, Any]]:
+        now = self._clock()
+        with self._sessions() as session:
+            rows = session.scalars(select(Worker).order_by(Worker.host, Worker.id)).all()
+            return [{
+                "id": w.id, "host": w.host, "pid": w.pid, "provider": w.provider,
+                "devices": w.devices, "documents_held": w.documents_held,
+                "pages_per_second": round(w.pages_per_second, 2),
+                "started_at": (as_utc(w.started_at) or w.started_at).isoformat(),
+                "seconds_since_heartbeat": round(
+                    (now - (as_utc(w.last_seen_at) or w.last_seen_at)).total_seconds(), 1),
+            } for w in rows]
+
     def paths_of(self, document_id: int) -> tuple[str, ...]:
         """Every path the document is known under now (more may have come while it was
         processed: a duplicate dropped meanwhile, a move recorded)."""
@@ -494,7 +549,8 @@ class Ledger:
                  "reason": d.reason, "attempts": d.attempts}
                 for d in failed
             ]
-        return {"documents": self.counts(), "pages": int(pages), "failures": failure_list}
+        return {"documents": self.counts(), "pages": int(pages), "failures": failure_list,
+                "workers": self.workers()}
 
     def find(self, ref: str, candidates: Sequence[str] = ()) -> StoredDocument:
         """A document by SHA-256, or by any path it arrived under (`candidates` are the
