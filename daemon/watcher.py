@@ -38,6 +38,9 @@ NETWORK_FS = {
 }
 
 
+PASS_SECONDS = 0.5  # of one pass's look at files a scan found (events go first)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What says a file changed. ctime too: a replacement with the same size, inode and mtime
@@ -119,6 +122,7 @@ class Watcher:
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[Snapshot | None, float]] = {}
         self._handled: dict[str, Snapshot] = {}
+        self._urgent: set[str] = set()  # nominated by an event: looked at before scan finds
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
         self._observer: BaseObserver | None = None
@@ -173,6 +177,7 @@ class Watcher:
             return
         with self._lock:
             self._pending.setdefault(str(path), (None, self._clock()))
+            self._urgent.add(str(path))
 
     def _wanted(self, path: Path) -> bool:
         if is_ignored(path.name, self._patterns):
@@ -260,10 +265,16 @@ class Watcher:
             time.sleep(self._tick)
 
     def _check_pending(self) -> None:
+        """One pass over the files waiting to settle: those an event named first, then those a
+        scan found, for at most PASS_SECONDS: a restart's scan of a large kept inbox must not
+        keep a new drop waiting behind it; the rest wait for the next pass."""
         with self._lock:
-            items = list(self._pending.items())
+            items = sorted(self._pending.items(), key=lambda item: item[0] not in self._urgent)
+        started = time.monotonic()
         for key, (previous, since) in items:
             if not self._running.is_set():
+                return
+            if key not in self._urgent and time.monotonic() - started > PASS_SECONDS:
                 return
             path = Path(key)
             # the time of this file's check, not of the pass: taking files in (hashing) runs
@@ -274,6 +285,7 @@ class Watcher:
                 continue
             with self._lock:
                 self._pending.pop(key, None)
+                self._urgent.discard(key)
             if verdict == "vanished":
                 continue
             if verdict != "ready":

@@ -255,3 +255,30 @@ def test_settling_is_timed_when_each_file_is_checked(inbox: Path) -> None:
     now[0] += 1.0
     watcher._check_pending()
     assert ready == ["big.png", "late.png"]
+
+
+def test_a_new_drop_is_served_before_the_startup_backlog(inbox: Path) -> None:
+    """A restart over a large kept inbox: taking each file in costs something (here 2 ms, a
+    ledger look-up), but a file dropped meanwhile is taken in before the backlog is through."""
+    for n in range(3000):
+        (inbox / f"old{n:04}.png").write_bytes(b"x")
+    recorder = Recorder()
+    slow_ready = recorder.on_ready
+
+    def on_ready(path: Path) -> None:
+        time.sleep(0.002)  # the cost of one taking-in, not a wait for something
+        slow_ready(path)
+
+    settings = WatchSettings(path=inbox, settle_seconds=0.3, rescan_interval_seconds=600)
+    watcher = Watcher(settings, on_ready, recorder.on_rejected, tick_seconds=0.05)
+    watcher.start()
+    try:
+        assert recorder.wait_for(lambda: len(recorder.ready) >= 100, 30)  # backlog under way
+        (inbox / "new.png").write_bytes(b"new")
+        assert recorder.wait_for(lambda: inbox / "new.png" in recorder.ready, 30)
+        with recorder.changed:
+            backlog_done = len(recorder.ready) - 1
+        assert backlog_done < 3000, "the new file waited for the whole backlog"
+        assert recorder.wait_for(lambda: len(recorder.ready) == 3001, 60)
+    finally:
+        watcher.stop()
