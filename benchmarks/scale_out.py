@@ -1,0 +1,161 @@
+"""Several daemons on one folder and one PostgreSQL: what coordination costs. A script, not a
+test.
+
+    python benchmarks/scale_out.py --admin-url postgresql+psycopg://postgres@127.0.0.1/postgres
+    python benchmarks/scale_out.py --daemons 1,2,3 --files 600
+
+For each daemon count, a fresh database, `--files` small images dropped at once into one
+folder, and that many real daemon processes (`ocr-daemon run`) whose OCR engine is a STAND-IN
+that answers at once (tests/standin_daemon.py, STANDIN_SECONDS=0): only the daemon's own work is
+timed — watching, hashing, claiming, leases, storing. Prints one JSON object: per count, files/s
+from the drop to the last store, the database transactions and rows written per file
+(pg_stat_database), and the daemons' CPU per file (ms) — the cost of a claim at scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import create_engine, text
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+STAND_IN = "OCR engine replaced by a stand-in that answers at once; only the daemon's own work"
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def db_stats(admin: Any, name: str) -> dict[str, int]:
+    with admin.connect() as connection:
+        row = connection.execute(text(
+            "SELECT xact_commit, tup_inserted, tup_updated, tup_deleted FROM pg_stat_database "
+            "WHERE datname = :n"), {"n": name}).one()
+    return {"commits": row[0], "inserted": row[1], "updated": row[2], "deleted": row[3]}
+
+
+def run(admin_url: str, daemons: int, files: int, lease: float) -> dict[str, Any]:
+    from daemon.config import DatabaseSettings
+    from daemon.store import migrate
+    from daemon.store.db import make_engine
+    from daemon.store.repository import Ledger
+
+    name = f"ocr_daemon_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(DatabaseSettings(url=url))
+    migrate.upgrade(engine)
+    ledger = Ledger(engine)
+    work = Path(tempfile.mkdtemp(prefix="scale-out-"))
+    inbox, staging = work / "inbox", work / "staging"
+    inbox.mkdir()
+    staging.mkdir()
+    rng = np.random.default_rng(daemons)
+    for n in range(files):
+        PILImage.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(
+            staging / f"f{n:05}.png")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCR_DAEMON_")}
+    env.update({"OCR_DAEMON_WATCH__PATH": str(inbox), "OCR_DAEMON_WATCH__SETTLE_SECONDS": "0.2",
+                "OCR_DAEMON_DATABASE__URL": url, "OCR_DAEMON_DATABASE__MIGRATE_ON_START": "false",
+                "OCR_DAEMON_METRICS__ENABLED": "false",
+                "OCR_DAEMON_QUEUE__LEASE_SECONDS": str(lease), "STANDIN_SECONDS": "0",
+                "PYTHONUNBUFFERED": "1"})
+    procs = []
+    try:
+        for k in range(daemons):
+            (work / f"d{k}").mkdir()
+            procs.append(subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "standin_daemon.py")], cwd=work / f"d{k}",
+                env=env, stdout=(work / f"d{k}.log").open("wb"), stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 120
+        while not all("ready" in (work / f"d{k}.log").read_text() for k in range(daemons)):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise SystemExit((work / "d0.log").read_text())
+            time.sleep(0.1)
+        before = db_stats(admin, name)
+        cpu_before = sum(cpu_seconds(p.pid) for p in procs)
+        start = time.perf_counter()
+        for path in sorted(staging.iterdir()):
+            path.rename(inbox / path.name)
+        polls = 0
+        while ledger.counts()["done"] < files:  # each poll is a transaction: taken out below
+            polls += 1
+            if time.perf_counter() - start > 600:
+                raise SystemExit(f"not done: {ledger.counts()}")
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+        polls += 1
+        cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
+        after = db_stats(admin, name)
+        attempts = ledger.status()
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        engine.dispose()
+        with admin.connect() as connection:
+            connection.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": name})
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+    delta = {k: after[k] - before[k] for k in after}
+    delta["commits"] -= polls
+    return {
+        "daemons": daemons,
+        "files": files,
+        "seconds": round(wall, 2),
+        "files_per_second": round(files / wall, 1),
+        "daemon_cpu_ms_per_file": round(1000 * cpu / files, 2),
+        "db_commits_per_file": round(delta["commits"] / files, 2),
+        "db_rows_written_per_file": round(
+            (delta["inserted"] + delta["updated"] + delta["deleted"]) / files, 2),
+        "failed": attempts["documents"]["failed"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--admin-url", default=os.environ.get(
+        "OCR_DAEMON_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--daemons", default="1,2,3")
+    parser.add_argument("--files", type=int, default=600)
+    parser.add_argument("--lease", type=float, default=60.0)
+    args = parser.parse_args()
+    runs = []
+    for count in (int(n) for n in args.daemons.split(",")):
+        say(f"{count} daemon(s), {args.files} files")
+        runs.append(run(args.admin_url, count, args.files, args.lease))
+    print(json.dumps({"benchmark": "scale-out coordination", "stand_in": STAND_IN,
+                      "cores": len(os.sched_getaffinity(0)), "runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
