@@ -163,3 +163,53 @@ def test_status_shows_the_live_workers(settings_factory: SettingsFactory,
         svc.stop()
     _, ledger = open_ledger(settings, migrate_now=False)
     assert ledger.status()["workers"] == []  # a clean stop takes its row away
+
+
+def test_a_restart_over_5000_kept_files_reads_none_and_serves_a_new_drop_first(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """5,000 files stored by an earlier run (rows written straight into the ledger, as that
+    run left them): the restart hashes none of them, and a file dropped while it is still
+    looking them over is stored before it has finished."""
+    from datetime import UTC, datetime
+
+    from daemon.store.models import Document, DocumentPath
+
+    settings = settings_factory()
+    inbox = settings.watch.path
+    inbox.mkdir(parents=True, exist_ok=True)
+    database, _ = open_ledger(settings, migrate_now=True)
+    now = datetime.now(UTC)
+    documents, paths = [], []
+    for n in range(5000):
+        path = inbox / f"kept{n:04}.png"
+        path.write_bytes(n.to_bytes(4, "big"))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        documents.append({"id": n + 1, "sha256": digest, "size_bytes": 4, "state": "done",
+                          "attempts": 1, "first_seen_at": now, "page_count": 1})
+        paths.append({"document_id": n + 1, "path": os.path.abspath(path),
+                      "first_seen_at": now, "last_seen_at": now,
+                      **PathStat.of(path.stat()).columns()})
+    with database.begin() as connection:
+        connection.execute(Document.__table__.insert(), documents)
+        connection.execute(DocumentPath.__table__.insert(), paths)
+    database.dispose()
+
+    hashed: list[int] = []
+    real = intake_module.sha256_handle
+
+    def counting(handle: object, max_bytes: int) -> tuple[str, int]:
+        hashed.append(1)
+        return real(handle, max_bytes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake_module, "sha256_handle", counting)
+    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
+    try:
+        assert wait_until(lambda: watcher.scans >= 1, 30)  # the start-up scan found them all
+        small_pages(inbox, 1, start=9000)
+        assert wait_until(lambda: ledger.counts()["done"] == 5001, 60)
+        assert watcher.quiet_after_scan < 1, "the new file waited for the whole backlog"
+        assert looked_twice(watcher, 120)
+        assert len(hashed) == 1  # the new file only
+    finally:
+        watcher.stop()
+        pipeline.stop(1)
