@@ -167,13 +167,15 @@ def test_compose_matches_the_compose_spec_schema() -> None:
 
 def test_prometheus_scrapes_the_daemon_service(compose: dict[str, Any]) -> None:
     config = _load_yaml(PROMETHEUS_YML)
-    targets = [
-        target
-        for job in config["scrape_configs"]
-        for static in job.get("static_configs", [])
-        for target in static["targets"]
-    ]
     port = MetricsSettings().port
+    # by DNS (A records): every replica of a scaled service is scraped
+    targets = [
+        f"{name}:{dns['port']}"
+        for job in config["scrape_configs"]
+        for dns in job.get("dns_sd_configs", [])
+        if dns.get("type") == "A"
+        for name in dns["names"]
+    ]
     assert f"ocr-daemon:{port}" in targets
     daemon = compose["services"]["ocr-daemon"]
     assert str(port) in [str(p) for p in daemon.get("expose", [])]
