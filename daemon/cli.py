@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
                     "Its file, if still in the watched folder, is OCR'd again when next seen "
                     "(changed, or at the daemon's next start).")
     forget.add_argument("ref", metavar="PATH|SHA256")
+    export = sub.add_parser(
+        "export", parents=[common], help="every stored document, for other tools",
+        description="Done documents to stdout in id order, in constant memory: JSON lines "
+                    "(paths, sha256, pages with text, lines, boxes and scores, provider, "
+                    "timings) or plain text.")
+    export.add_argument("--since", type=_timestamp, default=None, metavar="TIME",
+                        help="only documents finished at or after TIME (ISO 8601, UTC if no "
+                             "zone: 2026-11-27 or 2026-11-27T08:00:00+01:00)")
+    export.add_argument("--format", choices=("jsonl", "txt"), default="jsonl")
     doctor = sub.add_parser("doctor", parents=[common], help="hardware, providers, the choice")
     doctor.add_argument("--json", action="store_true")
     check = sub.add_parser("check", parents=[common],
@@ -77,6 +87,14 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
     return number
+
+
+def _timestamp(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,6 +251,29 @@ def _read_again(settings: Settings, ledger: Ledger, paths: Sequence[str]) -> tup
     return f"not re-queued: {reason}", False
 
 
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    from daemon.logs import escape_controls
+    from daemon.store.db import open_ledger
+    from daemon.store.export import iter_documents
+
+    engine, _ = open_ledger(settings, migrate_now=False)
+    out = sys.stdout
+    count = 0
+    try:
+        for document in iter_documents(engine, args.since):
+            if args.format == "jsonl":
+                out.write(json.dumps(document, ensure_ascii=False) + "\n")
+            else:
+                where = escape_controls(document["paths"][-1]) if document["paths"] else ""
+                out.write(f"==> {where} ({document['sha256']}) <==\n{document['text']}\n")
+            count += 1
+    finally:
+        engine.dispose()
+    out.flush()
+    print(f"{count} document{'' if count == 1 else 's'} exported", file=sys.stderr)
+    return 0
+
+
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     from daemon.logs import escape_controls
 
@@ -320,5 +361,5 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": cmd_run, "migrate": cmd_migrate, "ocr": cmd_ocr, "status": cmd_status,
     "text": cmd_text, "search": cmd_search, "doctor": cmd_doctor, "check": cmd_check,
-    "retry": cmd_retry, "forget": cmd_forget,
+    "retry": cmd_retry, "forget": cmd_forget, "export": cmd_export,
 }
