@@ -157,18 +157,30 @@ def test_parse_query() -> None:
 
 
 def test_index_follows_updates_deletes_and_migration(db_url: str) -> None:
-    """Pages stored before 0002 are backfilled; the index follows every later change; the
-    migration downgrades and upgrades again."""
+    """Pages stored before 0002 are indexed (and folded, 0006); the index follows every later
+    change; the migrations downgrade and upgrade again."""
     engine = make_engine(DatabaseSettings(url=db_url))
     try:
         migrate.upgrade(engine, "0001")
-        ledger = Ledger(engine)
-        store(ledger, "/in/old.png", page("stored before search existed"))
+        with engine.begin() as connection:  # a page as revision 0001 stored it
+            connection.execute(text(
+                "INSERT INTO documents (id, sha256, size_bytes, state, attempts, first_seen_at)"
+                " VALUES (1, :sha, 1, 'done', 1, CURRENT_TIMESTAMP)"), {"sha": "0" * 64})
+            connection.execute(text(
+                "INSERT INTO document_paths (document_id, path, first_seen_at, last_seen_at) "
+                "VALUES (1, '/in/old.png', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            connection.execute(text(
+                "INSERT INTO pages (document_id, page_no, text, source, lines) "
+                "VALUES (1, 1, 'stored before search existed, 台灣', 'ocr', '[]')"))
         migrate.upgrade(engine)
+        ledger = Ledger(engine)
         assert found(ledger, "before search") == [("/in/old.png", 1)]
+        assert found(ledger, "台湾") == [("/in/old.png", 1)]  # folded by the migration
         store(ledger, "/in/new.png", page("stored after"))
         with engine.begin() as connection:
-            connection.execute(text("UPDATE pages SET text = 'rewritten lighthouse' "
+            # as the daemon writes a page: its text and the folded twin search reads
+            connection.execute(text("UPDATE pages SET text = 'rewritten lighthouse', "
+                                    "folded = 'rewritten lighthouse' "
                                     "WHERE text = 'stored after'"))
         assert found(ledger, "stored after") == [] and found(ledger, "lighthouse") == [
             ("/in/new.png", 1)]
@@ -249,3 +261,28 @@ def test_ocr_chinese_then_search(ledger: Ledger, chinese_page: PageResult) -> No
     assert found(ledger, "北门") == [("/in/scan.png", 1)]
     assert found(ledger, "灯塔") == [("/in/scan.png", 1)]
     assert ledger.search("送到北门")[0].snippet.startswith("请把包裹[送到北门]")
+
+
+# -- one script for matching, the page as stored for showing -------------------------------
+
+
+def test_fold_keeps_the_length_and_joins_the_forms() -> None:
+    from daemon.store.fold import fold
+
+    for text_, want in [("台灣的發票", "台湾的发票"), ("发票", "发票"), ("臺北", "台北"),
+                        ("ＡＢＣ１２３ Invoice", "abc123 invoice"), ("Straße ﬁ ㍿", "straße ﬁ ㍿")]:
+        assert fold(text_) == want and len(fold(text_)) == len(text_)
+
+
+def test_chinese_search_across_scripts_and_widths(ledger: Ledger) -> None:
+    store(ledger, "/in/taiwan.png", page("歡迎來到台灣 這是統一發票"))
+    store(ledger, "/in/mainland.png", page("这是增值税发票 请保留"))
+    store(ledger, "/in/wide.png", page("型号 ＡＢＣ１２３ 已发货"))
+    assert found(ledger, "台湾") == [("/in/taiwan.png", 1)]  # Simplified finds Traditional
+    assert sorted(found(ledger, "發票")) == [("/in/mainland.png", 1), ("/in/taiwan.png", 1)]
+    assert found(ledger, "增值稅") == [("/in/mainland.png", 1)]  # Traditional finds Simplified
+    assert found(ledger, "abc123") == [("/in/wide.png", 1)]  # half width finds full width
+    assert found(ledger, "ＡＢＣ") == [("/in/wide.png", 1)]
+    assert found(ledger, "台") == [("/in/taiwan.png", 1)]  # one character: the LIKE path
+    [hit] = ledger.search("台湾")
+    assert hit.snippet == "歡迎來到[台灣] 這是統一發票"  # shown as stored, the match marked

@@ -93,6 +93,7 @@ class PageRow(Base):
     document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"))
     page_no: Mapped[int] = mapped_column(Integer)  # 1-based
     text: Mapped[str] = mapped_column(Text)
+    folded: Mapped[str | None] = mapped_column(Text)  # `text` folded for search (store/fold.py)
     confidence: Mapped[float | None] = mapped_column(Float)
     source: Mapped[str] = mapped_column(String(16))  # "ocr" | "text_layer"
     lines: Mapped[list[dict[str, Any]]] = mapped_column(JSON)

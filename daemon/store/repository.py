@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from daemon.errors import NotFoundError
 from daemon.results import PageResult, join_pages, line_json
+from daemon.store.fold import fold
 from daemon.store.models import (
     Document,
     DocumentEvent,
@@ -169,6 +170,7 @@ def page_row(document_id: int, page_no: int, page: PageResult) -> PageRow:
         document_id=document_id,
         page_no=page_no,
         text=page.text,
+        folded=fold(page.text),
         confidence=page.confidence,
         source=page.source,
         lines=[line_json(line) for line in page.lines],
@@ -593,7 +595,7 @@ class Ledger:
         if not terms or limit < 1:
             return []
         sql, params = (_sqlite_search if self.engine.dialect.name == "sqlite"
-                       else _postgresql_search)(terms)
+                       else _postgresql_search)([fold(term) for term in terms])
         params["limit"] = limit
         with self._sessions() as session:
             rows = session.execute(text(sql), params).all()
@@ -634,7 +636,7 @@ def _sqlite_search(terms: Sequence[str]) -> tuple[str, dict[str, Any]]:
     where = []
     for i, term in enumerate(t for t in terms if len(t) < TRIGRAM):
         params[f"like{i}"] = _like_pattern(term)
-        where.append(f"p.text LIKE :like{i} ESCAPE '\\'")
+        where.append(f"p.folded LIKE :like{i} ESCAPE '\\'")
     if long_terms:
         params["match"] = " ".join(_fts5_string(t) for t in long_terms)
         where.insert(0, "pages_fts MATCH :match")
@@ -650,17 +652,18 @@ def _sqlite_search(terms: Sequence[str]) -> tuple[str, dict[str, Any]]:
 
 
 def _postgresql_search(terms: Sequence[str]) -> tuple[str, dict[str, Any]]:
-    """ILIKE per term (served by the pg_trgm GIN index, any script); ranked by ts_rank on the
-    `simple` tsvector plus how well the query's trigrams match the best part of the page."""
+    """LIKE per folded term on the folded text (served by the pg_trgm GIN index, any script);
+    ranked by ts_rank on the `simple` tsvector plus how well the query's trigrams match the
+    best part of the page."""
     params: dict[str, Any] = {"query": " ".join(terms)}
     where, tsqueries = [], []
     for i, term in enumerate(terms):
         params[f"like{i}"] = _like_pattern(term)
         params[f"term{i}"] = term
-        where.append(f"p.text ILIKE :like{i} ESCAPE '\\'")
+        where.append(f"p.folded LIKE :like{i} ESCAPE '\\'")
         tsqueries.append(f"phraseto_tsquery('simple', :term{i})")
     score = (f"ts_rank(p.text_tsv, {' || '.join(tsqueries)}) "
-             "+ word_similarity(:query, p.text)")
+             "+ word_similarity(:query, p.folded)")
     sql = (f"SELECT {_SEARCH_COLUMNS}, {score} AS score "
            "FROM pages p JOIN documents d ON d.id = p.document_id "
            f"WHERE {' AND '.join(where)} {_SEARCH_ORDER}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from daemon.store.fold import fold
+
 MAX_TERMS = 32
 
 
@@ -31,10 +33,11 @@ def snippet(page_text: str, query: str | Sequence[str], width: int = 40,
     flat = " ".join(page_text.split())
     terms = parse_query(query) if isinstance(query, str) else list(query)
     found = None
+    folded = fold(flat)  # matched folded (台湾 finds 台灣), shown as stored: same length
     if terms:
-        pattern = re.compile("|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)),
-                             re.IGNORECASE)
-        found = pattern.search(flat)
+        pattern = re.compile("|".join(re.escape(fold(t))
+                                      for t in sorted(terms, key=len, reverse=True)))
+        found = pattern.search(folded)
     if found is None:
         return flat[: 2 * width] + ("…" if len(flat) > 2 * width else "")
     start, end = max(0, found.start() - width), min(len(flat), found.end() + width)
@@ -42,11 +45,11 @@ def snippet(page_text: str, query: str | Sequence[str], width: int = 40,
         space = flat.find(" ", start, found.start())  # spaces (not in Chinese, Japanese)
         start = space + 1 if space >= 0 else start
     parts, at = [], start
-    for match in pattern.finditer(flat, start):
+    for match in pattern.finditer(folded, start):
         if match.start() >= end:
             break
         end = max(end, match.end())  # never cut a match in two
-        parts += [flat[at:match.start()], mark[0], match.group(), mark[1]]
+        parts += [flat[at:match.start()], mark[0], flat[match.start():match.end()], mark[1]]
         at = match.end()
     if end < len(flat) and flat[end] != " ":
         space = flat.rfind(" ", at, end)
