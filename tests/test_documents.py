@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from PIL import Image as PILImage
 
 from daemon.config import OcrSettings
 from daemon.documents.decode import iter_image_pages, iter_pages
 from daemon.errors import DocumentError
+from tests.pages import render_page
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -68,3 +70,65 @@ def test_tiff_with_more_frames_than_max_pages_is_refused() -> None:
     frames[0].save(out, "TIFF", save_all=True, append_images=frames[1:])
     with pytest.raises(DocumentError, match="max_pages=3"):
         list(iter_pages(out.getvalue(), OcrSettings(max_pages=3)))
+
+
+# -- OpenCV's fast path gives Pillow's pixels ------------------------------------------------
+
+
+def _both_ways(data: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[object, object, bool]:
+    """The page from the normal path, from Pillow alone, and whether OpenCV took it."""
+    from daemon.documents import decode as decode_module
+
+    taken: list[bool] = []
+    real = decode_module.opencv_decode
+
+    def watching(data_: bytes, image: object) -> object:
+        result = real(data_, image)  # type: ignore[arg-type]
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(decode_module, "opencv_decode", watching)
+    fast = next(iter_pages(data, OcrSettings())).image
+    monkeypatch.setattr(decode_module, "opencv_decode", lambda _d, _i: None)
+    slow = next(iter_pages(data, OcrSettings())).image
+    return fast, slow, bool(taken and taken[0])
+
+
+def _encoded(image: PILImage.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_opencv_path_matches_pillow_for_every_exif_orientation(
+        orientation: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = render_page(["Orientation matters", "for every scan"], width=500)
+    exif = PILImage.Exif()
+    exif[0x0112] = orientation
+    fast, slow, taken = _both_ways(_encoded(page, "JPEG", quality=90, exif=exif), monkeypatch)
+    assert taken
+    assert np.array_equal(fast, slow)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode,fmt,taken", [
+    ("RGB", "PNG", True), ("L", "PNG", True), ("L", "JPEG", True), ("P", "PNG", False),
+    ("RGBA", "PNG", False), ("I;16", "PNG", False), ("CMYK", "JPEG", False),
+])
+def test_opencv_path_takes_only_what_it_decodes_like_pillow(
+        mode: str, fmt: str, taken: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = render_page(["Modes and depths"], width=300).convert(
+        "I" if mode == "I;16" else mode)
+    if mode == "I;16":
+        page = page.convert("I;16")
+    fast, slow, took = _both_ways(_encoded(page, fmt), monkeypatch)
+    assert took is taken
+    assert np.array_equal(fast, slow)  # type: ignore[arg-type]
+
+
+def test_truncated_or_trailing_data_goes_to_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _encoded(render_page(["Cut short"], width=300), "JPEG")
+    with pytest.raises(DocumentError, match="truncated"):  # not grey rows from OpenCV
+        list(iter_pages(data[: len(data) // 2], OcrSettings()))
+    fast, slow, took = _both_ways(data + b"camera maker notes", monkeypatch)
+    assert not took and np.array_equal(fast, slow)  # type: ignore[arg-type]
