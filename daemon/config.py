@@ -68,6 +68,8 @@ class WatchSettings(_Section):
     max_file_bytes: int = Field(512 * 1024 * 1024, gt=0)
     sidecar: Literal["none", "txt", "json", "both"] = "none"
     sidecar_dir: Path | None = None
+    output_pdf: Literal["none", "pdf"] = "none"
+    output_dir: Path | None = None
 
     @property
     def done_folder(self) -> Path | None:
@@ -88,6 +90,9 @@ class WatchSettings(_Section):
         if self.sidecar != "none" and clash:
             raise ValueError(f"sidecar = {self.sidecar!r} writes files the watcher would take "
                              f"in: remove {', '.join(sorted(clash))} from extensions")
+        if self.output_pdf != "none" and self.output_dir is None:
+            raise ValueError("output_pdf = \"pdf\" needs output_dir: the folder the PDFs go to "
+                             "(a relative one is inside the watched folder, skipped by it)")
         return self
 
 

@@ -286,7 +286,7 @@ def render_json(source_path: Path, pages: Sequence[PageResult], sha256: str | No
 SIDECAR_MODE = 0o644  # readable by whoever reads the folder, as the error sidecars are
 
 
-def write_atomic(target: Path, content: str) -> None:
+def write_atomic(target: Path, content: str | bytes) -> None:
     """Temporary file in the target's folder (created exclusively, hidden from the watcher),
     then rename: replaces the name itself, never follows a link planted at it. Readable like
     the error sidecars (mkstemp alone makes it 0600: producers in the group could not read
@@ -295,8 +295,9 @@ def write_atomic(target: Path, content: str) -> None:
     fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         os.fchmod(fd, SIDECAR_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(content)
+        data = content.encode() if isinstance(content, str) else content
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(temp, target)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -321,6 +322,53 @@ def write_sidecars(settings: Settings, source_path: Path, pages: Sequence[PageRe
     except Exception:
         log.exception("sidecar for %s not written", source_path)
     return []
+
+
+# --- searchable PDFs ----------------------------------------------------------------------------
+
+
+def searchable_pdf_path(settings: Settings, source_path: Path, root: Path) -> Path | None:
+    """`output_dir`/<the file's sub-folder>/<its name>.pdf; None when off or the file is not
+    inside the watched folder. A relative output_dir is inside the watched folder."""
+    out = settings.watch.output_dir
+    if settings.watch.output_pdf == "none" or out is None:
+        return None
+    folder = Path(os.path.abspath(source_path)).parent
+    if not resolves_within(folder, root):
+        return None
+    base = out if out.is_absolute() else root / out
+    base.mkdir(parents=True, exist_ok=True)
+    target = base / folder.resolve().relative_to(root) / (source_path.stem + ".pdf")
+    return _inside(base.resolve(), target)
+
+
+def write_searchable_pdf(settings: Settings, source_path: Path, pages: Sequence[PageResult],
+                         sha256: str, root: Path) -> Path | None:
+    """The stored document as a searchable PDF (`watch.output_pdf`), from the file read again
+    (through `open_beneath`, checked against its hash). Never raises: the text is stored."""
+    try:
+        target = searchable_pdf_path(settings, source_path, root)
+        if target is None:
+            return None
+        data, _ = read_beneath(source_path, root, settings.watch.max_file_bytes)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            log.info("no searchable PDF for %s: it holds new content now", source_path)
+            return None
+        from daemon.documents.decode import sniff
+        from daemon.documents.searchable import scanned_pages, searchable_pdf
+
+        if sniff(data) == "pdf":
+            log.info("no searchable PDF for %s: PDF inputs are not rewritten yet", source_path)
+            return None
+        write_atomic(target, searchable_pdf(scanned_pages(data, pages, settings.ocr)))
+        return target
+    except _Outside as exc:
+        log.warning("searchable PDF for %s not written: %s", source_path, exc)
+    except (OSError, DocumentError) as exc:
+        log.warning("searchable PDF for %s not written: %s", source_path, exc)
+    except Exception:
+        log.exception("searchable PDF for %s not written", source_path)
+    return None
 
 
 # --- opening without following links out ------------------------------------------------------

@@ -39,7 +39,14 @@ from daemon.config import Settings
 from daemon.devices import Devices
 from daemon.documents.decode import iter_pages
 from daemon.errors import DocumentError
-from daemon.files import LeadsOutside, after_done, quarantine, read_beneath, write_sidecars
+from daemon.files import (
+    LeadsOutside,
+    after_done,
+    quarantine,
+    read_beneath,
+    write_searchable_pdf,
+    write_sidecars,
+)
 from daemon.metrics import Metrics
 from daemon.ocr.engines import OcrEngine
 from daemon.results import Page, PageResult
@@ -498,8 +505,9 @@ class Pipeline:
                  doc.path or doc.claim.paths[-1], len(pages), "" if len(pages) == 1 else "s",
                  sum(len(p.lines) for p in pages), latency)
         # Sidecars (watch.sidecar): after the text is stored, before the file is moved.
-        write_sidecars(self.settings, doc.path or Path(doc.claim.paths[-1]), pages,
-                       doc.claim.sha256)
+        source = doc.path or Path(doc.claim.paths[-1])
+        write_sidecars(self.settings, source, pages, doc.claim.sha256)
+        write_searchable_pdf(self.settings, source, pages, doc.claim.sha256, self.root)
         for recorded in self._paths_now(doc):
             after_done(Path(recorded), doc.claim.sha256, self.settings, self.root)
 

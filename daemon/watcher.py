@@ -117,7 +117,8 @@ class Watcher:
         self._tick = tick_seconds
         self._patterns = DEFAULT_IGNORES + tuple(settings.ignore)
         self._skip_dirs = {
-            (self.root / d).resolve() for d in (settings.done_folder, settings.failed_dir) if d
+            (self.root / d).resolve()
+            for d in (settings.done_folder, settings.failed_dir, settings.output_dir) if d
         }
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[Snapshot | None, float]] = {}

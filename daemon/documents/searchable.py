@@ -1,0 +1,195 @@
+"""Searchable PDFs: each page the original image, under an invisible text layer placed by the
+OCR boxes, so selecting, copying and searching in any viewer gives the recognised text.
+
+Built with pikepdf (qpdf underneath, what OCRmyPDF builds on) rather than PDF syntax by hand.
+The text is drawn in render mode 3 (invisible) in a glyph-less font, as OCR tools do: a Type0
+font, Identity-H, whose every code shows one empty glyph and whose ToUnicode map gives the code
+back as the character — so any script, CJK included, needs no font file. The font (a TrueType
+with one empty glyph) is built here with fontTools; nothing is downloaded. Each line is scaled
+(Tz) to its box's width and turned to its box's angle.
+
+A JPEG with no EXIF turn is embedded as it is (its bytes, DCTDecode); anything else as its
+decoded pixels (lossless, FlateDecode), since the boxes refer to the page as it was read.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from daemon.results import Image, PageResult
+
+GLYPH_ADVANCE = 500  # the empty glyph's width, in 1/1000 em
+DEFAULT_DPI = 300.0  # a page without a resolution is taken for a 300 dpi scan
+FONT = "/F0"
+
+_font_lock = threading.Lock()
+_font_program: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ScannedPage:
+    """One page to write: its pixels as read (BGR), or the original JPEG bytes when they show
+    exactly those pixels; its resolution; what was recognised on it."""
+
+    pixels: Image
+    result: PageResult
+    dpi: float = DEFAULT_DPI
+    jpeg: bytes | None = None
+
+
+def scanned_pages(data: bytes, results: Sequence[PageResult], ocr: Any) -> list[ScannedPage]:
+    """The pages of an image file as read for OCR, each with its stored result and the file's
+    resolution; a JPEG without an EXIF turn keeps its own bytes."""
+    from PIL import Image as PILImage
+
+    from daemon.documents.decode import iter_pages
+
+    with PILImage.open(io.BytesIO(data)) as image:
+        # PNG keeps dots per metre: 200 dpi comes back as 199.9996
+        dpi = round(float((image.info.get("dpi") or (DEFAULT_DPI,))[0] or DEFAULT_DPI), 1)
+        as_is = (image.format == "JPEG" and image.mode in ("RGB", "L")
+                 and int(image.getexif().get(0x0112, 1) or 1) == 1)
+        grey = image.mode == "L"
+    pages = []
+    for page, result in zip(iter_pages(data, ocr), results, strict=False):
+        if page.image is None:
+            continue
+        pixels = page.image[:, :, 0] if grey and page.image.ndim == 3 else page.image
+        pages.append(ScannedPage(pixels, result, dpi if dpi > 1 else DEFAULT_DPI,
+                                 data if as_is and len(results) == 1 else None))
+    return pages
+
+
+def glyphless_font() -> bytes:
+    """A TrueType font of two empty glyphs (.notdef and one more), GLYPH_ADVANCE wide."""
+    global _font_program
+    with _font_lock:
+        if _font_program is None:
+            from fontTools.fontBuilder import FontBuilder
+            from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+            builder = FontBuilder(1000, isTTF=True)
+            builder.setupGlyphOrder([".notdef", "blank"])
+            builder.setupCharacterMap({0x20: "blank"})
+            empty = TTGlyphPen(None).glyph()
+            builder.setupGlyf({".notdef": empty, "blank": empty})
+            builder.setupHorizontalMetrics({".notdef": (GLYPH_ADVANCE, 0),
+                                            "blank": (GLYPH_ADVANCE, 0)})
+            builder.setupHorizontalHeader(ascent=1000, descent=0)
+            builder.setupNameTable({"familyName": "GlyphLessFont", "styleName": "Regular"})
+            builder.setupOS2(sTypoAscender=1000, sTypoDescender=0, usWinAscent=1000,
+                             usWinDescent=0)
+            builder.setupPost()
+            out = io.BytesIO()
+            builder.save(out)
+            _font_program = out.getvalue()
+        return _font_program
+
+
+def _to_unicode_cmap() -> bytes:
+    """Code = UTF-16 unit of the BMP, mapped back to itself (256 ranges of 256: a bfrange may
+    only step its last byte)."""
+    ranges = [f"<{hi:02X}00> <{hi:02X}FF> <{hi:02X}00>" for hi in range(256)
+              if not 0xD8 <= hi <= 0xDF]
+    chunks = [ranges[i : i + 100] for i in range(0, len(ranges), 100)]
+    body = "".join(f"{len(chunk)} beginbfrange\n" + "\n".join(chunk) + "\nendbfrange\n"
+                   for chunk in chunks)
+    return ("/CIDInit /ProcSet findresource begin\n12 dict begin\nbegincmap\n"
+            "/CIDSystemInfo << /Registry (Adobe) /Ordering (UCS) /Supplement 0 >> def\n"
+            "/CMapName /Adobe-Identity-UCS def\n/CMapType 2 def\n"
+            "1 begincodespacerange\n<0000> <FFFF>\nendcodespacerange\n"
+            f"{body}endcmap\nCMapName currentdict /CMap defineresource pop\nend\nend\n"
+            ).encode()
+
+
+def _font(pdf: Any) -> Any:
+    from pikepdf import Array, Dictionary, Name
+
+    program = glyphless_font()
+    font_file = pdf.make_stream(program)
+    font_file.Length1 = len(program)
+    descriptor = Dictionary(Type=Name.FontDescriptor, FontName=Name.GlyphLessFont, Flags=5,
+                            FontBBox=Array([0, 0, GLYPH_ADVANCE, 1000]), ItalicAngle=0,
+                            Ascent=1000, Descent=0, CapHeight=1000, StemV=80,
+                            FontFile2=font_file)
+    cid_font = Dictionary(
+        Type=Name.Font, Subtype=Name.CIDFontType2, BaseFont=Name.GlyphLessFont,
+        CIDSystemInfo=Dictionary(Registry="Adobe", Ordering="Identity", Supplement=0),
+        FontDescriptor=descriptor, DW=GLYPH_ADVANCE,
+        CIDToGIDMap=pdf.make_stream(zlib.compress(b"\x00\x01" * 65536, 9),
+                                    Filter=Name.FlateDecode))
+    return pdf.make_indirect(Dictionary(
+        Type=Name.Font, Subtype=Name.Type0, BaseFont=Name.GlyphLessFont,
+        Encoding=Name("/Identity-H"), DescendantFonts=Array([cid_font]),
+        ToUnicode=pdf.make_stream(zlib.compress(_to_unicode_cmap(), 9),
+                                  Filter=Name.FlateDecode)))
+
+
+def _codes(text: str) -> str:
+    """The text as the font's 2-byte codes (hex): BMP characters as themselves; beyond it,
+    U+FFFD (a code is one UTF-16 unit here)."""
+    codes = (ord(c) if ord(c) <= 0xFFFF and not 0xD800 <= ord(c) <= 0xDFFF else 0xFFFD
+             for c in text)
+    return "".join(f"{code:04X}" for code in codes)
+
+
+def text_layer(result: PageResult, height_px: int, scale: float) -> str:
+    """Content-stream operators drawing each line invisibly over its box (`scale`: points per
+    pixel; PDF's y axis points up)."""
+    ops = []
+    for line in result.lines:
+        text = line.text.strip()
+        if not text:
+            continue
+        (x0, y0), (x1, y1), (x2, y2), (x3, y3) = (
+            (x * scale, (height_px - y) * scale) for x, y in line.box)
+        angle = math.atan2(y1 - y0, x1 - x0)  # along the top edge
+        width = math.hypot(x2 - x3, y2 - y3) or math.hypot(x1 - x0, y1 - y0)
+        size = math.hypot(x3 - x0, y3 - y0)
+        if width <= 0 or size <= 0:
+            continue
+        stretch = 100 * width / (len(text) * size * GLYPH_ADVANCE / 1000)
+        cos, sin = math.cos(angle), math.sin(angle)
+        ops.append(f"BT 3 Tr {FONT} {size:.2f} Tf {stretch:.2f} Tz "
+                   f"{cos:.5f} {sin:.5f} {-sin:.5f} {cos:.5f} {x3:.2f} {y3:.2f} Tm "
+                   f"<{_codes(text)}> Tj ET")
+    return "\n".join(ops)
+
+
+def searchable_pdf(pages: Sequence[ScannedPage]) -> bytes:
+    """A PDF of `pages`: each the image at its resolution, the text invisible over it."""
+    import pikepdf
+    from pikepdf import Array, Dictionary, Name
+
+    pdf = pikepdf.new()
+    font = _font(pdf)
+    for page in pages:
+        height_px, width_px = page.pixels.shape[:2]
+        grey = page.pixels.ndim == 2 or page.pixels.shape[2] == 1
+        if page.jpeg is not None:
+            image = pdf.make_stream(page.jpeg, Filter=Name.DCTDecode)
+        else:
+            rgb = page.pixels if grey else np.ascontiguousarray(page.pixels[:, :, ::-1])
+            image = pdf.make_stream(zlib.compress(rgb.tobytes(), 6), Filter=Name.FlateDecode)
+        image.Type, image.Subtype = Name.XObject, Name.Image
+        image.Width, image.Height, image.BitsPerComponent = width_px, height_px, 8
+        image.ColorSpace = Name.DeviceGray if grey else Name.DeviceRGB
+        scale = 72.0 / (page.dpi or DEFAULT_DPI)
+        width_pt, height_pt = width_px * scale, height_px * scale
+        content = (f"q {width_pt:.4f} 0 0 {height_pt:.4f} 0 0 cm /Im0 Do Q\n"
+                   + text_layer(page.result, height_px, scale))
+        pdf.pages.append(pikepdf.Page(Dictionary(
+            Type=Name.Page, MediaBox=Array([0, 0, width_pt, height_pt]),
+            Resources=Dictionary(XObject=Dictionary(Im0=image), Font=Dictionary(F0=font)),
+            Contents=pdf.make_stream(content.encode()))))
+    out = io.BytesIO()
+    pdf.save(out, compress_streams=True)
+    return out.getvalue()

@@ -1,0 +1,123 @@
+"""Searchable PDFs: the text comes back out (pypdfium2), the file is sound (qpdf --check), the
+page is the original image; and through the daemon, one per stored image."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pikepdf
+import pypdfium2 as pdfium
+import pytest
+
+from daemon.config import OcrSettings
+from daemon.documents.searchable import ScannedPage, scanned_pages, searchable_pdf
+from daemon.results import Line, PageResult
+from tests.pages import SENTENCES, render_page, similarity, write_page
+from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
+
+QPDF = shutil.which("qpdf")
+
+
+def box(x: float, y: float, w: float, h: float) -> tuple[tuple[float, float], ...]:
+    return ((x, y), (x + w, y), (x + w, y + h), (x, y + h))
+
+
+def extracted(data: bytes) -> list[str]:
+    document = pdfium.PdfDocument(data)
+    try:
+        return [document[i].get_textpage().get_text_range() for i in range(len(document))]
+    finally:
+        document.close()
+
+
+def words(text: str) -> list[str]:
+    return "".join(c if not c.isspace() else " " for c in text).split()
+
+
+def check_with_qpdf(data: bytes, tmp_path: Path) -> None:
+    """qpdf's checks: the qpdf command where it is installed (`.ci/run` installs Debian's), and
+    always the same library through pikepdf."""
+    target = tmp_path / "check.pdf"
+    target.write_bytes(data)
+    if QPDF is not None:
+        result = subprocess.run([QPDF, "--check", str(target)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    with pikepdf.open(target) as pdf:
+        assert pdf.check_pdf_syntax() == []
+
+
+def test_the_text_comes_back_out_latin_and_chinese(tmp_path: Path) -> None:
+    image = np.full((400, 800, 3), 255, np.uint8)
+    result = PageResult(lines=(
+        Line("Invoice 48213 due in March", 0.9, box(40, 40, 500, 40)),  # type: ignore[arg-type]
+        Line("台灣的發票 請保留", 0.9, box(40, 120, 400, 40)),  # type: ignore[arg-type]
+        Line("slanted line", 0.9, ((40, 300), (300, 250), (308, 290), (48, 340))),
+    ))
+    data = searchable_pdf([ScannedPage(image, result), ScannedPage(image, PageResult())])
+    pages = extracted(data)
+    assert len(pages) == 2 and pages[1] == ""
+    assert words(pages[0]) == words("Invoice 48213 due in March 台灣的發票 請保留 slanted line")
+    check_with_qpdf(data, tmp_path)
+
+
+def test_the_page_is_the_original_image(tmp_path: Path) -> None:
+    """The page is sized by the image's resolution, and rendered pixel for pixel (at 72 dpi,
+    where a point is a pixel: any other scale resamples) it is the image, to the byte, for a
+    PNG (its pixels) and a JPEG (embedded as its own bytes)."""
+    page = render_page(SENTENCES[:2], width=600)
+    for fmt in ("PNG", "JPEG"):
+        for dpi in (200, 72):
+            buffer = io.BytesIO()
+            page.save(buffer, fmt, dpi=(dpi, dpi))
+            data = buffer.getvalue()
+            [scanned] = scanned_pages(data, [PageResult()], OcrSettings())
+            assert scanned.dpi == dpi and (scanned.jpeg is not None) == (fmt == "JPEG")
+            pdf = searchable_pdf([scanned])
+            assert (data in pdf) == (fmt == "JPEG")  # a JPEG is not re-encoded
+            document = pdfium.PdfDocument(pdf)
+            assert document[0].get_size() == pytest.approx(
+                (600 * 72 / dpi, page.height * 72 / dpi), abs=1e-3)
+            if dpi == 72:
+                shown = document[0].render(scale=1, no_smoothimage=True).to_numpy()[:, :, :3]
+                assert np.array_equal(shown, scanned.pixels)
+            document.close()
+            check_with_qpdf(pdf, tmp_path)
+
+
+def test_the_daemon_writes_one_pdf_per_stored_image(settings_factory: SettingsFactory,
+                                                    tmp_path: Path) -> None:
+    from daemon.hardware.providers import CPU
+    from daemon.ocr.engines import build_engine
+
+    out = tmp_path / "searchable"
+    settings = settings_factory(watch={"output_pdf": "pdf", "output_dir": str(out),
+                                       "recursive": True})
+    engine = build_engine(settings, CPU, 1)
+    pipeline, ledger, watcher = run_pipeline(settings, engine)
+    inbox = settings.watch.path
+    try:
+        (inbox / "sub").mkdir()
+        write_page(inbox / "letter.png", SENTENCES[:3])
+        write_page(inbox / "sub" / "memo.jpg", SENTENCES[3:5])
+        assert wait_until(lambda: ledger.counts()["done"] == 2, 120)
+        assert wait_until(lambda: (out / "sub" / "memo.pdf").exists()
+                          and (out / "letter.pdf").exists(), 30)
+    finally:
+        watcher.stop()
+        pipeline.stop(5)
+    for name, source in (("letter.pdf", inbox / "letter.png"),
+                         ("sub/memo.pdf", inbox / "sub" / "memo.jpg")):
+        data = (out / name).read_bytes()
+        stored = ledger.find("x", [str(source)]).text
+        assert similarity(" ".join(extracted(data)), stored) > 0.99, (name, stored)
+        check_with_qpdf(data, tmp_path)
+    assert not list(inbox.rglob("*.pdf"))  # nothing written inside the inbox
+
+
+def test_output_pdf_needs_an_output_dir(settings_factory: SettingsFactory) -> None:
+    with pytest.raises(ValueError, match="output_dir"):
+        settings_factory(watch={"output_pdf": "pdf"})
