@@ -355,12 +355,16 @@ def write_searchable_pdf(settings: Settings, source_path: Path, pages: Sequence[
             log.info("no searchable PDF for %s: it holds new content now", source_path)
             return None
         from daemon.documents.decode import sniff
-        from daemon.documents.searchable import scanned_pages, searchable_pdf
+        from daemon.documents.searchable import (
+            scanned_pages,
+            searchable_from_pdf,
+            searchable_pdf,
+        )
 
         if sniff(data) == "pdf":
-            log.info("no searchable PDF for %s: PDF inputs are not rewritten yet", source_path)
-            return None
-        write_atomic(target, searchable_pdf(scanned_pages(data, pages, settings.ocr)))
+            write_atomic(target, searchable_from_pdf(data, pages, settings.ocr))
+        else:
+            write_atomic(target, searchable_pdf(scanned_pages(data, pages, settings.ocr)))
         return target
     except _Outside as exc:
         log.warning("searchable PDF for %s not written: %s", source_path, exc)

@@ -17,7 +17,7 @@ from daemon.config import OcrSettings
 from daemon.documents.searchable import ScannedPage, scanned_pages, searchable_pdf
 from daemon.results import Line, PageResult
 from tests.pages import SENTENCES, render_page, similarity, write_page
-from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
+from tests.test_pipeline import SettingsFactory, mixed_pdf, run_pipeline, wait_until
 
 QPDF = shutil.which("qpdf")
 
@@ -103,21 +103,97 @@ def test_the_daemon_writes_one_pdf_per_stored_image(settings_factory: SettingsFa
         (inbox / "sub").mkdir()
         write_page(inbox / "letter.png", SENTENCES[:3])
         write_page(inbox / "sub" / "memo.jpg", SENTENCES[3:5])
-        assert wait_until(lambda: ledger.counts()["done"] == 2, 120)
-        assert wait_until(lambda: (out / "sub" / "memo.pdf").exists()
-                          and (out / "letter.pdf").exists(), 30)
+        (inbox / "mixed.pdf.part").write_bytes(mixed_pdf(
+            [["A born digital cover page"], None, None], SENTENCES[5:7]))
+        (inbox / "mixed.pdf.part").rename(inbox / "mixed.pdf")
+        assert wait_until(lambda: ledger.counts()["done"] == 3, 180)
+        assert wait_until(lambda: all((out / name).exists() for name in (
+            "sub/memo.pdf", "letter.pdf", "mixed.pdf")), 30)
     finally:
         watcher.stop()
         pipeline.stop(5)
     for name, source in (("letter.pdf", inbox / "letter.png"),
-                         ("sub/memo.pdf", inbox / "sub" / "memo.jpg")):
+                         ("sub/memo.pdf", inbox / "sub" / "memo.jpg"),
+                         ("mixed.pdf", inbox / "mixed.pdf")):
         data = (out / name).read_bytes()
-        stored = ledger.find("x", [str(source)]).text
-        assert similarity(" ".join(extracted(data)), stored) > 0.99, (name, stored)
+        stored = ledger.find("x", [str(source)])
+        pages = extracted(data)
+        assert len(pages) == len(stored.pages)
+        for got, page in zip(pages, stored.pages, strict=True):  # page by page
+            assert similarity(got, page.text) > 0.99, (name, page.page_no, got, page.text)
         check_with_qpdf(data, tmp_path)
-    assert not list(inbox.rglob("*.pdf"))  # nothing written inside the inbox
+    assert list(inbox.rglob("*.pdf")) == [inbox / "mixed.pdf"]  # nothing written in the inbox
 
 
 def test_output_pdf_needs_an_output_dir(settings_factory: SettingsFactory) -> None:
     with pytest.raises(ValueError, match="output_dir"):
         settings_factory(watch={"output_pdf": "pdf"})
+
+
+# -- PDF inputs: their own pages, scanned ones gaining a text layer --------------------------
+
+
+def _rendered_box(data: bytes, index: int, fraction: tuple[float, float, float, float]
+                  ) -> tuple[tuple[float, float], ...]:
+    """A box at the given fractions (left, top, right, bottom) of page `index` as the daemon
+    renders it for OCR, in those pixels."""
+    from daemon.documents.pdf import render_size
+
+    document = pdfium.PdfDocument(data)
+    size = render_size(*document[index].get_size(), OcrSettings().pdf_dpi,
+                       OcrSettings().max_image_pixels)
+    width, height = size.width, size.height  # get_size() is the page as shown (turned)
+    document.close()
+    left, top, right, bottom = fraction
+    return ((left * width, top * height), (right * width, top * height),
+            (right * width, bottom * height), (left * width, bottom * height))
+
+
+def test_a_pdf_keeps_its_pages_and_its_scans_gain_text(tmp_path: Path) -> None:
+    from daemon.documents.searchable import searchable_from_pdf
+    from tests.test_pipeline import mixed_pdf
+
+    original = mixed_pdf([["A born digital page", "with its own text"], None, None],
+                         ["scanned words"])
+    with pikepdf.open(io.BytesIO(original)) as pdf:  # the last scan is turned a quarter
+        pdf.pages[2].Rotate = 90
+        buffer = io.BytesIO()
+        pdf.save(buffer)
+        original = buffer.getvalue()
+    results = [
+        PageResult(lines=(Line("A born digital page", 1.0, box(0, 0, 9, 9)),),  # type: ignore[arg-type]
+                   source="text_layer"),
+        PageResult(lines=(Line("scanned words", 0.9,
+                               _rendered_box(original, 1, (0.1, 0.1, 0.6, 0.2))),)),
+        PageResult(lines=(Line("台灣的發票 turned", 0.9,
+                               _rendered_box(original, 2, (0.2, 0.3, 0.7, 0.36))),)),
+    ]
+    data = searchable_from_pdf(original, results, OcrSettings())
+    before, after = extracted(original), extracted(data)
+    assert after[0] == before[0]  # its own text layer, untouched
+    assert words(after[1]) == words(before[1] + " scanned words")
+    assert words(after[2]) == words(before[2] + " 台灣的發票 turned")
+    # on the turned page the text lies where the OCR box was, in the pixels rendered for OCR
+    import ctypes
+
+    import pypdfium2.raw as pdfium_c
+
+    from daemon.documents.pdf import render_size
+
+    (left, top), _, (right, bottom), _ = results[2].lines[0].box
+    document = pdfium.PdfDocument(data)
+    page = document[2]
+    size = render_size(*page.get_size(), OcrSettings().pdf_dpi, OcrSettings().max_image_pixels)
+    textpage = page.get_textpage()
+    u, v = ctypes.c_int(), ctypes.c_int()
+    for index in range(textpage.count_chars()):
+        x0, y0, x1, y1 = textpage.get_charbox(index)
+        pdfium_c.FPDF_PageToDevice(page, 0, 0, size.width, size.height, 0, (x0 + x1) / 2,
+                                   (y0 + y1) / 2, u, v)
+        assert left - 2 <= u.value <= right + 2 and top - 2 <= v.value <= bottom + 2, index
+    document.close()
+    check_with_qpdf(data, tmp_path)
+    # nothing read by OCR (a text layer, a blank scan): the PDF is copied, not rewritten
+    only_text = mixed_pdf([["nothing scanned here"], None], ["x"])
+    assert searchable_from_pdf(only_text, [PageResult(source="text_layer"), PageResult()],
+                               OcrSettings()) == only_text

@@ -3,10 +3,10 @@ OCR boxes, so selecting, copying and searching in any viewer gives the recognise
 
 Built with pikepdf (qpdf underneath, what OCRmyPDF builds on) rather than PDF syntax by hand.
 The text is drawn in render mode 3 (invisible) in a glyph-less font, as OCR tools do: a Type0
-font, Identity-H, whose every code shows one empty glyph and whose ToUnicode map gives the code
+font, Identity-H, whose every code shows one glyph and whose ToUnicode map gives the code
 back as the character — so any script, CJK included, needs no font file. The font (a TrueType
-with one empty glyph) is built here with fontTools; nothing is downloaded. Each line is scaled
-(Tz) to its box's width and turned to its box's angle.
+with one box-shaped glyph, never painted) is built here with fontTools; nothing is downloaded.
+Each line is scaled (Tz) to its box's width and turned to its box's angle.
 
 A JPEG with no EXIF turn is embedded as it is (its bytes, DCTDecode); anything else as its
 decoded pixels (lossless, FlateDecode), since the boxes refer to the page as it was read.
@@ -18,7 +18,7 @@ import io
 import math
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,10 @@ def scanned_pages(data: bytes, results: Sequence[PageResult], ocr: Any) -> list[
 
 
 def glyphless_font() -> bytes:
-    """A TrueType font of two empty glyphs (.notdef and one more), GLYPH_ADVANCE wide."""
+    """A TrueType font whose glyphs (.notdef and one more, GLYPH_ADVANCE wide) are a plain
+    em box. Never painted (render mode 3); but its box gives each character an extent:
+    with empty glyphs pdfium found no text drawn at exactly 90 or 270 degrees (turned pages),
+    and selection had no height."""
     global _font_program
     with _font_lock:
         if _font_program is None:
@@ -79,8 +82,14 @@ def glyphless_font() -> bytes:
             builder = FontBuilder(1000, isTTF=True)
             builder.setupGlyphOrder([".notdef", "blank"])
             builder.setupCharacterMap({0x20: "blank"})
-            empty = TTGlyphPen(None).glyph()
-            builder.setupGlyf({".notdef": empty, "blank": empty})
+            pen = TTGlyphPen(None)
+            pen.moveTo((0, 0))
+            pen.lineTo((0, 1000))
+            pen.lineTo((GLYPH_ADVANCE, 1000))
+            pen.lineTo((GLYPH_ADVANCE, 0))
+            pen.closePath()
+            box = pen.glyph()
+            builder.setupGlyf({".notdef": box, "blank": box})
             builder.setupHorizontalMetrics({".notdef": (GLYPH_ADVANCE, 0),
                                             "blank": (GLYPH_ADVANCE, 0)})
             builder.setupHorizontalHeader(ascent=1000, descent=0)
@@ -141,16 +150,25 @@ def _codes(text: str) -> str:
     return "".join(f"{code:04X}" for code in codes)
 
 
-def text_layer(result: PageResult, height_px: int, scale: float) -> str:
+Corners = tuple[tuple[float, float], ...]
+
+
+def text_layer(result: PageResult, height_px: int, scale: float, font: str = FONT) -> str:
     """Content-stream operators drawing each line invisibly over its box (`scale`: points per
     pixel; PDF's y axis points up)."""
+    return text_ops(((line.text, tuple((x * scale, (height_px - y) * scale)
+                                       for x, y in line.box)) for line in result.lines), font)
+
+
+def text_ops(lines: Iterable[tuple[str, Corners]], font: str = FONT) -> str:
+    """Each line's text drawn invisibly over its box, given in the page's own space (points,
+    y up; corners clockwise from the top left as the text reads)."""
     ops = []
-    for line in result.lines:
-        text = line.text.strip()
+    for raw, corners in lines:
+        text = raw.strip()
         if not text:
             continue
-        (x0, y0), (x1, y1), (x2, y2), (x3, y3) = (
-            (x * scale, (height_px - y) * scale) for x, y in line.box)
+        (x0, y0), (x1, y1), (x2, y2), (x3, y3) = corners
         angle = math.atan2(y1 - y0, x1 - x0)  # along the top edge
         width = math.hypot(x2 - x3, y2 - y3) or math.hypot(x1 - x0, y1 - y0)
         size = math.hypot(x3 - x0, y3 - y0)
@@ -158,10 +176,80 @@ def text_layer(result: PageResult, height_px: int, scale: float) -> str:
             continue
         stretch = 100 * width / (len(text) * size * GLYPH_ADVANCE / 1000)
         cos, sin = math.cos(angle), math.sin(angle)
-        ops.append(f"BT 3 Tr {FONT} {size:.2f} Tf {stretch:.2f} Tz "
+        ops.append(f"BT 3 Tr {font} {size:.2f} Tf {stretch:.2f} Tz "
                    f"{cos:.5f} {sin:.5f} {-sin:.5f} {cos:.5f} {x3:.2f} {y3:.2f} Tm "
                    f"<{_codes(text)}> Tj ET")
     return "\n".join(ops)
+
+
+def searchable_from_pdf(data: bytes, results: Sequence[PageResult], ocr: Any) -> bytes:
+    """The PDF itself, its pages untouched, each page that was OCR'd (source "ocr") gaining
+    an invisible text layer; returned as it is when none was (its own text layer is usable).
+    OCR boxes are in the pixels of the page as rendered for OCR; pdfium's own device-to-page
+    transform (the inverse of that render, rotation and crop box included) places them."""
+    import pikepdf
+    import pypdfium2 as pdfium
+    from pikepdf import Name
+
+    from daemon.documents.pdf import render_size
+
+    if not any(result.source == "ocr" and result.lines for result in results):
+        return data
+    rendered = pdfium.PdfDocument(data)
+    try:
+        with pikepdf.open(io.BytesIO(data)) as pdf:
+            font = _font(pdf)
+            for index, result in enumerate(results):
+                if result.source != "ocr" or not result.lines or index >= len(pdf.pages):
+                    continue
+                page = rendered[index]
+                try:
+                    width_pt, height_pt = page.get_size()
+                    size = render_size(width_pt, height_pt, ocr.pdf_dpi, ocr.max_image_pixels)
+                    to_page = _device_to_page(page, size)
+                    lines = [(line.text, tuple(to_page(p) for p in line.box))
+                             for line in result.lines]
+                finally:
+                    page.close()
+                target = pikepdf.Page(pdf.pages[index])
+                name = target.add_resource(font, Name.Font, prefix="OCR")
+                target.contents_add(pdf.make_stream(b"q\n"), prepend=True)
+                target.contents_add(pdf.make_stream(
+                    b"\nQ\n" + text_ops(lines, str(name)).encode()))
+            out = io.BytesIO()
+            pdf.save(out, compress_streams=True)
+            return out.getvalue()
+    finally:
+        rendered.close()
+
+
+def _device_to_page(page: Any, size: Any) -> Callable[[tuple[float, float]], tuple[float, float]]:
+    """Pixels of the page as rendered at `size` -> the page's own space (points): the inverse
+    of pdfium's page-to-device transform (the one `render()` applies, /Rotate and crop box
+    included), fitted on three far-apart points (its integer pixels then err < 0.01 pt)."""
+    import ctypes
+
+    import pypdfium2.raw as pdfium_c
+
+    left, bottom, right, top = page.get_mediabox()
+    dx, dy = ctypes.c_int(), ctypes.c_int()
+    device = []
+    for x, y in ((left, bottom), (right, bottom), (left, top)):
+        pdfium_c.FPDF_PageToDevice(page, 0, 0, size.width, size.height, 0, x, y, dx, dy)
+        device.append((float(dx.value), float(dy.value)))
+    (u0, v0), (u1, v1), (u2, v2) = device
+    # device = origin + a * (x - left) / (right - left) + b * (y - bottom) / (top - bottom)
+    a = (u1 - u0, v1 - v0)
+    b = (u2 - u0, v2 - v0)
+    det = a[0] * b[1] - a[1] * b[0]
+
+    def to_page(point: tuple[float, float]) -> tuple[float, float]:
+        pu, pv = point[0] - u0, point[1] - v0
+        s = (pu * b[1] - pv * b[0]) / det
+        t = (a[0] * pv - a[1] * pu) / det
+        return left + s * (right - left), bottom + t * (top - bottom)
+
+    return to_page
 
 
 def searchable_pdf(pages: Sequence[ScannedPage]) -> bytes:
