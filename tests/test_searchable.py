@@ -88,14 +88,29 @@ def test_the_page_is_the_original_image(tmp_path: Path) -> None:
             check_with_qpdf(pdf, tmp_path)
 
 
-def test_the_daemon_writes_one_pdf_per_stored_image(settings_factory: SettingsFactory,
+def chinese_scan(path: Path) -> None:
+    """A page of Simplified Chinese, in the tests' subset font (tests/fonts)."""
+    from PIL import Image as PILImage
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.truetype(str(Path(__file__).parent / "fonts" /
+                                  "DroidSansFallback-test-subset.ttf"), 48)
+    image = PILImage.new("RGB", (900, 260), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((60, 50), "请把包裹送到北门", fill="black", font=font)
+    draw.text((60, 140), "七位灯塔守护者数紫色的浪", fill="black", font=font)
+    image.save(path.with_name(path.name + ".part"), "PNG")
+    path.with_name(path.name + ".part").rename(path)
+
+
+def test_the_daemon_writes_one_pdf_per_stored_file(settings_factory: SettingsFactory,
                                                     tmp_path: Path) -> None:
     from daemon.hardware.providers import CPU
     from daemon.ocr.engines import build_engine
 
     out = tmp_path / "searchable"
     settings = settings_factory(watch={"output_pdf": "pdf", "output_dir": str(out),
-                                       "recursive": True})
+                                       "recursive": True}, ocr={"lang": "ch"})
     engine = build_engine(settings, CPU, 1)
     pipeline, ledger, watcher = run_pipeline(settings, engine)
     inbox = settings.watch.path
@@ -106,19 +121,22 @@ def test_the_daemon_writes_one_pdf_per_stored_image(settings_factory: SettingsFa
         (inbox / "mixed.pdf.part").write_bytes(mixed_pdf(
             [["A born digital cover page"], None, None], SENTENCES[5:7]))
         (inbox / "mixed.pdf.part").rename(inbox / "mixed.pdf")
-        assert wait_until(lambda: ledger.counts()["done"] == 3, 180)
+        chinese_scan(inbox / "chinese.png")
+        assert wait_until(lambda: ledger.counts()["done"] == 4, 180)
         assert wait_until(lambda: all((out / name).exists() for name in (
-            "sub/memo.pdf", "letter.pdf", "mixed.pdf")), 30)
+            "sub/memo.pdf", "letter.pdf", "mixed.pdf", "chinese.pdf")), 30)
     finally:
         watcher.stop()
         pipeline.stop(5)
     for name, source in (("letter.pdf", inbox / "letter.png"),
                          ("sub/memo.pdf", inbox / "sub" / "memo.jpg"),
-                         ("mixed.pdf", inbox / "mixed.pdf")):
+                         ("mixed.pdf", inbox / "mixed.pdf"),
+                         ("chinese.pdf", inbox / "chinese.png")):
         data = (out / name).read_bytes()
         stored = ledger.find("x", [str(source)])
         pages = extracted(data)
         assert len(pages) == len(stored.pages)
+        assert name != "chinese.pdf" or "包裹送到北门" in stored.text, stored.text
         for got, page in zip(pages, stored.pages, strict=True):  # page by page
             assert similarity(got, page.text) > 0.99, (name, page.page_no, got, page.text)
         check_with_qpdf(data, tmp_path)
