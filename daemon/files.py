@@ -1,6 +1,7 @@
 """Every write into the user's folders: the after-action (move to the done folder, delete),
-quarantine of failed files with an error sidecar, and the text sidecars — on one set of
-primitives that never overwrite a file and never follow a link out of the watched folder.
+quarantine of failed files with an error sidecar, the text sidecars and the searchable PDFs —
+on one set of primitives that never overwrite a file and never follow a link out of the
+watched folder (`open_beneath`: every read of a producer's file goes through it).
 
 Text sidecars (`watch.sidecar`, `watch.sidecar_dir`): `scan.png` gets `scan.png.txt` (pages
 separated by a form feed, as `ocr-daemon text` prints them) and/or `scan.png.json` (pages,

@@ -2,16 +2,20 @@
 
 Three kinds of thread, each a `while running` loop around one blocking get:
 - the claim loop takes a queue slot, then a document from the ledger (`queued -> processing`):
-  when every slot is taken, files wait in the folder and nothing grows;
+  when every slot is taken, files wait in the folder and nothing grows; it also renews the
+  leases of everything held (the heartbeat) and re-queues others' expired ones;
 - the decode pool reads a claimed document, checks its hash and decodes it into pages;
 - one OCR loop per engine collects pages across documents (`batch.max_pages` or
   `batch.max_wait_ms`, whichever comes first) and recognises them.
 A document is stored — text and `done` in one transaction — as soon as its last page is
-recognised, then its files get their sidecars and after-action (`daemon.files`). Failures are
-recorded with their reason; transient ones are retried later.
+recognised, then its files get their sidecars, searchable PDF and after-action
+(`daemon.files`). Failures are recorded with their reason; transient ones are retried later.
+What is held in memory is bounded by bytes (`daemon.budget`).
 
-A little over our ~400-line habit: the loops and the outcomes share one in-flight table, its
-locks and its slot accounting; kept in one file, that discipline is read in one place.
+Well over our ~400-line habit (~620): the loops, the heartbeat and the outcomes share one
+in-flight table, its locks, its slot and byte accounting; kept in one file, that discipline is
+read in one place. The next split: the outcomes (store, fail, after-actions) to a module of
+their own, taking the in-flight table with them.
 """
 
 from __future__ import annotations

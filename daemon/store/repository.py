@@ -1,8 +1,10 @@
-"""The ledger and text store: the only module that writes SQL.
+"""The ledger and text store: the only module that writes to the ledger.
 
-It is longer than our ~400-line habit on purpose: every query the daemon runs, state changes
-and search alike, is in this one file, so a reviewer audits the SQL (and its two dialects) in
-one place. The query language and snippets are in `daemon.store.search`.
+It is longer than our ~400-line habit on purpose (~670): every statement that changes the
+ledger, and the queries the daemon runs, search alike, are in this one file, so a reviewer
+audits them (and their two dialects) in one place; `export` reads in bulk on its own
+(`daemon.store.export`), the query language and snippets are in `daemon.store.search`, the
+folding in `daemon.store.fold`. The operator commands and worker rows could move out next.
 
 Every state change is one short transaction. The OCR text and the `done` state are written in
 the same transaction, so a crash at any point leaves either nothing or everything.
