@@ -136,7 +136,8 @@ def test_engine_errors_are_retried_then_failed(settings_factory: SettingsFactory
         assert engine.calls == 2
         failure = ledger.status()["failures"][0]
         assert failure["attempts"] == 2 and "out of memory" in failure["reason"]
-        assert (settings.watch.path / "failed" / "a.png.error.txt").exists()
+        # moved after the failure is recorded: wait for it, do not race it
+        assert wait_until((settings.watch.path / "failed" / "a.png.error.txt").exists, 10)
     finally:
         watcher.stop()
         pipeline.stop(1)

@@ -94,7 +94,7 @@ def test_a_done_document_left_in_place_is_moved_at_the_next_start(
     pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
     try:
         assert wait_until(lambda: (inbox / "done" / path.name).exists(), 30)
-        assert not path.exists()
+        assert wait_until(lambda: not path.exists(), 10)  # linked there, then unlinked here
         assert ledger.counts()["done"] == 1
     finally:
         watcher.stop()
