@@ -181,24 +181,27 @@ def test_a_rejection_is_recorded_failed_in_one_transaction(ledger: Ledger) -> No
     assert not again.path_added and again.state == State.FAILED
 
 
-def test_a_claim_counts_only_if_its_update_hit_the_row(ledger: Ledger,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Between claim_next's SELECT and its UPDATE another worker can take the row (SQLite
-    has no row locks): then this worker has no claim."""
-    from sqlalchemy.orm import Session
+def test_racing_claimers_take_each_document_once(ledger: Ledger) -> None:
+    """Choosing the row and claiming it are one statement (UPDATE … WHERE id = (SELECT …)):
+    eight workers racing for five documents take each exactly once (SQLite has no row locks;
+    PostgreSQL skips the locked ones)."""
+    ids = [ledger.register(f"/in/{n}.png", sha(str(n)), 1).document_id for n in range(5)]
+    barrier = threading.Barrier(8)
+    taken: list[int] = []
 
-    taken = ledger.register("/in/a.png", sha("a"), 1)
-    assert ledger.claim(taken.document_id, "other", 60) is not None  # another worker has it
-    real_scalar = Session.scalar
+    def grab(i: int) -> None:
+        barrier.wait()
+        while (claim := ledger.claim_next(f"w{i}", 60)) is not None:
+            taken.append(claim.document_id)
+            assert claim.paths == (f"/in/{ids.index(claim.document_id)}.png",)
 
-    def stale_select(self: Session, statement: object, *args: object, **kwargs: object) -> object:
-        real_scalar(self, statement, *args, **kwargs)
-        return taken.document_id  # what the SELECT saw a moment before the other claim
-
-    monkeypatch.setattr(Session, "scalar", stale_select)
-    assert ledger.claim_next("me", 60) is None
-    monkeypatch.undo()
-    assert ledger.find(taken.sha256).attempts == 1  # the other worker's claim only
+    threads = [threading.Thread(target=grab, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(taken) == ids
+    assert all(ledger.find(sha(str(n))).attempts == 1 for n in range(5))
 
 
 # -- leases that live (issue: N daemons, one database) ---------------------------------------
