@@ -228,7 +228,6 @@ def _read_again(settings: Settings, ledger: Ledger, paths: Sequence[str]) -> tup
     from daemon.files import LeadsOutside, sha256_beneath
 
     root = settings.watch.path.resolve()
-    reason = "no longer there"
     for recorded in reversed(paths):
         path = Path(recorded)
         try:
@@ -248,7 +247,7 @@ def _read_again(settings: Settings, ledger: Ledger, paths: Sequence[str]) -> tup
         if registration.created or registration.state == "queued":
             return f"read now, re-queued (sha256 {digest[:12]})", True
         return f"read now: its content is {registration.state} already", False
-    return f"not re-queued: {reason}", False
+    return "not re-queued: no longer there", False
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:

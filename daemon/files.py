@@ -54,15 +54,8 @@ def resolves_within(path: Path, root: Path, *, strictly: bool = False) -> bool:
 
 def sha256_file(path: Path, max_bytes: int) -> tuple[str, int]:
     """The SHA-256 and size of a file, read in chunks; a file over `max_bytes` is refused."""
-    digest = hashlib.sha256()
-    size = 0
     with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            size += len(chunk)
-            if size > max_bytes:
-                raise DocumentError(f"file is larger than watch.max_file_bytes={max_bytes}")
-            digest.update(chunk)
-    return digest.hexdigest(), size
+        return sha256_handle(handle, max_bytes)
 
 
 def holds(path: Path, sha256: str, max_bytes: int) -> bool | None:

@@ -195,8 +195,8 @@ class Pipeline:
     def stuck(self) -> bool:
         """Work in flight and no progress for queue.stuck_seconds: a loop alive but hung (a
         decoder or an engine call that never returns) is reported, not hidden."""
-        idle = time.monotonic() - self._progress_at
-        return self.inflight_count() > 0 and idle > self.settings.queue.stuck_seconds
+        return (self.inflight_count() > 0
+                and self.seconds_since_progress() > self.settings.queue.stuck_seconds)
 
     def inflight_count(self) -> int:
         with self._inflight_lock:
@@ -206,7 +206,7 @@ class Pipeline:
 
     def _claim_loop(self) -> None:
         next_housekeeping = next_heartbeat = 0.0
-        heartbeat = max(0.5, self.settings.queue.lease_seconds / 3)
+        heartbeat = self._heartbeat_seconds
         while self._running.is_set():
             if not self._accepting.is_set():
                 time.sleep(0.05)
@@ -251,6 +251,10 @@ class Pipeline:
             self._wake.clear()
         return claim
 
+    @property
+    def _heartbeat_seconds(self) -> float:
+        return max(0.5, self.settings.queue.lease_seconds / 3)
+
     def _heartbeat(self) -> None:
         """Renew the lease of every document this worker holds (being decoded, queued for
         OCR or in it), every third of a lease: a live worker never loses a claim to the
@@ -283,11 +287,10 @@ class Pipeline:
         now = time.monotonic()
         rate = (self._pages_done - self._beat_pages) / max(1e-9, now - self._beat_at)
         self._beat_at, self._beat_pages = now, self._pages_done
-        interval = max(0.5, self.settings.queue.lease_seconds / 3)
         live = self.ledger.beat(WorkerBeat(
             self.worker_id, socket.gethostname(), os.getpid(), self.provider,
             ",".join(sorted({engine.device for engine in self.engines})), held, rate,
-            live_seconds=3 * interval))
+            live_seconds=3 * self._heartbeat_seconds))
         self.metrics.workers.set(live)
 
     def _requeue_expired(self) -> None:

@@ -42,6 +42,19 @@ def small_pages(folder: Path, count: int, start: int = 0) -> list[Path]:
     return paths
 
 
+def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, one entry per file the intake reads to hash."""
+    hashed: list[int] = []
+    real = intake_module.sha256_handle
+
+    def counting(handle: object, max_bytes: int) -> tuple[str, int]:
+        hashed.append(1)
+        return real(handle, max_bytes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake_module, "sha256_handle", counting)
+    return hashed
+
+
 def test_a_restart_hashes_nothing_it_has_seen(settings_factory: SettingsFactory,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_factory()
@@ -55,14 +68,7 @@ def test_a_restart_hashes_nothing_it_has_seen(settings_factory: SettingsFactory,
         watcher.stop()
         pipeline.stop(1)
 
-    hashed: list[int] = []
-    real = intake_module.sha256_handle
-
-    def counting(handle: object, max_bytes: int) -> tuple[str, int]:
-        hashed.append(1)
-        return real(handle, max_bytes)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(intake_module, "sha256_handle", counting)
+    hashed = count_hashing(monkeypatch)
     pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())  # the restart
     try:
         assert looked_twice(watcher, 60)  # every kept file seen, twice over
@@ -194,14 +200,7 @@ def test_a_restart_over_5000_kept_files_reads_none_and_serves_a_new_drop_first(
         connection.execute(DocumentPath.__table__.insert(), paths)
     database.dispose()
 
-    hashed: list[int] = []
-    real = intake_module.sha256_handle
-
-    def counting(handle: object, max_bytes: int) -> tuple[str, int]:
-        hashed.append(1)
-        return real(handle, max_bytes)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(intake_module, "sha256_handle", counting)
+    hashed = count_hashing(monkeypatch)
     pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
     try:
         assert wait_until(lambda: watcher.scans >= 1, 30)  # the start-up scan found them all

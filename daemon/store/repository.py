@@ -396,17 +396,13 @@ class Ledger:
             return set()
         now = self._clock()
         with self._sessions.begin() as session:
-            held = set(session.scalars(
-                select(Document.id).where(Document.id.in_(list(document_ids)),
-                                          Document.state == State.PROCESSING,
-                                          Document.claimed_by == worker)
-                .with_for_update()).all())
-            if held:
-                session.execute(
-                    update(Document).where(Document.id.in_(list(held)))
-                    .values(lease_until=now + timedelta(seconds=lease_seconds))
-                    .execution_options(synchronize_session=False))
-            return held
+            return set(session.scalars(
+                update(Document)
+                .where(Document.id.in_(list(document_ids)),
+                       Document.state == State.PROCESSING, Document.claimed_by == worker)
+                .values(lease_until=now + timedelta(seconds=lease_seconds))
+                .returning(Document.id)
+                .execution_options(synchronize_session=False)).all())
 
     def requeue_stale(self, *, all_processing: bool = False, max_attempts: int | None = None
                       ) -> int:
