@@ -510,3 +510,32 @@ def test_host_workers_leave_stopping_to_the_daemon(pages: list[Image]) -> None:
         assert all(process.is_alive() for process in workers.values())
     finally:
         engine.close()
+
+
+def test_upright_boxes_are_sliced_to_the_same_bytes_as_rapidocr_warps_them() -> None:
+    """The crop shortcut (a slice for an upright whole-pixel rectangle) gives byte for byte
+    what RapidOCR's bicubic warpPerspective gives, for wide, tall (turned), edge-touching and
+    one-pixel-offset boxes; other boxes still go through RapidOCR's own function."""
+    from rapidocr.utils.process_img import get_rotate_crop_image
+
+    from daemon.ocr.host import crop_line
+
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    h, w = image.shape[:2]
+    rects = [(0, 0, 120, 30), (37, 41, 310, 77), (380, 10, 420, 200), (1, 1, w - 1, h - 1),
+             (250, 260, w - 1, h - 1)]
+    rects += [(x0, y0, x0 + int(rng.integers(5, 150)), y0 + int(rng.integers(5, 90)))
+              for x0, y0 in rng.integers(0, 200, (40, 2)).tolist()]
+    shortcut = []
+    for x0, y0, x1, y1 in rects:
+        box = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
+        got = crop_line(image, box, get_rotate_crop_image)
+        want = get_rotate_crop_image(image, box.copy())
+        assert got.shape == want.shape and np.array_equal(got, want), (x0, y0, x1, y1)
+        shortcut.append(np.shares_memory(got, image))
+    assert all(shortcut), "upright boxes must take the slice"
+    tilted = np.array([[40, 50], [200, 40], [202, 70], [42, 80]], np.float32)
+    got = crop_line(image, tilted, get_rotate_crop_image)
+    assert not np.shares_memory(got, image)
+    assert np.array_equal(got, get_rotate_crop_image(image, tilted.copy()))
