@@ -18,7 +18,7 @@ from daemon.hardware.providers import CPU, CUDA_EP, ProviderChoice, ort_provider
 from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets, graphs
 from daemon.ocr.graphs import REC_INDEX_OUTPUT, REC_PAD, REC_SCORE_OUTPUT, det_model, rec_model
-from daemon.ocr.host import det_lut, normalise_rec, rec_lut, resize_rec
+from daemon.ocr.host import ctc_decode, det_lut, normalise_rec, rec_lut, resize_rec
 from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
 from daemon.results import Image as BgrImage
 from tests.rendering import random_lines, render_page
@@ -86,11 +86,31 @@ def test_edited_recogniser_gives_the_same_text_and_scores(provider: str, tmp_pat
     (probs,) = full.run(None, {"x": floats})
     want, _ = decoder(probs)  # what RapidOCR's CTCLabelDecode gives from the probabilities
     best, best_prob = reduced.run(None, {"x": pixels})
-    got, _ = decoder.decode(best, best_prob, remove_duplicate=True)
+    got = ctc_decode(decoder.character, best, best_prob)  # what the engine decodes
 
     assert got == want
     assert "包裹送到北门" in want[-2][0] and all(text for text, _ in want)
     assert probs.nbytes > 5000 * (best.nbytes + best_prob.nbytes)
+
+
+def test_batch_ctc_decoding_gives_rapidocrs_text_and_scores_exactly() -> None:
+    """The engine's batch CTC decoder against RapidOCR's per-line one, float for float: lines
+    of blanks, repeats, characters far into the dictionary, and scores on the half-way
+    points of 5-decimal rounding (x/64: 0.015625 rounds half-even to 0.01562)."""
+    from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
+
+    decoder = CTCLabelDecode(character=[chr(0x4E00 + i) for i in range(18708)])
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        n, t = int(rng.integers(1, 40)), int(rng.integers(1, 120))
+        best = rng.integers(0, 6, (n, t)) * rng.integers(0, 3, (n, t))
+        best = np.where(rng.random((n, t)) < 0.3, rng.integers(0, 18710, (n, t)), best)
+        best[0] = 0  # a line with no text: score 0.0
+        best_prob = rng.random((n, t)).astype(np.float32)
+        ties = rng.random((n, t)) < 0.3
+        best_prob[ties] = rng.integers(1, 64, int(ties.sum())) / 64
+        want, _ = decoder.decode(best, best_prob, remove_duplicate=True)
+        assert ctc_decode(decoder.character, best.astype(np.int64), best_prob) == want
 
 
 def test_the_edited_model_is_cached_by_the_source_hash(tmp_path: Path,

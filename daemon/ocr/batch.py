@@ -44,6 +44,7 @@ from daemon.ocr.host import (
     HostPool,
     PageBuffer,
     auto_processes,
+    ctc_decode,
     det_lut,
     detect_lines,
     rec_lut,
@@ -136,7 +137,8 @@ class BatchEngine:
         meta = self._rec.get_modelmeta().custom_metadata_map
         if "character" not in meta:
             raise ConfigError(f"{paths.rec.name} has no character list in its metadata")
-        self._decode = CTCLabelDecode(character=meta["character"].splitlines())
+        # RapidOCR's list: blank first, space last
+        self._characters = CTCLabelDecode(character=meta["character"].splitlines()).character
         self._rtl = normalize_lang(cfg.Rec.lang_type) in RTL_LANGS
         if self._rtl:
             from rapidocr.utils import utils as rapid_utils
@@ -324,7 +326,7 @@ class BatchEngine:
             for k, idx in enumerate(chunk):
                 resize_rec(crops[idx], min(needed[idx], width), batch[k])
             best, best_prob = run_split(self._rec, batch, len(chunk))
-            lines, _ = self._decode.decode(best, best_prob, remove_duplicate=True)
+            lines = ctc_decode(self._characters, best, best_prob)
             for k, (text, score) in enumerate(lines):
                 results[chunk[k]] = (text, float(score))
         _share_out(pages, owners, "rec", time.perf_counter() - start)

@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -172,6 +172,34 @@ def det_lut(pre: Any) -> FloatArray:
     """RapidOCR's DetPreProcess normalisation of every pixel value, per channel (256 x 3)."""
     values = np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2)
     return np.ascontiguousarray(pre.normalize(values)[0].astype(np.float32))
+
+
+def ctc_decode(characters: Sequence[str], best: npt.NDArray[np.int64],
+               best_prob: FloatArray) -> list[tuple[str, float]]:
+    """RapidOCR's CTCLabelDecode.decode(best, best_prob, remove_duplicate=True) for a whole
+    batch at once: repeats collapsed, blanks (index 0) dropped, the score the mean of the
+    kept steps' scores each rounded to 5 places, rounded again. The same text and the same
+    floats, for a tenth of the cost (RapidOCR's per-line numpy calls and a Python `round`
+    per character were ~5 ms per receipt in the main process).
+
+    Rounding: RapidOCR rounds each score with Python's `round(x, 5)`, the float nearest to
+    the exact value of x rounded half-even to 5 decimals. `np.round` computes
+    rint(x * 1e5) / 1e5; for a float32 score (24-bit mantissa) x * 1e5 (17 bits) is exact in
+    float64, rint rounds that exact value half-even, and the division is correctly rounded:
+    the same float. The mean is numpy's own (`sum` of the slice / count, as `np.mean`)."""
+    keep = best != 0
+    keep[:, 1:] &= best[:, 1:] != best[:, :-1]
+    counts = keep.sum(axis=1).tolist()
+    chars = [characters[i] for i in best[keep].tolist()]
+    scores = np.round(best_prob[keep].astype(np.float32).astype(np.float64), 5)
+    out: list[tuple[str, float]] = []
+    start = 0
+    for count in counts:
+        end = start + count
+        mean = scores[start:end].sum() / count if count else np.float64(0.0)
+        out.append(("".join(chars[start:end]), float(mean.round(5))))
+        start = end
+    return out
 
 
 # --- in the worker -----------------------------------------------------------------------
