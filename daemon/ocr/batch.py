@@ -90,10 +90,12 @@ class BatchEngine:
     ) -> None:
         from rapidocr.ch_ppocr_cls.main import CLS_SHAPE_BY_OCR_VERSION
         from rapidocr.ch_ppocr_cls.utils import ClsPostProcess
-        from rapidocr.ch_ppocr_det.utils import DBPostProcess, DetPreProcess
+        from rapidocr.ch_ppocr_det.utils import DetPreProcess
         from rapidocr.ch_ppocr_rec.main import RTL_LANGS
         from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
         from rapidocr.utils.model_resolver import normalize_lang
+
+        from daemon.ocr.boxes import FastDBPostProcess
 
         if max_pages < 1:
             raise ValueError("max_pages must be at least 1")
@@ -119,7 +121,7 @@ class BatchEngine:
             "use_dilation": det.use_dilation,
             "score_mode": det.score_mode,
         }
-        self._det_post = DBPostProcess(**db_params)
+        self._det_post = FastDBPostProcess(**db_params)
         # GPU providers (or when asked): a small fixed set of input shapes, all warmed up
         self._coarse = self._provider != "cpu" if fixed_shapes is None else fixed_shapes
         self._det_ladder = buckets.det_ladder(det.limit_side_len, coarse=self._coarse)

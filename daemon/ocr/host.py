@@ -9,8 +9,10 @@ processes they scale with the cores.
 
 The page travels in shared memory (the main process writes it once; the worker maps it, no
 copy); the probability map goes pickled (a page's own `h x w` crop of the batch output); boxes
-and resized lines come back pickled (tens of kB). The functions are RapidOCR's own, so a line
-is cropped and resized to the byte as the in-process path does.
+and resized lines come back pickled (tens of kB). The steps are RapidOCR's own or, where
+they cost most, faster ways to the same bytes (`ocr.boxes` for the boxes, `crop_line`,
+`ctc_decode`), each pinned by a test against RapidOCR's function; in and out of process a
+line is cropped and resized alike.
 """
 
 from __future__ import annotations
@@ -209,7 +211,7 @@ _post: Any = None
 
 def _init_worker(det_params: dict[str, Any]) -> None:
     global _post
-    from rapidocr.ch_ppocr_det.utils import DBPostProcess
+    from daemon.ocr.boxes import FastDBPostProcess
 
     # The daemon decides when its workers stop (it shuts the pool down after the documents in
     # flight): a Ctrl-C to the terminal's process group or systemd's SIGTERM to the whole
@@ -218,7 +220,7 @@ def _init_worker(det_params: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     cv2.setNumThreads(1)  # one process per core already
-    _post = DBPostProcess(**det_params)
+    _post = FastDBPostProcess(**det_params)
 
 
 def post_detect(page: SharedPage, prob: FloatArray) -> Detected:
