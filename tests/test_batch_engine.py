@@ -18,6 +18,7 @@ from daemon.errors import ConfigError
 from daemon.hardware.providers import CPU
 from daemon.ocr import batch as batch_module
 from daemon.ocr import buckets
+from daemon.ocr import host as host_module
 from daemon.ocr.batch import BatchEngine
 from daemon.ocr.device import GpuOutOfMemoryError
 from daemon.ocr.models import resolve_model_paths
@@ -426,7 +427,7 @@ def test_cpu_runs_pages_and_lines_unpadded(
 
 
 def test_host_processes_give_the_same_results_as_in_process(
-    pages: list[Image], reference: list[PageResult]
+    pages: list[Image], reference: list[PageResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The GPU path's box extraction and crops in worker processes (pages in shared memory):
     line for line, box for box what the in-process path gives."""
@@ -434,6 +435,14 @@ def test_host_processes_give_the_same_results_as_in_process(
                              host_processes=0)
     processes = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True,
                             host_processes=2)
+    taken = Counter[str]()
+    take_lines = host_module.PageBuffer.take_lines
+
+    def counted(buffer: host_module.PageBuffer, widths: Any) -> Any:
+        taken["pages"] += 1
+        return take_lines(buffer, widths)
+
+    monkeypatch.setattr(host_module.PageBuffer, "take_lines", counted)
     try:
         assert processes._host is not None and in_process._host is None
         want = in_process.recognize(pages)
@@ -442,6 +451,7 @@ def test_host_processes_give_the_same_results_as_in_process(
     finally:
         in_process.close()
         processes.close()
+    assert taken["pages"] == len(pages) + 2  # every page's lines came back in shared memory
     assert [r.lines for r in got] == [r.lines for r in want]
     assert [r.lines for r in again] == [r.lines for r in want[:2]]
     assert [r.text for r in got] == [r.text for r in reference]
@@ -539,3 +549,56 @@ def test_upright_boxes_are_sliced_to_the_same_bytes_as_rapidocr_warps_them() -> 
     got = crop_line(image, tilted, get_rotate_crop_image)
     assert not np.shares_memory(got, image)
     assert np.array_equal(got, get_rotate_crop_image(image, tilted.copy()))
+
+
+def test_lines_come_back_in_the_page_segment_or_pickled_when_they_do_not_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host worker leaves a page's lines in its shared segment, where the map was, and the
+    main process copies them out; lines that do not fit there come back pickled. Both are
+    byte for byte the lines the in-process path cuts."""
+    from multiprocessing import shared_memory
+
+    from daemon.ocr import host
+    from daemon.ocr.boxes import FastDBPostProcess
+    from daemon.ocr.models import load_rapidocr_config
+
+    det = load_rapidocr_config(OcrSettings()).Det
+    monkeypatch.setattr(host, "_post", FastDBPostProcess(
+        thresh=det.thresh, box_thresh=det.box_thresh, max_candidates=det.max_candidates,
+        unclip_ratio=det.unclip_ratio, use_dilation=det.use_dilation,
+        score_mode=det.score_mode))
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (240, 900, 3), dtype=np.uint8)
+    prob = np.zeros((120, 450), np.float32)  # the detector's map is smaller than the page
+    for row in range(6):
+        prob[8 + 18 * row : 14 + 18 * row, 20 : 60 + 60 * row] = 0.9
+    want = host.detect_lines(host._post, image, prob[None, None])
+    assert len(want.lines) == 6
+
+    pool = host.SegmentPool(keep=0)
+    roomy = host.PageBuffer(image, prob.shape, pool)
+    try:
+        roomy.put_map(prob)
+        packed = host.post_detect(roomy.ref)
+        assert packed.packed and not packed.lines
+        got = roomy.take_lines(packed.packed)
+    finally:
+        roomy.release()
+    needed = sum(line.nbytes for line in got)
+    assert needed > prob.nbytes  # so a segment can hold the map and not the lines
+
+    ref = roomy.ref
+    tight = shared_memory.SharedMemory(create=True, size=ref.map_offset + needed - 1)
+    try:
+        assert tight.buf is not None
+        tight.buf[: image.nbytes] = image.tobytes()
+        tight.buf[ref.map_offset : ref.map_offset + prob.nbytes] = prob.tobytes()
+        sent = host.post_detect(host.SharedPage(tight.name, image.shape, ref.map_offset,
+                                                prob.shape))
+    finally:
+        tight.close()
+        tight.unlink()
+    assert not sent.packed and len(sent.lines) == 6
+    for lines in (got, sent.lines):
+        assert all(np.array_equal(a, b) for a, b in zip(lines, want.lines, strict=True))
+    assert np.array_equal(packed.boxes, want.boxes) and np.array_equal(sent.boxes, want.boxes)

@@ -236,8 +236,9 @@ class BatchEngine:
             image=img,
             op_record=op_record,
             det_input=det_input,
-            buffer=PageBuffer(img, self._host.segments)
-            if self._host is not None and det_input is not None and shm_room(img.nbytes)
+            buffer=PageBuffer(img, det_input.shape[:2], self._host.segments)
+            if self._host is not None and det_input is not None
+            and shm_room(PageBuffer.nbytes(img, det_input.shape[:2]))
             else None,
         )
         page.timings["det"] = time.perf_counter() - start
@@ -270,10 +271,12 @@ class BatchEngine:
                     assert page.det_input is not None
                     h, w = page.det_input.shape[:2]
                     page.timings["det"] += share
-                    prob = np.ascontiguousarray(maps[k : k + 1, :, :h, :w])
                     if self._host is not None and page.buffer is not None:
-                        detected.append((page, self._host.post_detect(page.buffer.ref, prob)))
-                    elif self._pool is None:
+                        page.buffer.put_map(maps[k, 0, :h, :w])
+                        detected.append((page, self._host.post_detect(page.buffer.ref)))
+                        continue
+                    prob = np.ascontiguousarray(maps[k : k + 1, :, :h, :w])
+                    if self._pool is None:
                         self._post_detect(page, prob)
                     else:
                         pending.append(self._pool.submit(self._post_detect, page, prob))
@@ -283,6 +286,9 @@ class BatchEngine:
             start = time.perf_counter()
             lines = result.result()
             page.boxes, page.crops = lines.boxes, lines.lines
+            if lines.packed:
+                assert page.buffer is not None
+                page.crops = page.buffer.take_lines(lines.packed)
             page.timings["det"] += time.perf_counter() - start
 
     def _post_detect(self, page: _Page, prob: FloatArray) -> None:

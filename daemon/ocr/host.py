@@ -44,10 +44,14 @@ FloatArray = npt.NDArray[np.float32]
 
 @dataclass(frozen=True)
 class SharedPage:
-    """A page image in shared memory: what a worker needs to map it."""
+    """A page in shared memory, what a worker needs to map it: the image at the start of the
+    segment, then (at `map_offset`) its detection map, `[h, w]` float32, which the worker's
+    resized lines overwrite once the boxes are found."""
 
     name: str
     shape: tuple[int, ...]
+    map_offset: int
+    map_shape: tuple[int, int]
 
 
 # "auto" host processes: one per core, at most this many. Measured (benchmarks/host_ceiling.py,
@@ -121,24 +125,70 @@ def _unlink(shm: shared_memory.SharedMemory) -> None:
 
 class PageBuffer:
     """The main process's side of a shared page: the image copied into a segment of the pool,
-    which gets the segment back when the page is done."""
+    which gets the segment back when the page is done. After the image there is room for the
+    page's detection map and, in its place afterwards, the page's lines: as large as the
+    image or the map, whichever is larger (receipts' lines, small text scaled up to 48 px,
+    take ~1.5x the image's bytes: the 4 MB steps of the pool leave room for them).
 
-    def __init__(self, image: Image, pool: SegmentPool) -> None:
+    Map and lines travel here rather than pickled through the pool's pipe: that was a third
+    of a host worker's CPU time (pickle, two kernel copies, unpickle of 3.7 MB of map and
+    ~2 MB of lines per receipt), and the main process's pickling and unpickling held the GIL
+    that every other stage of the daemon waits for."""
+
+    def __init__(self, image: Image, map_shape: tuple[int, int], pool: SegmentPool) -> None:
         self._pool = pool
-        self._shm = pool.acquire(image.nbytes)
+        map_offset = _aligned(image.nbytes)
+        map_bytes = map_shape[0] * map_shape[1] * 4
+        self._shm = pool.acquire(map_offset + max(map_bytes, image.nbytes))
         view: Image = np.ndarray(image.shape, np.uint8, buffer=self._shm.buf)
         view[...] = image
         del view  # a segment cannot be closed while a view of it lives
-        self.ref = SharedPage(self._shm.name, tuple(image.shape))
+        self.ref = SharedPage(self._shm.name, tuple(image.shape), map_offset, map_shape)
+
+    @staticmethod
+    def nbytes(image: Image, map_shape: tuple[int, int]) -> int:
+        """What a page takes in shared memory (for the room check before it is made)."""
+        return _aligned(image.nbytes) + max(map_shape[0] * map_shape[1] * 4, image.nbytes)
+
+    def put_map(self, prob: FloatArray) -> None:
+        """The page's `[h, w]` detection map, into its place in the segment."""
+        view = np.ndarray(self.ref.map_shape, np.float32, buffer=self._shm.buf,
+                          offset=self.ref.map_offset)
+        view[...] = prob
+        del view
+
+    def take_lines(self, widths: Sequence[int]) -> list[Image]:
+        """The lines a worker left in the segment (`widths`, in order), copied out in one
+        piece: the segment goes back to the pool before they are recognised."""
+        total = _line_bytes(widths)
+        flat: Image = np.ndarray((total,), np.uint8, buffer=self._shm.buf,
+                                 offset=self.ref.map_offset).copy()
+        lines: list[Image] = []
+        offset = 0
+        for width in widths:
+            size = _line_bytes((width,))
+            lines.append(flat[offset : offset + size].reshape(buckets.REC_HEIGHT, width, 3))
+            offset += size
+        return lines
 
     def release(self) -> None:
         self._pool.release(self._shm)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64
+
+
+def _line_bytes(widths: Sequence[int]) -> int:
+    return buckets.REC_HEIGHT * 3 * sum(widths)
 
 
 @dataclass(frozen=True)
 class Detected:
     boxes: FloatArray | None  # sorted as RapidOCR sorts them; None when no text was found
     lines: list[Image]  # each box's crop (resized to the recogniser's height), in box order
+    # from a worker: the widths of the lines it left in the page's segment instead of `lines`
+    packed: tuple[int, ...] = ()
 
 
 # --- pre-processing (the normalisation itself runs on the device: ocr/graphs.py) ---------
@@ -223,13 +273,27 @@ def _init_worker(det_params: dict[str, Any]) -> None:
     _post = FastDBPostProcess(**det_params)
 
 
-def post_detect(page: SharedPage, prob: FloatArray) -> Detected:
-    """DB boxes of one page from its probability map, then its lines, ready to recognise."""
+def post_detect(page: SharedPage) -> Detected:
+    """DB boxes of one page from its map, then its lines, ready to recognise: left in the
+    page's segment where the map was when they fit (they do on receipts), else sent back."""
     shm = shared_memory.SharedMemory(name=page.name)
     try:
         image: Image = np.ndarray(page.shape, np.uint8, buffer=shm.buf)
+        prob: FloatArray = np.ndarray((1, 1, *page.map_shape), np.float32, buffer=shm.buf,
+                                      offset=page.map_offset)
         try:
-            return detect_lines(_post, image, prob)
+            found = detect_lines(_post, image, prob)
+            del prob  # the map is spent: its place takes the lines
+            widths = tuple(line.shape[1] for line in found.lines)
+            if not widths or _line_bytes(widths) > shm.size - page.map_offset:
+                return found
+            offset = page.map_offset
+            for line in found.lines:
+                slot = np.ndarray(line.shape, np.uint8, buffer=shm.buf, offset=offset)
+                slot[...] = line
+                offset += line.nbytes
+                del slot
+            return Detected(found.boxes, [], widths)
         finally:
             del image  # the mapping cannot close while a view of it lives
     finally:
@@ -300,15 +364,15 @@ class HostPool:
         return ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context(
             "spawn"), initializer=_init_worker, initargs=(self._det_params,))
 
-    def post_detect(self, page: SharedPage, prob: FloatArray) -> Future[Detected]:
+    def post_detect(self, page: SharedPage) -> Future[Detected]:
         with self._lock:
             try:
-                return self._executor.submit(post_detect, page, prob)
+                return self._executor.submit(post_detect, page)
             except BrokenProcessPool:
                 log.warning("a host worker process died; starting new ones")
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = self._start()
-                return self._executor.submit(post_detect, page, prob)
+                return self._executor.submit(post_detect, page)
 
     def warmup(self) -> None:
         """Start every worker now (imports take a second each), not on the first page."""
