@@ -126,6 +126,23 @@ def test_opencv_path_takes_only_what_it_decodes_like_pillow(
     assert np.array_equal(fast, slow)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("mode,fmt,options", [
+    ("1", "TIFF", {"compression": "group4"}), ("1", "TIFF", {}), ("1", "PNG", {}),
+    ("L", "TIFF", {"compression": "tiff_lzw"}), ("L", "BMP", {}), ("P", "PNG", {}),
+])
+def test_bilevel_grey_and_palette_pages_are_pillows_rgb_pixels(
+        mode: str, fmt: str, options: dict[str, object]) -> None:
+    """Scanners' bilevel and grey pages take a one-byte-a-pixel way to BGR: exactly what
+    Pillow's RGB conversion gives, channel for channel."""
+    page = render_page(["Scanned at 300 dpi", "in black and white"], width=400)
+    page = page.quantize(7) if mode == "P" else page.convert(mode)
+    got = next(iter_pages(_encoded(page, fmt, **options), OcrSettings())).image
+    with PILImage.open(io.BytesIO(_encoded(page, fmt, **options))) as stored:
+        want = np.asarray(stored.convert("RGB"))[:, :, ::-1]
+    assert got is not None and np.array_equal(got, want)
+    assert len(np.unique(want)) > 1
+
+
 def test_truncated_or_trailing_data_goes_to_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
     data = _encoded(render_page(["Cut short"], width=300), "JPEG")
     with pytest.raises(DocumentError, match="truncated"):  # not grey rows from OpenCV

@@ -44,7 +44,13 @@ def sniff(data: bytes) -> str:
 def to_bgr(frame: PILImage.Image) -> Image:
     """The frame as OpenCV's BGR array. An RGB frame (every JPEG, most PNGs) is not converted
     to a Pillow copy first, and the channel swap is OpenCV's (SIMD, outside the GIL): decoding
-    was the largest host stage of the GPU path."""
+    was the largest host stage of the GPU path. A bilevel or grey frame (what document
+    scanners write: a 300-dpi CCITT G4 TIFF) goes to one byte a pixel in Pillow and is spread
+    to three channels by OpenCV, the same pixels as Pillow's RGB (0 and 255 for bilevel) for
+    a fifth of the CPU (94 -> 18 ms on a 3312x2550 page)."""
+    if frame.mode in ("1", "L"):
+        grey = np.asarray(frame if frame.mode == "L" else frame.convert("L"), dtype=np.uint8)
+        return cast(Image, cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR))
     rgb = np.asarray(frame if frame.mode == "RGB" else frame.convert("RGB"), dtype=np.uint8)
     return cast(Image, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
