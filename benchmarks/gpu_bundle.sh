@@ -18,10 +18,10 @@ dl() { $py -m pip download -q --only-binary=:all: --python-version 3.12 \
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
         --platform manylinux_2_17_x86_64 --platform any -d "$out/work/whl" "$@"; }
 dl --no-deps "onnxruntime-gpu==$ort_gpu"
-# the daemon's own dependencies (onnxruntime excluded: the GPU build above is the one)
-dl "rapidocr>=3.4,<4" "onnx>=1.16" "pypdfium2>=4.30" "watchdog>=4" "pydantic-settings>=2.3" \
-   "prometheus-client>=0.20" "sqlalchemy>=2.0" "alembic>=1.13" "psycopg[binary]>=3.1" \
-   "nvidia-ml-py>=12" "pytest>=8" "pyyaml>=6"
+# the daemon's own dependencies, read from pyproject.toml (onnxruntime is not among them: the
+# GPU build above is the one), and what the GPU tests need
+mapfile -t deps < <($py -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+dl "${deps[@]}" "nvidia-ml-py>=12" "pytest>=8" "pyyaml>=6"
 rm -f "$out"/work/whl/onnxruntime-[0-9]*.whl "$out"/work/whl/torch-*.whl
 
 # the GPU wheel repacked (xz) to carry fewer parts; gpu_check.sh unpacks it into /tmp/site
