@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -148,10 +149,14 @@ class Service:
         first = engines[0]
         if first.provider != "cpu":
             # cuDNN algorithm search and arena growth for every shape bucket happen now, not
-            # on the first files. On the CPU there is nothing to gain and it takes minutes.
-            spent = first.warmup()
-            log.info("warmed up every shape bucket: %s",
-                     ", ".join(f"{k} {v:.1f}s" for k, v in spent.items()))
+            # on the first files, on every GPU at once (each its own engine and sessions). On
+            # the CPU there is nothing to gain and it takes minutes.
+            distinct = list({id(engine): engine for engine in engines}.values())
+            with ThreadPoolExecutor(len(distinct), thread_name_prefix="warmup") as pool:
+                spent = list(pool.map(lambda engine: engine.warmup(), distinct))
+            for engine, seconds in zip(distinct, spent, strict=True):
+                log.info("warmed up every shape bucket on %s %s: %s", engine.provider,
+                         engine.device, ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
         for stage in ("det", "cls", "rec"):
             self.metrics.set_stage_provider(stage, first.provider)
         log.info("models loaded in %.1fs", time.perf_counter() - start)

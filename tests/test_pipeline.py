@@ -224,6 +224,7 @@ class DeviceEngine:
         self.lost = lost
         self.delay = delay
         self.pages = 0
+        self.warmups = 0
         self._lock = threading.Lock()
 
     def recognize(self, images: Sequence[Image]) -> list[PageResult]:
@@ -238,6 +239,8 @@ class DeviceEngine:
                 for _ in images]
 
     def warmup(self) -> dict[str, float]:
+        with self._lock:
+            self.warmups += 1
         return {}
 
     def close(self) -> None:
@@ -261,6 +264,19 @@ def gpu_service(settings: Settings, engines: list[DeviceEngine],
     svc = Service(settings)
     svc.start()
     return svc
+
+
+def test_every_gpu_is_warmed_up_once_before_the_first_file(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each GPU's engine runs its warm-up (cuDNN searches, arena growth) before the daemon
+    takes files, once however many workers share it: not only the first GPU's."""
+    engines = [DeviceEngine("0"), DeviceEngine("1"), DeviceEngine("2")]
+    svc = gpu_service(settings_factory(), engines, monkeypatch)
+    try:
+        assert len(svc.components.pipeline.engines) == 6
+        assert [engine.warmups for engine in engines] == [1, 1, 1]
+    finally:
+        svc.stop()
 
 
 def test_work_is_spread_over_every_device(settings_factory: SettingsFactory,
