@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -443,6 +444,15 @@ def test_host_processes_give_the_same_results_as_in_process(
         return take_lines(buffer, widths)
 
     monkeypatch.setattr(host_module.PageBuffer, "take_lines", counted)
+    segments: list[str] = []  # this engine's own: other processes on the host make theirs
+    acquire = host_module.SegmentPool.acquire
+
+    def recorded(pool: host_module.SegmentPool, nbytes: int) -> Any:
+        shm = acquire(pool, nbytes)
+        segments.append(shm.name)
+        return shm
+
+    monkeypatch.setattr(host_module.SegmentPool, "acquire", recorded)
     try:
         assert processes._host is not None and in_process._host is None
         want = in_process.recognize(pages)
@@ -455,7 +465,9 @@ def test_host_processes_give_the_same_results_as_in_process(
     assert [r.lines for r in got] == [r.lines for r in want]
     assert [r.lines for r in again] == [r.lines for r in want[:2]]
     assert [r.text for r in got] == [r.text for r in reference]
-    assert not list(Path("/dev/shm").glob("psm_*")), "shared pages must be unlinked"
+    assert segments, "the pages went through shared memory"
+    left = [name for name in segments if (Path("/dev/shm") / name.lstrip("/")).exists()]
+    assert not left, "shared pages must be unlinked"
 
 
 def test_a_dead_host_worker_is_replaced(pages: list[Image],
@@ -602,3 +614,49 @@ def test_lines_come_back_in_the_page_segment_or_pickled_when_they_do_not_fit(
     for lines in (got, sent.lines):
         assert all(np.array_equal(a, b) for a, b in zip(lines, want.lines, strict=True))
     assert np.array_equal(packed.boxes, want.boxes) and np.array_equal(sent.boxes, want.boxes)
+
+
+def test_a_failed_call_gives_segments_back_only_after_every_worker_is_done(
+        pages: list[Image], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host workers write lines into the pages' shared segments: when one page of a call
+    fails, the call must wait for the other pages' workers before the segments go back to
+    the pool, or a late worker would write into the next call's pages."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True, host_processes=1)
+    events: list[str] = []
+    lock = threading.Lock()
+    release = host_module.PageBuffer.release
+
+    def released(buffer: host_module.PageBuffer) -> None:
+        with lock:
+            events.append("released")
+        release(buffer)
+
+    def late_worker(_ref: object) -> host_module.Detected:
+        time.sleep(0.3)  # still writing when the other page's failure comes back
+        with lock:
+            events.append("worker done")
+        return host_module.Detected(None, [])
+
+    def failing_worker(_ref: object) -> host_module.Detected:
+        raise ValueError("bad map")
+
+    calls = Counter[str]()
+    threads = ThreadPoolExecutor(4)
+
+    def post_detect(ref: host_module.SharedPage) -> Any:
+        calls["pages"] += 1
+        return threads.submit(failing_worker if calls["pages"] == 1 else late_worker, ref)
+
+    monkeypatch.setattr(host_module.PageBuffer, "release", released)
+    try:
+        assert engine._host is not None
+        monkeypatch.setattr(engine._host, "post_detect", post_detect)
+        with pytest.raises(ValueError, match="bad map"):
+            engine.recognize(pages[:3])
+    finally:
+        threads.shutdown()
+        engine.close()
+    assert calls["pages"] == 3
+    assert events == ["worker done"] * 2 + ["released"] * 3

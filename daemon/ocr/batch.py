@@ -24,7 +24,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Literal, cast
@@ -254,42 +254,48 @@ class BatchEngine:
                 by_bucket[key].append(page)
         pending: list[Future[None]] = []
         detected: list[tuple[_Page, Future[Detected]]] = []
-        for (bucket_h, bucket_w), members in by_bucket.items():
-            offset = 0
-            for slot in buckets.plan_batches(len(members), self._det_sizes, max_waste=0.0):
-                chunk = members[offset : offset + slot.real]
-                offset += slot.real
-                batch = np.full((slot.size, bucket_h, bucket_w, 3), DET_PAD_WHITE, np.uint8)
-                for k, page in enumerate(chunk):
-                    assert page.det_input is not None
-                    h, w = page.det_input.shape[:2]
-                    batch[k, :h, :w] = page.det_input
+        try:
+            for (bucket_h, bucket_w), members in by_bucket.items():
+                offset = 0
+                for slot in buckets.plan_batches(len(members), self._det_sizes, max_waste=0.0):
+                    chunk = members[offset : offset + slot.real]
+                    offset += slot.real
+                    batch = np.full((slot.size, bucket_h, bucket_w, 3), DET_PAD_WHITE, np.uint8)
+                    for k, page in enumerate(chunk):
+                        assert page.det_input is not None
+                        h, w = page.det_input.shape[:2]
+                        batch[k, :h, :w] = page.det_input
+                    start = time.perf_counter()
+                    (maps,) = run_split(self._det, batch, slot.real)
+                    share = (time.perf_counter() - start) / len(chunk)
+                    for k, page in enumerate(chunk):
+                        assert page.det_input is not None
+                        h, w = page.det_input.shape[:2]
+                        page.timings["det"] += share
+                        if self._host is not None and page.buffer is not None:
+                            page.buffer.put_map(maps[k, 0, :h, :w])
+                            detected.append((page, self._host.post_detect(page.buffer.ref)))
+                            continue
+                        prob = np.ascontiguousarray(maps[k : k + 1, :, :h, :w])
+                        if self._pool is None:
+                            self._post_detect(page, prob)
+                        else:
+                            pending.append(self._pool.submit(self._post_detect, page, prob))
+            for future in pending:
+                future.result()
+            for page, result in detected:
                 start = time.perf_counter()
-                (maps,) = run_split(self._det, batch, slot.real)
-                share = (time.perf_counter() - start) / len(chunk)
-                for k, page in enumerate(chunk):
-                    assert page.det_input is not None
-                    h, w = page.det_input.shape[:2]
-                    page.timings["det"] += share
-                    if self._host is not None and page.buffer is not None:
-                        page.buffer.put_map(maps[k, 0, :h, :w])
-                        detected.append((page, self._host.post_detect(page.buffer.ref)))
-                        continue
-                    prob = np.ascontiguousarray(maps[k : k + 1, :, :h, :w])
-                    if self._pool is None:
-                        self._post_detect(page, prob)
-                    else:
-                        pending.append(self._pool.submit(self._post_detect, page, prob))
-        for future in pending:
-            future.result()
-        for page, result in detected:
-            start = time.perf_counter()
-            lines = result.result()
-            page.boxes, page.crops = lines.boxes, lines.lines
-            if lines.packed:
-                assert page.buffer is not None
-                page.crops = page.buffer.take_lines(lines.packed)
-            page.timings["det"] += time.perf_counter() - start
+                lines = result.result()
+                page.boxes, page.crops = lines.boxes, lines.lines
+                if lines.packed:
+                    assert page.buffer is not None
+                    page.crops = page.buffer.take_lines(lines.packed)
+                page.timings["det"] += time.perf_counter() - start
+        finally:
+            # A worker writes a page's lines into the page's segment: when this call fails
+            # (another page's post-processing, a device error) none may still be at it once
+            # the segments go back to the pool, or it would write into a later page's.
+            wait([future for _, future in detected])
 
     def _post_detect(self, page: _Page, prob: FloatArray) -> None:
         """DB boxes for one page from its cropped probability map, then its lines (raw crops
