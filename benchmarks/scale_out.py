@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -59,72 +57,52 @@ def run(admin_url: str, daemons: int, files: int, lease: float) -> dict[str, Any
     from daemon.store import migrate
     from daemon.store.db import make_engine
     from daemon.store.repository import Ledger
+    from tests.daemons import scratch_database, standin_daemon, stop
 
-    name = f"ocr_daemon_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    engine = make_engine(DatabaseSettings(url=url))
-    migrate.upgrade(engine)
-    ledger = Ledger(engine)
-    work = Path(tempfile.mkdtemp(prefix="scale-out-"))
-    inbox, staging = work / "inbox", work / "staging"
-    inbox.mkdir()
-    staging.mkdir()
-    rng = np.random.default_rng(daemons)
-    for n in range(files):
-        PILImage.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(
-            staging / f"f{n:05}.png")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OCR_DAEMON_")}
-    env.update({"OCR_DAEMON_WATCH__PATH": str(inbox), "OCR_DAEMON_WATCH__SETTLE_SECONDS": "0.2",
-                "OCR_DAEMON_DATABASE__URL": url, "OCR_DAEMON_DATABASE__MIGRATE_ON_START": "false",
-                "OCR_DAEMON_METRICS__ENABLED": "false",
-                "OCR_DAEMON_QUEUE__LEASE_SECONDS": str(lease), "STANDIN_SECONDS": "0",
-                "PYTHONUNBUFFERED": "1"})
-    procs = []
-    try:
-        for k in range(daemons):
-            (work / f"d{k}").mkdir()
-            procs.append(subprocess.Popen(
-                [sys.executable, str(REPO / "tests" / "standin_daemon.py")], cwd=work / f"d{k}",
-                env=env, stdout=(work / f"d{k}.log").open("wb"), stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 120
-        while not all("ready" in (work / f"d{k}.log").read_text() for k in range(daemons)):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise SystemExit((work / "d0.log").read_text())
-            time.sleep(0.1)
-        before = db_stats(admin, name)
-        cpu_before = sum(cpu_seconds(p.pid) for p in procs)
-        start = time.perf_counter()
-        for path in sorted(staging.iterdir()):
-            path.rename(inbox / path.name)
-        polls = 0
-        while ledger.counts()["done"] < files:  # each poll is a transaction: taken out below
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")  # pg_stat_database
+    with scratch_database(admin_url, "ocr_daemon_bench") as url:
+        name = str(make_url(url).database)
+        engine = make_engine(DatabaseSettings(url=url))
+        migrate.upgrade(engine)
+        ledger = Ledger(engine)
+        work = Path(tempfile.mkdtemp(prefix="scale-out-"))
+        inbox, staging = work / "inbox", work / "staging"
+        inbox.mkdir()
+        staging.mkdir()
+        rng = np.random.default_rng(daemons)
+        for n in range(files):
+            PILImage.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(
+                staging / f"f{n:05}.png")
+        procs = []
+        try:
+            for k in range(daemons):
+                procs.append(standin_daemon(work / f"d{k}", inbox, url, work / f"d{k}.log",
+                                            lease=lease, seconds=0))
+            deadline = time.monotonic() + 120
+            while not all("ready" in (work / f"d{k}.log").read_text() for k in range(daemons)):
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise SystemExit((work / "d0.log").read_text())
+                time.sleep(0.1)
+            before = db_stats(admin, name)
+            cpu_before = sum(cpu_seconds(p.pid) for p in procs)
+            start = time.perf_counter()
+            for path in sorted(staging.iterdir()):
+                path.rename(inbox / path.name)
+            polls = 0
+            while ledger.counts()["done"] < files:  # each poll is a transaction: taken out below
+                polls += 1
+                if time.perf_counter() - start > 600:
+                    raise SystemExit(f"not done: {ledger.counts()}")
+                time.sleep(0.05)
+            wall = time.perf_counter() - start
             polls += 1
-            if time.perf_counter() - start > 600:
-                raise SystemExit(f"not done: {ledger.counts()}")
-            time.sleep(0.05)
-        wall = time.perf_counter() - start
-        polls += 1
-        cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
-        after = db_stats(admin, name)
-        attempts = ledger.status()
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        engine.dispose()
-        with admin.connect() as connection:
-            connection.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                {"n": name})
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+            cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
+            after = db_stats(admin, name)
+            attempts = ledger.status()
+        finally:
+            stop(procs)
+            engine.dispose()
+    admin.dispose()
     delta = {k: after[k] - before[k] for k in after}
     delta["commits"] -= polls
     return {

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from daemon.metrics import Metrics
 from daemon.store import migrate
 from daemon.store.db import make_engine
 from daemon.store.repository import Ledger
+from tests.daemons import scratch_database
 
 PG_ADMIN_URL = os.environ.get(
     "OCR_DAEMON_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -47,20 +47,8 @@ def pg_server() -> Iterator[str]:
     """A fresh database on the real PostgreSQL server, dropped afterwards.
 
     Fails (not skips) when the server is down: the PostgreSQL tests must run in CI."""
-    name = f"ocr_daemon_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    try:
+    with scratch_database(PG_ADMIN_URL, "ocr_daemon_test") as url:
         yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                {"n": name})
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def _reset_pg(engine: Engine) -> None:

@@ -5,10 +5,7 @@ tested is claiming, leases and hand-over, not recognition."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +18,9 @@ from daemon.config import DatabaseSettings
 from daemon.store import migrate
 from daemon.store.db import make_engine
 from daemon.store.repository import Ledger
+from tests.daemons import standin_daemon, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-REPO = Path(__file__).resolve().parent.parent
 LEASE = 3.0
 
 
@@ -33,25 +30,6 @@ def reset(url: str) -> None:
         connection.execute(text("DROP SCHEMA public CASCADE"))
         connection.execute(text("CREATE SCHEMA public"))
     engine.dispose()
-
-
-def daemon(workdir: Path, inbox: Path, url: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OCR_DAEMON_")}
-    env.update({
-        "OCR_DAEMON_WATCH__PATH": str(inbox),
-        "OCR_DAEMON_WATCH__SETTLE_SECONDS": "0.2",
-        "OCR_DAEMON_DATABASE__URL": url,
-        "OCR_DAEMON_DATABASE__MIGRATE_ON_START": "false",
-        "OCR_DAEMON_METRICS__ENABLED": "false",
-        "OCR_DAEMON_QUEUE__LEASE_SECONDS": str(LEASE),
-        "OCR_DAEMON_QUEUE__CAPACITY": "8",
-        "STANDIN_SECONDS": "0.1",
-        "PYTHONUNBUFFERED": "1",
-    })
-    workdir.mkdir()
-    return subprocess.Popen([sys.executable, str(REPO / "tests" / "standin_daemon.py")],
-                            cwd=workdir, env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
 
 
 def test_three_daemons_one_killed_every_file_stored_once(pg_server: str,
@@ -67,7 +45,8 @@ def test_three_daemons_one_killed_every_file_stored_once(pg_server: str,
         PILImage.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(
             inbox / f"f{n:03}.png")
     logs = [tmp_path / f"daemon{k}.log" for k in range(3)]
-    procs = [daemon(tmp_path / f"d{k}", inbox, pg_server, logs[k]) for k in range(3)]
+    procs = [standin_daemon(tmp_path / f"d{k}", inbox, pg_server, logs[k], lease=LEASE,
+                            seconds=0.1, capacity=8) for k in range(3)]
     try:
         deadline = time.monotonic() + 120
         while ledger.counts()["done"] < 60:
@@ -93,14 +72,7 @@ def test_three_daemons_one_killed_every_file_stored_once(pg_server: str,
                 "LEFT JOIN pages p ON p.document_id = d.id GROUP BY d.id")).all()
             paths = connection.execute(text("SELECT count(*) FROM document_paths")).scalar_one()
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
         engine.dispose()
     assert ledger.counts() == {"queued": 0, "processing": 0, "done": 300, "failed": 0}
     assert len(rows) == 300 and paths == 300  # one document per file, each path once

@@ -137,13 +137,12 @@ class PageBuffer:
 
     def __init__(self, image: Image, map_shape: tuple[int, int], pool: SegmentPool) -> None:
         self._pool = pool
-        map_offset = _aligned(image.nbytes)
-        map_bytes = map_shape[0] * map_shape[1] * 4
-        self._shm = pool.acquire(map_offset + max(map_bytes, image.nbytes))
+        self._shm = pool.acquire(self.nbytes(image, map_shape))
         view: Image = np.ndarray(image.shape, np.uint8, buffer=self._shm.buf)
         view[...] = image
         del view  # a segment cannot be closed while a view of it lives
-        self.ref = SharedPage(self._shm.name, tuple(image.shape), map_offset, map_shape)
+        self.ref = SharedPage(self._shm.name, tuple(image.shape), _aligned(image.nbytes),
+                              map_shape)
 
     @staticmethod
     def nbytes(image: Image, map_shape: tuple[int, int]) -> int:
