@@ -360,9 +360,7 @@ def write_searchable_pdf(settings: Settings, source_path: Path, pages: Sequence[
         else:
             write_atomic(target, searchable_pdf(scanned_pages(data, pages, settings.ocr)))
         return target
-    except _Outside as exc:
-        log.warning("searchable PDF for %s not written: %s", source_path, exc)
-    except (OSError, DocumentError) as exc:
+    except (_Outside, OSError, DocumentError) as exc:
         log.warning("searchable PDF for %s not written: %s", source_path, exc)
     except Exception:
         log.exception("searchable PDF for %s not written", source_path)
