@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AliasChoices,
@@ -109,7 +109,7 @@ class BatchSettings(_Section):
     max_pages: int = Field(4, ge=1)
     max_wait_ms: int = Field(50, ge=0)
     workers: int = Field(0, ge=0)
-    decode_threads: int = Field(2, ge=1)
+    decode_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     host_processes: int | Literal["auto"] = "auto"
     stop_timeout_seconds: float = Field(30.0, ge=0)
 

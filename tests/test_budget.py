@@ -12,6 +12,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 
 from daemon.budget import ByteBudget
+from daemon.pipeline import decode_threads
 from daemon.results import Image, PageResult
 from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
 
@@ -149,7 +150,7 @@ def test_pages_held_stay_under_the_budget(settings_factory: SettingsFactory) -> 
         pipeline.stop(1)
     # beyond the budget: what each decode thread's malloc arena keeps of a conversion's
     # scratch, and the engine's batch
-    decoding = settings.batch.decode_threads * 3 * page_bytes
+    decoding = decode_threads(settings, "cpu") * 3 * page_bytes
     assert rss_growth < budget + decoding + settings.batch.max_pages * page_bytes, rss_growth
     assert page_bytes < peak <= budget, peak
     assert pipeline._budget.used == 0  # every byte given back

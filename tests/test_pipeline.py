@@ -13,7 +13,7 @@ import pytest
 from daemon.config import Settings
 from daemon.intake import Intake
 from daemon.metrics import Metrics
-from daemon.pipeline import Pipeline
+from daemon.pipeline import DECODE_THREADS_MAX, Pipeline, decode_threads
 from daemon.results import Image, Line, PageResult
 from daemon.service import Service
 from daemon.store.db import open_ledger
@@ -422,6 +422,30 @@ def test_worker_ids_are_unique_per_process_and_pipeline(
     ids = {Pipeline(settings, ledger, [DeviceEngine("0")], Metrics("t"),  # type: ignore[list-item]
                     "cpu").worker_id for _ in range(3)}
     assert len(ids) == 3
+
+
+def test_auto_decode_threads_use_every_core_on_a_gpu_provider(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding is the largest host stage of the GPU path and runs outside the GIL: two
+    threads would hold a 16-core GPU host to a fraction of its GPU. On the CPU provider the
+    cores belong to inference."""
+    import daemon.pipeline as pipeline_module
+
+    settings = settings_factory()
+    assert settings.batch.decode_threads == "auto"
+    cores = set(range(12))
+    monkeypatch.setattr(pipeline_module.os, "sched_getaffinity", lambda _pid: cores)
+    assert decode_threads(settings, "cpu") == 2
+    assert decode_threads(settings, "cuda") == 12
+    _, ledger = open_ledger(settings, migrate_now=True)
+    pipeline = Pipeline(settings, ledger, [DeviceEngine("0")], Metrics("t"),  # type: ignore[list-item]
+                        "cuda")
+    assert pipeline._decode_pool._max_workers == 12
+    cores = set(range(96))
+    assert decode_threads(settings, "tensorrt") == DECODE_THREADS_MAX
+    cores = {0}
+    assert decode_threads(settings, "cuda") == 2
+    assert decode_threads(settings_factory(batch={"decode_threads": 3}), "cuda") == 3
 
 
 def test_health_reuses_a_recent_database_check(service: Callable[..., Service]) -> None:
