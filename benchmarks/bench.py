@@ -211,9 +211,12 @@ def ocr_settings(args: argparse.Namespace) -> Any:
 
 
 def load_pages(path: Path, ocr: Any) -> list[Any]:
+    """The pages as the daemon decodes them for OCR (large JPEGs smaller)."""
     from daemon.documents.decode import iter_pages
+    from daemon.ocr.models import page_bound
 
-    return [page.image for page in iter_pages(path.read_bytes(), ocr) if page.image is not None]
+    return [page.image for page in iter_pages(path.read_bytes(), ocr, bound=page_bound(ocr))
+            if page.image is not None]
 
 
 def mode_naive(args: argparse.Namespace, images: list[Path], cuda: bool) -> dict[str, Any]:

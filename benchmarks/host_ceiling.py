@@ -194,12 +194,15 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
     from daemon.documents.decode import iter_pages
     from daemon.hardware.providers import CPU, ProviderChoice
     from daemon.ocr import batch as batch_module
+    from daemon.ocr.models import page_bound
 
     settings = Settings()
+    bound = page_bound(settings.ocr)  # the pages as the daemon decodes them
     # a recording is valid for these pages, settings, fingerprint and engine code
     digest = hashlib.sha256(f"{__version__} {max_pages} {settings.ocr!r}".encode())
     digest.update(Path(__file__).read_bytes())
-    for source in sorted((REPO / "daemon" / "ocr").glob("*.py")):
+    sources = sorted((REPO / "daemon" / "ocr").glob("*.py"))
+    for source in [*sources, REPO / "daemon" / "documents" / "decode.py"]:
         digest.update(source.read_bytes())
     for image in images:
         digest.update(image.read_bytes())
@@ -224,7 +227,7 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
                                           max_pages=max_pages)
         start = time.perf_counter()
         for n, image in enumerate(images, 1):
-            pages = [p.image for p in iter_pages(image.read_bytes(), settings.ocr)
+            pages = [p.image for p in iter_pages(image.read_bytes(), settings.ocr, bound=bound)
                      if p.image is not None]
             engine.recognize(pages)
             say(f"record: {n}/{len(images)} {image.name} ({time.perf_counter() - start:.0f}s)")

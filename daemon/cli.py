@@ -307,15 +307,17 @@ def cmd_ocr(settings: Settings, args: argparse.Namespace) -> int:
     from daemon.documents.decode import iter_pages
     from daemon.hardware.providers import choose_provider
     from daemon.ocr.engines import build_engine
+    from daemon.ocr.models import page_bound
     from daemon.results import join_pages, line_json
 
     logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     engine = build_engine(settings, choose_provider(settings), 1)
+    bound = page_bound(settings.ocr)
     status = 0
     for path in args.files:
         start = time.perf_counter()
         try:
-            pages = list(iter_pages(path.read_bytes(), settings.ocr))
+            pages = list(iter_pages(path.read_bytes(), settings.ocr, bound=bound))
         except (OSError, DocumentError) as exc:
             print(f"ocr-daemon: {path}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
             status = 1
@@ -323,8 +325,8 @@ def cmd_ocr(settings: Settings, args: argparse.Namespace) -> int:
         results = [p.text_layer for p in pages if p.text_layer is not None]
         images = [p.image for p in pages if p.image is not None]
         ocr_results = iter(engine.recognize(images))
-        results = [p.text_layer if p.text_layer is not None else next(ocr_results)
-                   for p in pages]
+        results = [p.text_layer if p.text_layer is not None
+                   else next(ocr_results).scaled(*p.scale) for p in pages]
         seconds = time.perf_counter() - start
         if args.json:
             for number, result in enumerate(results, 1):

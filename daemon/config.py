@@ -130,6 +130,7 @@ class OcrSettings(_Section):
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     gpu_mem_limit_bytes: int = Field(0, ge=0)
     max_image_pixels: int = Field(100_000_000, gt=0)
+    jpeg_scaled_decode: bool = True
     max_pages: int = Field(500, ge=1)
     pdf_dpi: int = Field(200, ge=36, le=1200)
     pdf_text_layer: Literal["prefer", "ignore"] = "prefer"

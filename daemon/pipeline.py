@@ -53,6 +53,7 @@ from daemon.files import (
 )
 from daemon.metrics import Metrics
 from daemon.ocr.engines import OcrEngine
+from daemon.ocr.models import page_bound
 from daemon.results import Page, PageResult
 from daemon.store.models import State
 from daemon.store.repository import Claim, Ledger, WorkerBeat
@@ -129,6 +130,7 @@ class Pipeline:
                                                thread_name_prefix="decode")
         self.devices = Devices(engines, metrics)
         self._budget = ByteBudget(settings.queue.memory_budget_bytes, metrics.queue_bytes.set)
+        self._bound = page_bound(settings.ocr)  # large JPEGs are decoded no larger than this
         self.database_ok = True
         self.metrics.queue_capacity.set(capacity)
         self._progress_at = time.monotonic()
@@ -351,7 +353,7 @@ class Pipeline:
             data, path = self._read_verified(doc.claim)
             doc.path = path
             count = 0
-            for page in iter_pages(data, self.settings.ocr, reserve):
+            for page in iter_pages(data, self.settings.ocr, reserve, bound=self._bound):
                 held = min(reserved, page.image.nbytes if page.image is not None else 0)
                 budget.release_page(reserved - held)  # the decoder's scratch is gone
                 reserved = 0
@@ -485,7 +487,7 @@ class Pipeline:
         for task, result in zip(batch, results, strict=True):
             with task.doc.lock:
                 task.doc.ocr_seconds += seconds / len(batch)
-            self._add_result(task.doc, task.page.index, result)
+            self._add_result(task.doc, task.page.index, result.scaled(*task.page.scale))
 
     # -- outcomes -------------------------------------------------------------------------
 

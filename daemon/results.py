@@ -39,11 +39,31 @@ class PageResult:
     def text(self) -> str:
         return "\n".join(line.text for line in self.lines)
 
+    def scaled(self, across: float, down: float) -> PageResult:
+        """The same result with every box scaled: from the pixels of a page decoded smaller
+        than its file to the file's."""
+        if (across, down) == (1.0, 1.0):
+            return self
+        lines = tuple(
+            Line(line.text, line.score,
+                 tuple((x * across, y * down) for x, y in line.box))  # type: ignore[arg-type]
+            for line in self.lines)
+        return PageResult(lines=lines, source=self.source, timings=self.timings)
+
     @property
     def confidence(self) -> float | None:
         if not self.lines:
             return None
         return sum(line.score for line in self.lines) / len(self.lines)
+
+
+@dataclass(frozen=True)
+class PageBound:
+    """The sides the OCR engine brings every page within before it reads it (RapidOCR's
+    min_side_len and max_side_len): a larger page is shrunk to a longest side of `max_side`."""
+
+    min_side: int
+    max_side: int
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,9 @@ class Page:
     index: int
     image: Image | None = None
     text_layer: PageResult | None = None
+    # the file's pixels per pixel of `image`, across and down: a large JPEG is decoded smaller
+    # for OCR (documents.decode.jpeg_shrink), and what is found on it is scaled back by this
+    scale: tuple[float, float] = (1.0, 1.0)
 
 
 def join_pages(texts: Iterable[str]) -> str:

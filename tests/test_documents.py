@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image as PILImage
 
 from daemon.config import OcrSettings
-from daemon.documents.decode import iter_image_pages, iter_pages
+from daemon.documents.decode import iter_image_pages, iter_pages, jpeg_shrink
 from daemon.errors import DocumentError
+from daemon.results import PageBound
 from tests.pages import render_page
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -82,14 +84,14 @@ def _both_ways(data: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[object, ob
     taken: list[bool] = []
     real = decode_module.opencv_decode
 
-    def watching(data_: bytes, image: object) -> object:
-        result = real(data_, image)  # type: ignore[arg-type]
+    def watching(data_: bytes, image: object, shrink: int = 1) -> object:
+        result = real(data_, image, shrink)  # type: ignore[arg-type]
         taken.append(result is not None)
         return result
 
     monkeypatch.setattr(decode_module, "opencv_decode", watching)
     fast = next(iter_pages(data, OcrSettings())).image
-    monkeypatch.setattr(decode_module, "opencv_decode", lambda _d, _i: None)
+    monkeypatch.setattr(decode_module, "opencv_decode", lambda _d, _i, _s=1: None)
     slow = next(iter_pages(data, OcrSettings())).image
     return fast, slow, bool(taken and taken[0])
 
@@ -149,3 +151,41 @@ def test_truncated_or_trailing_data_goes_to_pillow(monkeypatch: pytest.MonkeyPat
         list(iter_pages(data[: len(data) // 2], OcrSettings()))
     fast, slow, took = _both_ways(data + b"camera maker notes", monkeypatch)
     assert not took and np.array_equal(fast, slow)  # type: ignore[arg-type]
+
+
+# -- large JPEGs: decoded no larger than the engine reads them ---------------------------------
+
+
+def test_jpeg_shrink_leaves_both_sides_within_the_bound() -> None:
+    bound = PageBound(min_side=30, max_side=2000)
+    assert jpeg_shrink(4000, 3000, bound) == 2  # a 12 MP photo: exactly the bound
+    assert jpeg_shrink(3999, 3000, bound) == 1  # half would be under it: the engine'd enlarge
+    assert jpeg_shrink(7016, 4961, bound) == 2  # A4 at 600 dpi
+    assert jpeg_shrink(16000, 12000, bound) == 8
+    assert jpeg_shrink(8000, 100, bound) == 2  # a strip: its short side decides
+    assert jpeg_shrink(8000, 6000, None) == 1
+
+
+def test_a_large_turned_jpeg_is_decoded_smaller_and_scaled_back() -> None:
+    """A phone photo turned by EXIF: half size, upright, the same picture as the full
+    decode, and `scale` maps its pixels to the file's across and down the turned page (odd
+    sides: libjpeg rounds each up, so the two differ)."""
+    picture = render_page(["Photographed at 24 megapixels"], size=150, width=4201)
+    exif = PILImage.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    picture.save(out, "JPEG", quality=92, exif=exif)
+    width, height = picture.size
+    assert height % 2 == 1 or width % 2 == 1
+    bound = PageBound(30, 2000)
+    [small] = list(iter_pages(out.getvalue(), OcrSettings(), bound=bound))
+    [full] = list(iter_pages(out.getvalue(), OcrSettings()))
+    assert full.image is not None and small.image is not None
+    assert full.image.shape == (width, height, 3) and full.scale == (1.0, 1.0)  # upright
+    assert small.image.shape == (-(-width // 2), -(-height // 2), 3)
+    assert small.scale == (height / -(-height // 2), width / -(-width // 2))
+    shrunk = cv2.resize(full.image, small.image.shape[1::-1], interpolation=cv2.INTER_AREA)
+    assert np.abs(shrunk.astype(int) - small.image).mean() < 3
+    # off, or without the engine's bound: the file's own size
+    assert next(iter_pages(out.getvalue(), OcrSettings(), bound=None)).image.shape == \
+        full.image.shape

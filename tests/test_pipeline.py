@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import pytest
 
 from daemon.config import Settings
@@ -19,7 +20,7 @@ from daemon.service import Service
 from daemon.store.db import open_ledger
 from daemon.store.repository import Ledger
 from daemon.watcher import Watcher
-from tests.pages import SENTENCES, page_bytes, similarity, write_page
+from tests.pages import SENTENCES, page_bytes, render_page, similarity, write_page
 
 SettingsFactory = Callable[..., Settings]
 
@@ -64,6 +65,28 @@ def test_files_are_stored_deduplicated_and_moved(service: Callable[..., Service]
     assert similarity(doc.text, "\n".join(SENTENCES[:2])) > 0.9
     assert sorted(p.name for p in (inbox / "done").iterdir()) == ["again.png", "one.png",
                                                                    "two.jpg"]
+
+
+def test_a_large_jpegs_boxes_are_stored_in_the_files_pixels(
+        service: Callable[..., Service]) -> None:
+    """A JPEG over twice the engine's bound is read at half size (ocr.jpeg_scaled_decode):
+    what is stored still says where the text is in the file, not in the smaller page."""
+    svc = service()
+    inbox = svc.settings.watch.path
+    picture = render_page(["Boxes in the file pixels"], size=170, width=4400)
+    ink = np.argwhere(np.asarray(picture.convert("L")) < 128)
+    (top, left), (bottom, right) = ink.min(axis=0), ink.max(axis=0)
+    temp = inbox / "photo.jpg.part"
+    picture.save(temp, "JPEG", quality=92)
+    temp.rename(inbox / "photo.jpg")
+    assert wait_until(lambda: svc.ledger.counts()["done"] == 1)
+    [page] = svc.ledger.find("x", [str(inbox / "photo.jpg")]).pages
+    assert similarity(page.text, "Boxes in the file pixels") > 0.8
+    corners = np.array([corner for line in page.lines for corner in line["box"]])
+    (x0, y0), (x1, y1) = corners.min(axis=0), corners.max(axis=0)
+    # DB boxes grow a little around the ink (unclip), never by half the page
+    assert abs(x0 - left) < 60 and abs(x1 - right) < 60, (x0, x1, left, right)
+    assert abs(y0 - top) < 60 and abs(y1 - bottom) < 60, (y0, y1, top, bottom)
 
 
 def test_bad_file_is_quarantined_and_the_rest_goes_on(service: Callable[..., Service]) -> None:

@@ -11,6 +11,7 @@ from daemon.config import OcrSettings
 from daemon.errors import ConfigError
 from daemon.hardware.providers import CPU
 from daemon.ocr.rapid import rapidocr_params
+from daemon.results import PageBound
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,18 @@ def load_rapidocr_config(ocr: OcrSettings) -> Any:
 
     cfg = ParseParams.load(DEFAULT_CFG_PATH)
     return ParseParams.update_batch(cfg, rapidocr_params(ocr, CPU))
+
+
+def page_bound(ocr: OcrSettings) -> PageBound | None:
+    """The sides both engines bring every page within (RapidOCR's preprocessing, its own
+    settings), so that decoding may make large JPEGs no larger than that; None when pages
+    reach the models at their own size, or with ocr.jpeg_scaled_decode off."""
+    if not ocr.jpeg_scaled_decode:
+        return None
+    settings = load_rapidocr_config(ocr).Global
+    if not settings.use_preprocess_img:
+        return None
+    return PageBound(int(settings.min_side_len), int(settings.max_side_len))
 
 
 def resolve_model_paths(ocr: OcrSettings, cfg: Any | None = None) -> ModelPaths:
