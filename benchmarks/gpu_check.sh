@@ -34,10 +34,10 @@ timeout 210 python3 benchmarks/bench.py --images "$eval_dir/sroie/img" --modes a
   > "$out/bench-sroie.json" 2> "$out/bench-sroie.log"
 tail -3 "$out/bench-sroie.log"
 
-step 1000 rendered pages through the daemon, GPU memory sampled every second
+step 1000 rendered dense A4 pages through the daemon, GPU memory sampled every second
 nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/gpumem.csv" &
 sampler=$!
-timeout 180 python3 benchmarks/bench.py --render 1000 --modes c --batch 8 \
+timeout 180 python3 benchmarks/bench.py --render 1000 --a4 --modes c --batch 8 --timeout 150 \
   > "$out/bench-1000.json" 2> "$out/bench-1000.log"
 kill $sampler
 tail -2 "$out/bench-1000.log"

@@ -2,6 +2,7 @@
 
     python benchmarks/host_ceiling.py --images ../shared/ocr-eval/sroie/img --limit 40
     python benchmarks/host_ceiling.py --images DIR --cores 1,2 --max-pages 16
+    python benchmarks/host_ceiling.py --a4 40
 
 However fast the GPU, the daemon cannot store pages faster than its host work allows: decode,
 detection pre-processing, DB box extraction, crops, recognition pre-processing, CTC decoding,
@@ -338,7 +339,10 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=Path, required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path)
+    source.add_argument("--a4", type=int, metavar="N",
+                        help="N dense 300-dpi A4 pages rendered by bench.py (kept in --out)")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--cores", default="1,2", help="core counts to replay on (default 1,2)")
     parser.add_argument("--max-pages", type=int, default=4, help="batch.max_pages (default 4)")
@@ -351,6 +355,16 @@ def main() -> int:
                              "of recording: to time two versions of the host code side by side")
     parser.add_argument("--replay-worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.a4:
+        from bench import render_dataset
+
+        args.images = args.out.parent / f"a4-{args.a4}"
+        if not args.images.is_dir():
+            say(f"rendering {args.a4} A4 pages into {args.images}")
+            partial = args.images.with_name(args.images.name + ".part")
+            shutil.rmtree(partial, ignore_errors=True)
+            render_dataset(args.a4, partial, a4=True)
+            partial.rename(args.images)
     folder = args.images / "img" if (args.images / "img").is_dir() else args.images
     images = find_images(folder, args.limit)
     if not images:

@@ -14,7 +14,9 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-Image = npt.NDArray[np.uint8]  # H x W x 3, BGR (OpenCV's order, as RapidOCR expects)
+# H x W x 3, BGR (OpenCV's order, as RapidOCR expects); a decoded grey or bilevel page may be
+# H x W grey, which the engines spread to BGR once it is shrunk to its reading size
+Image = npt.NDArray[np.uint8]
 Point = tuple[float, float]
 
 # Between the pages of a document's text wherever it is printed or written as one text

@@ -11,6 +11,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
@@ -660,3 +661,19 @@ def test_a_failed_call_gives_segments_back_only_after_every_worker_is_done(
         engine.close()
     assert calls["pages"] == 3
     assert events == ["worker done"] * 2 + ["released"] * 3
+
+
+def test_a_grey_page_reads_as_its_bgr_spread() -> None:
+    """Grey and bilevel pages reach the engine as one byte a pixel: shrunk to the reading
+    bound in one channel, then spread to BGR. Exactly the lines of the page spread first,
+    on the CPU and on the GPU path's fixed shapes; one over the bound (2600 px) shrinks."""
+    bgr = render_page(random_lines(7, 6), width=2600, font_size=44)
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    spread = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    for fixed in (False, True):
+        engine = BatchEngine(OcrSettings(), CPU, fixed_shapes=fixed)
+        try:
+            [got, want] = engine.recognize([grey, spread])
+        finally:
+            engine.close()
+        assert got.lines == want.lines and len(want.lines) >= 5

@@ -41,16 +41,19 @@ def sniff(data: bytes) -> str:
     return "unknown"
 
 
-def to_bgr(frame: PILImage.Image) -> Image:
-    """The frame as OpenCV's BGR array. An RGB frame (every JPEG, most PNGs) is not converted
-    to a Pillow copy first, and the channel swap is OpenCV's (SIMD, outside the GIL): decoding
-    was the largest host stage of the GPU path. A bilevel or grey frame (what document
-    scanners write: a 300-dpi CCITT G4 TIFF) goes to one byte a pixel in Pillow and is spread
-    to three channels by OpenCV, the same pixels as Pillow's RGB (0 and 255 for bilevel) for
-    a fifth of the CPU (94 -> 18 ms on a 3312x2550 page)."""
-    if frame.mode in ("1", "L"):
-        grey = np.asarray(frame if frame.mode == "L" else frame.convert("L"), dtype=np.uint8)
-        return cast(Image, cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR))
+GREY_MODES = ("1", "L")  # bilevel and grey frames are decoded to one byte a pixel
+
+
+def to_pixels(frame: PILImage.Image) -> Image:
+    """The frame as OpenCV's BGR array, or a bilevel or grey one (what document scanners
+    write: a 300-dpi CCITT G4 TIFF) as one grey byte a pixel, `[H, W]`, the values of
+    Pillow's RGB (0 and 255 for bilevel). A grey page is a third of the bytes to hold and to
+    shrink; the engine spreads it to BGR once it is at its reading size (the same bytes as
+    spreading it first). An RGB frame (every JPEG, most PNGs) is not converted to a Pillow
+    copy first, and the channel swap is OpenCV's (SIMD, outside the GIL): decoding was the
+    largest host stage of the GPU path."""
+    if frame.mode in GREY_MODES:
+        return np.asarray(frame if frame.mode == "L" else frame.convert("L"), dtype=np.uint8)
     rgb = np.asarray(frame if frame.mode == "RGB" else frame.convert("RGB"), dtype=np.uint8)
     return cast(Image, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
@@ -77,9 +80,11 @@ _ORIENT: dict[int, Callable[[Image], Image]] = {
 _ENDINGS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
 
-# libjpeg's DCT scaling, by the factor it shrinks each side
+# OpenCV's reading flags, colour and grey, by the factor libjpeg's DCT scaling shrinks a side
 _SHRINK_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
                  4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+_SHRINK_FLAGS_GREY = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+                      4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 
 
 def jpeg_shrink(width: int, height: int, bound: PageBound | None) -> int:
@@ -111,16 +116,19 @@ def opencv_ready(data: bytes, image: PILImage.Image) -> bool:
 
 
 def opencv_decode(data: bytes, image: PILImage.Image, shrink: int = 1) -> Image | None:
-    """A file `opencv_ready` takes, decoded by OpenCV straight to BGR (a JPEG `shrink` times
-    smaller a side by libjpeg), turned by its EXIF orientation: at full size the same pixels
-    as Pillow's path (tested), ~17% less CPU on receipts and one copy of the page instead of
-    three at its peak (Pillow's RGBX, the bytes numpy views, the BGR array). None for
-    anything else, which Pillow decodes."""
+    """A file `opencv_ready` takes, decoded by OpenCV straight to BGR, or to grey for a grey
+    file (`to_pixels`), a JPEG `shrink` times smaller a side by libjpeg, turned by its EXIF
+    orientation: at full size the same pixels as Pillow's path (tested), ~17% less CPU on
+    receipts and one copy of the page instead of three at its peak (Pillow's RGBX, the bytes
+    numpy views, the BGR array). None for anything else, which Pillow decodes."""
     if not opencv_ready(data, image) or (shrink != 1 and image.format != "JPEG"):
         return None
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8),
-                          _SHRINK_FLAGS[shrink] | cv2.IMREAD_IGNORE_ORIENTATION)
-    expected = (-(-image.height // shrink), -(-image.width // shrink), 3)  # libjpeg rounds up
+    grey = image.mode == "L"
+    flags = (_SHRINK_FLAGS_GREY if grey else _SHRINK_FLAGS)[shrink]
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
+    expected: tuple[int, ...] = (-(-image.height // shrink), -(-image.width // shrink))
+    if not grey:  # libjpeg rounds each side up
+        expected += (3,)
     if pixels is None or pixels.shape != expected:
         return None
     turn = _ORIENT.get(int(image.getexif().get(0x0112, 1) or 1))
@@ -178,7 +186,8 @@ def iter_image_pages(data: bytes, ocr: OcrSettings, reserve: Reserve = _no_reser
                     raise DocumentError(f"page {index + 1} is too small to OCR ({width}x{height})")
                 ready = single and opencv_ready(data, image)
                 shrink = jpeg_shrink(width, height, bound) if ready else 1
-                small = (-(-width // shrink)) * (-(-height // shrink)) * 3
+                depth = 1 if frame.mode in GREY_MODES else 3  # bytes a pixel, decoded
+                small = (-(-width // shrink)) * (-(-height // shrink)) * depth
                 reserve(small)
                 fast = opencv_decode(data, image, shrink) if ready else None
                 if fast is not None:
@@ -187,10 +196,10 @@ def iter_image_pages(data: bytes, ocr: OcrSettings, reserve: Reserve = _no_reser
                     yield Page(index=index, image=fast, scale=scale)
                     return
                 if shrink != 1:  # OpenCV refused it after all: Pillow decodes it whole
-                    reserve(width * height * 3 - small)
+                    reserve(width * height * depth - small)
                 if index == 0:  # in place: without an orientation tag there is nothing to copy
                     ImageOps.exif_transpose(frame, in_place=True)
-                pixels = to_bgr(frame)
+                pixels = to_pixels(frame)
                 if single:  # Pillow's copy (4 bytes a pixel) must not wait with the page
                     image.close()
                     del frame

@@ -224,6 +224,10 @@ class BatchEngine:
                 image, g.min_side_len, g.max_side_len
             )
             op_record = {"preprocess": {"ratio_h": ratio_h, "ratio_w": ratio_w}}
+        if img.ndim == 2:
+            # a grey page, shrunk in one channel (the same bytes as each of three, a third
+            # of the work), spread to BGR as RapidOCR's LoadImage does
+            img = cast(Image, cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))
         if g.use_vertical_padding:
             img, op_record = apply_vertical_padding(
                 img, op_record, g.width_height_ratio, g.min_height
