@@ -18,8 +18,10 @@ the ledger. This measures that ceiling with the device taken out:
    stored.
 
 Prints ONE JSON object: per core count, pages/s, host core-ms per page (the process's CPU time
-from the drop to the last store, divided by the pages) and the bytes the sessions handed back
-per page; and the 2-core / 1-core speed-up. Recordings are kept in bench-out/replay/.
+from the drop to the last store, divided by the pages), that of the daemon's process by kind of
+thread (decode, ocr loops, ocr-post, claim, watcher: where the GIL-bound share lives) and the
+bytes the sessions handed back per page; and the 2-core / 1-core speed-up. Recordings are kept
+in bench-out/replay/.
 """
 
 from __future__ import annotations
@@ -184,6 +186,38 @@ def children_cpu_seconds() -> float:
     return total
 
 
+def thread_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU time so far of each thread of this process: native id -> (kind, seconds), the kind
+    being the thread's name without its number ("decode", "ocr", "ocr-post", "claim", ...)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(task.name), "native (onnxruntime, OpenCV, ...)")
+        out[int(task.name)] = (name.rstrip("0123456789_-"), (int(fields[11]) + int(fields[12]))
+                               / ticks)
+    return out
+
+
+def by_thread_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                   stand_in_seconds: float, pages: int) -> dict[str, float]:
+    """Core-ms per page of each kind of daemon thread over the run; the stand-in's own time
+    (it runs in the OCR loop threads) is taken out of "ocr", the producer's thread left out."""
+    spent: dict[str, float] = {}
+    for tid, (kind, seconds) in after.items():
+        if kind == "MainThread":
+            continue  # this script's producer and poller
+        spent[kind] = spent.get(kind, 0.0) + seconds - before.get(tid, (kind, 0.0))[1]
+    spent["ocr"] = spent.get("ocr", 0.0) - stand_in_seconds
+    return {kind: round(1000 * seconds / max(pages, 1), 1)
+            for kind, seconds in sorted(spent.items(), key=lambda item: -item[1])
+            if round(1000 * seconds / max(pages, 1), 1) > 0}
+
+
 def find_images(folder: Path, limit: int | None) -> list[Path]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     return images[:limit] if limit else images
@@ -292,6 +326,7 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
         for image in images:  # hidden while copied, then renamed in: one event each
             shutil.copyfile(image, inbox / f".{image.name}.part")
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        threads_before = thread_cpu_seconds()
         children_before = children_cpu_seconds()
         own_before = time.thread_time()  # this thread drops and polls: not the daemon's work
         start = time.perf_counter()
@@ -306,6 +341,7 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
         ledger = service.ledger
         counts = ledger.counts()
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        threads_after = thread_cpu_seconds()
         children = children_cpu_seconds() - children_before
         producer = time.thread_time() - own_before
         pages = int(ledger.status()["pages"])
@@ -328,6 +364,8 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
         "of_which_in_host_worker_processes": round(1000 * children / max(pages, 1), 1),
         "replay_and_producer_core_ms_per_page_taken_out": round(1000 * stand_in / max(pages, 1),
                                                                  1),
+        "daemon_process_core_ms_per_page_by_thread": by_thread_kind(
+            threads_before, threads_after, sum(s.own_seconds for s in sessions), pages),
         "bytes_handed_back_per_page": int(handed_back / max(pages, 1)),
         "by_model_bytes_per_page": {s.kind: int(s.handed_back / max(pages, 1))
                                     for s in sessions},
