@@ -37,7 +37,7 @@ tail -3 "$out/bench-sroie.log"
 step 1000 rendered dense A4 pages through the daemon, GPU memory sampled every second
 nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/gpumem.csv" &
 sampler=$!
-timeout 180 python3 benchmarks/bench.py --render 1000 --a4 --modes c --batch 8 --timeout 150 \
+timeout 180 python3 benchmarks/bench.py --render 1000 --a4 --modes c --batch 8 --timeout 130 \
   > "$out/bench-1000.json" 2> "$out/bench-1000.log"
 kill $sampler
 tail -2 "$out/bench-1000.log"

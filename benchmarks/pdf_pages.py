@@ -4,7 +4,10 @@ Generates its own 20-page PDFs: born-digital pages (45 lines of Helvetica each, 
 characters, like a dense letter) and image-only scans (Letter at 200 dpi, as a scanner writes
 them). Prints one JSON object.
 
-    python benchmarks/pdf_pages.py [--pages 20] [--dpi 200] [--repeat 5]
+    python benchmarks/pdf_pages.py [--pages 20] [--dpi 200] [--repeat 5] [--threads N]
+
+Then the scans again through N decoding threads at once (the daemon's decode pool), pdfium in
+this process (one lock) against pdfium in N worker processes (`batch.pdf_processes`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daemon.config import OcrSettings
 from daemon.documents.pdf import iter_pdf_pages
+from daemon.documents.pdf_workers import PdfWorkers
 
 WORDS = [
     "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "invoices",
@@ -90,11 +95,35 @@ def pages_per_second(data: bytes, ocr: OcrSettings, repeat: int) -> dict[str, An
     }
 
 
+def parallel_pages_per_second(scans: bytes, ocr: OcrSettings, threads: int, repeat: int,
+                              workers: PdfWorkers | None) -> dict[str, Any]:
+    """`threads` decoding threads, each through its own copy of the scans, at once (the
+    daemon's decode pool): pdfium in this process (one lock) or in `workers`."""
+    copies = [scans + b"\n%" + str(k).encode() + b"\n" for k in range(threads)]  # distinct
+
+    def one(data: bytes) -> int:
+        if workers is None:
+            return sum(1 for _ in iter_pdf_pages(data, ocr))
+        return sum(1 for _ in workers.pages(data, ocr, lambda _nbytes: None))
+
+    rates = []
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, copies))  # workers started, caches warm
+        for _ in range(repeat):
+            start = time.perf_counter()
+            count = sum(pool.map(one, copies))
+            rates.append(count / (time.perf_counter() - start))
+    return {"threads": threads, "pdf_processes": workers.processes if workers else 0,
+            "pages_per_s_median": round(statistics.median(rates), 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=20)
     parser.add_argument("--dpi", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="decoding threads for the parallel figures (default: the cores)")
     args = parser.parse_args()
 
     born_digital = text_pdf(args.pages)
@@ -109,6 +138,18 @@ def main() -> None:
         "render_born_digital": pages_per_second(born_digital, ignore, args.repeat),
         "render_scans": pages_per_second(scans, prefer, args.repeat),
         "pdf_bytes": {"born_digital": len(born_digital), "scans": len(scans)},
+    }
+    workers = PdfWorkers(args.threads)
+    try:
+        result["render_scans_in_parallel"] = {
+            "in_process": parallel_pages_per_second(scans, prefer, args.threads, args.repeat,
+                                                    None),
+            "in_pdf_worker_processes": parallel_pages_per_second(
+                scans, prefer, args.threads, args.repeat, workers),
+        }
+    finally:
+        workers.close()
+    result |= {
         "pypdfium2": pdfium.PYPDFIUM_INFO.version,
         "pdfium": pdfium.PDFIUM_INFO.version,
         "python": platform.python_version(),

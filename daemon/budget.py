@@ -13,10 +13,25 @@ waits until its bytes fit. Two rules keep it from ever waiting on itself:
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 
 WAIT_SLICE = 0.2  # seconds between looks at `cancelled`
+
+SHM_FOLDER = "/dev/shm"
+SHM_KEEP_FREE = 64 << 20  # room left for others in the shared-memory file system
+
+
+def shm_room(nbytes: int) -> bool:
+    """Whether `nbytes` more fit in shared memory now (pages and PDFs travel to worker
+    processes there). Writing past a full tmpfs kills the writer (SIGBUS), and Docker gives
+    containers 64 MB by default: what does not fit is handled in the daemon's process."""
+    try:
+        stats = os.statvfs(SHM_FOLDER)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize >= nbytes + SHM_KEEP_FREE
 
 
 class ByteBudget:

@@ -110,6 +110,7 @@ class BatchSettings(_Section):
     max_wait_ms: int = Field(50, ge=0)
     workers: int = Field(0, ge=0)
     decode_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    pdf_processes: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     host_processes: int | Literal["auto"] = "auto"
     stop_timeout_seconds: float = Field(30.0, ge=0)
 

@@ -12,9 +12,10 @@ import hashlib
 import io
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import GeneratorType
+from typing import Any
 
 import numpy as np
 import pypdfium2 as pdfium
@@ -26,6 +27,7 @@ from PIL import ImageDraw
 from daemon.config import OcrSettings
 from daemon.documents.decode import iter_pages
 from daemon.documents.pdf import iter_pdf_pages, render_size
+from daemon.documents.pdf_workers import PdfWorkers
 from daemon.errors import DocumentError
 from daemon.results import Page
 
@@ -405,3 +407,81 @@ def test_decode_sends_pdf_content_here_whatever_it_is_called() -> None:
     assert [p.text_layer is not None for p in result] == [True, False]
     with pytest.raises(DocumentError, match="encrypted"):
         list(iter_pages(encrypted_pdf(), OcrSettings()))
+
+
+# --- pdfium in worker processes (batch.pdf_processes) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pdf_workers() -> Iterator[PdfWorkers]:
+    workers = PdfWorkers(2)
+    yield workers
+    workers.close()
+
+
+def _same_pages(got: Sequence[Page], want: Sequence[Page]) -> None:
+    assert [p.index for p in got] == [p.index for p in want]
+    for a, b in zip(got, want, strict=True):
+        assert a.text_layer == b.text_layer
+        assert (a.image is None) == (b.image is None)
+        assert a.image is None or b.image is None or np.array_equal(a.image, b.image)
+
+
+def test_pdf_workers_make_every_page_as_pdfium_does_in_process(
+        pdf_workers: PdfWorkers, caplog: pytest.LogCaptureFixture) -> None:
+    """Text layers, scans, turned pages and a page lowered to the pixel cap: the same Pages,
+    in order, from worker processes, with the memory budget asked for each page first and
+    the lowered-dpi warning logged by the daemon."""
+    cases: list[tuple[bytes, dict[str, Any]]] = [
+        (make_pdf(_mixed_specs(7)), {}),
+        (make_pdf([LINES, IMAGE], rotate=90), {}),
+        (make_pdf([IMAGE], scan_text=["an OCR layer " * 12]), {}),
+        (_scan_pdf(2), {"pdf_dpi": 300, "max_image_pixels": 500_000}),
+    ]
+    warned = 0
+    for data, settings in cases:
+        ocr = OcrSettings(**settings)
+        reserved: list[int] = []
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="daemon.documents.pdf"):
+            got = list(pdf_workers.pages(data, ocr, reserved.append))
+        warned += sum("instead of 300" in r.getMessage() for r in caplog.records)
+        _same_pages(got, list(iter_pdf_pages(data, ocr)))
+        assert len(reserved) == len(got)
+        for page, nbytes in zip(got, reserved, strict=True):
+            assert page.image is None or page.image.nbytes <= nbytes <= 1.01 * page.image.nbytes
+    assert warned == 2  # one per scan lowered to the cap
+
+
+@pytest.mark.parametrize(("data", "settings", "reason"), [
+    (encrypted_pdf(), {}, r"^encrypted PDF \(password required\)$"),
+    (b"%PDF-1.7\n" + bytes(range(256)) * 8, {}, "broken PDF"),
+    (_write_pdf([CATALOG, b"<< /Type /Pages /Kids [] /Count 0 >>"]), {}, "PDF has no pages"),
+    (make_pdf(_mixed_specs(6)), {"max_pages": 5}, r"6 pages, more than ocr.max_pages=5"),
+], ids=["encrypted", "garbage", "zero-pages", "too-many-pages"])
+def test_pdf_workers_refuse_what_pdfium_refuses_in_process(
+        pdf_workers: PdfWorkers, data: bytes, settings: dict[str, Any], reason: str) -> None:
+    with pytest.raises(DocumentError, match=reason) as exc:
+        list(pdf_workers.pages(data, OcrSettings(**settings), lambda _nbytes: None))
+    assert exc.value.permanent
+
+
+def test_a_dead_pdf_worker_fails_its_document_and_the_next_is_read() -> None:
+    """pdfium crashing on a hostile file (or a worker killed for memory) is one document's
+    transient failure; the pool is rebuilt for the next."""
+    import os
+
+    workers = PdfWorkers(1)
+    try:
+        data = make_pdf([LINES, IMAGE])
+        pages_iter = workers.pages(data, OcrSettings(), lambda _nbytes: None)
+        first = next(pages_iter)
+        assert first.text_layer is not None
+        workers._executor.submit(os._exit, 1)  # the worker dies, as a segfault would end it
+        with pytest.raises(DocumentError, match="stopped the PDF renderer") as exc:
+            next(pages_iter)
+        assert not exc.value.permanent
+        _same_pages(list(workers.pages(data, OcrSettings(), lambda _nbytes: None)),
+                    list(iter_pdf_pages(data, OcrSettings())))
+    finally:
+        workers.close()

@@ -14,7 +14,13 @@ import pytest
 from daemon.config import Settings
 from daemon.intake import Intake
 from daemon.metrics import Metrics
-from daemon.pipeline import DECODE_THREADS_MAX, Pipeline, decode_threads
+from daemon.pipeline import (
+    DECODE_THREADS_MAX,
+    PDF_PROCESSES_MAX,
+    Pipeline,
+    decode_threads,
+    pdf_processes,
+)
 from daemon.results import Image, Line, PageResult
 from daemon.service import Service
 from daemon.store.db import open_ledger
@@ -210,11 +216,15 @@ def mixed_pdf(specs: list[list[str] | None], scan_lines: list[str]) -> bytes:
     return out.getvalue()
 
 
-def test_twenty_page_mixed_pdf_is_stored_page_by_page(service: Callable[..., Service]) -> None:
+@pytest.mark.parametrize("pdf_processes", [0, 1], ids=["in-process", "pdf-worker"])
+def test_twenty_page_mixed_pdf_is_stored_page_by_page(service: Callable[..., Service],
+                                                      pdf_processes: int) -> None:
     specs: list[list[str] | None] = [
         None if i % 4 == 0 else [f"Page {i} of the mixed document", f"line two of {i}"]
         for i in range(20)]
-    svc = service()
+    svc = service(batch={"pdf_processes": pdf_processes})
+    assert svc.components is not None
+    assert (svc.components.pipeline._pdf_workers is not None) == bool(pdf_processes)
     inbox = svc.settings.watch.path
     part = inbox / "mixed.pdf.part"
     part.write_bytes(mixed_pdf(specs, SENTENCES[:2]))
@@ -451,7 +461,8 @@ def test_auto_decode_threads_use_every_core_on_a_gpu_provider(
         settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding is the largest host stage of the GPU path and runs outside the GIL: two
     threads would hold a 16-core GPU host to a fraction of its GPU. On the CPU provider the
-    cores belong to inference."""
+    cores belong to inference. PDF pages render in as many processes (at most 8): pdfium
+    draws one page at a time per process."""
     import daemon.pipeline as pipeline_module
 
     settings = settings_factory()
@@ -464,11 +475,17 @@ def test_auto_decode_threads_use_every_core_on_a_gpu_provider(
     pipeline = Pipeline(settings, ledger, [DeviceEngine("0")], Metrics("t"),  # type: ignore[list-item]
                         "cuda")
     assert pipeline._decode_pool._max_workers == 12
+    assert pipeline._pdf_workers is not None and pipeline._pdf_workers.processes == 8
+    pipeline._pdf_workers.close()
     cores = set(range(96))
     assert decode_threads(settings, "tensorrt") == DECODE_THREADS_MAX
+    assert pdf_processes(settings, "cuda") == PDF_PROCESSES_MAX  # ~60 MB each
     cores = {0}
     assert decode_threads(settings, "cuda") == 2
+    assert pdf_processes(settings, "cuda") == 2
     assert decode_threads(settings_factory(batch={"decode_threads": 3}), "cuda") == 3
+    assert pdf_processes(settings, "cpu") == 0  # the CPU provider's cores run inference
+    assert pdf_processes(settings_factory(batch={"pdf_processes": 3}), "cpu") == 3
 
 
 def test_health_reuses_a_recent_database_check(service: Callable[..., Service]) -> None:

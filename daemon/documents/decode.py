@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable, Iterator
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import cv2
 import numpy as np
@@ -19,6 +19,9 @@ from PIL import ImageOps, ImageSequence, UnidentifiedImageError
 from daemon.config import OcrSettings
 from daemon.errors import DocumentError
 from daemon.results import Image, Page, PageBound
+
+if TYPE_CHECKING:
+    from daemon.documents.pdf_workers import PdfWorkers
 
 IMAGE_FORMATS = {"PNG", "JPEG", "BMP", "WEBP", "TIFF", "MPO"}
 MIN_SIDE = 8
@@ -148,18 +151,23 @@ def _scale(image: PILImage.Image, shrink: int) -> tuple[float, float]:
 
 
 def iter_pages(data: bytes, ocr: OcrSettings, reserve: Reserve = _no_reserve, *,
-               bound: PageBound | None = None) -> Iterator[Page]:
+               bound: PageBound | None = None, pdf_workers: PdfWorkers | None = None
+               ) -> Iterator[Page]:
     """The pages of a file, decoded one at a time. `reserve(nbytes)` is called with a page's
     pixel bytes before it is decoded (it may wait for memory, or raise to stop). With the
     OCR engine's `bound`, a large JPEG may come smaller than the file (`jpeg_shrink`): its
-    `Page.scale` maps what is found on it back to the file's pixels."""
+    `Page.scale` maps what is found on it back to the file's pixels. PDF pages are made by
+    `pdf_workers` when given (pdfium in worker processes), else in this process."""
     if not data:
         raise DocumentError("empty file (0 bytes)")
     kind = sniff(data)
     if kind == "pdf":
         from daemon.documents.pdf import iter_pdf_pages
 
-        yield from iter_pdf_pages(data, ocr, reserve)
+        if pdf_workers is not None:
+            yield from pdf_workers.pages(data, ocr, reserve)
+        else:
+            yield from iter_pdf_pages(data, ocr, reserve)
         return
     yield from iter_image_pages(data, ocr, reserve, bound=bound)
 

@@ -101,16 +101,59 @@ def iter_pdf_pages(data: bytes, ocr: OcrSettings,
     try:
         with _PDFIUM_LOCK:
             count = len(doc)
-        if count > ocr.max_pages:
-            raise DocumentError(f"PDF has {count} pages, more than ocr.max_pages={ocr.max_pages}")
+        _check_count(count, ocr)
         for index in range(count):
             with _PDFIUM_LOCK:
                 page = _load_page(doc, index)
                 yield_value = _page(page, index, ocr, reserve)
             yield yield_value
     finally:
+        close_document(doc)
+
+
+def _check_count(count: int, ocr: OcrSettings) -> None:
+    if count > ocr.max_pages:
+        raise DocumentError(f"PDF has {count} pages, more than ocr.max_pages={ocr.max_pages}")
+
+
+def page_sizes(data: bytes, ocr: OcrSettings) -> list[tuple[float, float]]:
+    """Each page's width and height in points (unturned: what the memory budget needs), after
+    the checks `iter_pdf_pages` makes of the document."""
+    doc = _open(data)
+    try:
         with _PDFIUM_LOCK:
-            doc.close()
+            count = len(doc)
+            _check_count(count, ocr)
+            sizes = []
+            size = pdfium_c.FS_SIZEF()
+            for index in range(count):
+                if not pdfium_c.FPDF_GetPageSizeByIndexF(doc, index, size):
+                    raise DocumentError(f"broken PDF: page {index + 1} cannot be loaded")
+                sizes.append((size.width, size.height))
+            return sizes
+    finally:
+        close_document(doc)
+
+
+def open_document(data: bytes) -> Any:
+    """The PDF in `data`, open (`data` must outlive it), or the reason it cannot be read."""
+    return _open(data)
+
+
+def close_document(doc: Any) -> None:
+    with _PDFIUM_LOCK:
+        doc.close()
+
+
+Into = Callable[[tuple[int, ...]], Image]  # an array of this shape to render into
+
+
+def one_page(doc: Any, index: int, ocr: OcrSettings, into: Into | None = None) -> Page:
+    """Page `index` of an open document, as `iter_pdf_pages` makes it (for the PDF worker
+    processes: the memory budget and the lowered-dpi warning stay with the daemon)."""
+    with _PDFIUM_LOCK:
+        return _page(_load_page(doc, index), index, ocr, lambda _nbytes: None, warn=False,
+                     into=into)
 
 
 def _open(data: bytes) -> Any:
@@ -145,7 +188,8 @@ def _load_page(doc: Any, index: int) -> Any:
         raise DocumentError(f"broken PDF: page {index + 1} cannot be loaded") from None
 
 
-def _page(page: Any, index: int, ocr: OcrSettings, reserve: Callable[[int], None]) -> Page:
+def _page(page: Any, index: int, ocr: OcrSettings, reserve: Callable[[int], None],
+          *, warn: bool = True, into: Into | None = None) -> Page:
     """Called with the lock held; always closes `page`."""
     try:
         width_pt, height_pt = page.get_size()
@@ -158,20 +202,27 @@ def _page(page: Any, index: int, ocr: OcrSettings, reserve: Callable[[int], None
             lines = _usable_text_lines(page, size)
             if lines is not None:
                 return Page(index=index, text_layer=PageResult(lines=lines, source="text_layer"))
-        if size.dpi < ocr.pdf_dpi - 0.5:
-            log.warning(
-                "PDF page %d (%.0fx%.0f pt) rendered at %.0f dpi instead of %d to fit "
-                "ocr.max_image_pixels=%d",
-                index + 1, width_pt, height_pt, size.dpi, ocr.pdf_dpi, ocr.max_image_pixels,
-                extra={"page": index + 1, "dpi": size.dpi, "scaled": True},
-            )
+        if warn:
+            warn_if_lowered(size, index, width_pt, height_pt, ocr)
         reserve(size.width * size.height * 3)
-        return Page(index=index, image=_render(page, size, index))
+        return Page(index=index, image=_render(page, size, index, into))
     finally:
         page.close()
 
 
-def _render(page: Any, size: RenderSize, index: int) -> Image:
+def warn_if_lowered(size: RenderSize, index: int, width_pt: float, height_pt: float,
+                    ocr: OcrSettings) -> None:
+    if size.dpi < ocr.pdf_dpi - 0.5:
+        log.warning(
+            "PDF page %d (%.0fx%.0f pt) rendered at %.0f dpi instead of %d to fit "
+            "ocr.max_image_pixels=%d",
+            index + 1, width_pt, height_pt, size.dpi, ocr.pdf_dpi, ocr.max_image_pixels,
+            extra={"page": index + 1, "dpi": size.dpi, "scaled": True},
+        )
+
+
+def _render(page: Any, size: RenderSize, index: int, into: Into | None = None) -> Image:
+    """The page at `size`, BGR, copied out of pdfium's bitmap into a new array or `into`'s."""
     try:
         bitmap = page.render(scale=size.scale)  # BGR, white background, page /Rotate applied
     except (pdfium.PdfiumError, MemoryError, ValueError) as exc:
@@ -180,7 +231,11 @@ def _render(page: Any, size: RenderSize, index: int) -> Image:
         pixels = bitmap.to_numpy()
         if pixels.ndim != 3 or pixels.shape[2] != 3:  # pragma: no cover - we ask for BGR
             raise DocumentError(f"page {index + 1} rendered with unexpected shape {pixels.shape}")
-        return np.array(pixels, dtype=np.uint8, copy=True)  # own the memory before closing
+        if into is None:
+            return np.array(pixels, dtype=np.uint8, copy=True)  # own the memory before closing
+        out = into(pixels.shape)
+        out[...] = pixels
+        return out
     finally:
         bitmap.close()
 

@@ -32,6 +32,7 @@ from typing import Any, Literal, cast
 import cv2
 import numpy as np
 
+from daemon.budget import shm_room
 from daemon.config import OcrSettings
 from daemon.errors import ConfigError
 from daemon.hardware.providers import ProviderChoice
@@ -49,7 +50,6 @@ from daemon.ocr.host import (
     detect_lines,
     rec_lut,
     resize_rec,
-    shm_room,
 )
 from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
 from daemon.results import Image, Line, PageResult, Point

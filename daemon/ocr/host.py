@@ -65,21 +65,6 @@ def auto_processes(devices: int = 1) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), AUTO_PROCESSES_MAX) // devices)
 
 
-SHM_FOLDER = "/dev/shm"
-SHM_KEEP_FREE = 64 << 20  # room left for others in the shared-memory file system
-
-
-def shm_room(nbytes: int) -> bool:
-    """Whether a page of `nbytes` fits in shared memory now. Writing past a full tmpfs kills
-    the process (SIGBUS), and Docker gives containers 64 MB by default: a page that does not
-    fit is cut in this process instead."""
-    try:
-        stats = os.statvfs(SHM_FOLDER)
-    except OSError:
-        return False
-    return stats.f_bavail * stats.f_frsize >= nbytes + SHM_KEEP_FREE
-
-
 class SegmentPool:
     """Shared-memory segments reused page after page. A new segment's memory is faulted in
     and zeroed by the kernel on first touch: copying a receipt into a fresh one cost the main
