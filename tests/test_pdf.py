@@ -485,3 +485,17 @@ def test_a_dead_pdf_worker_fails_its_document_and_the_next_is_read() -> None:
                     list(iter_pdf_pages(data, OcrSettings())))
     finally:
         workers.close()
+
+
+def test_closing_pdf_workers_does_not_wait_for_a_hung_render() -> None:
+    """pdfium looping on a hostile file must not hold up the daemon's stop: the worker is
+    given the timeout, then killed."""
+    import time
+
+    workers = PdfWorkers(1)
+    workers._executor.submit(time.sleep, 60)  # a render that never ends
+    [process] = list(workers._executor._processes.values())
+    start = time.monotonic()
+    workers.close(timeout=0.5)
+    assert time.monotonic() - start < 5
+    assert not process.is_alive()

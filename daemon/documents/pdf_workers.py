@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, ProcessPoolExecutor
@@ -46,6 +47,7 @@ from daemon.results import Image, Page
 log = logging.getLogger(__name__)
 
 OPEN_PER_WORKER = 2  # documents a worker keeps open: the one it is on and the one before
+CLOSE_TIMEOUT = 5.0  # seconds a page being rendered gets when the daemon stops
 
 
 class PdfWorkers:
@@ -117,10 +119,21 @@ class PdfWorkers:
         for future in [self._executor.submit(_ready) for _ in range(self._processes * 2)]:
             future.result()
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Stop the workers: a page being rendered gets `timeout` seconds, then its worker is
+        killed (pdfium looping on a hostile file must not hold up the daemon's stop)."""
         with self._lock:
             self._closed = True
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            executor = self._executor
+        processes = list(executor._processes.values())
+        executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("a PDF worker still rendering at the stop was killed")
+                process.kill()
+                process.join(1.0)
 
 
 # --- in the worker -----------------------------------------------------------------------
