@@ -493,7 +493,11 @@ def test_closing_pdf_workers_does_not_wait_for_a_hung_render() -> None:
     import time
 
     workers = PdfWorkers(1)
-    workers._executor.submit(time.sleep, 60)  # a render that never ends
+    hung = workers._executor.submit(time.sleep, 60)  # a render that never ends
+    deadline = time.monotonic() + 10
+    while not hung.running() and time.monotonic() < deadline:  # handed to the worker
+        time.sleep(0.01)
+    assert hung.running()
     [process] = list(workers._executor._processes.values())
     start = time.monotonic()
     workers.close(timeout=0.5)
