@@ -110,15 +110,17 @@ def score(pairs: list[tuple[str, str]]) -> dict[str, float] | None:
             "pages": len(pairs)}
 
 
-def render_dataset(count: int, folder: Path, *, a4: bool = False) -> None:
+def render_dataset(count: int, folder: Path, *, a4: bool = False, pdf: bool = False) -> None:
     """Pages rendered with Pillow's scalable font, each with a NAME.txt ground truth: small
-    pages of 8-27 lines as PNG, or (`a4`) dense A4 pages as a 300-dpi scanner writes them."""
+    pages of 8-27 lines as PNG, or (`a4`) dense A4 pages as a 300-dpi scanner writes them
+    (grey JPEG, or with `pdf` that JPEG as a one-page PDF)."""
     folder.mkdir(parents=True, exist_ok=True)
     if a4:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(os.cpu_count()) as pool:  # ~0.1 s a page: 1,000 on 16 cores
-            list(pool.map(_render_a4, range(count), [folder] * count, chunksize=8))
+            list(pool.map(_render_a4, range(count), [folder] * count, [pdf] * count,
+                          chunksize=8))
         return
     sys.path.insert(0, str(REPO / "tests"))
     from PIL import Image as PILImage
@@ -134,8 +136,9 @@ def render_dataset(count: int, folder: Path, *, a4: bool = False) -> None:
 A4_300_DPI = (2480, 3508)
 
 
-def _render_a4(i: int, folder: Path) -> None:
-    """One dense A4 page at 300 dpi: ~45 lines of 11-point text (46 px), grey JPEG."""
+def _render_a4(i: int, folder: Path, pdf: bool = False) -> None:
+    """One dense A4 page at 300 dpi: ~45 lines of 11-point text (46 px), grey JPEG (in a PDF
+    with `pdf`)."""
     sys.path.insert(0, str(REPO / "tests"))
     from PIL import Image as PILImage
     from rendering import random_lines, render_page
@@ -145,7 +148,10 @@ def _render_a4(i: int, folder: Path) -> None:
     rendered = render_page(lines, width=width, font_size=46, margin=200, line_gap=22)
     page = PILImage.new("L", A4_300_DPI, 255)
     page.paste(PILImage.fromarray(rendered[: min(height, rendered.shape[0]), :, 1]), (0, 0))
-    page.save(folder / f"a4-{i:04d}.jpg", quality=90, dpi=(300, 300))
+    if pdf:
+        page.save(folder / f"a4-{i:04d}.pdf", "PDF", resolution=300)
+    else:
+        page.save(folder / f"a4-{i:04d}.jpg", quality=90, dpi=(300, 300))
     (folder / f"a4-{i:04d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -3,6 +3,7 @@
     python benchmarks/host_ceiling.py --images ../shared/ocr-eval/sroie/img --limit 40
     python benchmarks/host_ceiling.py --images DIR --cores 1,2 --max-pages 16
     python benchmarks/host_ceiling.py --a4 40
+    python benchmarks/host_ceiling.py --a4-pdf 40 --pdf-processes 0   (and "auto")
 
 However fast the GPU, the daemon cannot store pages faster than its host work allows: decode,
 detection pre-processing, DB box extraction, crops, recognition pre-processing, CTC decoding,
@@ -282,7 +283,7 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
 
 
 def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
-           host_processes: str) -> dict[str, Any]:
+           host_processes: str, pdf_processes: str = "auto") -> dict[str, Any]:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     with open(recording, "rb") as handle:
         data = pickle.load(handle)
@@ -315,7 +316,8 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
         watch={"path": inbox, "settle_seconds": 0.1, "rescan_interval_seconds": 3600},
         database={"url": f"sqlite:///{work / 'ledger.db'}"},
         metrics={"enabled": False},
-        batch={"max_pages": max_pages, "host_processes": host_processes},
+        batch={"max_pages": max_pages, "host_processes": host_processes,
+               "pdf_processes": pdf_processes},
         queue={"capacity": 256},
     )
     service = Service(settings)
@@ -381,27 +383,32 @@ def main() -> int:
     source.add_argument("--images", type=Path)
     source.add_argument("--a4", type=int, metavar="N",
                         help="N dense 300-dpi A4 pages rendered by bench.py (kept in --out)")
+    source.add_argument("--a4-pdf", type=int, metavar="N",
+                        help="the same pages, each a one-page PDF (the PDF path: pdfium)")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--cores", default="1,2", help="core counts to replay on (default 1,2)")
     parser.add_argument("--max-pages", type=int, default=4, help="batch.max_pages (default 4)")
     parser.add_argument("--repeat", type=int, default=1, help="replays per core count (best)")
     parser.add_argument("--host-processes", default="auto",
                         help='batch.host_processes: "auto" (one per core) or a number; 0 = threads')
+    parser.add_argument("--pdf-processes", default="auto",
+                        help='batch.pdf_processes: "auto" (one per core) or a number; 0 = none')
     parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "replay")
     parser.add_argument("--recording", type=Path, default=None,
                         help="replay this recording (of the same pages and max_pages) instead "
                              "of recording: to time two versions of the host code side by side")
     parser.add_argument("--replay-worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.a4:
+    if args.a4 or args.a4_pdf:
         from bench import render_dataset
 
-        args.images = args.out.parent / f"a4-{args.a4}"
+        count = args.a4 or args.a4_pdf
+        args.images = args.out.parent / (f"a4-{count}" if args.a4 else f"a4-pdf-{count}")
         if not args.images.is_dir():
-            say(f"rendering {args.a4} A4 pages into {args.images}")
+            say(f"rendering {count} A4 pages into {args.images}")
             partial = args.images.with_name(args.images.name + ".part")
             shutil.rmtree(partial, ignore_errors=True)
-            render_dataset(args.a4, partial, a4=True)
+            render_dataset(count, partial, a4=True, pdf=bool(args.a4_pdf))
             partial.rename(args.images)
     folder = args.images / "img" if (args.images / "img").is_dir() else args.images
     images = find_images(folder, args.limit)
@@ -410,7 +417,7 @@ def main() -> int:
 
     if args.replay_worker is not None:
         result = replay(args.replay_worker, images, int(args.cores), args.max_pages,
-                        args.host_processes)
+                        args.host_processes, args.pdf_processes)
         print(json.dumps(result))
         return 0
 
@@ -427,7 +434,7 @@ def main() -> int:
             proc = subprocess.run(
                 [sys.executable, __file__, "--images", str(args.images), "--cores", str(cores),
                  "--max-pages", str(args.max_pages), "--replay-worker", str(recording),
-                 "--host-processes", args.host_processes]
+                 "--host-processes", args.host_processes, "--pdf-processes", args.pdf_processes]
                 + (["--limit", str(args.limit)] if args.limit else []),
                 capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -444,6 +451,7 @@ def main() -> int:
         "files": len(images),
         "max_pages": args.max_pages,
         "host_processes": args.host_processes,
+        "pdf_processes": args.pdf_processes,
         "runs": runs,
     }
     if "1" in runs and "2" in runs:

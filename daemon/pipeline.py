@@ -69,6 +69,7 @@ HOUSEKEEPING_SECONDS = 10.0  # how often expired leases are looked for
 DECODE_PEAK = 10 / 3
 DECODE_THREADS_MAX = 16  # "auto" on a GPU provider: one per usable core, at most this many
 PDF_PROCESSES_MAX = 8
+PDF_PROCESSES_MIN_CORES = 4
 
 
 def decode_threads(settings: Settings, provider: str) -> int:
@@ -86,13 +87,18 @@ def decode_threads(settings: Settings, provider: str) -> int:
 
 def pdf_processes(settings: Settings, provider: str) -> int:
     """PDF worker processes: as configured, or for "auto" one per decoding thread (at most
-    PDF_PROCESSES_MAX: ~60 MB each) on a GPU provider, where pdfium's one page at a time per
-    process held a daemon near 58 scanned pages/s, and none on the CPU provider."""
+    PDF_PROCESSES_MAX: ~60 MB each) on a GPU provider with PDF_PROCESSES_MIN_CORES or more,
+    else none. In one process pdfium renders one page at a time: a 300-dpi A4 scan in a PDF
+    takes ~54 ms, so a daemon read at most ~18 such pages/s whatever its cores. A worker
+    costs ~10-30% more per page (the page travels through shared memory): on 2 cores the
+    whole daemon read 14.0 PDF pages/s in-process against 12.0 in workers
+    (benchmarks/host_ceiling.py --a4-pdf 40), so below 4 cores the lock is not what limits."""
     processes = settings.batch.pdf_processes
     if processes != "auto":
         return processes
-    return 0 if provider == "cpu" else min(decode_threads(settings, provider),
-                                           PDF_PROCESSES_MAX)
+    if provider == "cpu" or len(os.sched_getaffinity(0)) < PDF_PROCESSES_MIN_CORES:
+        return 0
+    return min(decode_threads(settings, provider), PDF_PROCESSES_MAX)
 
 
 @dataclass

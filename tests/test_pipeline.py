@@ -461,8 +461,8 @@ def test_auto_decode_threads_use_every_core_on_a_gpu_provider(
         settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding is the largest host stage of the GPU path and runs outside the GIL: two
     threads would hold a 16-core GPU host to a fraction of its GPU. On the CPU provider the
-    cores belong to inference. PDF pages render in as many processes (at most 8): pdfium
-    draws one page at a time per process."""
+    cores belong to inference. PDF pages render in as many processes (at most 8) from 4
+    cores on: pdfium draws one page at a time per process."""
     import daemon.pipeline as pipeline_module
 
     settings = settings_factory()
@@ -480,9 +480,11 @@ def test_auto_decode_threads_use_every_core_on_a_gpu_provider(
     cores = set(range(96))
     assert decode_threads(settings, "tensorrt") == DECODE_THREADS_MAX
     assert pdf_processes(settings, "cuda") == PDF_PROCESSES_MAX  # ~60 MB each
+    cores = {0, 1, 2, 3}
+    assert pdf_processes(settings, "cuda") == 4
     cores = {0}
     assert decode_threads(settings, "cuda") == 2
-    assert pdf_processes(settings, "cuda") == 2
+    assert pdf_processes(settings, "cuda") == 0  # below 4 cores pdfium's lock does not limit
     assert decode_threads(settings_factory(batch={"decode_threads": 3}), "cuda") == 3
     assert pdf_processes(settings, "cpu") == 0  # the CPU provider's cores run inference
     assert pdf_processes(settings_factory(batch={"pdf_processes": 3}), "cpu") == 3

@@ -13,9 +13,13 @@ broken, no pages, too many pages: the same refusals), reads the page sizes for t
 budget, and yields the pages in order. Without room in /dev/shm a document is read in-process
 and a page comes back pickled. Each worker keeps up to `OPEN_PER_WORKER` documents' bytes.
 
-Measured (`benchmarks/pdf_pages.py --pages 10 --repeat 5`, 2 cores, two decoding threads over
-two Letter scans at 200 dpi): 59.7 pages/s in-process, 76.7 in two workers; a worker spends
-what the in-process render does (~24 ms a page here), so the gain grows with the cores.
+Measured on 2 cores. Letter scans at 200 dpi, two decoding threads at once
+(`benchmarks/pdf_pages.py --pages 10 --repeat 5`): 59.7 pages/s in-process, 76.7 in two
+workers. 300-dpi A4 scans in PDFs through the whole daemon (`benchmarks/host_ceiling.py
+--a4-pdf 40`): each render takes ~54 ms under the lock, so in-process a daemon reads at most
+~18 such pages/s whatever its cores; workers remove that ceiling but cost 10-30% more per
+page, and on 2 cores the daemon read 14.0 pages/s in-process against 12.0 in workers: the
+pipeline's "auto" uses them from 4 cores on.
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ class PdfWorkers:
         for process in processes:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
-                log.warning("a PDF worker still rendering at the stop was killed")
+                log.warning("a PDF worker had not stopped %.0f s into the stop: killed", timeout)
                 process.kill()
                 process.join(1.0)
 
