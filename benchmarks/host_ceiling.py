@@ -168,10 +168,15 @@ class _Meta:
 # ------------------------------------------------------------------ record
 
 
+def _cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds from a /proc `stat` file (OSError if it is gone)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def children_cpu_seconds() -> float:
     """CPU time so far of this process's live children (the engine's host worker processes):
     RUSAGE_CHILDREN counts only children that have exited."""
-    ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for task in Path("/proc/self/task").iterdir():
         try:
@@ -180,27 +185,24 @@ def children_cpu_seconds() -> float:
             continue
         for pid in children:
             try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += _cpu_seconds(Path(f"/proc/{pid}/stat"))
             except OSError:
                 continue
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
     return total
 
 
 def thread_cpu_seconds() -> dict[int, tuple[str, float]]:
     """CPU time so far of each thread of this process: native id -> (kind, seconds), the kind
     being the thread's name without its number ("decode", "ocr", "ocr-post", "claim", ...)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     names = {thread.native_id: thread.name for thread in threading.enumerate()}
     out: dict[int, tuple[str, float]] = {}
     for task in Path("/proc/self/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            seconds = _cpu_seconds(task / "stat")
         except OSError:
             continue
         name = names.get(int(task.name), "native (onnxruntime, OpenCV, ...)")
-        out[int(task.name)] = (name.rstrip("0123456789_-"), (int(fields[11]) + int(fields[12]))
-                               / ticks)
+        out[int(task.name)] = (name.rstrip("0123456789_-"), seconds)
     return out
 
 
@@ -214,9 +216,8 @@ def by_thread_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[
             continue  # this script's producer and poller
         spent[kind] = spent.get(kind, 0.0) + seconds - before.get(tid, (kind, 0.0))[1]
     spent["ocr"] = spent.get("ocr", 0.0) - stand_in_seconds
-    return {kind: round(1000 * seconds / max(pages, 1), 1)
-            for kind, seconds in sorted(spent.items(), key=lambda item: -item[1])
-            if round(1000 * seconds / max(pages, 1), 1) > 0}
+    per_page = {kind: round(1000 * seconds / max(pages, 1), 1) for kind, seconds in spent.items()}
+    return {kind: ms for kind, ms in sorted(per_page.items(), key=lambda item: -item[1]) if ms > 0}
 
 
 def find_images(folder: Path, limit: int | None) -> list[Path]:
@@ -237,8 +238,8 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
     # a recording is valid for these pages, settings, fingerprint and engine code
     digest = hashlib.sha256(f"{__version__} {max_pages} {settings.ocr!r}".encode())
     digest.update(Path(__file__).read_bytes())
-    sources = sorted((REPO / "daemon" / "ocr").glob("*.py"))
-    for source in [*sources, REPO / "daemon" / "documents" / "decode.py"]:
+    for source in sorted([*(REPO / "daemon" / "ocr").glob("*.py"),
+                          *(REPO / "daemon" / "documents").glob("*.py")]):
         digest.update(source.read_bytes())
     for image in images:
         digest.update(image.read_bytes())

@@ -97,7 +97,7 @@ def _pixels(width_pt: float, height_pt: float, scale: float) -> tuple[int, int]:
 def iter_pdf_pages(data: bytes, ocr: OcrSettings,
                    reserve: Callable[[int], None] = lambda _nbytes: None) -> Iterator[Page]:
     """Every page of the PDF in `data`, in order: its text layer, or a render at `ocr.pdf_dpi`."""
-    doc = _open(data)
+    doc = open_document(data)
     try:
         with _PDFIUM_LOCK:
             count = len(doc)
@@ -119,7 +119,7 @@ def _check_count(count: int, ocr: OcrSettings) -> None:
 def page_sizes(data: bytes, ocr: OcrSettings) -> list[tuple[float, float]]:
     """Each page's width and height in points (unturned: what the memory budget needs), after
     the checks `iter_pdf_pages` makes of the document."""
-    doc = _open(data)
+    doc = open_document(data)
     try:
         with _PDFIUM_LOCK:
             count = len(doc)
@@ -133,11 +133,6 @@ def page_sizes(data: bytes, ocr: OcrSettings) -> list[tuple[float, float]]:
             return sizes
     finally:
         close_document(doc)
-
-
-def open_document(data: bytes) -> Any:
-    """The PDF in `data`, open (`data` must outlive it), or the reason it cannot be read."""
-    return _open(data)
 
 
 def close_document(doc: Any) -> None:
@@ -156,7 +151,7 @@ def one_page(doc: Any, index: int, ocr: OcrSettings, into: Into | None = None) -
                      into=into)
 
 
-def _open(data: bytes) -> Any:
+def open_document(data: bytes) -> Any:
     """Load with the raw API: pypdfium2's constructor reports "no pages" through pdfium's
     last-error code, which a successful load does not reset, so an empty PDF would read as
     whatever failed before it. `data` must stay alive while the document is open (the caller

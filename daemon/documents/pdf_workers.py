@@ -118,11 +118,6 @@ class PdfWorkers:
             # the daemon stops: its documents in flight were handed back already
             raise DocumentError("the daemon is stopping", permanent=False) from None
 
-    def warmup(self) -> None:
-        """Start every worker now (imports take a while each), not on the first PDF."""
-        for future in [self._executor.submit(_ready) for _ in range(self._processes * 2)]:
-            future.result()
-
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Stop the workers: a page being rendered gets `timeout` seconds, then its worker is
         killed (pdfium looping on a hostile file must not hold up the daemon's stop)."""
@@ -142,7 +137,7 @@ class PdfWorkers:
 
 # --- in the worker -----------------------------------------------------------------------
 
-_open: OrderedDict[str, tuple[bytes, Any]] = OrderedDict()  # segment -> (its bytes, document)
+_documents: OrderedDict[str, tuple[bytes, Any]] = OrderedDict()  # segment -> (bytes, document)
 
 
 def _init_worker() -> None:
@@ -152,14 +147,10 @@ def _init_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _ready() -> bool:
-    return True
-
-
 def _document(name: str, nbytes: int) -> Any:
-    if name in _open:
-        _open.move_to_end(name)
-        return _open[name][1]
+    if name in _documents:
+        _documents.move_to_end(name)
+        return _documents[name][1]
     shm = shared_memory.SharedMemory(name=name)
     try:
         buffer = shm.buf
@@ -168,11 +159,11 @@ def _document(name: str, nbytes: int) -> Any:
         del buffer  # a segment cannot be closed while a view of it lives
     finally:
         shm.close()
-    _open[name] = (data, pdf.open_document(data))  # pdfium reads `data` while it is open
-    while len(_open) > OPEN_PER_WORKER:
-        _, (_, old) = _open.popitem(last=False)
+    _documents[name] = (data, pdf.open_document(data))  # pdfium reads `data` while it is open
+    while len(_documents) > OPEN_PER_WORKER:
+        _, (_, old) = _documents.popitem(last=False)
         pdf.close_document(old)
-    return _open[name][1]
+    return _documents[name][1]
 
 
 def _render(name: str, nbytes: int, index: int, ocr: OcrSettings
@@ -193,8 +184,7 @@ def _render(name: str, nbytes: int, index: int, ocr: OcrSettings
     try:
         page = pdf.one_page(_document(name, nbytes), index, ocr, into)
     except BaseException:
-        for shm in segments:
-            shm.close()
+        for shm in segments:  # its mapping goes with the failed render's array
             shm.unlink()
         raise
     if not segments:

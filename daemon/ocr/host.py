@@ -8,11 +8,11 @@ threads they hold the GIL (the whole host pipeline scaled 1.04x from one core to
 processes they scale with the cores.
 
 The page travels in shared memory (the main process writes it once; the worker maps it, no
-copy); the probability map goes pickled (a page's own `h x w` crop of the batch output); boxes
-and resized lines come back pickled (tens of kB). The steps are RapidOCR's own or, where
-they cost most, faster ways to the same bytes (`ocr.boxes` for the boxes, `crop_line`,
-`ctc_decode`), each pinned by a test against RapidOCR's function; in and out of process a
-line is cropped and resized alike.
+copy), its probability map (a page's own `h x w` crop of the batch output) after it in the same
+segment; the resized lines come back there too where they fit, the boxes pickled (kB). The
+steps are RapidOCR's own or, where they cost most, faster ways to the same bytes (`ocr.boxes`
+for the boxes, `crop_line`, `ctc_decode`), each pinned by a test against RapidOCR's function;
+in and out of process a line is cropped and resized alike.
 """
 
 from __future__ import annotations
