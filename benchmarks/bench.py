@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import statistics
 import string
@@ -365,6 +366,12 @@ def daemon_env(inbox: Path, db: Path, args: argparse.Namespace, *, force_cpu: bo
         "PYTHONPATH": os.pathsep.join(filter(None, [str(args.daemon_root),
                                                     os.environ.get("PYTHONPATH")])),
     })
+    for setting in args.set or []:  # --set ocr.cudnn_conv_algo_search=DEFAULT
+        key, _, value = setting.partition("=")
+        section, _, name = key.partition(".")
+        if not name or not _:
+            raise SystemExit(f"--set wants SECTION.KEY=VALUE, got {setting!r}")
+        env[f"OCR_DAEMON_{section.upper()}__{name.upper()}"] = value
     return env
 
 
@@ -468,6 +475,10 @@ def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool
             cpu: float | None = usage.ru_utime + usage.ru_stime
         except ChildProcessError:
             rss, cpu = None, None
+        if args.log_dir is not None:  # the daemon's own account, kept for a failed run too
+            args.log_dir.mkdir(parents=True, exist_ok=True)
+            name = f"daemon-{'cpu' if force_cpu else 'auto'}-{len(images)}.log"
+            shutil.copyfile(tmp / "daemon.log", args.log_dir / name)
         shutil.rmtree(tmp, ignore_errors=True)
     return {"texts": texts, "latencies": latencies, "latency_source": source,
             "pages": pages if isinstance(pages, int) else len(images), "seconds": seconds,
@@ -531,6 +542,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--daemon-root", type=Path, default=REPO,
                         help="checkout whose `python -m daemon` mode c runs")
     parser.add_argument("--timeout", type=float, default=3600, help="mode c: give up after")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="modes c and e: a daemon setting (repeatable)")
+    parser.add_argument("--log-dir", type=Path, help="modes c and e: keep the daemon's log here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-files", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -541,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker_main(args)
         return 0
+    # stopped from outside (`timeout`, Ctrl-C): unwind, so a daemon started here is stopped
+    # and its log kept rather than left running, holding the GPU, after this script is gone
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(modes) - set(ALL_MODES)
     if unknown:

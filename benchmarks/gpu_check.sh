@@ -2,13 +2,20 @@
 # One-shot GPU check on a lent GPU machine (see the issue notes): installs onnxruntime-gpu and
 # the daemon's dependencies from a carried bundle (built here by benchmarks/gpu_bundle.sh:
 # carry .gpu-bundle/parts/p0XX one per call, then .gpu-bundle/eval), then runs doctor, the GPU
-# tests and the benchmarks, writing everything under $OUT. The stages' time limits add up to
-# 550 s, inside one device call (600 s); the host ceiling goes last, the first to give up.
+# tests and the benchmarks, writing everything under $OUT (the daemons' own logs in
+# $OUT/logs). The full set's time limits add up to 580 s, inside one device call (600 s); the
+# host ceiling goes last, the first to give up.
 # Usage: benchmarks/gpu_check.sh BUNDLE_PARTS_DIR EVAL_DIR
+#   STAGES="warmup receipts" benchmarks/gpu_check.sh ...   runs only those stages (in order:
+#   doctor tests warmup receipts a4 ceiling); RECEIPT_MODES picks bench.py's modes
+#   (default c,e,d,b,a: the GPU daemon, the CPU daemon, naive CUDA first).
 set -u
 parts=${1:-/tmp/parts}; eval_dir=${2:-.evaldata}; out=${OUT:-/tmp/gpu-out}; mkdir -p "$out"
+stages=${STAGES:-doctor tests warmup receipts a4 ceiling}
+receipt_modes=${RECEIPT_MODES:-c,e,d,b,a}
 export PYTHONUNBUFFERED=1
 step() { echo "== $* ($(date +%T))"; }
+want() { [[ " $stages " == *" $1 "* ]]; }
 
 step install
 if [ ! -d /tmp/site/onnxruntime ]; then
@@ -21,28 +28,51 @@ export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
-step doctor
-python3 -m daemon doctor 2>&1 | tee "$out/doctor.txt"
-python3 -m daemon doctor --json > "$out/doctor.json" 2>/dev/null
+if want doctor; then
+  step doctor
+  python3 -m daemon doctor 2>&1 | tee "$out/doctor.txt"
+  python3 -m daemon doctor --json > "$out/doctor.json" 2>/dev/null
+fi
 
-step gpu tests
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_hardware.py tests/test_metrics.py \
-  tests/test_graphs.py 2>&1 | tail -5 | tee "$out/tests.txt"
+if want tests; then
+  step gpu tests
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_hardware.py tests/test_metrics.py \
+    tests/test_graphs.py 2>&1 | tail -5 | tee "$out/tests.txt"
+fi
 
-step receipts: daemon GPU, daemon FORCE_CPU, naive CUDA, batch engine, naive CPU (most needed first)
-timeout 210 python3 benchmarks/bench.py --images "$eval_dir/sroie/img" --modes c,e,d,b,a --batch 8 \
-  > "$out/bench-sroie.json" 2> "$out/bench-sroie.log"
-tail -3 "$out/bench-sroie.log"
+algo_set=()
+if want warmup; then
+  step what a new shape costs, per cuDNN search mode, one by one and in threads
+  timeout 90 python3 benchmarks/gpu_warmup.py --algos HEURISTIC,DEFAULT --threads 4 \
+    > "$out/warmup.json" 2> "$out/warmup.log"
+  tail -3 "$out/warmup.log"
+  choice=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["choice"])' \
+             "$out/warmup.json" 2>/dev/null)
+  [ -n "$choice" ] && algo_set=(--set "ocr.cudnn_conv_algo_search=$choice")
+  echo "search mode for the daemon runs: ${choice:-the default}"
+fi
 
-step 1000 rendered dense A4 pages through the daemon, GPU memory sampled every second
-nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/gpumem.csv" &
-sampler=$!
-timeout 180 python3 benchmarks/bench.py --render 1000 --a4 --modes c --batch 8 --timeout 130 \
-  > "$out/bench-1000.json" 2> "$out/bench-1000.log"
-kill $sampler
-tail -2 "$out/bench-1000.log"
-step host ceiling on this machine cores, device replayed
-timeout 100 python3 benchmarks/host_ceiling.py --images "$eval_dir/sroie/img" --limit 40 \
-  --cores 1,4,16 --out /tmp/replay > "$out/host-ceiling.json" 2> "$out/host-ceiling.log"
-tail -2 "$out/host-ceiling.log"
+if want receipts; then
+  step "receipts, modes $receipt_modes"
+  timeout 210 python3 benchmarks/bench.py --images "$eval_dir/sroie/img" --modes "$receipt_modes" \
+    --batch 8 --log-dir "$out/logs" "${algo_set[@]}" > "$out/bench-sroie.json" 2> "$out/bench-sroie.log"
+  tail -3 "$out/bench-sroie.log"
+fi
+
+if want a4; then
+  step 1000 rendered dense A4 pages through the daemon, GPU memory sampled every second
+  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/gpumem.csv" &
+  sampler=$!
+  timeout 180 python3 benchmarks/bench.py --render 1000 --a4 --modes c --batch 8 --timeout 120 \
+    --log-dir "$out/logs" "${algo_set[@]}" > "$out/bench-1000.json" 2> "$out/bench-1000.log"
+  kill $sampler
+  tail -2 "$out/bench-1000.log"
+fi
+
+if want ceiling; then
+  step host ceiling on this machine cores, device replayed
+  timeout 40 python3 benchmarks/host_ceiling.py --images "$eval_dir/sroie/img" --limit 40 \
+    --cores 1,4,16 --out /tmp/replay > "$out/host-ceiling.json" 2> "$out/host-ceiling.log"
+  tail -2 "$out/host-ceiling.log"
+fi
 step done

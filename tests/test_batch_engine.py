@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -300,6 +301,44 @@ def test_warmup_runs_every_bucket_once(
     else:  # pages up to the limit keep their size: every bucket up to it, none above
         assert all(max(shape[1:3]) <= limit for shape in made["det"].shapes)
         assert (256, 256) in det_shapes and (limit, limit) in det_shapes
+
+
+class OverlapSession:
+    """Records how many runs and elements are in flight at once; a run waits (up to 1 s) for
+    two more to overlap it, so a warm-up that can run shapes together does."""
+
+    def __init__(self) -> None:
+        self.room = threading.Condition()
+        self.shapes: list[tuple[int, ...]] = []
+        self.running = self.in_flight = self.peak_runs = self.peak_elements = 0
+
+    def get_inputs(self) -> Any:
+        return [SimpleNamespace(name="x")]
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        (batch,) = feeds.values()
+        with self.room:
+            self.shapes.append(tuple(batch.shape))
+            self.running += 1
+            self.in_flight += batch.size
+            self.peak_runs = max(self.peak_runs, self.running)
+            self.peak_elements = max(self.peak_elements, self.in_flight)
+            self.room.notify_all()
+            self.room.wait_for(lambda: self.running >= 3, timeout=1)
+            self.running -= 1
+            self.in_flight -= batch.size
+        return [np.zeros((len(batch), 1), np.float32)]
+
+
+def test_warmup_runs_shapes_together_within_twice_the_largest() -> None:
+    """A GPU's new shapes cost host work: they are warmed in threads, but never with more than
+    twice the largest shape's elements in flight (the arena keeps a warm-up's peak)."""
+    shapes = [(n, 48, w, 3) for w in (3200, 2560, 1920, 640, 320) for n in (1, 8, 32)]
+    session = OverlapSession()
+    batch_module.warm_shapes(session, shapes, np.uint16, threads=4)
+    assert sorted(session.shapes) == sorted(shapes)  # each once
+    assert session.peak_runs >= 2
+    assert session.peak_elements <= 2 * 32 * 48 * 3200 * 3
 
 
 def test_warmup_on_the_cpu_runs_one_small_shape_per_model(

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +33,7 @@ from typing import Any, Literal, cast
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from daemon.budget import shm_room
 from daemon.config import OcrSettings
@@ -59,6 +62,9 @@ log = logging.getLogger(__name__)
 # Padding a page with white makes the padded area look like more page margin, which disturbs
 # the text near the edge least.
 DET_PAD_WHITE = 255
+# Shapes warmed at once on a GPU provider (see `warm_shapes`).
+WARMUP_THREADS_MAX = 8
+
 
 @dataclass
 class _Page:
@@ -419,16 +425,21 @@ class BatchEngine:
         )
         return {"det": det, "cls": cls, "rec": rec}  # type: ignore[dict-item]
 
-    def warmup(self, full: bool | None = None) -> dict[str, float]:
+    def warmup(self, full: bool | None = None, threads: int | None = None) -> dict[str, float]:
         """Run every bucket once, so cuDNN searches and arena growth happen now, not per file.
 
         `full=None` means full on a GPU provider only. On the CPU a shape costs nothing to
         change but the full set would take minutes and gigabytes (4 pages of 736x7936), so
         there only the smallest shape of each model runs, to get lazy initialisation done.
+        A full warm-up runs up to `threads` shapes at once (default `WARMUP_THREADS_MAX` or
+        the usable cores, fewer): each new shape's cost is per-node host work in onnxruntime
+        and cuDNN, which one shape at a time left a 16-core GPU host mostly idle.
         Returns seconds per model run (no "cls" without the angle classifier).
         """
         if full is None:
             full = self._provider != "cpu"
+        if threads is None:
+            threads = min(len(os.sched_getaffinity(0)), WARMUP_THREADS_MAX) if full else 1
         if self._host is not None:
             self._host.warmup()  # worker processes start now, not on the first page
         sessions = {"det": self._det, "cls": self._cls, "rec": self._rec}
@@ -441,13 +452,45 @@ class BatchEngine:
             if not full:
                 shapes = [min(shapes, key=lambda shape: math.prod(shape))]
             start = time.perf_counter()
-            for shape in shapes:
-                try:
-                    run_split(session, np.zeros(shape, dtypes[model]), shape[0])
-                except GpuOutOfMemoryError as exc:  # pages this big will split or fail alone
-                    log.warning("warm-up of %s %s: %s", model, list(shape), exc)
+            warm_shapes(session, shapes, dtypes[model], threads, model)
             spent[model] = time.perf_counter() - start
         return spent
+
+
+def warm_shapes(session: Any, shapes: Sequence[tuple[int, ...]], dtype: npt.DTypeLike,
+                threads: int, model: str = "model") -> None:
+    """Run `session` once on zeros of each shape, up to `threads` at once, largest first.
+
+    At most twice the largest shape's elements are in flight: the arena keeps whatever a
+    warm-up peak took, and twice the largest is what two batches in flight on one GPU can
+    take later anyway. An out-of-memory shape is logged and left cold (such pages split).
+    """
+    ordered = sorted(shapes, key=math.prod, reverse=True)
+    budget = 2 * math.prod(ordered[0]) if ordered else 0
+    room = threading.Condition()
+    in_flight = 0
+
+    def one(shape: tuple[int, ...]) -> None:
+        nonlocal in_flight
+        size = math.prod(shape)
+        with room:
+            room.wait_for(lambda: in_flight == 0 or in_flight + size <= budget)
+            in_flight += size
+        try:
+            run_split(session, np.zeros(shape, dtype), shape[0])
+        except GpuOutOfMemoryError as exc:  # pages this big will split or fail alone
+            log.warning("warm-up of %s %s: %s", model, list(shape), exc)
+        finally:
+            with room:
+                in_flight -= size
+                room.notify_all()
+
+    if threads <= 1 or len(ordered) <= 1:
+        for shape in ordered:
+            one(shape)
+        return
+    with ThreadPoolExecutor(min(threads, len(ordered)), thread_name_prefix="warmup") as pool:
+        list(pool.map(one, ordered))
 
 
 def _share_out(pages: list[_Page], owners: list[int], stage: str, seconds: float) -> None:
