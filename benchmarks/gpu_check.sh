@@ -3,7 +3,7 @@
 # the daemon's dependencies from a carried bundle (built here by benchmarks/gpu_bundle.sh:
 # carry .gpu-bundle/parts/p0XX one per call, then .gpu-bundle/eval), then runs doctor, the GPU
 # tests and the benchmarks, writing everything under $OUT (the daemons' own logs in
-# $OUT/logs). The full set's time limits add up to 580 s, inside one device call (600 s); the
+# $OUT/logs). The full set's time limits add up to 550 s, inside one device call (600 s); the
 # host ceiling goes last, the first to give up.
 # Usage: benchmarks/gpu_check.sh BUNDLE_PARTS_DIR EVAL_DIR
 #   STAGES="warmup receipts" benchmarks/gpu_check.sh ...   runs only those stages (in order:
@@ -43,7 +43,7 @@ fi
 algo_set=()
 if want warmup; then
   step what a new shape costs, per cuDNN search mode, one by one and in threads
-  timeout 90 python3 benchmarks/gpu_warmup.py --algos HEURISTIC,DEFAULT --threads 4 \
+  timeout 60 python3 benchmarks/gpu_warmup.py --algos HEURISTIC,DEFAULT --threads 4 \
     > "$out/warmup.json" 2> "$out/warmup.log"
   tail -3 "$out/warmup.log"
   choice=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["choice"])' \
