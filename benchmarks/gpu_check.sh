@@ -40,22 +40,17 @@ if want tests; then
     tests/test_graphs.py 2>&1 | tail -5 | tee "$out/tests.txt"
 fi
 
-algo_set=()
 if want warmup; then
-  step what a new shape costs, per cuDNN search mode, one by one and in threads
-  timeout 60 python3 benchmarks/gpu_warmup.py --algos HEURISTIC,DEFAULT --threads 4 \
+  step shape changes: one session against a session per shape, and the engine warm-up
+  timeout 90 python3 benchmarks/gpu_warmup.py --algos HEURISTIC --engine \
     > "$out/warmup.json" 2> "$out/warmup.log"
-  tail -3 "$out/warmup.log"
-  choice=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["choice"])' \
-             "$out/warmup.json" 2>/dev/null)
-  [ -n "$choice" ] && algo_set=(--set "ocr.cudnn_conv_algo_search=$choice")
-  echo "search mode for the daemon runs: ${choice:-the default}"
+  grep -v "Fallback mode" "$out/warmup.log" | tail -3
 fi
 
 if want receipts; then
   step "receipts, modes $receipt_modes"
-  timeout 210 python3 benchmarks/bench.py --images "$eval_dir/sroie/img" --modes "$receipt_modes" \
-    --batch 8 --log-dir "$out/logs" "${algo_set[@]}" > "$out/bench-sroie.json" 2> "$out/bench-sroie.log"
+  timeout 180 python3 benchmarks/bench.py --images "$eval_dir/sroie/img" --modes "$receipt_modes" \
+    --batch 8 --log-dir "$out/logs" > "$out/bench-sroie.json" 2> "$out/bench-sroie.log"
   tail -3 "$out/bench-sroie.log"
 fi
 
@@ -64,7 +59,7 @@ if want a4; then
   nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/gpumem.csv" &
   sampler=$!
   timeout 180 python3 benchmarks/bench.py --render 1000 --a4 --modes c --batch 8 --timeout 120 \
-    --log-dir "$out/logs" "${algo_set[@]}" > "$out/bench-1000.json" 2> "$out/bench-1000.log"
+    --log-dir "$out/logs" > "$out/bench-1000.json" 2> "$out/bench-1000.log"
   kill $sampler
   tail -2 "$out/bench-1000.log"
 fi

@@ -23,7 +23,7 @@ from daemon.ocr import batch as batch_module
 from daemon.ocr import buckets
 from daemon.ocr import host as host_module
 from daemon.ocr.batch import BatchEngine
-from daemon.ocr.device import GpuOutOfMemoryError
+from daemon.ocr.device import GpuOutOfMemoryError, ShapeSessions
 from daemon.ocr.models import resolve_model_paths
 from daemon.ocr.rapid import RapidOcrEngine
 from daemon.results import Image, PageResult
@@ -78,7 +78,7 @@ def recording_sessions(monkeypatch: pytest.MonkeyPatch) -> Sessions:
     made = Sessions()
     real_create = batch_module.create_session
 
-    def create(path: Path, choice: Any, ocr: OcrSettings) -> RecordingSession:
+    def create(path: Path, choice: Any, ocr: OcrSettings, **_: Any) -> RecordingSession:
         kind = "det" if "det" in path.name else "cls" if "cls" in path.name else "rec"
         made[kind] = RecordingSession(real_create(path, choice, ocr), made.limits.get(kind))
         return made[kind]
@@ -276,7 +276,7 @@ def test_warmup_runs_every_bucket_once(
     made: dict[str, ZeroSession] = {}
     real_create = batch_module.create_session
 
-    def create(path: Path, choice: Any, ocr: OcrSettings) -> ZeroSession:
+    def create(path: Path, choice: Any, ocr: OcrSettings, **_: Any) -> ZeroSession:
         kind = "det" if "det" in path.name else "cls" if "cls" in path.name else "rec"
         made[kind] = ZeroSession(real_create(path, choice, ocr))
         return made[kind]
@@ -347,7 +347,7 @@ def test_warmup_on_the_cpu_runs_one_small_shape_per_model(
     made: dict[str, ZeroSession] = {}
     real_create = batch_module.create_session
 
-    def create(path: Path, choice: Any, ocr: OcrSettings) -> ZeroSession:
+    def create(path: Path, choice: Any, ocr: OcrSettings, **_: Any) -> ZeroSession:
         kind = "det" if "det" in path.name else "cls" if "cls" in path.name else "rec"
         made[kind] = ZeroSession(real_create(path, choice, ocr))
         return made[kind]
@@ -379,6 +379,71 @@ def test_real_warmup_runs_and_leaves_results_unchanged(
         engine.close()
     assert spent["det"] > 0 and spent["rec"] > 0 and "cls" not in spent
     _assert_same_text(results, reference[:2])
+
+
+def test_each_warmed_shape_runs_on_a_session_of_its_own(
+    pages: list[Image], reference: list[PageResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU a shape change costs every convolution a new cuDNN plan, so each warmed shape
+    has its own session (built and first run by the warm-up); the text is unchanged."""
+    made: dict[str, list[RecordingSession]] = {"det": [], "rec": []}
+    real_create = batch_module.create_session
+
+    def create(path: Path, choice: Any, ocr: OcrSettings, **_: Any) -> RecordingSession:
+        kind = "det" if "det" in path.name else "rec"
+        made[kind].append(RecordingSession(real_create(path, choice, ocr)))
+        return made[kind][-1]
+
+    monkeypatch.setattr(batch_module, "create_session", create)
+    monkeypatch.setattr(buckets, "REC_WIDTHS", (320, 640, 960, 1280, 1600))
+    monkeypatch.setattr(buckets, "det_warm_shapes",
+                        lambda limit, kind, coarse=False: [(960, 960)])
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=2, rec_batch_sizes=(1, 4),
+                         fixed_shapes=True, shape_sessions=True)
+    try:
+        engine.warmup(full=True, threads=2)
+        warm = engine.warmup_shapes()
+        results = engine.recognize(pages[:3])
+    finally:
+        engine.close()
+    one = BatchEngine(OcrSettings(), CPU, max_pages=2, rec_batch_sizes=(1, 4), fixed_shapes=True,
+                      shape_sessions=False)
+    try:
+        assert one.recognize(pages[:3]) == results  # the same lines, boxes and scores
+    finally:
+        one.close()
+    made["det"], made["rec"] = made["det"][:-1], made["rec"][:-1]  # that engine's own
+    assert [[line.text for line in page.lines] for page in results] == [
+        [line.text for line in page.lines] for page in reference[:3]]
+    for model in ("det", "rec"):
+        base, *own = made[model]
+        assert len(own) == len(warm[model]) == len(set(warm[model])), model
+        assert {session.shapes[0] for session in own} == set(warm[model]), model
+        assert all(len(set(session.shapes)) == 1 for session in own), model
+        assert base.shapes == [], model  # every page and line fell in a warmed bucket
+    assert sum(len(session.shapes) for session in made["rec"]) > len(warm["rec"])
+
+
+def test_shape_sessions_send_other_shapes_to_the_first_session() -> None:
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+            return self.name
+
+    built: list[Named] = []
+
+    def make() -> Named:
+        built.append(Named(f"own{len(built)}"))
+        return built[-1]
+
+    sessions = ShapeSessions(Named("base"), make)
+    sessions.adopt((1, 48, 320, 3))
+    sessions.adopt((1, 48, 320, 3))  # once per shape
+    assert len(built) == 1 and sessions.shapes == [(1, 48, 320, 3)]
+    assert sessions.run(None, {"x": np.zeros((1, 48, 320, 3))}) == "own0"
+    assert sessions.run(None, {"x": np.zeros((2, 48, 320, 3))}) == "base"
 
 
 def test_unknown_language_is_a_config_error() -> None:

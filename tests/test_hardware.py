@@ -359,6 +359,33 @@ def test_cuda_on_a_gpu_is_chosen_and_sessions_keep_it() -> None:
     run_probe_input(session)
 
 
+@gpu
+@needs_cuda
+def test_sessions_on_one_gpu_share_one_arena_and_run() -> None:
+    """Per-shape sessions take their GPU memory from one arena for the device."""
+    settings = Settings(ocr={"provider": "cuda"})
+    choice = choose_provider(settings)
+    assert sessions.share_device_arena(settings.ocr)
+    built = [create_session(probe_model_path(), choice, settings.ocr, shared_arena=True)
+             for _ in range(2)]
+    for session in built:
+        assert session.get_providers()[0] == CUDA_EP
+        run_probe_input(session)
+
+
+@cpu_build_only
+def test_no_shared_gpu_arena_on_the_cpu_build_is_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sessions, "_shared_arenas", {})
+    caplog.set_level("WARNING", logger="daemon.hardware.sessions")
+    ocr = Settings().ocr
+    assert sessions.share_device_arena(ocr) is False
+    assert sessions.share_device_arena(ocr) is False
+    said = [r.getMessage() for r in caplog.records if "memory arena" in r.getMessage()]
+    assert len(said) == 1 and "each session keeps its own" in said[0]
+
+
 # --- choice logic where this host cannot produce the case -------------------------------------
 
 

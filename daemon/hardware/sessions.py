@@ -22,6 +22,7 @@ import onnxruntime as ort
 from daemon.config import OcrSettings
 from daemon.hardware.providers import (
     CPU_EP,
+    CUDA_EP,
     SHORT_NAMES,
     ProviderChoice,
     ProviderSpec,
@@ -85,20 +86,59 @@ def _spec_name(spec: ProviderSpec) -> str:
 
 
 
+_shared_arenas: dict[int, bool] = {}
+_shared_lock = threading.Lock()
+
+
+def share_device_arena(ocr: OcrSettings) -> bool:
+    """One CUDA memory arena for every session on `ocr.device_id` that asks for it.
+
+    Each session otherwise grows its own arena to the peak of the shapes it runs, and with a
+    session per shape (`ocr.device.ShapeSessions`) those peaks would add up. Registered once
+    per device in onnxruntime's environment; False (each session its own arena, as before)
+    where onnxruntime refuses, with the reason logged once.
+    """
+    with _shared_lock:
+        known = _shared_arenas.get(ocr.device_id)
+        if known is not None:
+            return known
+        try:
+            info = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR,
+                                     ocr.device_id, ort.OrtMemType.DEFAULT)
+            arena = ort.OrtArenaCfg({
+                "max_mem": max(0, ocr.gpu_mem_limit_bytes),
+                "arena_extend_strategy": 1,  # kSameAsRequested, as the provider's own
+            })
+            ort.create_and_register_allocator_v2(
+                CUDA_EP, info, {"device_id": str(ocr.device_id)}, arena
+            )
+            shared = True
+        except Exception as exc:
+            log.warning("one GPU memory arena for all sessions on device %d: not available "
+                        "(%s); each session keeps its own", ocr.device_id, exc)
+            shared = False
+        _shared_arenas[ocr.device_id] = shared
+        return shared
+
+
 def create_session(
     model_path: Path,
     choice: ProviderChoice,
     ocr: OcrSettings,
     *,
     on_fallback: FallbackListener | None = None,
+    shared_arena: bool = False,
 ) -> Any:
     """An InferenceSession for `model_path` on `choice`'s providers, verified.
 
     If the chosen GPU provider is not first in the built session's providers (onnxruntime drops
     it with only a warning), or building with it raises, the fallback is logged, reported to
     `on_fallback` and the module's listeners, and a session that runs on the CPU is returned.
+    `shared_arena`: on CUDA, take GPU memory from the device's shared arena where there is one.
     """
     options = session_options(ocr)
+    if shared_arena and choice.name == "cuda" and share_device_arena(ocr):
+        options.add_session_config_entry("session.use_env_allocators", "1")
     wanted = _spec_name(choice.ort_providers[0])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -41,7 +41,7 @@ from daemon.errors import ConfigError
 from daemon.hardware.providers import ProviderChoice
 from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets
-from daemon.ocr.device import FloatArray, GpuOutOfMemoryError, run_split
+from daemon.ocr.device import FloatArray, GpuOutOfMemoryError, ShapeSessions, run_split
 from daemon.ocr.graphs import REC_PAD, det_model, rec_model
 from daemon.ocr.host import (
     Detected,
@@ -93,6 +93,7 @@ class BatchEngine:
         post_threads: int = 2,
         fixed_shapes: bool | None = None,
         host_processes: int | Literal["auto"] = 0,
+        shape_sessions: bool | None = None,
     ) -> None:
         from rapidocr.ch_ppocr_cls.main import CLS_SHAPE_BY_OCR_VERSION
         from rapidocr.ch_ppocr_cls.utils import ClsPostProcess
@@ -115,10 +116,25 @@ class BatchEngine:
         self._det_pre = DetPreProcess(det.limit_side_len, det.limit_type, det.mean, det.std)
         # Both models normalise pixels on the device, by tables of this host code's own
         # results; the recogniser also hands back arg-max and max, not 18,710 probabilities.
-        self._det = create_session(det_model(paths.det, det_lut(self._det_pre)), choice, ocr)
-        self._rec = create_session(rec_model(paths.rec, rec_lut()), choice, ocr)
-        self._cls = create_session(paths.cls, choice, ocr) if ocr.use_cls else None
+        models = {"det": det_model(paths.det, det_lut(self._det_pre)),
+                  "rec": rec_model(paths.rec, rec_lut()), "cls": paths.cls}
+        self._det = create_session(models["det"], choice, ocr, shared_arena=True)
+        self._rec = create_session(models["rec"], choice, ocr, shared_arena=True)
+        self._cls = (create_session(models["cls"], choice, ocr, shared_arena=True)
+                     if ocr.use_cls else None)
         self._provider = provider_name(self._det)
+        # a GPU: each warmed shape its own sessions (see ShapeSessions: a shape change costs
+        # the CUDA convolutions seconds); their first runs are the warm-up
+        if self._provider != "cpu" if shape_sessions is None else shape_sessions:
+
+            def per_shape(model: str, base: Any) -> ShapeSessions:
+                return ShapeSessions(
+                    base, lambda: create_session(models[model], choice, ocr, shared_arena=True)
+                )
+
+            self._det = per_shape("det", self._det)
+            self._rec = per_shape("rec", self._rec)
+            self._cls = per_shape("cls", self._cls) if self._cls is not None else None
         db_params = {
             "thresh": det.thresh,
             "box_thresh": det.box_thresh,
@@ -431,9 +447,11 @@ class BatchEngine:
         `full=None` means full on a GPU provider only. On the CPU a shape costs nothing to
         change but the full set would take minutes and gigabytes (4 pages of 736x7936), so
         there only the smallest shape of each model runs, to get lazy initialisation done.
-        A full warm-up runs up to `threads` shapes at once (default `WARMUP_THREADS_MAX` or
-        the usable cores, fewer): each new shape's cost is per-node host work in onnxruntime
-        and cuDNN, which one shape at a time left a 16-core GPU host mostly idle.
+        On a GPU each shape gets its own sessions here (`ShapeSessions`), and their first run
+        builds a cuDNN plan for every convolution: 0.7-3.7 s a recogniser shape on an H100,
+        host work, so a full warm-up runs up to `threads` shapes at once (default
+        `WARMUP_THREADS_MAX` or the usable cores, fewer). In one shared session they would
+        wait on each node's lock and undo each other's plans.
         Returns seconds per model run (no "cls" without the angle classifier).
         """
         if full is None:
@@ -477,6 +495,8 @@ def warm_shapes(session: Any, shapes: Sequence[tuple[int, ...]], dtype: npt.DTyp
             room.wait_for(lambda: in_flight == 0 or in_flight + size <= budget)
             in_flight += size
         try:
+            if isinstance(session, ShapeSessions):
+                session.adopt(shape)  # a session of its own, planned by this first run
             run_split(session, np.zeros(shape, dtype), shape[0])
         except GpuOutOfMemoryError as exc:  # pages this big will split or fail alone
             log.warning("warm-up of %s %s: %s", model, list(shape), exc)

@@ -1,9 +1,12 @@
-"""Device runs: one `session.run`, split in halves when the GPU runs out of memory."""
+"""Device runs: one `session.run`, split in halves when the GPU runs out of memory, and a
+session per input shape on a GPU."""
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -57,3 +60,57 @@ def run_split(session: Any, batch: npt.NDArray[Any], real: int) -> list[npt.NDAr
         return first
     second = run_split(session, batch[middle:], real - middle)
     return [np.concatenate([a, b]) for a, b in zip(first, second, strict=True)]
+
+
+class ShapeSessions:
+    """A model's sessions on a GPU: one per warmed input shape, the first for any other.
+
+    onnxruntime's CUDA convolution (its cuDNN 9 builds) keeps one cuDNN execution plan per
+    node and builds it again whenever a run's input shape differs from that node's previous
+    run: nothing is kept per shape. Measured on an H100 (onnxruntime-gpu 1.31.1,
+    benchmarks/gpu_warmup.py): recogniser runs taking turns between three shapes cost 0.7 to
+    3.7 s each, every time, against 11.5 ms for a [32,48,960] batch run again. A session of
+    its own per shape means each node sees one shape forever. The models are small (10 and
+    21 MB); the activations come from one arena per device where it can be shared
+    (`hardware.sessions.share_device_arena`).
+
+    Quacks like a session for `run_split`: `run` picks the session by the input's shape.
+    """
+
+    def __init__(self, base: Any, make: Callable[[], Any]) -> None:
+        self._base = base
+        self._make = make
+        self._by_shape: dict[tuple[int, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def get_inputs(self) -> Any:
+        return self._base.get_inputs()
+
+    def get_outputs(self) -> Any:
+        return self._base.get_outputs()
+
+    def get_modelmeta(self) -> Any:
+        return self._base.get_modelmeta()
+
+    def get_providers(self) -> Any:
+        return self._base.get_providers()
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The shapes with a session of their own."""
+        with self._lock:
+            return list(self._by_shape)
+
+    def adopt(self, shape: tuple[int, ...]) -> None:
+        """Give `shape` a session of its own (built outside the lock: runs go on meanwhile)."""
+        with self._lock:
+            if shape in self._by_shape:
+                return
+        session = self._make()
+        with self._lock:
+            self._by_shape.setdefault(tuple(shape), session)
+
+    def run(self, names: Any, feeds: dict[str, Any], *args: Any) -> Any:
+        (batch,) = feeds.values()
+        session = self._by_shape.get(tuple(batch.shape), self._base)
+        return session.run(names, feeds, *args)
