@@ -264,9 +264,13 @@ def mode_naive(args: argparse.Namespace, images: list[Path], cuda: bool) -> dict
     engine = RapidOCR(params=rapidocr_params(ocr, choice))
     engine(load_pages(images[0], ocr)[0])  # RapidOCR loads its models lazily, on first use
     load_s = time.perf_counter() - start
-    texts, latencies, pages, decode_s = [], [], 0, 0.0
+    texts: list[str | None] = []
+    latencies: list[float] = []
+    pages, decode_s = 0, 0.0
     start = time.perf_counter()
     for path in images:
+        if args.mode_seconds and time.perf_counter() - start > args.mode_seconds:
+            break
         t0 = time.perf_counter()
         frames = load_pages(path, ocr)
         decode_s += time.perf_counter() - t0
@@ -277,9 +281,11 @@ def mode_naive(args: argparse.Namespace, images: list[Path], cuda: bool) -> dict
             latencies.append(time.perf_counter() - t1 + (t1 - t0) / len(frames))
         texts.append("\n".join(doc))
         pages += len(frames)
-    return {"texts": texts, "latencies": latencies, "pages": pages,
-            "seconds": time.perf_counter() - start, "load_seconds": load_s,
-            "decode_seconds": decode_s}
+    seconds = time.perf_counter() - start
+    done = len(texts)
+    texts += [None] * (len(images) - done)  # not reached within --mode-seconds: not scored
+    return {"texts": texts, "latencies": latencies, "pages": pages, "seconds": seconds,
+            "load_seconds": load_s, "decode_seconds": decode_s, "files_done": done}
 
 
 def mode_batch(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
@@ -313,7 +319,11 @@ def mode_batch(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
         owners.clear()
         frames.clear()
 
+    done = len(images)
     for index, path in enumerate(images):
+        if args.mode_seconds and time.perf_counter() - start > args.mode_seconds:
+            done = index
+            break
         t0 = time.perf_counter()
         for frame in load_pages(path, ocr):
             frames.append(frame)
@@ -325,9 +335,9 @@ def mode_batch(args: argparse.Namespace, images: list[Path]) -> dict[str, Any]:
         flush()
     seconds = time.perf_counter() - start
     engine.close()
-    return {"texts": ["\n".join(t) for t in texts], "latencies": latencies,
-            "pages": len(latencies), "seconds": seconds, "load_seconds": load_s,
-            "decode_seconds": decode_s,
+    return {"texts": ["\n".join(t) if k < done else None for k, t in enumerate(texts)],
+            "latencies": latencies, "pages": len(latencies), "seconds": seconds,
+            "load_seconds": load_s, "decode_seconds": decode_s, "files_done": done,
             "stage_seconds": {k: round(v, 3) for k, v in stage.items()}}
 
 
@@ -493,7 +503,8 @@ def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool
 def summarise(mode: str, raw: dict[str, Any], rss: int | None, truths: list[str | None],
               names: list[str] | None = None) -> dict[str, Any]:
     lat = sorted(raw["latencies"])
-    pairs = [(t, g) for t, g in zip(raw["texts"], truths, strict=True) if g is not None]
+    pairs = [(t, g) for t, g in zip(raw["texts"], truths, strict=True)
+             if g is not None and t is not None]  # None: a file a mode did not reach
     out: dict[str, Any] = {
         "pages": raw["pages"],
         "seconds": round(raw["seconds"], 3),
@@ -508,12 +519,13 @@ def summarise(mode: str, raw: dict[str, Any], rss: int | None, truths: list[str 
         out["per_file"] = {
             name: score([(text, truth)])
             for name, text, truth in zip(names, raw["texts"], truths, strict=True)
-            if truth is not None
+            if truth is not None and text is not None
         }
     if raw.get("cpu_seconds") is not None:
         out["cpu_seconds"] = round(raw["cpu_seconds"], 2)
         out["cpu_seconds_per_page"] = round(raw["cpu_seconds"] / max(1, raw["pages"]), 3)
-    for key in ("load_seconds", "decode_seconds", "stage_seconds", "latency_source", "failed"):
+    for key in ("load_seconds", "decode_seconds", "stage_seconds", "latency_source", "failed",
+                "files_done"):
         if key in raw:
             out[key] = raw[key]
     return out
@@ -545,6 +557,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="modes c and e: a daemon setting (repeatable)")
     parser.add_argument("--log-dir", type=Path, help="modes c and e: keep the daemon's log here")
+    parser.add_argument("--mode-seconds", type=float, default=0,
+                        help="modes a, b, d: take no new file after this long (0: no limit); "
+                             "their figures then cover the files done (files_done)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-files", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -14,11 +14,13 @@ from typing import Any
 
 import cv2
 import numpy as np
+import onnxruntime as ort
 import pytest
 
-from daemon.config import OcrSettings
+from daemon.config import OcrSettings, Settings
 from daemon.errors import ConfigError
-from daemon.hardware.providers import CPU
+from daemon.hardware.nvml import probe_nvml
+from daemon.hardware.providers import CPU, CUDA_EP, choose_provider
 from daemon.ocr import batch as batch_module
 from daemon.ocr import buckets
 from daemon.ocr import host as host_module
@@ -422,6 +424,33 @@ def test_each_warmed_shape_runs_on_a_session_of_its_own(
         assert all(len(set(session.shapes)) == 1 for session in own), model
         assert base.shapes == [], model  # every page and line fell in a warmed bucket
     assert sum(len(session.shapes) for session in made["rec"]) > len(warm["rec"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA_EP in ort.get_available_providers() and probe_nvml().gpus),
+                    reason="needs an NVIDIA GPU and onnxruntime-gpu")
+def test_on_a_gpu_the_engine_reads_what_the_cpu_reads(
+    pages: list[Image], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU path end to end in the engine: a session per warmed shape, the text the CPU
+    engine reads with the same buckets (bucket set cut down so the warm-up takes seconds)."""
+    monkeypatch.setattr(buckets, "REC_WIDTHS", (320, 640, 960, 1280, 1600))
+    settings = Settings(ocr={"provider": "cuda"})
+    gpu = BatchEngine(settings.ocr, choose_provider(settings), max_pages=2)
+    try:
+        assert gpu.provider == "cuda"
+        gpu.warmup()
+        got = gpu.recognize(pages[:3])
+        assert isinstance(gpu._rec, ShapeSessions) and len(gpu._rec.shapes) == len(
+            gpu.warmup_shapes()["rec"])
+    finally:
+        gpu.close()
+    cpu = BatchEngine(OcrSettings(), CPU, max_pages=2, fixed_shapes=True)
+    try:
+        want = cpu.recognize(pages[:3])
+    finally:
+        cpu.close()
+    assert [page.text for page in got] == [page.text for page in want]
 
 
 def test_shape_sessions_send_other_shapes_to_the_first_session() -> None:

@@ -88,6 +88,7 @@ def _spec_name(spec: ProviderSpec) -> str:
 
 _shared_arenas: dict[int, bool] = {}
 _shared_lock = threading.Lock()
+_building = threading.Lock()
 
 
 def share_device_arena(ocr: OcrSettings) -> bool:
@@ -140,7 +141,8 @@ def create_session(
     if shared_arena and choice.name == "cuda" and share_device_arena(ocr):
         options.add_session_config_entry("session.use_env_allocators", "1")
     wanted = _spec_name(choice.ort_providers[0])
-    with warnings.catch_warnings(record=True) as caught:
+    # catch_warnings swaps process-wide state: sessions built by warm-up threads take turns
+    with _building, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             session = ort.InferenceSession(
