@@ -37,14 +37,14 @@ fi
 if want tests; then
   step gpu tests
   # the tests marked gpu (the OpenCL ones want pyopencl and pocl, which the bundle leaves out)
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_hardware.py \
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_hardware.py \
     tests/test_metrics.py tests/test_graphs.py tests/test_batch_engine.py 2>&1 | tail -12 \
     | tee "$out/tests.txt"
 fi
 
 if want warmup; then
   step shape changes: one session against a session per shape, and the engine warm-up
-  timeout 90 python3 benchmarks/gpu_warmup.py --algos HEURISTIC --engine \
+  timeout 120 python3 benchmarks/gpu_warmup.py --algos HEURISTIC,EXHAUSTIVE --engine \
     > "$out/warmup.json" 2> "$out/warmup.log"
   grep -v "Fallback mode" "$out/warmup.log" | tail -3
 fi
