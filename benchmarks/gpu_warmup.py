@@ -9,8 +9,10 @@ input shape differs from that node's previous run. For each mode, on the recogni
 daemon builds it (on-device arg-max appended): three shapes taken in turn, twice, in ONE
 session (every run pays the plans), then the same in a session PER shape (`ShapeSessions`:
 only each session's first run does), then one shape run again (steady). `--engine` then times
-`BatchEngine.warmup()` (every bucket, in threads) and reads the GPU memory the process holds
-(NVML). Prints ONE JSON object.
+`BatchEngine.warmup()` (every bucket, in threads), reads the GPU memory the process holds
+(NVML), times each warmed shape run again (what a batch costs by its shape: the data for the
+batch sizes) and two recogniser shapes run from two threads at once against one after the
+other. Prints ONE JSON object.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +92,12 @@ def measure(algo: str) -> dict[str, Any]:
 
 
 def engine_warmup() -> dict[str, Any]:
+    import numpy as np
+
     from daemon.config import Settings
     from daemon.hardware.providers import choose_provider
     from daemon.ocr.batch import BatchEngine
+    from daemon.ocr.device import run_split
 
     settings = Settings()
     start = time.perf_counter()
@@ -99,10 +105,52 @@ def engine_warmup() -> dict[str, Any]:
     built = time.perf_counter() - start
     try:
         spent = engine.warmup()
-        shapes = {k: len(v) for k, v in engine.warmup_shapes().items()}
-        return {"provider": engine.provider, "built_s": round(built, 2),
-                "warmup_s": {k: round(v, 2) for k, v in spent.items()}, "shapes": shapes,
-                "gpu_bytes_held": gpu_bytes_held()}
+        warm = engine.warmup_shapes()
+        out: dict[str, Any] = {
+            "provider": engine.provider, "built_s": round(built, 2),
+            "warmup_s": {k: round(v, 2) for k, v in spent.items()},
+            "shapes": {k: len(v) for k, v in warm.items()},
+            "gpu_bytes_held": gpu_bytes_held(),
+        }
+        # every warmed shape, run again on its own session: what a batch costs by its shape
+        # (median of 5, ms; per line or page, and per pixel column for the recogniser)
+        dtypes = {"det": np.uint8, "rec": np.uint16, "cls": np.float32}
+        steady: dict[str, dict[str, Any]] = {}
+        for model, shapes in warm.items():
+            session = engine.sessions.get(model)
+            for shape in shapes if session is not None else []:
+                batch = np.zeros(shape, dtypes[model])
+                times = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    run_split(session, batch, shape[0])
+                    times.append(time.perf_counter() - t0)
+                ms = statistics.median(times) * 1000
+                row = {"ms": round(ms, 2), "ms_each": round(ms / shape[0], 3)}
+                if model == "rec":
+                    row["us_per_column"] = round(1000 * ms / (shape[0] * shape[2]), 3)
+                steady[f"{model} {list(shape)}"] = row
+        out["steady"] = steady
+        # two threads on two shapes' sessions at once against one after the other
+        pair = [s for s in warm["rec"] if s[0] == max(x[0] for x in warm["rec"])][:2]
+        session = engine.sessions["rec"]
+
+        def runs(shape: tuple[int, ...]) -> None:
+            for _ in range(10):
+                run_split(session, np.zeros(shape, np.uint16), shape[0])
+
+        t0 = time.perf_counter()
+        for shape in pair:
+            runs(shape)
+        one_after = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(runs, pair))
+        out["two_in_flight"] = {"shapes": pair, "runs_each": 10,
+                                "one_after_the_other_s": round(one_after, 3),
+                                "two_threads_s": round(time.perf_counter() - t0, 3)}
+        out["gpu_bytes_held_after"] = gpu_bytes_held()
+        return out
     finally:
         engine.close()
 

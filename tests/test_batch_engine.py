@@ -441,8 +441,9 @@ def test_on_a_gpu_the_engine_reads_what_the_cpu_reads(
         assert gpu.provider == "cuda"
         gpu.warmup()
         got = gpu.recognize(pages[:3])
-        assert isinstance(gpu._rec, ShapeSessions) and len(gpu._rec.shapes) == len(
-            gpu.warmup_shapes()["rec"])
+        rec = gpu.sessions["rec"]
+        assert isinstance(rec, ShapeSessions)
+        assert len(rec.shapes) == len(gpu.warmup_shapes()["rec"])
     finally:
         gpu.close()
     cpu = BatchEngine(OcrSettings(), CPU, max_pages=2, fixed_shapes=True)

@@ -191,6 +191,12 @@ class BatchEngine:
         return self._provider
 
     @property
+    def sessions(self) -> dict[str, Any]:
+        """The model sessions by name ("det", "rec", and "cls" with the classifier)."""
+        found = {"det": self._det, "rec": self._rec, "cls": self._cls}
+        return {name: session for name, session in found.items() if session is not None}
+
+    @property
     def thread_safe(self) -> bool:
         return True  # onnxruntime's run is thread-safe and all per-call state is local
 
