@@ -253,7 +253,7 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
     widths: dict[bytes, int] = {}
     real_create = batch_module.create_session
 
-    def create(path: Path, _choice: Any, ocr: Any) -> RecordSession:
+    def create(path: Path, _choice: Any, ocr: Any, **_: Any) -> RecordSession:
         session = real_create(path, CPU, ocr)
         metas[model_kind(path)] = dict(session.get_modelmeta().custom_metadata_map)
         return RecordSession(session, rows[model_kind(path)], widths)
@@ -297,7 +297,7 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
 
     sessions: list[ReplaySession] = []
 
-    def create(path: Path, _choice: Any, _ocr: Any) -> ReplaySession:
+    def create(path: Path, _choice: Any, _ocr: Any, **_: Any) -> ReplaySession:
         kind = model_kind(path)
         session = ReplaySession(kind, data["rows"][kind], _Meta(data["metas"].get(kind, {})),
                                 data["strides"])
@@ -370,8 +370,9 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
         "daemon_process_core_ms_per_page_by_thread": by_thread_kind(
             threads_before, threads_after, sum(s.own_seconds for s in sessions), pages),
         "bytes_handed_back_per_page": int(handed_back / max(pages, 1)),
-        "by_model_bytes_per_page": {s.kind: int(s.handed_back / max(pages, 1))
-                                    for s in sessions},
+        "by_model_bytes_per_page": {  # a model has a session per shape on a GPU
+            kind: int(sum(s.handed_back for s in sessions if s.kind == kind) / max(pages, 1))
+            for kind in sorted({s.kind for s in sessions})},
     }
 
 
