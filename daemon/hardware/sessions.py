@@ -85,7 +85,6 @@ def _spec_name(spec: ProviderSpec) -> str:
     return spec if isinstance(spec, str) else spec[0]
 
 
-
 _shared_arenas: dict[int, bool] = {}
 _shared_lock = threading.Lock()
 _building = threading.Lock()
