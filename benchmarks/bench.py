@@ -377,9 +377,9 @@ def daemon_env(inbox: Path, db: Path, args: argparse.Namespace, *, force_cpu: bo
                                                     os.environ.get("PYTHONPATH")])),
     })
     for setting in args.set or []:  # --set ocr.cudnn_conv_algo_search=DEFAULT
-        key, _, value = setting.partition("=")
+        key, equals, value = setting.partition("=")
         section, _, name = key.partition(".")
-        if not name or not _:
+        if not (equals and section and name):
             raise SystemExit(f"--set wants SECTION.KEY=VALUE, got {setting!r}")
         env[f"OCR_DAEMON_{section.upper()}__{name.upper()}"] = value
     return env

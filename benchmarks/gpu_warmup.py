@@ -96,7 +96,7 @@ def engine_warmup() -> dict[str, Any]:
 
     from daemon.config import Settings
     from daemon.hardware.providers import choose_provider
-    from daemon.ocr.batch import BatchEngine
+    from daemon.ocr.batch import INPUT_DTYPES, BatchEngine
     from daemon.ocr.device import run_split
 
     settings = Settings()
@@ -114,12 +114,11 @@ def engine_warmup() -> dict[str, Any]:
         }
         # every warmed shape, run again on its own session: what a batch costs by its shape
         # (median of 5, ms; per line or page, and per pixel column for the recogniser)
-        dtypes = {"det": np.uint8, "rec": np.uint16, "cls": np.float32}
         steady: dict[str, dict[str, Any]] = {}
         for model, shapes in warm.items():
             session = engine.sessions.get(model)
             for shape in shapes if session is not None else []:
-                batch = np.zeros(shape, dtypes[model])
+                batch = np.zeros(shape, INPUT_DTYPES[model])
                 times = []
                 for _ in range(5):
                     t0 = time.perf_counter()

@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 DET_PAD_WHITE = 255
 # Shapes warmed at once on a GPU provider (see `warm_shapes`).
 WARMUP_THREADS_MAX = 8
+# What each model's session is fed: pixels (det), LUT indices with REC_PAD (rec), floats (cls)
+INPUT_DTYPES: dict[str, type[np.generic]] = {"det": np.uint8, "rec": np.uint16,
+                                              "cls": np.float32}
 
 
 @dataclass
@@ -125,7 +128,9 @@ class BatchEngine:
         self._provider = provider_name(self._det)
         # a GPU: each warmed shape its own sessions (see ShapeSessions: a shape change costs
         # the CUDA convolutions seconds); their first runs are the warm-up
-        if self._provider != "cpu" if shape_sessions is None else shape_sessions:
+        if shape_sessions is None:
+            shape_sessions = self._provider != "cpu"
+        if shape_sessions:
 
             def per_shape(model: str, base: Any) -> ShapeSessions:
                 return ShapeSessions(
@@ -466,17 +471,16 @@ class BatchEngine:
             threads = min(len(os.sched_getaffinity(0)), WARMUP_THREADS_MAX) if full else 1
         if self._host is not None:
             self._host.warmup()  # worker processes start now, not on the first page
-        sessions = {"det": self._det, "cls": self._cls, "rec": self._rec}
-        dtypes = {"det": np.uint8, "cls": np.float32, "rec": np.uint16}
+        sessions = self.sessions
         spent: dict[str, float] = {}
         for model, shapes in self.warmup_shapes().items():
-            session = sessions[model]
+            session = sessions.get(model)
             if session is None or not shapes:
                 continue
             if not full:
                 shapes = [min(shapes, key=lambda shape: math.prod(shape))]
             start = time.perf_counter()
-            warm_shapes(session, shapes, dtypes[model], threads, model)
+            warm_shapes(session, shapes, INPUT_DTYPES[model], threads, model)
             spent[model] = time.perf_counter() - start
         return spent
 
