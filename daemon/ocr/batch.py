@@ -5,9 +5,10 @@ almost every batch; on onnxruntime-gpu each new shape means a new cuDNN algorith
 arena growth, which makes the GPU slower than the CPU. Here pages are resized by RapidOCR's
 rule, padded into fixed detection buckets and detected `[N,3,H,W]` at a time; every text line
 of the call is pooled, sorted by aspect ratio and recognised in fixed width x batch buckets
-(see `daemon.ocr.buckets`). Everything else (resizing, DB post-processing, crops, angle
-classification, CTC decoding, box mapping, filtering) is RapidOCR's own code, so the text
-matches plain `RapidOCR()` with the same settings.
+(see `daemon.ocr.buckets`; on a GPU a line is padded or squeezed to the nearest width, by 12%
+at most). Everything else (resizing, DB post-processing, crops, angle classification, CTC
+decoding, box mapping, filtering) is RapidOCR's own code, so the text matches plain
+`RapidOCR()` with the same settings, up to that padding (RapidOCR pads within its batches too).
 
 `recognize` may be called from several threads at once: onnxruntime's `run` is thread-safe
 and all per-call state is local.
@@ -387,7 +388,8 @@ class BatchEngine:
                   ) -> Iterator[tuple[int, list[int], int]]:
         """(width, crop indices, batch size) per recognition run, lines sorted by aspect.
 
-        GPU: fixed width and batch-size buckets (every new shape is a cuDNN search).
+        GPU: fixed width and batch-size buckets (every new shape is a cuDNN search); a line
+        wider than its width is squeezed to it where it is resized (`resize_rec`).
         CPU: no shape is costly but padding is real compute (the recogniser is ~85% of CPU time
         on receipts), so every line runs alone at its own width, down to REC_MIN_WIDTH_CPU
         rather than RapidOCR's 320: 73% of receipt lines are narrower than 320, and that

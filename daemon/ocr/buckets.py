@@ -3,13 +3,14 @@
 On onnxruntime-gpu a session's convolutions build a cuDNN plan whenever their input shape
 changes (0.7-3.7 s a recogniser shape on an H100), so the engine only ever feeds shapes from a
 small fixed set, each run by a session of its own (`ocr.device.ShapeSessions`): page sizes
-round up to a ladder of sides, text-line widths round up to a ladder of widths, and batch
-sizes come from a fixed list. The ladders are finite, so `warmup` can build and run every
-bucket once at start.
+round up to a ladder of sides, text-line widths go to the nearest rung of a ladder of widths
+(see `rec_bucket_width`), and batch sizes come from a fixed list. The ladders are finite, so
+`warmup` can build and run every bucket once at start.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +33,18 @@ REC_MIN_WIDTH = 320  # RapidOCR's floor (48 x 320/48); the CPU path goes below i
 # the benchmark 0 scored 0.9181 against RapidOCR's 0.9182 and 128 0.9221 (the shortest
 # lines, a digit or two, read better with some blank beside them).
 REC_MIN_WIDTH_CPU = 128
-REC_WIDTHS = (320, 480, 640, 800, 960, 1280, 1600, 1920, 2560, 3200)
-REC_WIDTH_STEP_BEYOND = 640  # lines wider than the ladder: rare, rounded to this, not warmed
+# The GPU's line widths: from 320, each rung ~1.2x the last (multiples of 32), to 3232: 13
+# rungs; a line goes to the nearest by ratio, so it is padded or squeezed by 12% at most.
+# Padding a line narrower than 320 up to it costs no text (RapidOCR does it), but padding a
+# wider one does. Bag-of-words F1 on the 100 SROIE receipts with the GPU's shapes,
+# run on the CPU (benchmarks/rec_widths.py; benchmarks/NOTES.md), against 0.9212 for the CPU
+# path: the old ladder (320, 480, 640, 800, 960, 1280, ...) padding up 0.9133; 1.2x rungs
+# padding up 0.9173, squeezing down 0.9190, nearest 0.9194; nearest on 1.3x rungs (10) 0.9184,
+# on 1.15x (16) 0.9195; every line at its own width (no ladder) 0.9205.
+REC_WIDTH_GROWTH = 1.2
+REC_WIDTH_TOP = 3200
+REC_WIDTH_ALIGN = 32
+REC_WIDTH_STEP_BEYOND = 640  # lines wider than the ladder (rare): nearest multiple, not warmed
 
 # GPU: few batch sizes (each shape is a session and a cuDNN plan at warm-up, ~2 s measured for
 # a rec batch on an H200), padded generously since padding entries cost the GPU little.
@@ -106,11 +117,38 @@ def rec_needed_width(height: int, width: int) -> int:
     return math.ceil(REC_HEIGHT * width / float(height))
 
 
-def rec_bucket_width(needed: int) -> int:
-    for rung in REC_WIDTHS:
-        if rung >= needed:
-            return rung
-    return _round_up(needed, REC_WIDTH_STEP_BEYOND)
+def rec_width_ladder(growth: float = REC_WIDTH_GROWTH, floor: int = REC_MIN_WIDTH,
+                     top: int = REC_WIDTH_TOP) -> tuple[int, ...]:
+    """Line widths from `floor`, each rung `growth` times the last rounded up to a multiple of
+    REC_WIDTH_ALIGN (and at least one step more), until one reaches `top`."""
+    rungs = [floor]
+    while rungs[-1] < top:
+        grown = _round_up(math.ceil(rungs[-1] * growth), REC_WIDTH_ALIGN)
+        rungs.append(max(rungs[-1] + REC_WIDTH_ALIGN, grown))
+    return tuple(rungs)
+
+
+REC_WIDTHS = rec_width_ladder()
+
+
+def rec_bucket_width(needed: int, ladder: Sequence[int] | None = None) -> int:
+    """The width a line of `needed` pixels (at the recogniser's height) is fed at: the rung
+    nearest by ratio, so it is padded (mid-grey, as RapidOCR pads) up to it or squeezed down to
+    it, whichever changes it less (a tie squeezes); narrower than the first rung, the first
+    rung (RapidOCR's floor, padded as it pads). Beyond the ladder, the nearest multiple of
+    REC_WIDTH_STEP_BEYOND (or the last rung)."""
+    rungs = REC_WIDTHS if ladder is None else ladder
+    if needed <= rungs[0]:
+        return rungs[0]
+    index = bisect.bisect_left(rungs, needed)
+    if index < len(rungs):
+        up, down = rungs[index], rungs[index - 1]
+    else:
+        up = _round_up(needed, REC_WIDTH_STEP_BEYOND)
+        down = max(rungs[-1], needed // REC_WIDTH_STEP_BEYOND * REC_WIDTH_STEP_BEYOND)
+    if up == needed:
+        return up
+    return down if needed / down <= up / needed else up
 
 
 @dataclass(frozen=True)
