@@ -50,6 +50,28 @@ def gpu_bytes_held() -> int | None:
     return None
 
 
+def cudnn_version() -> str | None:
+    """The cuDNN this process loaded (after a CUDA session ran), by its own cudnnGetVersion.
+    Plans of depthwise convolutions are reported to take ~1.5 s longer to build from cuDNN
+    9.10 on (runtime compilation; the recogniser is full of them), so the version says which
+    side of that a warm-up's figures are on."""
+    import ctypes
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = sorted({line.split()[-1] for line in maps.splitlines()
+                    if "/libcudnn.so" in line and line.split()[-1].startswith("/")})
+    for path in paths:
+        try:
+            version = int(ctypes.CDLL(path).cudnnGetVersion())
+        except (OSError, AttributeError):
+            continue
+        return f"{version // 10000}.{version // 100 % 100}.{version % 100} ({path})"
+    return None
+
+
 def measure(algo: str) -> dict[str, Any]:
     import numpy as np
 
@@ -163,6 +185,7 @@ def main() -> int:
     for algo in args.algos.split(","):
         report["modes"][algo] = measure(algo)
         print(json.dumps({algo: report["modes"][algo]}), file=sys.stderr, flush=True)
+    report["cudnn"] = cudnn_version()
     if args.engine:
         report["engine"] = engine_warmup()
         print(json.dumps({"engine": report["engine"]}), file=sys.stderr, flush=True)
