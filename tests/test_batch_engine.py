@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import SimpleNamespace
@@ -513,6 +514,67 @@ def test_shape_sessions_send_other_shapes_to_the_first_session() -> None:
     assert len(built) == 1 and sessions.shapes == [(1, 48, 320, 3)]
     assert sessions.run(None, {"x": np.zeros((1, 48, 320, 3))}) == "own0"
     assert sessions.run(None, {"x": np.zeros((2, 48, 320, 3))}) == "base"
+
+
+def test_a_shape_expected_but_cold_gets_its_own_session_at_its_first_run_once() -> None:
+    """A warm-up out of time leaves ladder shapes cold: each gets a session of its own at its
+    first batch (its plans paid once, there), even when two threads bring it at once; a shape
+    off the ladder still runs on the first session."""
+    started = threading.Event()
+    release = threading.Event()
+    built: list[str] = []
+
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+            return self.name
+
+    def make() -> Named:
+        built.append(f"own{len(built)}")
+        started.set()
+        release.wait(timeout=30)  # building takes a while: the second thread comes meanwhile
+        return Named(built[-1])
+
+    sessions = ShapeSessions(Named("base"), make)
+    sessions.expect([(8, 48, 384, 3)])
+    feeds = {"x": np.zeros((8, 48, 384, 3))}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(sessions.run, None, feeds)
+        assert started.wait(timeout=30)
+        second = pool.submit(sessions.run, None, feeds)
+        release.set()
+        assert first.result() == second.result() == "own0"
+    assert built == ["own0"] and sessions.shapes == [(8, 48, 384, 3)]
+    assert sessions.run(None, feeds) == "own0"
+    assert sessions.run(None, {"x": np.zeros((8, 48, 3840, 3))}) == "base"
+
+
+def test_warmup_out_of_time_starts_no_new_shape_and_the_rest_warm_at_first_use(
+    pages: list[Image], reference: list[PageResult]
+) -> None:
+    """No shape starts after the warm-up's time: the daemon is ready then, and the engine's
+    batches still each get a session of their own shape (none replans the first session)."""
+    shapes = [(n, 48, w, 3) for w in (640, 320) for n in (1, 8)]
+    session = OverlapSession()
+    cold = batch_module.warm_shapes(session, shapes, np.uint16, threads=2,
+                                    deadline=time.monotonic())
+    assert session.shapes == [] and sorted(cold) == sorted(shapes)
+
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=2, rec_batch_sizes=(1, 4),
+                         fixed_shapes=True, shape_sessions=True)
+    try:
+        engine.warmup(full=True, threads=2, seconds=0)
+        rec = engine.sessions["rec"]
+        assert isinstance(rec, ShapeSessions) and rec.shapes == []  # nothing warmed
+        results = engine.recognize(pages[:3])
+        used = rec.shapes
+    finally:
+        engine.close()
+    assert used and set(used) <= set(engine.warmup_shapes()["rec"])
+    assert [[line.text for line in page.lines] for page in results] == [
+        [line.text for line in page.lines] for page in reference[:3]]
 
 
 def test_unknown_language_is_a_config_error() -> None:

@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 DET_PAD_WHITE = 255
 # Shapes warmed at once on a GPU provider (see `warm_shapes`).
 WARMUP_THREADS_MAX = 8
+# A full warm-up starts no new shape after this many seconds (the issue's bound): the daemon
+# is ready then, and a shape left cold gets its session and plans at its first batch.
+WARMUP_SECONDS_MAX = 60.0
 # What each model's session is fed: pixels (det), LUT indices with REC_PAD (rec), floats (cls)
 INPUT_DTYPES: dict[str, type[np.generic]] = {"det": np.uint8, "rec": np.uint16,
                                               "cls": np.float32}
@@ -454,7 +457,8 @@ class BatchEngine:
         )
         return {"det": det, "cls": cls, "rec": rec}  # type: ignore[dict-item]
 
-    def warmup(self, full: bool | None = None, threads: int | None = None) -> dict[str, float]:
+    def warmup(self, full: bool | None = None, threads: int | None = None,
+               seconds: float | None = None) -> dict[str, float]:
         """Run every bucket once, so cuDNN searches and arena growth happen now, not per file.
 
         `full=None` means full on a GPU provider only. On the CPU a shape costs nothing to
@@ -465,12 +469,16 @@ class BatchEngine:
         host work, so a full warm-up runs up to `threads` shapes at once (default
         `WARMUP_THREADS_MAX` or the usable cores, fewer). In one shared session they would
         wait on each node's lock and undo each other's plans.
+        No new shape starts after `seconds` (default `WARMUP_SECONDS_MAX`, for all models):
+        the shapes left cold get their own sessions at their first batch (`ShapeSessions.
+        expect`), so a slow GPU delays those batches once instead of the daemon's start.
         Returns seconds per model run (no "cls" without the angle classifier).
         """
         if full is None:
             full = self._provider != "cpu"
         if threads is None:
             threads = min(len(os.sched_getaffinity(0)), WARMUP_THREADS_MAX) if full else 1
+        deadline = time.monotonic() + (WARMUP_SECONDS_MAX if seconds is None else seconds)
         if self._host is not None:
             self._host.warmup()  # worker processes start now, not on the first page
         sessions = self.sessions
@@ -479,17 +487,25 @@ class BatchEngine:
             session = sessions.get(model)
             if session is None or not shapes:
                 continue
+            if isinstance(session, ShapeSessions):
+                session.expect(shapes)
             if not full:
                 shapes = [min(shapes, key=lambda shape: math.prod(shape))]
             start = time.perf_counter()
-            warm_shapes(session, shapes, INPUT_DTYPES[model], threads, model)
+            cold = warm_shapes(session, shapes, INPUT_DTYPES[model], threads, model, deadline)
             spent[model] = time.perf_counter() - start
+            if cold:
+                log.warning("warm-up out of time (%.0f s): %d %s shapes left to their first "
+                            "batch", WARMUP_SECONDS_MAX if seconds is None else seconds,
+                            len(cold), model)
         return spent
 
 
 def warm_shapes(session: Any, shapes: Sequence[tuple[int, ...]], dtype: npt.DTypeLike,
-                threads: int, model: str = "model") -> None:
-    """Run `session` once on zeros of each shape, up to `threads` at once, largest first.
+                threads: int, model: str = "model", deadline: float | None = None
+                ) -> list[tuple[int, ...]]:
+    """Run `session` once on zeros of each shape, up to `threads` at once, largest first;
+    none starts after `deadline` (time.monotonic()). Returns the shapes left cold.
 
     At most twice the largest shape's elements are in flight: the arena keeps whatever a
     warm-up peak took, and twice the largest is what two batches in flight on one GPU can
@@ -499,12 +515,16 @@ def warm_shapes(session: Any, shapes: Sequence[tuple[int, ...]], dtype: npt.DTyp
     budget = 2 * math.prod(ordered[0]) if ordered else 0
     room = threading.Condition()
     in_flight = 0
+    cold: list[tuple[int, ...]] = []
 
     def one(shape: tuple[int, ...]) -> None:
         nonlocal in_flight
         size = math.prod(shape)
         with room:
             room.wait_for(lambda: in_flight == 0 or in_flight + size <= budget)
+            if deadline is not None and time.monotonic() >= deadline:
+                cold.append(shape)
+                return
             in_flight += size
         try:
             if isinstance(session, ShapeSessions):
@@ -520,9 +540,10 @@ def warm_shapes(session: Any, shapes: Sequence[tuple[int, ...]], dtype: npt.DTyp
     if threads <= 1 or len(ordered) <= 1:
         for shape in ordered:
             one(shape)
-        return
+        return cold
     with ThreadPoolExecutor(min(threads, len(ordered)), thread_name_prefix="warmup") as pool:
         list(pool.map(one, ordered))
+    return cold
 
 
 def _share_out(pages: list[_Page], owners: list[int], stage: str, seconds: float) -> None:

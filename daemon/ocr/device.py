@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -74,13 +74,18 @@ class ShapeSessions:
     21 MB); the activations come from one arena per device where it can be shared
     (`hardware.sessions.share_device_arena`).
 
-    Quacks like a session for `run_split`: `run` picks the session by the input's shape.
+    Quacks like a session for `run_split`: `run` picks the session by the input's shape. A
+    shape `expect`ed but not warmed (the warm-up ran out of time) gets its own session at its
+    first run, which pays its plans once; any other shape (a line wider than the ladder, the
+    halves of an out-of-memory split) runs on the first session.
     """
 
     def __init__(self, base: Any, make: Callable[[], Any]) -> None:
         self._base = base
         self._make = make
         self._by_shape: dict[tuple[int, ...], Any] = {}
+        self._expected: set[tuple[int, ...]] = set()
+        self._building: dict[tuple[int, ...], threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get_inputs(self) -> Any:
@@ -101,16 +106,33 @@ class ShapeSessions:
         with self._lock:
             return list(self._by_shape)
 
-    def adopt(self, shape: tuple[int, ...]) -> None:
-        """Give `shape` a session of its own (built outside the lock: runs go on meanwhile)."""
+    def expect(self, shapes: Iterable[tuple[int, ...]]) -> None:
+        """Shapes that get a session of their own at their first run, if not adopted before."""
+        with self._lock:
+            self._expected.update(tuple(shape) for shape in shapes)
+
+    def adopt(self, shape: tuple[int, ...]) -> Any:
+        """Give `shape` a session of its own, built once however many threads ask (outside
+        the main lock: runs of other shapes go on meanwhile). Returns it."""
+        shape = tuple(shape)
         with self._lock:
             if shape in self._by_shape:
-                return
-        session = self._make()
-        with self._lock:
-            self._by_shape.setdefault(tuple(shape), session)
+                return self._by_shape[shape]
+            building = self._building.setdefault(shape, threading.Lock())
+        with building:
+            with self._lock:
+                if shape in self._by_shape:
+                    return self._by_shape[shape]
+            session = self._make()
+            with self._lock:
+                self._by_shape[shape] = session
+                self._building.pop(shape, None)
+            return session
 
     def run(self, names: Any, feeds: dict[str, Any], *args: Any) -> Any:
         (batch,) = feeds.values()
-        session = self._by_shape.get(tuple(batch.shape), self._base)
+        shape = tuple(batch.shape)
+        session = self._by_shape.get(shape)
+        if session is None:
+            session = self.adopt(shape) if shape in self._expected else self._base
         return session.run(names, feeds, *args)
