@@ -113,7 +113,7 @@ def measure(algo: str) -> dict[str, Any]:
     return out
 
 
-def engine_warmup() -> dict[str, Any]:
+def engine_warmup(seconds: float) -> dict[str, Any]:
     import numpy as np
 
     from daemon.config import Settings
@@ -126,12 +126,15 @@ def engine_warmup() -> dict[str, Any]:
     engine = BatchEngine(settings.ocr, choose_provider(settings), max_pages=8)
     built = time.perf_counter() - start
     try:
-        spent = engine.warmup(seconds=float("inf"))  # all of it: how long it really takes
+        spent = engine.warmup(seconds=seconds)  # the daemon's 60 s or more: how long it takes
         warm = engine.warmup_shapes()
         out: dict[str, Any] = {
             "provider": engine.provider, "built_s": round(built, 2),
             "warmup_s": {k: round(v, 2) for k, v in spent.items()},
             "shapes": {k: len(v) for k, v in warm.items()},
+            # shapes with a session of their own once the warm-up returned (the rest: cold)
+            "shapes_warmed": {k: len(getattr(session, "shapes", ()))
+                              for k, session in engine.sessions.items()},
             "gpu_bytes_held": gpu_bytes_held(),
         }
         # every warmed shape, run again on its own session: what a batch costs by its shape
@@ -180,6 +183,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--algos", default="HEURISTIC")
     parser.add_argument("--engine", action="store_true", help="also time the engine's warm-up")
+    parser.add_argument("--warmup-seconds", type=float, default=float("inf"),
+                        help="the engine warm-up starts no shape after this (default: none)")
     args = parser.parse_args()
     report: dict[str, Any] = {"modes": {}}
     for algo in args.algos.split(","):
@@ -187,7 +192,7 @@ def main() -> int:
         print(json.dumps({algo: report["modes"][algo]}), file=sys.stderr, flush=True)
     report["cudnn"] = cudnn_version()
     if args.engine:
-        report["engine"] = engine_warmup()
+        report["engine"] = engine_warmup(args.warmup_seconds)
         print(json.dumps({"engine": report["engine"]}), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=2))
     return 0
