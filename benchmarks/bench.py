@@ -111,6 +111,17 @@ def score(pairs: list[tuple[str, str]]) -> dict[str, float] | None:
             "pages": len(pairs)}
 
 
+def source_images(args: argparse.Namespace, tmp: Path) -> list[Path]:
+    """The pages a script's `--images DIR` or `--render N [--a4]` (rendered into `tmp`) name,
+    at most `--limit`."""
+    if args.render:
+        render_dataset(args.render, tmp, a4=args.a4)
+        return find_images(tmp, args.limit)
+    if args.images:
+        return find_images(args.images, args.limit)
+    raise SystemExit("give --images DIR or --render N")
+
+
 def render_dataset(count: int, folder: Path, *, a4: bool = False, pdf: bool = False) -> None:
     """Pages rendered with Pillow's scalable font, each with a NAME.txt ground truth: small
     pages of 8-27 lines as PNG, or (`a4`) dense A4 pages as a 300-dpi scanner writes them
@@ -579,19 +590,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown modes: {sorted(unknown)}")
     tmp = Path(tempfile.mkdtemp(prefix="ocr-bench-data-"))
     try:
-        if args.render:
-            render_dataset(args.render, tmp / "rendered", a4=args.a4)
-            folder = tmp / "rendered"
-        elif args.images:
-            folder = args.images
-        else:
-            raise SystemExit("give --images DIR or --render N")
-        images = find_images(folder, args.limit)
+        images = source_images(args, tmp / "rendered")
         truths = [truth_for(p) for p in images]
         files = tmp / "files.json"
         files.write_text(json.dumps([str(p) for p in images]))
         report: dict[str, Any] = {
-            "images": str(folder), "files": len(images),
+            "images": str(args.images or f"{args.render} rendered"), "files": len(images),
             "with_ground_truth": sum(t is not None for t in truths),
             "settings": {"use_cls": args.use_cls, "det_limit_side_len": args.det_limit_side_len,
                          "det_limit_type": args.det_limit_type, "batch": args.batch},

@@ -63,7 +63,7 @@ def main() -> int:
     parser.add_argument("--steady", type=Path, help="gpu_warmup.py's JSON (a GPU's timings)")
     args = parser.parse_args()
 
-    from bench import find_images, load_pages, render_dataset
+    from bench import load_pages, source_images
 
     from daemon.config import OcrSettings
     from daemon.hardware.providers import CPU
@@ -71,12 +71,7 @@ def main() -> int:
     from daemon.ocr.batch import BatchEngine
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.render:
-            render_dataset(args.render, Path(tmp), a4=args.a4)
-            folder = Path(tmp)
-        else:
-            folder = args.images
-        images = find_images(folder, args.limit)
+        images = source_images(args, Path(tmp))
         ocr = OcrSettings()
         engine = BatchEngine(ocr, CPU, max_pages=args.batch, fixed_shapes=True,
                              rec_batch_sizes=buckets.REC_BATCH_SIZES, shape_sessions=False)

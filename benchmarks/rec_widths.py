@@ -130,17 +130,12 @@ def main() -> int:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     args = parser.parse_args()
 
-    from bench import find_images, render_dataset, say
+    from bench import say, source_images
 
     report: dict[str, Any] = {"benchmark": "recognition widths on the GPU's shapes, on the CPU",
                               "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.render:
-            render_dataset(args.render, Path(tmp), a4=args.a4)
-            folder = Path(tmp)
-        else:
-            folder = args.images
-        images = find_images(folder, args.limit)
+        images = source_images(args, Path(tmp))
         report["pages"] = len(images)
         for variant in args.variants.split():
             say(f"{variant} ...")
