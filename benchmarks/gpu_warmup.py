@@ -137,13 +137,16 @@ def engine_warmup(seconds: float) -> dict[str, Any]:
                               for k, session in engine.sessions.items()},
             "gpu_bytes_held": gpu_bytes_held(),
         }
+        # the shapes timed below: those the warm-up reached (a cold one would plan in the loop)
+        timed = {model: [s for s in shapes if s in set(getattr(session, "shapes", shapes))]
+                 for model, shapes in warm.items()
+                 if (session := engine.sessions.get(model)) is not None}
         # every warmed shape, run again on its own session: what a batch costs by its shape
         # (median of 5, ms; per line or page, and per pixel column for the recogniser)
         steady: dict[str, dict[str, Any]] = {}
-        for model, shapes in warm.items():
-            session = engine.sessions.get(model)
-            own = set(getattr(session, "shapes", shapes))  # cold ones would plan here: skipped
-            for shape in [s for s in shapes if s in own] if session is not None else []:
+        for model, shapes in timed.items():
+            session = engine.sessions[model]
+            for shape in shapes:
                 batch = np.zeros(shape, INPUT_DTYPES[model])
                 times = []
                 for _ in range(5):
@@ -158,7 +161,7 @@ def engine_warmup(seconds: float) -> dict[str, Any]:
         out["steady"] = steady
         # two threads on two shapes' sessions at once against one after the other
         session = engine.sessions["rec"]
-        warmed = [s for s in warm["rec"] if s in set(getattr(session, "shapes", warm["rec"]))]
+        warmed = timed["rec"]
         pair = [s for s in warmed if s[0] == max(x[0] for x in warmed)][:2] if warmed else []
 
         def runs(shape: tuple[int, ...]) -> None:

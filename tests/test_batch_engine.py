@@ -113,6 +113,20 @@ def reference(pages: list[Image]) -> list[PageResult]:
     return RapidOcrEngine(OcrSettings(), CPU).recognize(pages)
 
 
+class NamedSession:
+    """A stand-in session whose run answers its name: which session a run went to."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        return self.name
+
+
+def _texts(results: list[PageResult]) -> list[list[str]]:
+    return [[line.text for line in page.lines] for page in results]
+
+
 def _assert_same_text(got: list[PageResult], want: list[PageResult]) -> None:
     assert len(got) == len(want)
     for index, (mine, theirs) in enumerate(zip(got, want, strict=True)):
@@ -412,8 +426,7 @@ def test_gpu_shapes_feed_each_line_at_the_nearest_width(
         results = engine.recognize(pages)
     finally:
         engine.close()
-    assert [[line.text for line in page.lines] for page in results] == [
-        [line.text for line in page.lines] for page in reference]
+    assert _texts(results) == _texts(reference)
     text = [int((row != REC_PAD).any(axis=(0, 2)).sum()) for row in fed]  # columns of line
     rows = [(row.shape[1], used) for row, used in zip(fed, text, strict=True) if used]
     assert len(rows) >= 20 and any(width > buckets.REC_MIN_WIDTH for width, _ in rows)
@@ -455,8 +468,7 @@ def test_each_warmed_shape_runs_on_a_session_of_its_own(
     finally:
         one.close()
     made["det"], made["rec"] = made["det"][:-1], made["rec"][:-1]  # that engine's own
-    assert [[line.text for line in page.lines] for page in results] == [
-        [line.text for line in page.lines] for page in reference[:3]]
+    assert _texts(results) == _texts(reference[:3])
     for model in ("det", "rec"):
         base, *own = made[model]
         assert len(own) == len(warm[model]) == len(set(warm[model])), model
@@ -495,20 +507,13 @@ def test_on_a_gpu_the_engine_reads_what_the_cpu_reads(
 
 
 def test_shape_sessions_send_other_shapes_to_the_first_session() -> None:
-    class Named:
-        def __init__(self, name: str) -> None:
-            self.name = name
+    built: list[NamedSession] = []
 
-        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
-            return self.name
-
-    built: list[Named] = []
-
-    def make() -> Named:
-        built.append(Named(f"own{len(built)}"))
+    def make() -> NamedSession:
+        built.append(NamedSession(f"own{len(built)}"))
         return built[-1]
 
-    sessions = ShapeSessions(Named("base"), make)
+    sessions = ShapeSessions(NamedSession("base"), make)
     sessions.adopt((1, 48, 320, 3))
     sessions.adopt((1, 48, 320, 3))  # once per shape
     assert len(built) == 1 and sessions.shapes == [(1, 48, 320, 3)]
@@ -524,20 +529,13 @@ def test_a_shape_expected_but_cold_gets_its_own_session_at_its_first_run_once() 
     release = threading.Event()
     built: list[str] = []
 
-    class Named:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
-            return self.name
-
-    def make() -> Named:
+    def make() -> NamedSession:
         built.append(f"own{len(built)}")
         started.set()
         release.wait(timeout=30)  # building takes a while: the second thread comes meanwhile
-        return Named(built[-1])
+        return NamedSession(built[-1])
 
-    sessions = ShapeSessions(Named("base"), make)
+    sessions = ShapeSessions(NamedSession("base"), make)
     sessions.expect([(8, 48, 384, 3)])
     feeds = {"x": np.zeros((8, 48, 384, 3))}
     with ThreadPoolExecutor(2) as pool:
@@ -573,8 +571,7 @@ def test_warmup_out_of_time_starts_no_new_shape_and_the_rest_warm_at_first_use(
     finally:
         engine.close()
     assert used and set(used) <= set(engine.warmup_shapes()["rec"])
-    assert [[line.text for line in page.lines] for page in results] == [
-        [line.text for line in page.lines] for page in reference[:3]]
+    assert _texts(results) == _texts(reference[:3])
 
 
 def test_unknown_language_is_a_config_error() -> None:

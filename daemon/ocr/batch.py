@@ -478,7 +478,9 @@ class BatchEngine:
             full = self._provider != "cpu"
         if threads is None:
             threads = min(len(os.sched_getaffinity(0)), WARMUP_THREADS_MAX) if full else 1
-        deadline = time.monotonic() + (WARMUP_SECONDS_MAX if seconds is None else seconds)
+        if seconds is None:
+            seconds = WARMUP_SECONDS_MAX
+        deadline = time.monotonic() + seconds
         if self._host is not None:
             self._host.warmup()  # worker processes start now, not on the first page
         sessions = self.sessions
@@ -496,8 +498,7 @@ class BatchEngine:
             spent[model] = time.perf_counter() - start
             if cold:
                 log.warning("warm-up out of time (%.0f s): %d %s shapes left to their first "
-                            "batch", WARMUP_SECONDS_MAX if seconds is None else seconds,
-                            len(cold), model)
+                            "batch", seconds, len(cold), model)
         return spent
 
 

@@ -85,7 +85,6 @@ class ShapeSessions:
         self._make = make
         self._by_shape: dict[tuple[int, ...], Any] = {}
         self._expected: set[tuple[int, ...]] = set()
-        self._building: dict[tuple[int, ...], threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get_inputs(self) -> Any:
@@ -112,21 +111,14 @@ class ShapeSessions:
             self._expected.update(tuple(shape) for shape in shapes)
 
     def adopt(self, shape: tuple[int, ...]) -> Any:
-        """Give `shape` a session of its own, built once however many threads ask (outside
-        the main lock: runs of other shapes go on meanwhile). Returns it."""
+        """Give `shape` a session of its own, built once however many threads ask, and return
+        it. Built under the lock: `create_session` builds one session at a time in the whole
+        process anyway, and runs of shapes that have a session never take the lock."""
         shape = tuple(shape)
         with self._lock:
-            if shape in self._by_shape:
-                return self._by_shape[shape]
-            building = self._building.setdefault(shape, threading.Lock())
-        with building:
-            with self._lock:
-                if shape in self._by_shape:
-                    return self._by_shape[shape]
-            session = self._make()
-            with self._lock:
-                self._by_shape[shape] = session
-                self._building.pop(shape, None)
+            session = self._by_shape.get(shape)
+            if session is None:
+                session = self._by_shape[shape] = self._make()
             return session
 
     def run(self, names: Any, feeds: dict[str, Any], *args: Any) -> Any:
