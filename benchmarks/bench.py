@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -81,9 +82,16 @@ def _is_punct(char: str) -> bool:
     return char in string.punctuation or unicodedata.category(char).startswith("P")
 
 
+# Han characters (CJK Unified Ideographs, Extension A, Compatibility) and kana: scripts written
+# without spaces, so each character is a word of its own for the bag-of-words score
+_CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+
+
 def words(text: str) -> Counter[str]:
+    """The bag of words a text holds: lower-cased, split at spaces and around every CJK
+    character, punctuation stripped from each end."""
     bag: Counter[str] = Counter()
-    for token in text.lower().split():
+    for token in _CJK.sub(r" \1 ", text).lower().split():
         start, end = 0, len(token)
         while start < end and _is_punct(token[start]):
             start += 1
@@ -112,8 +120,11 @@ def score(pairs: list[tuple[str, str]]) -> dict[str, float] | None:
 
 
 def source_images(args: argparse.Namespace, tmp: Path) -> list[Path]:
-    """The pages a script's `--images DIR` or `--render N [--a4]` (rendered into `tmp`) name,
-    at most `--limit`."""
+    """The pages a script's `--images DIR` or `--render N [--a4 | --zh]` (rendered into `tmp`)
+    name, at most `--limit`."""
+    if args.render and getattr(args, "zh", False):
+        render_zh_dataset(args.render, tmp)
+        return find_images(tmp, args.limit)
     if args.render:
         render_dataset(args.render, tmp, a4=args.a4)
         return find_images(tmp, args.limit)
@@ -146,6 +157,102 @@ def render_dataset(count: int, folder: Path, *, a4: bool = False, pdf: bool = Fa
 
 
 A4_300_DPI = (2480, 3508)
+
+# Traditional Chinese as receipts, invoices and forms in Taiwan and Hong Kong print it: lines of
+# a few words run together (no spaces), some with an amount, a date or a code
+ZH_WORDS = (
+    "統一發票", "電子發票證明聯", "營業人統編", "交易明細", "品名", "數量", "單價", "金額",
+    "小計", "總計", "合計", "現金", "找零", "信用卡", "悠遊卡", "發票號碼", "隨機碼", "賣方",
+    "買方", "地址", "電話", "臺北市", "新北市", "臺中市", "高雄市", "中正區", "大安區",
+    "信義區", "忠孝東路", "復興南路", "民生東路", "鮮奶", "豆漿", "燒餅", "油條", "便當",
+    "咖啡", "紅茶", "綠茶", "麵包", "蛋糕", "礦泉水", "衛生紙", "洗髮精", "牙膏", "電池",
+    "雜誌", "報紙", "會員", "點數", "優惠", "折扣", "退貨", "請保留收據", "謝謝光臨",
+    "歡迎再度光臨", "營業時間", "服務專線", "訂單編號", "出貨日期", "應付金額", "稅額",
+    "含稅", "備註", "經手人", "簽收", "客戶名稱", "聯絡人", "傳真", "銀行", "帳號", "匯款",
+    "轉帳", "繳費期限", "診所", "藥局", "處方", "劑量", "門診", "掛號費", "健保", "圖書館",
+    "借閱", "歸還", "書籍", "檔案", "掃描", "辨識", "文件", "頁數", "區公所", "戶籍謄本",
+    "證明書", "申請書", "身分證", "香港", "九龍", "灣仔", "銅鑼灣", "尖沙咀", "彌敦道",
+    "樓層", "號碼", "營業額", "發貨單", "報價單", "請款單", "說明", "檢驗", "維修", "運費",
+)
+# CJK fonts Debian installs (fonts-noto-cjk, fonts-arphic-uming): (path, face name or None)
+ZH_FONTS = (
+    ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", "Noto Sans CJK TC"),
+    ("/usr/share/fonts/opentype/noto/NotoSerifCJK-Regular.ttc", "Noto Serif CJK TC"),
+    ("/usr/share/fonts/truetype/arphic/uming.ttc", "AR PL UMing TW"),
+)
+
+
+def zh_lines(seed: int, count: int) -> list[str]:
+    """`count` lines of Traditional Chinese: 2-5 words, half with an amount, a date or a code."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        line = "".join(rng.choice(ZH_WORDS) for _ in range(rng.randint(2, 5)))
+        extra = rng.random()
+        if extra < 0.25:
+            line += f" NT${rng.randint(10, 9999)}"
+        elif extra < 0.4:
+            line += f" {rng.randint(2019, 2026)}/{rng.randint(1, 12):02d}/{rng.randint(1, 28):02d}"
+        elif extra < 0.5:
+            line += f" {rng.choice('ABCDEFGHKMPQRTXYZ')}{rng.choice('ABCDEFGHKMPQRTXYZ')}-" \
+                    f"{rng.randint(0, 99999999):08d}"
+        lines.append(line)
+    return lines
+
+
+def zh_fonts() -> list[tuple[str, int]]:
+    """(path, face index) of each Traditional Chinese face of ZH_FONTS on this machine."""
+    from PIL import ImageFont
+
+    found = []
+    for path, name in ZH_FONTS:
+        for index in range(16):
+            try:
+                font = ImageFont.truetype(path, 20, index=index)
+            except OSError:
+                break
+            if font.getname()[0] == name:
+                found.append((path, index))
+                break
+    if not found:
+        raise SystemExit("no Traditional Chinese font: install Debian's fonts-noto-cjk or "
+                         "fonts-arphic-uming")
+    return found
+
+
+def render_zh_dataset(count: int, folder: Path) -> None:
+    """Traditional Chinese pages of 8-27 lines, each with its NAME.txt ground truth, in the CJK
+    faces found (`zh_fonts`) taken in turn, at 14-35 px; every other page made to look scanned
+    (turned by up to 1.5 degrees, blurred, grain added, saved as a JPEG of quality 50), the rest
+    clean PNGs."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import numpy as np
+    from PIL import Image as PILImage
+    from PIL import ImageFilter, ImageFont
+    from rendering import render_page
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fonts = zh_fonts()
+    for i in range(count):
+        lines = zh_lines(3000 + i, 8 + (i * 7) % 20)
+        size = 14 + (i * 5) % 22
+        path, index = fonts[i % len(fonts)]
+        font = ImageFont.truetype(path, size, index=index)
+        width = max(700, int(max(font.getlength(line) for line in lines)) + 80)
+        page = PILImage.fromarray(render_page(lines, width=width, font_size=size,
+                                              font=font)[:, :, ::-1])
+        if i % 2:
+            page = page.convert("L").rotate(((i * 37) % 31 - 15) / 10, expand=True,
+                                            resample=PILImage.BICUBIC, fillcolor=255)
+            page = page.filter(ImageFilter.GaussianBlur(0.7))
+            grain = np.random.default_rng(i).normal(0, 12, (page.height, page.width))
+            pixels = np.clip(np.asarray(page, np.float32) + grain, 0, 255).astype(np.uint8)
+            PILImage.fromarray(pixels).save(folder / f"zh{i:03d}.jpg", quality=50)
+        else:
+            page.save(folder / f"zh{i:03d}.png")
+        (folder / f"zh{i:03d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _render_a4(i: int, folder: Path, pdf: bool = False) -> None:

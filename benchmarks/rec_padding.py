@@ -58,6 +58,8 @@ def main() -> int:
     source.add_argument("--images", type=Path)
     source.add_argument("--render", type=int, metavar="N")
     parser.add_argument("--a4", action="store_true", help="with --render: dense A4 pages")
+    parser.add_argument("--zh", action="store_true",
+                        help="with --render: Traditional Chinese pages (a CJK font from Debian)")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--batch", type=int, default=8, help="pages per engine call")
     parser.add_argument("--steady", type=Path, help="gpu_warmup.py's JSON (a GPU's timings)")

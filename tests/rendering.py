@@ -26,9 +26,12 @@ def render_page(
     margin: int = 40,
     line_gap: int = 18,
     angle: int = 0,
+    font: ImageFont.FreeTypeFont | None = None,
 ) -> Image:
-    """A white page with `lines` in black, as a BGR array (what the engines take)."""
-    font = ImageFont.load_default(size=font_size)
+    """A white page with `lines` in black, as a BGR array (what the engines take); in `font`
+    (loaded at `font_size`) where one is given, else Pillow's own."""
+    if font is None:
+        font = ImageFont.load_default(size=font_size)
     height = 2 * margin + len(lines) * (font_size + line_gap)
     page = PILImage.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(page)
