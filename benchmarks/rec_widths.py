@@ -11,10 +11,11 @@ Variants (`--variants`, space-separated):
   own           the GPU's detection buckets, each line at its own width from 320 (RapidOCR's
                 floor): no width ladder at all
   RULE@LADDER   the GPU's detection buckets and a width ladder: LADDER is a growth factor
-                (rungs from 320, multiples of 32, up to 3200, as `buckets.rec_width_ladder`)
-                or widths joined by "/"; RULE says where a line wider than 320 goes: "up" pads
-                it to the next rung, "down" squeezes it to the one below, "nearest" takes the
-                nearer by ratio (the daemon's rule)
+                (rungs from 160, multiples of 32, up to 3200, as `buckets.rec_width_ladder`)
+                or widths joined by "/"; RULE says where a line wider than the first rung
+                goes (a narrower one is padded up to it): "up" pads it to the next rung,
+                "down" squeezes it to the one below, "nearest" takes the nearer by ratio (the
+                daemon's rule)
   daemon        the engine exactly as the daemon runs it on a GPU, batches included
 
 Each RULE@LADDER line runs alone at its width (a line's output does not depend on the rest of
@@ -38,7 +39,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 OLD_LADDER = "320/480/640/800/960/1280/1600/1920/2560/3200"  # the ladder before nearest widths
-DEFAULT_VARIANTS = f"cpu own daemon up@{OLD_LADDER} up@1.2 down@1.2 nearest@1.2 nearest@1.3"
+FROM_320 = "320/384/480/576/704/864/1056/1280/1536/1856/2240/2688/3232"  # before the 160 floor
+DEFAULT_VARIANTS = (f"cpu own daemon up@{OLD_LADDER} nearest@{FROM_320} up@1.2 down@1.2 "
+                    "nearest@1.2 nearest@1.3")
 
 
 def fitter(spec: str) -> tuple[Callable[[int], int], int]:
@@ -126,6 +129,8 @@ def main() -> int:
     source.add_argument("--images", type=Path)
     source.add_argument("--render", type=int, metavar="N", help="N rendered pages (bench.py)")
     parser.add_argument("--a4", action="store_true", help="with --render: dense A4 pages")
+    parser.add_argument("--zh", action="store_true",
+                        help="with --render: Traditional Chinese pages (a CJK font from Debian)")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     args = parser.parse_args()

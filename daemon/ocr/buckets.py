@@ -26,21 +26,27 @@ DET_ALIGN = 32  # the detector's stride: every side RapidOCR feeds it is a multi
 
 # Recognition: RapidOCR never feeds a line narrower than 320 px (48 x 320/48 at least).
 REC_HEIGHT = 48
-REC_MIN_WIDTH = 320  # RapidOCR's floor (48 x 320/48); the CPU path goes below it
+REC_MIN_WIDTH = 320  # RapidOCR's floor (48 x 320/48); both of the daemon's paths go below it
 # The CPU feeds each line alone at its own width, with a 128 floor instead of 320 (one thread,
 # receipts, CPU-s/page and bag-of-words F1; plain RapidOCR: 1.79, 0.9086 on 60 pages): floor
 # 320 1.74/0.9147, 160 1.27/0.9176, 128 1.22/0.9153, 0 1.15/0.9158 on 60 pages; on the 20 of
 # the benchmark 0 scored 0.9181 against RapidOCR's 0.9182 and 128 0.9221 (the shortest
 # lines, a digit or two, read better with some blank beside them).
 REC_MIN_WIDTH_CPU = 128
-# The GPU's line widths: from 320, each rung ~1.2x the last (multiples of 32), to 3232: 13
-# rungs; a line goes to the nearest by ratio, so it is padded or squeezed by 12% at most.
-# Padding a line narrower than 320 up to it costs no text (RapidOCR does it), but padding a
-# wider one does. Bag-of-words F1 on the 100 SROIE receipts with the GPU's shapes,
-# run on the CPU (benchmarks/rec_widths.py; benchmarks/NOTES.md), against 0.9212 for the CPU
-# path: the old ladder (320, 480, 640, 800, 960, 1280, ...) padding up 0.9133; 1.2x rungs
-# padding up 0.9173, squeezing down 0.9190, nearest 0.9194; nearest on 1.3x rungs (10) 0.9184,
-# on 1.15x (16) 0.9195; every line at its own width (no ladder) 0.9205.
+# The GPU's line widths: from 160, each rung ~1.2x the last (multiples of 32), to 3232: 16
+# rungs (160, 192, 256, 320, 384, 480, ...); a line goes to the nearest by ratio, so it is
+# padded or squeezed by 12% at most from 320 on, 16% below (the 192 -> 256 step). Padding a
+# line narrower than the floor costs no text (RapidOCR pads to 320), but padding a wider one
+# does. Bag-of-words F1 on the 100 SROIE receipts with the GPU's shapes, run on the CPU
+# (benchmarks/rec_widths.py; benchmarks/NOTES.md), against 0.9212 for the CPU path: the old
+# ladder (320, 480, 640, 800, 960, 1280, ...) padding up 0.9133; 1.2x rungs from 320 padding
+# up 0.9173, squeezing down 0.9190, nearest 0.9194; nearest on 1.3x rungs (10) 0.9184, on
+# 1.15x (16) 0.9195; every line at its own width from 320 (no ladder) 0.9205. The floor: 320
+# 0.9194, 160 0.9199, 128 0.9195; 73% of receipt lines are narrower than 320, so from 160 the
+# recogniser is fed 23% fewer pixel columns a receipt (22,470 -> 17,350, first 40 SROIE). On
+# 60 rendered Traditional Chinese pages (character F1) the CPU path 0.9918, floor 320 0.9908,
+# floor 160 0.9911.
+REC_MIN_WIDTH_GPU = 160
 REC_WIDTH_GROWTH = 1.2
 REC_WIDTH_TOP = 3200
 REC_WIDTH_ALIGN = 32
@@ -117,7 +123,7 @@ def rec_needed_width(height: int, width: int) -> int:
     return math.ceil(REC_HEIGHT * width / float(height))
 
 
-def rec_width_ladder(growth: float = REC_WIDTH_GROWTH, floor: int = REC_MIN_WIDTH,
+def rec_width_ladder(growth: float = REC_WIDTH_GROWTH, floor: int = REC_MIN_WIDTH_GPU,
                      top: int = REC_WIDTH_TOP) -> tuple[int, ...]:
     """Line widths from `floor`, each rung `growth` times the last rounded up to a multiple of
     REC_WIDTH_ALIGN (and at least one step more), until one reaches `top`."""
@@ -135,8 +141,8 @@ def rec_bucket_width(needed: int, ladder: Sequence[int] | None = None) -> int:
     """The width a line of `needed` pixels (at the recogniser's height) is fed at: the rung
     nearest by ratio, so it is padded (mid-grey, as RapidOCR pads) up to it or squeezed down to
     it, whichever changes it less (a tie squeezes); narrower than the first rung, the first
-    rung (RapidOCR's floor, padded as it pads). Beyond the ladder, the nearest multiple of
-    REC_WIDTH_STEP_BEYOND (or the last rung)."""
+    rung (padded as RapidOCR pads a line up to its floor). Beyond the ladder, the nearest
+    multiple of REC_WIDTH_STEP_BEYOND (or the last rung)."""
     rungs = REC_WIDTHS if ladder is None else ladder
     if needed <= rungs[0]:
         return rungs[0]
