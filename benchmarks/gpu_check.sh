@@ -3,7 +3,7 @@
 # the daemon's dependencies from a carried bundle (built here by benchmarks/gpu_bundle.sh:
 # carry .gpu-bundle/parts/p0XX one per call, then .gpu-bundle/eval), then runs doctor, the GPU
 # tests and the benchmarks, writing everything under $OUT (the daemons' own logs in
-# $OUT/logs). The full set's time limits add up to 535 s, inside one device call (600 s); the
+# $OUT/logs). The full set's time limits add up to 560 s, inside one device call (600 s); the
 # host ceiling goes last, the first to give up.
 # Usage: benchmarks/gpu_check.sh BUNDLE_PARTS_DIR EVAL_DIR
 #   STAGES="warmup receipts" benchmarks/gpu_check.sh ...   runs only those stages (in order:
@@ -45,9 +45,10 @@ fi
 
 if want warmup; then
   step shape changes: one session against a session per shape, and the engine warm-up
-  # the engine's warm-up stops starting shapes after 75 s: shapes_warmed says how far it got
-  timeout 110 python3 benchmarks/gpu_warmup.py --algos HEURISTIC --engine --warmup-seconds 75 \
-    > "$out/warmup.json" 2> "$out/warmup.log"
+  # the engine's warm-up stops starting shapes after 75 s: shapes_warmed says how far it got;
+  # then 25 s of batches bigger than the engine's (the data for the batch sizes)
+  timeout 135 python3 benchmarks/gpu_warmup.py --algos HEURISTIC --engine --warmup-seconds 75 \
+    --sweep-seconds 25 > "$out/warmup.json" 2> "$out/warmup.log"
   grep -v "Fallback mode" "$out/warmup.log" | tail -3
 fi
 

@@ -2,7 +2,7 @@
 shape, per cuDNN algorithm search mode; and the daemon engine's whole warm-up. A script, not a
 test.
 
-    python benchmarks/gpu_warmup.py --algos HEURISTIC --engine
+    python benchmarks/gpu_warmup.py --algos HEURISTIC --engine --sweep-seconds 30
 
 onnxruntime's CUDA convolutions (cuDNN 9 builds) build a cuDNN plan per node whenever a run's
 input shape differs from that node's previous run. For each mode, on the recogniser as the
@@ -12,7 +12,8 @@ only each session's first run does), then one shape run again (steady). `--engin
 `BatchEngine.warmup()` (every bucket, in threads), reads the GPU memory the process holds
 (NVML), times each warmed shape run again (what a batch costs by its shape: the data for the
 batch sizes) and two recogniser shapes run from two threads at once against one after the
-other. Prints ONE JSON object.
+other; with `--sweep-seconds`, batches bigger than the engine's (SWEEP), each on a session of
+its own, with the memory they take. Prints ONE JSON object.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ if str(REPO) not in sys.path:
 
 TAKING_TURNS = [(1, 48, 640, 3), (8, 48, 1280, 3), (32, 48, 480, 3)]
 STEADY = (32, 48, 960, 3)
+# Batches bigger than the engine's (lines 1, 8, 32; pages up to --batch 8), smallest first: what
+# bigger batch sizes would buy per line or page, and the GPU memory they take
+SWEEP = ([("rec", (n, 48, w, 3)) for w in (320, 960) for n in (32, 64, 128, 256)]
+         + [("det", (n, 960, 960, 3)) for n in (8, 16, 32)])
 
 
 def gpu_bytes_held() -> int | None:
@@ -113,7 +118,7 @@ def measure(algo: str) -> dict[str, Any]:
     return out
 
 
-def engine_warmup(seconds: float) -> dict[str, Any]:
+def engine_warmup(seconds: float, sweep_seconds: float = 0) -> dict[str, Any]:
     import numpy as np
 
     from daemon.config import Settings
@@ -179,9 +184,60 @@ def engine_warmup(seconds: float) -> dict[str, Any]:
                                 "one_after_the_other_s": round(one_after, 3),
                                 "two_threads_s": round(time.perf_counter() - t0, 3)}
         out["gpu_bytes_held_after"] = gpu_bytes_held()
+        if sweep_seconds > 0:
+            out["sweep"] = batch_sweep(engine.sessions, sweep_seconds)
         return out
     finally:
         engine.close()
+
+
+def batch_sweep(sessions: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Each SWEEP shape on a session of its own (`ShapeSessions.adopt`): its first run (the
+    plans, not a batch's cost), then the median of 5 runs in ms, per line or page, per pixel
+    column for the recogniser, and the GPU memory the process holds after it. No shape starts
+    after `seconds`; one that runs out of memory is reported as such and ends its model's
+    sweep (the larger ones would too)."""
+    import numpy as np
+
+    from daemon.ocr.batch import INPUT_DTYPES
+    from daemon.ocr.device import is_out_of_memory
+
+    deadline = time.monotonic() + seconds
+    rows: dict[str, dict[str, Any]] = {}
+    failed: set[str] = set()
+    for model, shape in SWEEP:
+        key = f"{model} {list(shape)}"
+        if model in failed or model not in sessions:
+            continue
+        if time.monotonic() >= deadline:
+            rows[key] = {"skipped": f"past --sweep-seconds {seconds:g}"}
+            continue
+        owner = sessions[model]
+        session = owner.adopt(shape) if hasattr(owner, "adopt") else owner  # CPU: one session
+        name = session.get_inputs()[0].name
+        batch = {name: np.zeros(shape, INPUT_DTYPES[model])}
+        try:
+            t0 = time.perf_counter()
+            session.run(None, batch)
+            first = time.perf_counter() - t0
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                session.run(None, batch)
+                times.append(time.perf_counter() - t0)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            rows[key] = {"out_of_memory": True}
+            failed.add(model)
+            continue
+        ms = statistics.median(times) * 1000
+        row = {"first_s": round(first, 2), "ms": round(ms, 2), "ms_each": round(ms / shape[0], 3),
+               "gpu_bytes_held": gpu_bytes_held()}
+        if model == "rec":
+            row["us_per_column"] = round(1000 * ms / (shape[0] * shape[2]), 3)
+        rows[key] = row
+    return rows
 
 
 def main() -> int:
@@ -190,6 +246,8 @@ def main() -> int:
     parser.add_argument("--engine", action="store_true", help="also time the engine's warm-up")
     parser.add_argument("--warmup-seconds", type=float, default=float("inf"),
                         help="the engine warm-up starts no shape after this (default: none)")
+    parser.add_argument("--sweep-seconds", type=float, default=0,
+                        help="with --engine: time bigger batches (SWEEP) for up to this long")
     args = parser.parse_args()
     report: dict[str, Any] = {"modes": {}}
     for algo in args.algos.split(","):
@@ -197,7 +255,7 @@ def main() -> int:
         print(json.dumps({algo: report["modes"][algo]}), file=sys.stderr, flush=True)
     report["cudnn"] = cudnn_version()
     if args.engine:
-        report["engine"] = engine_warmup(args.warmup_seconds)
+        report["engine"] = engine_warmup(args.warmup_seconds, args.sweep_seconds)
         print(json.dumps({"engine": report["engine"]}), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=2))
     return 0
