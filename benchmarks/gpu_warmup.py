@@ -13,7 +13,8 @@ only each session's first run does), then one shape run again (steady). `--engin
 (NVML), times each warmed shape run again (what a batch costs by its shape: the data for the
 batch sizes) and two recogniser shapes run from two threads at once against one after the
 other; with `--sweep-seconds`, batches bigger than the engine's (SWEEP), each on a session of
-its own, with the memory they take. Prints ONE JSON object.
+its own, with the memory they take, then some of the same shapes in half precision
+(SWEEP_FP16), each part for up to that long. Prints ONE JSON object.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ STEADY = (32, 48, 960, 3)
 # bigger batch sizes would buy per line or page, and the GPU memory they take
 SWEEP = ([("rec", (n, 48, w, 3)) for w in (320, 960) for n in (32, 64, 128, 256)]
          + [("det", (n, 960, 960, 3)) for n in (8, 16, 32)])
+# the same in half precision (ocr.gpu_precision = "fp16"), against the float32 rows above and
+# the steady table: what fp16 buys
+SWEEP_FP16 = ([("rec", (n, 48, w, 3)) for w in (320, 960) for n in (32, 128)]
+              + [("det", (n, 960, 960, 3)) for n in (4, 8)])
 
 
 def gpu_bytes_held() -> int | None:
@@ -185,14 +190,37 @@ def engine_warmup(seconds: float, sweep_seconds: float = 0) -> dict[str, Any]:
                                 "two_threads_s": round(time.perf_counter() - t0, 3)}
         out["gpu_bytes_held_after"] = gpu_bytes_held()
         if sweep_seconds > 0:
-            out["sweep"] = batch_sweep(engine.sessions, sweep_seconds)
+            out["sweep"] = batch_sweep(engine.sessions, SWEEP, sweep_seconds)
+            out["sweep_fp16"] = batch_sweep(half_sessions(settings, engine), SWEEP_FP16,
+                                            sweep_seconds)
         return out
     finally:
         engine.close()
 
 
-def batch_sweep(sessions: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """Each SWEEP shape on a session of its own (`ShapeSessions.adopt`): its first run (the
+def half_sessions(settings: Any, engine: Any) -> dict[str, Any]:
+    """Sessions of the float16 models, one per shape as the engine's (`ShapeSessions`)."""
+    from daemon.hardware.sessions import create_session
+    from daemon.ocr.device import ShapeSessions
+    from daemon.ocr.graphs import det_model, rec_model
+    from daemon.ocr.host import det_lut, rec_lut
+    from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
+
+    ocr = settings.ocr
+    paths = resolve_model_paths(ocr, load_rapidocr_config(ocr))
+    models = {"det": det_model(paths.det, det_lut(engine._det_pre), fp16=True),
+              "rec": rec_model(paths.rec, rec_lut(), fp16=True)}
+    out = {}
+    for name, path in models.items():
+        def make(path: Any = path) -> Any:
+            return create_session(path, engine._choice, ocr, shared_arena=True)
+        out[name] = ShapeSessions(make(), make)
+    return out
+
+
+def batch_sweep(sessions: dict[str, Any], sweep: list[tuple[str, tuple[int, ...]]],
+                seconds: float) -> dict[str, Any]:
+    """Each `sweep` shape on a session of its own (`ShapeSessions.adopt`): its first run (the
     plans, not a batch's cost), then the median of 5 runs in ms, per line or page, per pixel
     column for the recogniser, and the GPU memory the process holds after it. No shape starts
     after `seconds`; one that runs out of memory is reported as such and ends its model's
@@ -205,7 +233,7 @@ def batch_sweep(sessions: dict[str, Any], seconds: float) -> dict[str, Any]:
     deadline = time.monotonic() + seconds
     rows: dict[str, dict[str, Any]] = {}
     failed: set[str] = set()
-    for model, shape in SWEEP:
+    for model, shape in sweep:
         key = f"{model} {list(shape)}"
         if model in failed or model not in sessions:
             continue
@@ -247,7 +275,8 @@ def main() -> int:
     parser.add_argument("--warmup-seconds", type=float, default=float("inf"),
                         help="the engine warm-up starts no shape after this (default: none)")
     parser.add_argument("--sweep-seconds", type=float, default=0,
-                        help="with --engine: time bigger batches (SWEEP) for up to this long")
+                        help="with --engine: time bigger batches (SWEEP), then fp16 ones "
+                             "(SWEEP_FP16), for up to this long each")
     args = parser.parse_args()
     report: dict[str, Any] = {"modes": {}}
     for algo in args.algos.split(","):

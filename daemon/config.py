@@ -129,6 +129,7 @@ class OcrSettings(_Section):
     lang: str = "ch"
     intra_op_threads: int = Field(0, ge=0)
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    gpu_precision: Literal["fp32", "fp16"] = "fp32"
     gpu_mem_limit_bytes: int = Field(0, ge=0)
     max_image_pixels: int = Field(100_000_000, gt=0)
     jpeg_scaled_decode: bool = True

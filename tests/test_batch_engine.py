@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -508,6 +509,54 @@ def test_on_a_gpu_the_engine_reads_what_the_cpu_reads(
     finally:
         cpu.close()
     assert [page.text for page in got] == [page.text for page in want]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA_EP in ort.get_available_providers() and probe_nvml().gpus),
+                    reason="needs an NVIDIA GPU and onnxruntime-gpu")
+def test_on_a_gpu_half_precision_reads_what_the_cpu_reads(
+    pages: list[Image], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ocr.gpu_precision = "fp16"` on a GPU: the same text as the CPU engine's fp32."""
+    monkeypatch.setattr(buckets, "REC_WIDTHS", (160, 320, 640, 960, 1280, 1600))
+    settings = Settings(ocr={"provider": "cuda", "gpu_precision": "fp16"})
+    gpu = BatchEngine(settings.ocr, choose_provider(settings), max_pages=2)
+    try:
+        assert gpu.provider == "cuda"
+        gpu.warmup()
+        got = gpu.recognize(pages[:3])
+    finally:
+        gpu.close()
+    cpu = BatchEngine(OcrSettings(), CPU, max_pages=2, fixed_shapes=True)
+    try:
+        want = cpu.recognize(pages[:3])
+    finally:
+        cpu.close()
+    assert [page.text for page in got] == [page.text for page in want]
+
+
+def test_the_cpu_runs_full_precision_whatever_gpu_precision_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Half precision is for a GPU's tensor cores: onnxruntime's CPU has few float16 kernels
+    and would cast around nearly every node."""
+    asked: list[bool] = []
+    for name in ("det_model", "rec_model"):
+        real = getattr(batch_module, name)
+
+        def recording(*args: Any, _real: Any = real, fp16: bool = False, **kwargs: Any) -> Any:
+            asked.append(fp16)
+            return _real(*args, fp16=fp16, **kwargs)
+
+        monkeypatch.setattr(batch_module, name, recording)
+    BatchEngine(OcrSettings(gpu_precision="fp16"), CPU).close()
+    assert asked == [False, False]
+    real_create = batch_module.create_session
+    monkeypatch.setattr(batch_module, "create_session",  # a GPU choice, run where we are
+                        lambda path, _choice, ocr, **kw: real_create(path, CPU, ocr, **kw))
+    BatchEngine(OcrSettings(gpu_precision="fp16"), replace(CPU, name="cuda"),
+                host_processes=0).close()
+    assert asked[2:] == [True, True]
 
 
 def test_shape_sessions_send_other_shapes_to_the_first_session() -> None:

@@ -93,6 +93,56 @@ def test_edited_recogniser_gives_the_same_text_and_scores(provider: str, tmp_pat
     assert probs.nbytes > 5000 * (best.nbytes + best_prob.nbytes)
 
 
+def _float_types(path: Path) -> set[int]:
+    """The element types of a model's floating-point weights."""
+    import onnx
+
+    return {t.data_type for t in onnx.load(str(path)).graph.initializer
+            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_half_precision_models_read_the_same_text(provider: str, tmp_path: Path) -> None:
+    """`ocr.gpu_precision = "fp16"`: both models in float16 inside, taking and giving the same
+    types; the recogniser reads the same text with scores within 0.01, the detector's map
+    differs by float16's rounding only."""
+    import onnx
+    from rapidocr.ch_ppocr_det.utils import DetPreProcess
+
+    ocr = OcrSettings(lang="ch")
+    paths = resolve_model_paths(ocr)
+    choice = choice_for(provider, ocr)
+    rec32 = rec_model(paths.rec, rec_lut(), tmp_path)
+    rec16 = rec_model(paths.rec, rec_lut(), tmp_path, fp16=True)
+    assert rec16 != rec32 and rec16.parent == rec32.parent  # cached under its own name
+    assert _float_types(rec32) == {onnx.TensorProto.FLOAT}
+    assert _float_types(rec16) == {onnx.TensorProto.FLOAT16}
+    full, half = (create_session(path, choice, ocr) for path in (rec32, rec16))
+    assert provider_name(half) == provider
+    assert [o.type for o in half.get_outputs()] == [o.type for o in full.get_outputs()]
+    characters = full.get_modelmeta().custom_metadata_map["character"].splitlines()
+    from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
+
+    decoder = CTCLabelDecode(character=characters)
+    _, pixels = rec_batches(line_images())
+    want = ctc_decode(decoder.character, *full.run(None, {"x": pixels}))
+    got = ctc_decode(decoder.character, *half.run(None, {"x": pixels}))
+    assert [text for text, _ in got] == [text for text, _ in want]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, want, strict=True)) < 0.01
+
+    det = load_rapidocr_config(ocr).Det
+    pre = DetPreProcess(det.limit_side_len, det.limit_type, det.mean, det.std)
+    det16 = det_model(paths.det, det_lut(pre), tmp_path, fp16=True)
+    assert onnx.TensorProto.FLOAT16 in _float_types(det16)
+    page = pre.resize(render_page(random_lines(3, 5), width=640, font_size=30))[None]
+    (map32,) = create_session(det_model(paths.det, det_lut(pre), tmp_path), choice,
+                              ocr).run(None, {"x": page})
+    (map16,) = create_session(det16, choice, ocr).run(None, {"x": page})
+    assert map16.dtype == np.float32 and map16.shape == map32.shape
+    assert float(np.abs(map16 - map32).mean()) < 0.005
+    assert ((map16 > 0.3) == (map32 > 0.3)).mean() > 0.995  # the text regions the boxes follow
+
+
 def test_batch_ctc_decoding_gives_rapidocrs_text_and_scores_exactly() -> None:
     """The engine's batch CTC decoder against RapidOCR's per-line one, float for float: lines
     of blanks, repeats, characters far into the dictionary, and scores on the half-way

@@ -123,8 +123,9 @@ class BatchEngine:
         self._det_pre = DetPreProcess(det.limit_side_len, det.limit_type, det.mean, det.std)
         # Both models normalise pixels on the device, by tables of this host code's own
         # results; the recogniser also hands back arg-max and max, not 18,710 probabilities.
-        models = {"det": det_model(paths.det, det_lut(self._det_pre)),
-                  "rec": rec_model(paths.rec, rec_lut()), "cls": paths.cls}
+        half = ocr.gpu_precision == "fp16" and choice.name != "cpu"
+        models = {"det": det_model(paths.det, det_lut(self._det_pre), fp16=half),
+                  "rec": rec_model(paths.rec, rec_lut(), fp16=half), "cls": paths.cls}
         self._det = create_session(models["det"], choice, ocr, shared_arena=True)
         self._rec = create_session(models["rec"], choice, ocr, shared_arena=True)
         self._cls = (create_session(models["cls"], choice, ocr, shared_arena=True)

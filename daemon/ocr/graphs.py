@@ -47,20 +47,28 @@ REC_PAD = 256  # the recogniser's input value for padding (normalised to 0.0, mi
 FloatArray = npt.NDArray[np.float32]
 
 
-def det_model(source: Path, lut: FloatArray, cache: Path | None = None) -> Path:
+def det_model(source: Path, lut: FloatArray, cache: Path | None = None, *,
+              fp16: bool = False) -> Path:
     """The detector taking uint8 `[N, H, W, 3]` pixels; `lut[v, c]` is the host's normalised
-    value of pixel value `v` in channel `c` (256 x 3)."""
-    return _edited(source, "det-u8", lut.tobytes(), lambda model: _take_pixels(
-        model, lut, uint16=False), cache)
+    value of pixel value `v` in channel `c` (256 x 3). `fp16`: in half precision inside (the
+    probability map still float32)."""
+    def edit(model: Any) -> Any:
+        _take_pixels(model, lut, uint16=False)
+        return _half(model) if fp16 else model
+    return _edited(source, "det-u8" + ("-fp16" if fp16 else ""), lut.tobytes(), edit, cache)
 
 
-def rec_model(source: Path, lut: FloatArray, cache: Path | None = None) -> Path:
+def rec_model(source: Path, lut: FloatArray, cache: Path | None = None, *,
+              fp16: bool = False) -> Path:
     """The recogniser taking uint16 `[N, 48, W, 3]` pixels (`REC_PAD` = padding; `lut` is
-    257 x 3) and returning arg-max and max per time step (see the module doc)."""
-    def edit(model: Any) -> None:
+    257 x 3) and returning arg-max and max per time step (see the module doc). `fp16`: in
+    half precision inside (the outputs still int64 and float32)."""
+    def edit(model: Any) -> Any:
         _take_pixels(model, lut, uint16=True)
         _reduce_classes(model, source)
-    return _edited(source, "rec-u16-argmax", lut.tobytes(), edit, cache)
+        return _half(model) if fp16 else model
+    name = "rec-u16-argmax" + ("-fp16" if fp16 else "")
+    return _edited(source, name, lut.tobytes(), edit, cache)
 
 
 def _edited(source: Path, edit_name: str, params: bytes, edit: Any,
@@ -90,12 +98,27 @@ def _edited(source: Path, edit_name: str, params: bytes, edit: Any,
 
 
 def _apply(source: Path, edit: Any) -> bytes:
+    """`source` loaded, `edit`ed (it returns the model, the same or a new one), checked."""
     import onnx
 
-    model = onnx.load(str(source))
-    edit(model)
+    model = edit(onnx.load(str(source)))
     onnx.checker.check_model(model)
     return bytes(model.SerializeToString())
+
+
+def _half(model: Any) -> Any:
+    """The graph in float16: weights, tables and the tensors between nodes, with a cast after
+    the inputs and before the outputs so that those keep their types (onnxconverter-common's
+    conversion; the operators on its block list stay float32, in these models the
+    detector's Resize)."""
+    import warnings
+
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():
+        # it warns for every weight too small for float16 (those become 0 or its smallest)
+        warnings.simplefilter("ignore", UserWarning)
+        return float16.convert_float_to_float16(model, keep_io_types=True)
 
 
 def _take_pixels(model: Any, lut: FloatArray, *, uint16: bool) -> None:
