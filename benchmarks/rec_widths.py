@@ -17,6 +17,9 @@ Variants (`--variants`, space-separated):
                 "down" squeezes it to the one below, "nearest" takes the nearer by ratio (the
                 daemon's rule)
   daemon        the engine exactly as the daemon runs it on a GPU, batches included
+  fp16          `daemon` with both models in half precision (ocr.gpu_precision = "fp16"), run
+                by onnxruntime's CPU: float16 numbers, casting around the nodes it has no
+                float16 kernel for; F1 only (its speed means nothing here)
 
 Each RULE@LADDER line runs alone at its width (a line's output does not depend on the rest of
 its batch: the `daemon` variant shows it), so only the widths differ between variants.
@@ -85,6 +88,19 @@ def build(variant: str, ocr: Any) -> tuple[Any, dict[str, Any]]:
     if variant == "daemon":
         return BatchEngine(ocr, CPU, max_pages=8, **gpu_shapes), {
             "rungs": len(buckets.REC_WIDTHS)}
+    if variant == "fp16":
+        import functools
+
+        from daemon.ocr import batch
+
+        # the engine asks for fp16 models on a GPU only: here, on the CPU, by hand
+        real = batch.det_model, batch.rec_model
+        batch.det_model = functools.partial(batch.det_model, fp16=True)  # type: ignore[assignment]
+        batch.rec_model = functools.partial(batch.rec_model, fp16=True)  # type: ignore[assignment]
+        try:
+            return BatchEngine(ocr, CPU, max_pages=8, **gpu_shapes), {"precision": "fp16"}
+        finally:
+            batch.det_model, batch.rec_model = real
     if variant == "own":
         fit: Callable[[int], int] = lambda needed: max(buckets.REC_MIN_WIDTH, needed)  # noqa: E731
         extra: dict[str, Any] = {}
