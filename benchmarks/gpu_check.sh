@@ -3,7 +3,7 @@
 # the daemon's dependencies from a carried bundle (built here by benchmarks/gpu_bundle.sh:
 # carry .gpu-bundle/parts/p0XX one per call, then .gpu-bundle/eval), then runs doctor, the GPU
 # tests and the benchmarks, writing everything under $OUT (the daemons' own logs in
-# $OUT/logs). The full set's time limits add up to 560 s, inside one device call (600 s); the
+# $OUT/logs). The full set's time limits add up to 575 s, inside one device call (600 s); the
 # host ceiling goes last, the first to give up.
 # Usage: benchmarks/gpu_check.sh BUNDLE_PARTS_DIR EVAL_DIR
 #   STAGES="warmup receipts" benchmarks/gpu_check.sh ...   runs only those stages (in order:
@@ -38,7 +38,7 @@ fi
 if want tests; then
   step gpu tests
   # the tests marked gpu (the OpenCL ones want pyopencl and pocl, which the bundle leaves out)
-  timeout 45 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_hardware.py \
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_hardware.py \
     tests/test_metrics.py tests/test_graphs.py tests/test_batch_engine.py 2>&1 | tail -12 \
     | tee "$out/tests.txt"
 fi
