@@ -333,6 +333,15 @@ def test_doctor_report_is_json_and_readable() -> None:
         assert device["device"] in text
 
 
+def test_doctor_says_the_arithmetic_the_models_run_in() -> None:
+    """fp16 only where a GPU runs the models: the CPU runs float32 whatever is configured."""
+    report = doctor_report(Settings(ocr={"gpu_precision": "fp16", "provider": "cpu"}))
+    assert report["provider"]["precision"] == "fp32"
+    assert "arithmetic: fp32 (the CPU always)" in format_doctor(report)
+    on_gpu = {**report, "provider": {**report["provider"], "name": "cuda", "precision": "fp16"}}
+    assert "arithmetic: fp16 (ocr.gpu_precision)" in format_doctor(on_gpu)
+
+
 @pytest.mark.skipif(CUDA_IN_BUILD, reason="onnxruntime-gpu is installed here")
 def test_doctor_shows_provider_error_instead_of_raising() -> None:
     report = doctor_report(Settings(ocr={"provider": "cuda"}))

@@ -55,6 +55,8 @@ def doctor_report(settings: Settings) -> dict[str, Any]:
             gpu_info=choice.gpu_info,
             fallbacks=list(choice.fallbacks),
             error=False,
+            # the CPU always runs float32; a GPU what ocr.gpu_precision says
+            precision=settings.ocr.gpu_precision if choice.name != "cpu" else "fp32",
         )
     return {
         "onnxruntime": onnxruntime_info(),
@@ -141,6 +143,8 @@ def format_doctor(report: dict[str, Any]) -> str:
         if p["gpu_info"]:
             lines.append(f"  gpu: {p['gpu_info']}")
         lines.append(f"  reason: {p['reason']}")
+        lines.append(f"  arithmetic: {p['precision']}" + (
+            " (ocr.gpu_precision)" if p["name"] != "cpu" else " (the CPU always)"))
         if p["fallbacks"]:
             lines.append(f"  fallbacks: {', '.join(p['fallbacks'])}")
     if p["cuda_visible_devices"] is not None:
