@@ -3,13 +3,16 @@ GPU's fixed width x batch buckets. A script, not a test; it runs on the CPU.
 
     python benchmarks/rec_padding.py --images ../shared/ocr-eval/sroie/img --limit 40
     python benchmarks/rec_padding.py --render 20 --a4 --steady warmup.json
+    python benchmarks/rec_padding.py --images DIR --steady warmup.json --sizes 1,8,128 --waste .5
 
 The batch engine runs as on a GPU (fixed shape buckets and the GPU's batch sizes, `--batch`
 pages a call) on the CPU provider; a wrapper round the recogniser's session counts, per batch
 it is fed, the pixel columns that hold a line (not the padding value) against the columns
 fed. With `--steady`
-(the JSON `gpu_warmup.py --engine` prints, measured on a GPU) it also adds up what those
-batches would cost that GPU: a projection from per-shape timings, not a run.
+(the JSON `gpu_warmup.py --engine --sweep-seconds N` prints, measured on a GPU) it also adds
+up what those batches would cost that GPU: a projection from per-shape timings, not a run;
+`--sizes` and `--waste` plan the batches another way, to compare batch sizes by that
+projection.
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ def main() -> int:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--batch", type=int, default=8, help="pages per engine call")
     parser.add_argument("--steady", type=Path, help="gpu_warmup.py's JSON (a GPU's timings)")
+    parser.add_argument("--sizes", help="recogniser batch sizes to plan with, e.g. 1,8,32,128 "
+                        "(default: the GPU's, buckets.REC_BATCH_SIZES)")
+    parser.add_argument("--waste", type=float, help="largest share of a batch that may be "
+                        "padding (default: buckets.REC_MAX_WASTE_GPU)")
     args = parser.parse_args()
 
     from bench import load_pages, source_images
@@ -75,8 +82,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         images = source_images(args, Path(tmp))
         ocr = OcrSettings()
+        sizes = (tuple(int(n) for n in args.sizes.split(",")) if args.sizes
+                 else buckets.REC_BATCH_SIZES)
         engine = BatchEngine(ocr, CPU, max_pages=args.batch, fixed_shapes=True,
-                             rec_batch_sizes=buckets.REC_BATCH_SIZES, shape_sessions=False)
+                             rec_batch_sizes=sizes, shape_sessions=False)
+        if args.waste is not None:
+            engine._rec_waste = args.waste  # the plan as it would be with that limit
         counting = CountingSession(engine.sessions["rec"])
         engine._rec = counting  # the engine as it is, its recogniser counted
         pages = [frame for path in images for frame in load_pages(path, ocr)]
@@ -93,20 +104,31 @@ def main() -> int:
         "text_share": round(counting.text_columns / max(1, counting.fed_columns), 3),
         "runs_by_shape": {str(list(k)): v for k, v in sorted(counting.shapes.items())},
     }
+    report["sizes"], report["waste"] = list(sizes), engine._rec_waste
     if args.steady:
-        steady = json.loads(args.steady.read_text())["engine"]["steady"]
-        known = {key: row["ms"] for key, row in steady.items() if key.startswith("rec ")}
-        ms = 0.0
+        engine_rows = json.loads(args.steady.read_text())["engine"]
+        known = {tuple(json.loads(key[4:])): row["ms"]
+                 for part in ("steady", "sweep") for key, row in engine_rows.get(part, {}).items()
+                 if key.startswith("rec ") and "ms" in row}
+        ms = scaled_ms = 0.0
         missing = []
         for shape, runs in counting.shapes.items():
-            key = f"rec {list(shape)}"
-            if key in known:
-                ms += known[key] * runs
-            else:
-                missing.append(key)
-        report["projected_gpu_rec_ms_per_page"] = round(ms / len(pages), 2)
+            if shape in known:
+                ms += known[shape] * runs
+                continue
+            # a batch size timed at other widths: scaled by width from the nearest one timed
+            widths = [s[2] for s in known if s[0] == shape[0]]
+            if not widths:
+                missing.append(str(list(shape)))
+                continue
+            near = min(widths, key=lambda w: abs(w - shape[2]))
+            scaled_ms += known[(shape[0], shape[1], near, shape[3])] * shape[2] / near * runs
+        report["projected_gpu_rec_ms_per_page"] = round((ms + scaled_ms) / len(pages), 2)
+        report["of_which_scaled_by_width"] = round(scaled_ms / len(pages), 2)
         report["projection_note"] = ("sum of per-shape GPU timings from " + str(args.steady)
-                                     + ", not a run; shapes without a timing: "
+                                     + " (its steady and sweep tables), not a run; a shape not "
+                                     "timed but its batch size at another width scaled by "
+                                     "width; shapes with neither: "
                                      + (", ".join(missing) or "none"))
     print(json.dumps(report, indent=2))
     return 0
