@@ -117,12 +117,12 @@ def build(variant: str, ocr: Any) -> tuple[Any, dict[str, Any]]:
     return OneLineAWidth(ocr, CPU, max_pages=8, **gpu_shapes), extra
 
 
-def run(variant: str, images: Sequence[Path]) -> dict[str, Any]:
+def run(variant: str, images: Sequence[Path], lang: str) -> dict[str, Any]:
     from bench import load_pages, score, truth_for
 
     from daemon.config import OcrSettings
 
-    ocr = OcrSettings()
+    ocr = OcrSettings(lang=lang)
     engine, report = build(variant, ocr)
     pairs = []
     start = time.perf_counter()
@@ -148,6 +148,7 @@ def main() -> int:
     parser.add_argument("--zh", action="store_true",
                         help="with --render: Traditional Chinese pages (a CJK font from Debian)")
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--lang", default="ch", help="ocr.lang (chinese_cht: Traditional output)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     args = parser.parse_args()
 
@@ -160,7 +161,7 @@ def main() -> int:
         report["pages"] = len(images)
         for variant in args.variants.split():
             say(f"{variant} ...")
-            report["variants"][variant] = run(variant, images)
+            report["variants"][variant] = run(variant, images, args.lang)
     cpu = report["variants"].get("cpu", {}).get("f1")
     if cpu is not None:
         for row in report["variants"].values():

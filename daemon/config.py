@@ -127,6 +127,7 @@ class OcrSettings(_Section):
     det_limit_type: Literal["min", "max"] = "max"
     text_score: float = Field(0.5, ge=0, le=1)
     lang: str = "ch"
+    chinese_script: Literal["auto", "as_read", "traditional"] = "auto"
     intra_op_threads: int = Field(0, ge=0)
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     gpu_precision: Literal["fp32", "fp16"] = "fp32"

@@ -56,6 +56,7 @@ from daemon.ocr.host import (
     resize_rec,
 )
 from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
+from daemon.ocr.script import to_traditional, wants_traditional
 from daemon.results import Image, Line, PageResult, Point
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class BatchEngine:
         # RapidOCR's list: blank first, space last
         self._characters = CTCLabelDecode(character=meta["character"].splitlines()).character
         self._rtl = normalize_lang(cfg.Rec.lang_type) in RTL_LANGS
+        self._traditional = wants_traditional(ocr)
         if self._rtl:
             from rapidocr.utils import utils as rapid_utils
 
@@ -432,6 +434,8 @@ class BatchEngine:
         for box, (text, score) in zip(boxes, texts, strict=True):
             if not text.strip() or score < self._ocr.text_score:
                 continue
+            if self._traditional:
+                text = to_traditional(text)
             corners: tuple[Point, Point, Point, Point] = tuple(  # type: ignore[assignment]
                 (float(x), float(y)) for x, y in box
             )

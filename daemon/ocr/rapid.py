@@ -12,6 +12,7 @@ from typing import Any
 
 from daemon.config import OcrSettings
 from daemon.hardware.providers import ProviderChoice
+from daemon.ocr.script import traditional_result, wants_traditional
 from daemon.results import Image, Line, PageResult, Point
 
 logging.getLogger("RapidOCR").setLevel(logging.WARNING)
@@ -61,6 +62,7 @@ class RapidOcrEngine:
         self._choice = choice
         self._device_id = ocr.device_id
         self._engine = RapidOCR(params=rapidocr_params(ocr, choice))
+        self._traditional = wants_traditional(ocr)
 
     @property
     def provider(self) -> str:
@@ -83,7 +85,8 @@ class RapidOcrEngine:
         for image in images:
             start = time.perf_counter()
             output = self._engine(image)
-            results.append(to_page_result(output, time.perf_counter() - start))
+            result = to_page_result(output, time.perf_counter() - start)
+            results.append(traditional_result(result) if self._traditional else result)
         return results
 
     def close(self) -> None:
