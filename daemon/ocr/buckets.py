@@ -36,16 +36,11 @@ REC_MIN_WIDTH_CPU = 128
 # The GPU's line widths: from 160, each rung ~1.2x the last (multiples of 32), to 3232: 16
 # rungs (160, 192, 256, 320, 384, 480, ...); a line goes to the nearest by ratio, so it is
 # padded or squeezed by 12% at most from 320 on, 16% below (the 192 -> 256 step). Padding a
-# line narrower than the floor costs no text (RapidOCR pads to 320), but padding a wider one
-# does. Bag-of-words F1 on the 100 SROIE receipts with the GPU's shapes, run on the CPU
-# (benchmarks/rec_widths.py; benchmarks/NOTES.md), against 0.9212 for the CPU path: the old
-# ladder (320, 480, 640, 800, 960, 1280, ...) padding up 0.9133; 1.2x rungs from 320 padding
-# up 0.9173, squeezing down 0.9190, nearest 0.9194; nearest on 1.3x rungs (10) 0.9184, on
-# 1.15x (16) 0.9195; every line at its own width from 320 (no ladder) 0.9205. The floor: 320
-# 0.9194, 160 0.9199, 128 0.9195; 73% of receipt lines are narrower than 320, so from 160 the
-# recogniser is fed 23% fewer pixel columns a receipt (22,470 -> 17,350, first 40 SROIE). On
-# 60 rendered Traditional Chinese pages (character F1) the CPU path 0.9918, floor 320 0.9908,
-# floor 160 0.9911.
+# wide line up to a coarse rung costs text: the old ladder (320, 480, 640, ...) padding up lost
+# 0.008 bag-of-words F1 on the 100 SROIE receipts against the CPU path, the nearest 1.2x rung
+# loses 0.0012. Starting at 160 instead of RapidOCR's 320 costs none (0.9196 against 0.9192)
+# and feeds the recogniser 23% fewer columns a receipt: 73% of their lines are narrower than
+# 320. The tables (and Traditional Chinese pages): benchmarks/NOTES.md, "On a GPU: line widths".
 REC_MIN_WIDTH_GPU = 160
 REC_WIDTH_GROWTH = 1.2
 REC_WIDTH_TOP = 3200

@@ -1,19 +1,15 @@
 """Traditional Chinese text from a recogniser that sometimes reads it as Simplified.
 
 The bundled PP-OCR recogniser has one dictionary for both scripts, and on Traditional pages it
-writes some characters in their Simplified form: on 60 rendered Traditional Chinese pages,
-half of them made to look scanned (`benchmarks/rec_widths.py --render 60 --zh`), 0.8% of the
-characters were wrong, and most of those were Simplified forms of the right one (税 for 稅,
-缴 for 繳, 纸 for 紙, 营 for 營). `ocr.lang = "chinese_cht"` reads exactly as "ch" does.
+writes some characters in their Simplified form (税 for 稅, 营 for 營): most of its wrong
+characters on rendered Traditional pages. `ocr.lang = "chinese_cht"` reads exactly as "ch".
 
-Converting the whole text with OpenCC (Simplified to Traditional) fixes those but also changes
-correct Traditional text, where a character is in both scripts with another use (干擾 becomes
-幹擾, 范先生 範先生, 准許 準許, 了解 瞭解: 11 of 100 such words tried). So only characters
-that Traditional Chinese never writes change: those outside Big5 (as Windows' code page 950
-has it, the set Taiwan's Traditional text is written in), each taking OpenCC's conversion in
-the context of its line (头发 -> 頭髮, not 頭發). Characters of both scripts, Latin and
-everything else stay as read. Character F1 on those 60 pages: 0.9918 as read, 0.9969 so
-(OpenCC's s2tw on everything: 0.9971).
+Converting the whole text with OpenCC fixes those but also changes correct Traditional text,
+where a character is written in both scripts with another use (干擾 becomes 幹擾, 范先生
+範先生). So only characters Traditional Chinese never writes change: those outside Big5 (code
+page 950), each taking OpenCC's conversion in the context of its line (头发 -> 頭髮, not 頭發).
+Character F1 on 60 rendered Traditional pages: 0.9918 as read, 0.9969 so (benchmarks/NOTES.md,
+"Traditional Chinese output").
 """
 
 from __future__ import annotations
