@@ -178,7 +178,7 @@ ZH_WORDS = (
     "證明書", "申請書", "身分證", "香港", "九龍", "灣仔", "銅鑼灣", "尖沙咀", "彌敦道",
     "樓層", "號碼", "營業額", "發貨單", "報價單", "請款單", "說明", "檢驗", "維修", "運費",
 )
-# CJK fonts Debian installs (fonts-noto-cjk, fonts-arphic-uming): (path, face name or None)
+# CJK fonts Debian installs (fonts-noto-cjk, fonts-arphic-uming): (path, face name)
 ZH_FONTS = (
     ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", "Noto Sans CJK TC"),
     ("/usr/share/fonts/opentype/noto/NotoSerifCJK-Regular.ttc", "Noto Serif CJK TC"),

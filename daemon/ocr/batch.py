@@ -5,10 +5,11 @@ almost every batch; on onnxruntime-gpu each new shape means a new cuDNN algorith
 arena growth, which makes the GPU slower than the CPU. Here pages are resized by RapidOCR's
 rule, padded into fixed detection buckets and detected `[N,3,H,W]` at a time; every text line
 of the call is pooled, sorted by aspect ratio and recognised in fixed width x batch buckets
-(see `daemon.ocr.buckets`; on a GPU a line is padded or squeezed to the nearest width, by 12%
-at most). Everything else (resizing, DB post-processing, crops, angle classification, CTC
-decoding, box mapping, filtering) is RapidOCR's own code, so the text matches plain
-`RapidOCR()` with the same settings, up to that padding (RapidOCR pads within its batches too).
+(see `daemon.ocr.buckets`; on a GPU a line is padded or squeezed to the nearest width, by 16%
+at most, 12% from 320 px on). Everything else (resizing, DB post-processing, crops, angle
+classification, CTC decoding, box mapping, filtering) is RapidOCR's own code, so the text
+matches plain `RapidOCR()` with the same settings, up to that padding (RapidOCR pads within
+its batches too).
 
 `recognize` may be called from several threads at once: onnxruntime's `run` is thread-safe
 and all per-call state is local.

@@ -36,7 +36,11 @@ def wants_traditional(ocr: OcrSettings) -> bool:
 
 
 @functools.lru_cache(maxsize=65536)
-def _traditional_writes(char: str) -> bool:
+def _kept(char: str) -> bool:
+    """Left as read: below the CJK blocks (Latin and the like), or written in Traditional
+    Chinese too (encodable in Big5, code page 950)."""
+    if ord(char) < 0x2E80:
+        return True
     try:
         char.encode("cp950")
     except UnicodeEncodeError:
@@ -57,15 +61,14 @@ def _s2t(text: str) -> str:
 def to_traditional(text: str) -> str:
     """`text` with each character Traditional Chinese never writes (outside Big5) in its
     Traditional form, as OpenCC converts it in the context of the whole text."""
-    if all(ord(c) < 0x2E80 or _traditional_writes(c) for c in text):
+    if all(_kept(c) for c in text):
         return text  # nothing to change (Latin, or Traditional already): no OpenCC call
     converted = _s2t(text)
     if len(converted) != len(text):  # a phrase changed length: character by character
         singles = [_s2t(c) for c in text]
         converted = "".join(one if len(one) == 1 else c
                             for one, c in zip(singles, text, strict=True))
-    return "".join(old if ord(old) < 0x2E80 or _traditional_writes(old) else new
-                   for old, new in zip(text, converted, strict=True))
+    return "".join(old if _kept(old) else new for old, new in zip(text, converted, strict=True))
 
 
 def traditional_result(result: PageResult) -> PageResult:
