@@ -9,7 +9,9 @@ input shape differs from that node's previous run. For each mode, on the recogni
 daemon builds it (on-device arg-max appended): three shapes taken in turn, twice, in ONE
 session (every run pays the plans), then the same in a session PER shape (`ShapeSessions`:
 only each session's first run does), then one shape run again (steady). `--engine` then times
-`BatchEngine.warmup()` (every bucket, in threads), reads the GPU memory the process holds
+`BatchEngine.warmup()` (every bucket, in threads; `session_builds`: the sessions it built
+and their seconds summed, above the warm-up's own when builds overlap), reads the GPU memory
+the process holds
 (NVML), times each warmed shape run again (what a batch costs by its shape: the data for the
 batch sizes) and two recogniser shapes run from two threads at once against one after the
 other; with `--sweep-seconds`, batches bigger than the engine's (SWEEP), each on a session of
@@ -123,18 +125,34 @@ def measure(algo: str) -> dict[str, Any]:
     return out
 
 
+def timed_build(make: Any, seconds: list[float]) -> Any:
+    def timed() -> Any:
+        start = time.perf_counter()
+        try:
+            return make()
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    return timed
+
+
 def engine_warmup(seconds: float, sweep_seconds: float = 0) -> dict[str, Any]:
     import numpy as np
 
     from daemon.config import Settings
     from daemon.hardware.providers import choose_provider
     from daemon.ocr.batch import INPUT_DTYPES, BatchEngine
-    from daemon.ocr.device import run_split
+    from daemon.ocr.device import ShapeSessions, run_split
 
     settings = Settings()
     start = time.perf_counter()
     engine = BatchEngine(settings.ocr, choose_provider(settings), max_pages=8)
     built = time.perf_counter() - start
+    # each session the warm-up builds, timed: they build in parallel, beside the first runs
+    builds: list[float] = []
+    for session in engine.sessions.values():
+        if isinstance(session, ShapeSessions):
+            session._make = timed_build(session._make, builds)
     try:
         spent = engine.warmup(seconds=seconds)  # the daemon's 60 s or more: how long it takes
         warm = engine.warmup_shapes()
@@ -146,6 +164,8 @@ def engine_warmup(seconds: float, sweep_seconds: float = 0) -> dict[str, Any]:
             "shapes_warmed": {k: len(getattr(session, "shapes", ()))
                               for k, session in engine.sessions.items()},
             "gpu_bytes_held": gpu_bytes_held(),
+            "session_builds": {"count": len(builds), "total_s": round(sum(builds), 2),
+                               "max_s": round(max(builds, default=0.0), 3)},
         }
         # the shapes timed below: those the warm-up reached (a cold one would plan in the loop)
         timed = {model: [s for s in shapes if s in set(getattr(session, "shapes", shapes))]

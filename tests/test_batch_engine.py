@@ -580,6 +580,42 @@ def test_a_shape_expected_but_cold_gets_its_own_session_at_its_first_run_once() 
     assert sessions.run(None, {"x": np.zeros((8, 48, 3840, 3))}) == "base"
 
 
+def test_sessions_for_different_shapes_build_at_once() -> None:
+    """The warm-up builds dozens of sessions on a GPU: two shapes' sessions are built at the
+    same time (each build waits here until the other has started), not one after another."""
+    both_building = threading.Barrier(2, timeout=30)
+    built: list[str] = []
+
+    def make() -> NamedSession:
+        both_building.wait()  # broken (an error) if the other build cannot start meanwhile
+        built.append("own")
+        return NamedSession("own")
+
+    sessions = ShapeSessions(NamedSession("base"), make)
+    shapes = [(1, 48, 320, 3), (8, 48, 320, 3)]
+    with ThreadPoolExecutor(2) as pool:
+        adopted = list(pool.map(sessions.adopt, shapes))
+    assert [session.name for session in adopted] == ["own", "own"] and len(built) == 2
+    assert sorted(sessions.shapes) == shapes
+
+
+def test_a_failed_session_build_is_raised_and_tried_again_at_the_next_ask() -> None:
+    attempts: list[int] = []
+
+    def make() -> NamedSession:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("CUDA failure 2: out of memory")
+        return NamedSession("own")
+
+    sessions = ShapeSessions(NamedSession("base"), make)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sessions.adopt((8, 48, 384, 3))
+    assert sessions.shapes == []
+    assert sessions.adopt((8, 48, 384, 3)).name == "own"  # not remembered as failed
+    assert len(attempts) == 2
+
+
 def test_warmup_out_of_time_starts_no_new_shape_and_the_rest_warm_at_first_use(
     pages: list[Image], reference: list[PageResult]
 ) -> None:

@@ -7,6 +7,9 @@ runtime); the tests that need a GPU are marked `gpu` and skip elsewhere.
 from __future__ import annotations
 
 import json
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +279,9 @@ def test_session_that_drops_cuda_is_detected_and_recorded() -> None:
     heard: list[Fallback] = []
     remove = add_fallback_listener(heard.append)
     try:
-        session = create_session(probe_model_path(), choice, ocr, on_fallback=direct.append)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said in the fallback, not warned on stderr
+            session = create_session(probe_model_path(), choice, ocr, on_fallback=direct.append)
     finally:
         remove()
 
@@ -287,10 +292,29 @@ def test_session_that_drops_cuda_is_detected_and_recorded() -> None:
     event = direct[0]
     assert (event.wanted, event.got, event.reason) == ("cuda", "cpu", "cuda_dropped")
     assert event.model == providers.PROBE_MODEL
-    assert CUDA_EP in event.detail
+    assert CUDA_EP in event.detail and "not in this onnxruntime build" in event.detail
 
     create_session(probe_model_path(), choice, ocr)
     assert len(heard) == 1  # removed listeners hear nothing more
+
+
+def test_sessions_build_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing process-wide is held while onnxruntime builds a session (it lets the GIL go):
+    a GPU warm-up's dozens of sessions build in parallel. Each build here waits until the
+    other has started."""
+    both_building = threading.Barrier(2, timeout=30)
+    real = ort.InferenceSession
+
+    def building(*args: Any, **kwargs: Any) -> Any:
+        both_building.wait()  # broken (an error) if the builds take turns
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sessions.ort, "InferenceSession", building)
+    ocr = Settings().ocr
+    with ThreadPoolExecutor(2) as pool:
+        built = list(pool.map(lambda _: create_session(probe_model_path(), providers.CPU, ocr),
+                              range(2)))
+    assert [provider_name(session) for session in built] == ["cpu", "cpu"]
 
 
 def test_cpu_session_is_no_fallback() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +86,6 @@ def _spec_name(spec: ProviderSpec) -> str:
 
 _shared_arenas: dict[int, bool] = {}
 _shared_lock = threading.Lock()
-_building = threading.Lock()
 
 
 def share_device_arena(ocr: OcrSettings) -> bool:
@@ -140,34 +138,38 @@ def create_session(
     if shared_arena and choice.name == "cuda" and share_device_arena(ocr):
         options.add_session_config_entry("session.use_env_allocators", "1")
     wanted = _spec_name(choice.ort_providers[0])
-    # catch_warnings swaps process-wide state: sessions built by warm-up threads take turns
-    with _building, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            session = ort.InferenceSession(
-                str(model_path), sess_options=options, providers=list(choice.ort_providers)
-            )
-        except Exception as exc:
-            if wanted == CPU_EP:
-                raise
-            # Build on the CPU first: if that fails too, the model is at fault, not the GPU,
-            # and its error is the one to raise, with no fallback counted.
-            cpu_session = ort.InferenceSession(
-                str(model_path), sess_options=session_options(ocr), providers=[CPU_EP]
-            )
-            event = Fallback(
-                wanted=choice.name,
-                got="cpu",
-                reason=f"{choice.name}_session_failed",
-                detail=str(exc),
-                model=Path(model_path).name,
-            )
-            _report(event, on_fallback)
-            return cpu_session
+    # Providers this build lacks are left out here rather than warned about by onnxruntime:
+    # catching its warning would swap process-wide state, and sessions must build in parallel
+    # (the GIL is let go while one builds; a GPU warm-up builds dozens).
+    available = ort.get_available_providers()
+    kept = [spec for spec in choice.ort_providers if _spec_name(spec) in available]
+    missing = [_spec_name(spec) for spec in choice.ort_providers if spec not in kept]
+    try:
+        session = ort.InferenceSession(
+            str(model_path), sess_options=options, providers=kept or [CPU_EP]
+        )
+    except Exception as exc:
+        if wanted == CPU_EP:
+            raise
+        # Build on the CPU first: if that fails too, the model is at fault, not the GPU,
+        # and its error is the one to raise, with no fallback counted.
+        cpu_session = ort.InferenceSession(
+            str(model_path), sess_options=session_options(ocr), providers=[CPU_EP]
+        )
+        event = Fallback(
+            wanted=choice.name,
+            got="cpu",
+            reason=f"{choice.name}_session_failed",
+            detail=str(exc),
+            model=Path(model_path).name,
+        )
+        _report(event, on_fallback)
+        return cpu_session
     got = session.get_providers()
     if got and got[0] == wanted:
         return session
-    said = "; ".join(str(w.message) for w in caught)
+    said = (f"{', '.join(missing)} not in this onnxruntime build (it has {', '.join(available)})"
+            if missing else "")
     event = Fallback(
         wanted=choice.name,
         got=provider_name(session),
@@ -176,7 +178,7 @@ def create_session(
         model=Path(model_path).name,
     )
     _report(event, on_fallback)
-    return session  # onnxruntime already built it on what it kept, which ends with the CPU
+    return session  # built on what was kept, which ends with the CPU
 
 
 def _report(event: Fallback, on_fallback: FallbackListener | None) -> None:

@@ -7,6 +7,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,7 @@ class ShapeSessions:
         self._make = make
         self._by_shape: dict[tuple[int, ...], Any] = {}
         self._expected: set[tuple[int, ...]] = set()
+        self._pending: dict[tuple[int, ...], Future[Any]] = {}
         self._lock = threading.Lock()
 
     def get_inputs(self) -> Any:
@@ -112,14 +114,32 @@ class ShapeSessions:
 
     def adopt(self, shape: tuple[int, ...]) -> Any:
         """Give `shape` a session of its own, built once however many threads ask, and return
-        it. Built under the lock: `create_session` builds one session at a time in the whole
-        process anyway, and runs of shapes that have a session never take the lock."""
+        it. Built outside the lock: sessions for different shapes build at once (onnxruntime
+        lets the GIL go meanwhile), a second thread asking for the same shape waits for the
+        first's; runs of shapes that have a session never take the lock."""
         shape = tuple(shape)
         with self._lock:
             session = self._by_shape.get(shape)
-            if session is None:
-                session = self._by_shape[shape] = self._make()
-            return session
+            if session is not None:
+                return session
+            pending = self._pending.get(shape)
+            mine = pending is None
+            if pending is None:
+                pending = self._pending[shape] = Future()
+        if not mine:
+            return pending.result()
+        try:
+            session = self._make()
+        except BaseException as exc:
+            with self._lock:
+                del self._pending[shape]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            self._by_shape[shape] = session
+            del self._pending[shape]
+        pending.set_result(session)
+        return session
 
     def run(self, names: Any, feeds: dict[str, Any], *args: Any) -> Any:
         (batch,) = feeds.values()
