@@ -620,25 +620,32 @@ def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool
 
 def drop(path: Path, inbox: Path, name: str, dropped: dict[str, float], tag: int = 0) -> None:
     """Copy `path` into `inbox` as `name`, atomically (a hidden .part renamed, as a scanner
-    should). `tag` > 0 makes the copy a new document with the same pixels: a JPEG comment or a
-    PNG text chunk saying the round, so the ledger (which knows files by their SHA-256) does
-    not take it for the one already stored."""
+    should); `tag` > 0 makes the copy a new document with the same pixels (`tagged`)."""
     part = inbox / f".{name}.part"  # ignored until renamed
-    data = path.read_bytes()
-    if tag:
-        note = f"ocr-daemon benchmark round {tag}".encode()
-        if data[:2] == b"\xff\xd8":
-            data = data[:2] + b"\xff\xfe" + struct.pack(">H", len(note) + 2) + note + data[2:]
-        elif data[:8] == b"\x89PNG\r\n\x1a\n":
-            body = b"tEXt" + b"Comment\x00" + note
-            chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
-            end_ihdr = 8 + 8 + 13 + 4
-            data = data[:end_ihdr] + chunk + data[end_ihdr:]
-        else:
-            raise SystemExit(f"--rounds above 1 needs JPEG or PNG files, not {path.name}")
-    part.write_bytes(data)
+    part.write_bytes(tagged(path, tag))
     part.rename(inbox / name)
     dropped[name] = time.time()
+
+
+def tagged(path: Path, tag: int) -> bytes:
+    """`path`'s bytes; `tag` > 0: a new document with the same pixels, so the ledger (which
+    knows files by their SHA-256) does not take it for the one already stored. A JPEG comment
+    or a PNG text chunk saying the round; a TIFF's IFDs point at absolute offsets, so bytes
+    after them are read by nobody."""
+    data = path.read_bytes()
+    if not tag:
+        return data
+    note = f"ocr-daemon benchmark round {tag}".encode()
+    if data[:2] == b"\xff\xd8":
+        return data[:2] + b"\xff\xfe" + struct.pack(">H", len(note) + 2) + note + data[2:]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        body = b"tEXt" + b"Comment\x00" + note
+        chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+        end_ihdr = 8 + 8 + 13 + 4
+        return data[:end_ihdr] + chunk + data[end_ihdr:]
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return data + note
+    raise SystemExit(f"copies of one page need JPEG, PNG or TIFF files, not {path.name}")
 
 
 def wait_stored(db: Path, total: int, daemon: subprocess.Popen[bytes], start: float,

@@ -2,6 +2,7 @@
 
     python benchmarks/host_ceiling.py --images ../shared/ocr-eval/sroie/img --limit 40
     python benchmarks/host_ceiling.py --images DIR --cores 1,2 --max-pages 16
+    python benchmarks/host_ceiling.py --images ../shared/ocr-eval/tesseract-testing --copies 24
     python benchmarks/host_ceiling.py --a4 40
     python benchmarks/host_ceiling.py --a4-pdf 40 --pdf-processes 0   (and "auto")
 
@@ -284,7 +285,7 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
 
 
 def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
-           host_processes: str, pdf_processes: str = "auto") -> dict[str, Any]:
+           host_processes: str, pdf_processes: str = "auto", copies: int = 1) -> dict[str, Any]:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     with open(recording, "rb") as handle:
         data = pickle.load(handle)
@@ -326,19 +327,24 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
     for session in sessions:
         session.counting = True
     try:
-        for image in images:  # hidden while copied, then renamed in: one event each
-            shutil.copyfile(image, inbox / f".{image.name}.part")
+        from bench import tagged
+
+        # hidden while copied, then renamed in: one event each; copies are new documents
+        drops = [(image, copy, f"{image.stem}-{copy}{image.suffix}")
+                 for copy in range(copies) for image in images]
+        for image, copy, name in drops:
+            (inbox / f".{name}.part").write_bytes(tagged(image, copy))
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         threads_before = thread_cpu_seconds()
         children_before = children_cpu_seconds()
         own_before = time.thread_time()  # this thread drops and polls: not the daemon's work
         start = time.perf_counter()
-        for image in images:
-            os.rename(inbox / f".{image.name}.part", inbox / image.name)
+        for _, _, name in drops:
+            os.rename(inbox / f".{name}.part", inbox / name)
         # Polled from the metrics, not the ledger: a query every few ms from this thread took
         # ~40% of the GIL (py-spy --gil) from the daemon it times, and skewed the core scaling.
         finished = [service.metrics.files_total.labels(status) for status in ("done", "failed")]
-        while sum(counter._value.get() for counter in finished) < len(images):
+        while sum(counter._value.get() for counter in finished) < len(drops):
             time.sleep(0.005)
         wall = time.perf_counter() - start
         ledger = service.ledger
@@ -358,7 +364,7 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
     handed_back = sum(s.handed_back for s in sessions)
     return {
         "cores": cores,
-        "files": len(images),
+        "files": len(drops),
         "failed": failed,
         "pages": pages,
         "seconds": round(wall, 3),
@@ -388,6 +394,9 @@ def main() -> int:
     source.add_argument("--a4-pdf", type=int, metavar="N",
                         help="the same pages, each a one-page PDF (the PDF path: pdfium)")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--copies", type=int, default=1,
+                        help="drop each page this many times, each copy a new document with "
+                             "the same pixels: long enough a run to time a few pages")
     parser.add_argument("--cores", default="1,2", help="core counts to replay on (default 1,2)")
     parser.add_argument("--max-pages", type=int, default=4, help="batch.max_pages (default 4)")
     parser.add_argument("--repeat", type=int, default=1, help="replays per core count (best)")
@@ -419,7 +428,7 @@ def main() -> int:
 
     if args.replay_worker is not None:
         result = replay(args.replay_worker, images, int(args.cores), args.max_pages,
-                        args.host_processes, args.pdf_processes)
+                        args.host_processes, args.pdf_processes, args.copies)
         print(json.dumps(result))
         return 0
 
@@ -436,7 +445,8 @@ def main() -> int:
             proc = subprocess.run(
                 [sys.executable, __file__, "--images", str(args.images), "--cores", str(cores),
                  "--max-pages", str(args.max_pages), "--replay-worker", str(recording),
-                 "--host-processes", args.host_processes, "--pdf-processes", args.pdf_processes]
+                 "--host-processes", args.host_processes, "--pdf-processes", args.pdf_processes,
+                 "--copies", str(args.copies)]
                 + (["--limit", str(args.limit)] if args.limit else []),
                 capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -451,6 +461,7 @@ def main() -> int:
         "stand_in": STAND_IN,
         "images": str(args.images),
         "files": len(images),
+        "copies": args.copies,
         "max_pages": args.max_pages,
         "host_processes": args.host_processes,
         "pdf_processes": args.pdf_processes,
