@@ -395,12 +395,15 @@ def test_cuda_on_a_gpu_is_chosen_and_sessions_keep_it() -> None:
 @gpu
 @needs_cuda
 def test_sessions_on_one_gpu_share_one_arena_and_run() -> None:
-    """Per-shape sessions take their GPU memory from one arena for the device."""
+    """Per-shape sessions take their GPU memory from one arena for the device, and are built
+    several at once, as the warm-up builds them."""
     settings = Settings(ocr={"provider": "cuda"})
     choice = choose_provider(settings)
     assert sessions.share_device_arena(settings.ocr)
-    built = [create_session(probe_model_path(), choice, settings.ocr, shared_arena=True)
-             for _ in range(2)]
+    with ThreadPoolExecutor(4) as pool:
+        built = list(pool.map(
+            lambda _: create_session(probe_model_path(), choice, settings.ocr, shared_arena=True),
+            range(4)))
     for session in built:
         assert session.get_providers()[0] == CUDA_EP
         run_probe_input(session)
