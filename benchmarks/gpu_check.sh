@@ -37,10 +37,12 @@ fi
 
 if want tests; then
   step gpu tests
-  # the tests marked gpu (the OpenCL ones want pyopencl and pocl, which the bundle leaves out)
+  # the tests marked gpu (the OpenCL ones want pyopencl and pocl, which the bundle leaves out);
+  # two engines on one GPU, spread and failover (test_pipeline), last
   # -v: a test at a time, so that a run cut off by the timeout still says what passed
   timeout 60 python3 -m pytest -v -p no:cacheprovider -m gpu -rs tests/test_hardware.py \
-    tests/test_metrics.py tests/test_graphs.py tests/test_batch_engine.py > "$out/tests.txt" 2>&1
+    tests/test_metrics.py tests/test_graphs.py tests/test_batch_engine.py tests/test_pipeline.py \
+    > "$out/tests.txt" 2>&1
   tail -12 "$out/tests.txt"
 fi
 

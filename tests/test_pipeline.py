@@ -9,11 +9,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from daemon.config import Settings
+from daemon.hardware.nvml import probe_nvml
+from daemon.hardware.providers import CUDA_EP, choose_provider
 from daemon.intake import Intake
 from daemon.metrics import Metrics
+from daemon.ocr import batch as batch_module
+from daemon.ocr import buckets
+from daemon.ocr.batch import BatchEngine
+from daemon.ocr.engines import OcrEngine
 from daemon.pipeline import (
     DECODE_THREADS_MAX,
     PDF_PROCESSES_MAX,
@@ -369,6 +376,97 @@ def test_every_device_failing_is_unhealthy(settings_factory: SettingsFactory,
         assert [d["state"] for d in svc.health()["devices"]] == ["ok", "ok"]
     finally:
         svc.stop()
+
+
+class OnDevice:
+    """A real engine under a device label of its own: two engines on one GPU taken for two
+    GPUs, so that spread and failover run on real sessions where only one GPU is at hand."""
+
+    thread_safe = True
+
+    def __init__(self, engine: OcrEngine, device: str) -> None:
+        self.engine = engine
+        self.device = device
+        self.lost = False
+        self.pages = 0
+        self._lock = threading.Lock()
+
+    @property
+    def provider(self) -> str:
+        return self.engine.provider
+
+    def recognize(self, images: Sequence[Image]) -> list[PageResult]:
+        if self.lost:
+            raise RuntimeError("CUDA error: unspecified launch failure (Xid 79: GPU has fallen "
+                               "off the bus)")
+        results = self.engine.recognize(images)
+        with self._lock:
+            self.pages += len(images)
+        return results
+
+    def warmup(self) -> dict[str, float]:
+        return self.engine.warmup()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def two_engines_share_and_fail_over(engines: list[OnDevice], settings: Settings,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = gpu_service(settings, engines, monkeypatch)  # type: ignore[arg-type]
+    inbox = svc.settings.watch.path
+
+    def text(n: int) -> str:
+        return f"Invoice {n} paid in full\n{SENTENCES[n % len(SENTENCES)]}"
+
+    def drop(first: int, count: int) -> None:
+        for n in range(first, first + count):
+            (inbox / f"p{n}.png").write_bytes(page_bytes(text(n).split("\n")))
+        assert wait_until(lambda: svc.ledger.counts()["done"] == first + count, 120)
+
+    def states() -> dict[str, str]:
+        return {d["device"]: d["state"] for d in svc.health()["devices"]}
+
+    try:
+        drop(0, 8)
+        assert engines[0].pages > 0 and engines[1].pages > 0  # both took batches
+        engines[1].lost = True
+        read = engines[1].pages
+        dropped = 8
+        # until the lost one has failed batches enough to be taken out (which loop takes a
+        # batch is the loops' race): every page is stored all the same
+        while states()["1"] == "ok" and dropped < 48:
+            drop(dropped, 4)
+            dropped += 4
+        assert states() == {"0": "ok", "1": "failed"}
+        assert svc.health()["status"] == "degraded"
+        assert engines[1].pages == read
+        counts = svc.ledger.counts()
+        assert counts["failed"] == 0 and counts["queued"] == 0
+        for n in range(dropped):
+            doc = svc.ledger.find("x", [str(inbox / f"p{n}.png")])
+            assert similarity(doc.text, text(n)) > 0.9, doc.text
+            assert doc.attempts == 1  # failed over, not retried
+    finally:
+        svc.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA_EP in ort.get_available_providers() and probe_nvml().gpus),
+                    reason="needs an NVIDIA GPU and onnxruntime-gpu")
+def test_on_a_gpu_two_engines_share_the_work_and_a_lost_one_fails_over(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two batch engines on one GPU, each its own sessions, both reading at once; then one
+    lost: its batches are read by the other. Shapes are taken at their first batch (no
+    warm-up: seconds, not a minute, on a GPU)."""
+    monkeypatch.setattr(buckets, "REC_WIDTHS", (160, 320, 640, 960))
+    monkeypatch.setattr(batch_module, "WARMUP_SECONDS_MAX", 0.0)
+    settings = settings_factory(ocr={"provider": "cuda"}, batch={"max_pages": 2})
+    choice = choose_provider(settings)
+    engines = [OnDevice(BatchEngine(settings.ocr, choice, max_pages=2), label)
+               for label in ("0", "1")]
+    assert engines[0].provider == "cuda"
+    two_engines_share_and_fail_over(engines, settings, monkeypatch)
 
 
 class DyingEngine(DeviceEngine):
