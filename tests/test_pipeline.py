@@ -252,6 +252,10 @@ def test_twenty_page_mixed_pdf_is_stored_page_by_page(service: Callable[..., Ser
 # -- several OCR devices: spread and failover (stand-in engines; the real ones need GPUs) ----
 
 
+# what onnxruntime raises for a GPU that fell off the bus
+LOST_GPU = "CUDA error: unspecified launch failure (Xid 79: GPU has fallen off the bus)"
+
+
 class DeviceEngine:
     """A stand-in for one GPU's engine: each page's text names the device that read it; a
     `lost` one raises as a GPU that fell off the bus does."""
@@ -269,8 +273,7 @@ class DeviceEngine:
 
     def recognize(self, images: Sequence[Image]) -> list[PageResult]:
         if self.lost:
-            raise RuntimeError("CUDA error: unspecified launch failure (Xid 79: GPU has fallen "
-                               "off the bus)")
+            raise RuntimeError(LOST_GPU)
         time.sleep(self.delay)
         with self._lock:
             self.pages += len(images)
@@ -397,8 +400,7 @@ class OnDevice:
 
     def recognize(self, images: Sequence[Image]) -> list[PageResult]:
         if self.lost:
-            raise RuntimeError("CUDA error: unspecified launch failure (Xid 79: GPU has fallen "
-                               "off the bus)")
+            raise RuntimeError(LOST_GPU)
         results = self.engine.recognize(images)
         with self._lock:
             self.pages += len(images)
