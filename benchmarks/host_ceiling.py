@@ -20,6 +20,15 @@ the ledger. This measures that ceiling with the device taken out:
    stored. With --repeat N, N rounds, each running every core count in turn (what drifts on a
    shared machine drifts for all), the best of each count kept.
 
+With --device-ns-per-element N the device's time is stood in for as well: each run takes N ns
+per input element on one timeline, after those queued before it (one GPU), its caller asleep
+meanwhile, the GIL let go. Then `device_stand_in`
+says how busy that device was kept and how fast it alone would go: whether two batches in
+flight keep a device fed when the host has the cores to. One figure to scale by: an H100 ran
+the recogniser's [32, 48, 960, 3] batch in 11.5 ms (NOTES.md), 2.6 ns an element; the
+detector's time per element there is not measured. Set N so that the device, not the host,
+is the bound: the question is then the busy fraction.
+
 Prints ONE JSON object: per core count, pages/s, host core-ms per page (the process's CPU time
 from the drop to the last store, divided by the pages), that of the daemon's process by kind of
 thread (decode, ocr loops, ocr-post, claim, watcher: where the GIL-bound share lives) and the
@@ -110,12 +119,38 @@ class RecordSession:
         return outputs
 
 
+class Device:
+    """With --device-ns-per-element: a stand-in for one GPU's time. Each run takes its input's
+    elements x `ns` on one timeline, after the runs already queued (as work queues on a GPU),
+    and its caller sleeps until then, the GIL let go as a real run lets it go; so the figures
+    say whether the host keeps such a device busy."""
+
+    def __init__(self, ns: float) -> None:
+        self.ns = ns
+        self.busy = 0.0
+        self.counting = False
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def run(self, elements: int) -> None:
+        if self.ns <= 0:
+            return
+        seconds = elements * self.ns * 1e-9
+        with self._lock:  # the schedule only: nothing waits on the lock while a run lasts
+            end = self._free_at = max(time.perf_counter(), self._free_at) + seconds
+            if self.counting:
+                self.busy += seconds
+        time.sleep(max(0.0, end - time.perf_counter()))
+
+
 class ReplaySession:
     """Answers each input row with its recorded outputs. Rows never recorded must be padding
     or warm-up (one value throughout): they get zeros of the model's output shapes."""
 
-    def __init__(self, kind: str, rows: Rows, meta: Any, strides: dict[str, int]) -> None:
+    def __init__(self, kind: str, rows: Rows, meta: Any, strides: dict[str, int],
+                 device: Device | None = None) -> None:
         self.kind = kind
+        self.device = device or Device(0)
         self.rows = rows
         self.meta = meta
         self.stride = strides.get(kind, 1)
@@ -142,6 +177,7 @@ class ReplaySession:
             with self._lock:
                 self.handed_back += sum(o.nbytes for o in outputs)
                 self.own_seconds += time.thread_time() - start
+        self.device.run(batch.size)
         return outputs
 
     def _row(self, row: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], ...]:
@@ -287,7 +323,8 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
 
 
 def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
-           host_processes: str, pdf_processes: str = "auto", copies: int = 1) -> dict[str, Any]:
+           host_processes: str, pdf_processes: str = "auto", copies: int = 1,
+           device_ns: float = 0.0) -> dict[str, Any]:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     with open(recording, "rb") as handle:
         data = pickle.load(handle)
@@ -299,11 +336,12 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
     from daemon.service import Hardware, Service
 
     sessions: list[ReplaySession] = []
+    device = Device(device_ns)
 
     def create(path: Path, _choice: Any, _ocr: Any, **_: Any) -> ReplaySession:
         kind = model_kind(path)
         session = ReplaySession(kind, data["rows"][kind], _Meta(data["metas"].get(kind, {})),
-                                data["strides"])
+                                data["strides"], device)
         sessions.append(session)
         return session
 
@@ -328,6 +366,7 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
     service.start()
     for session in sessions:
         session.counting = True
+    device.counting = True
     try:
         from bench import tagged
 
@@ -377,6 +416,12 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
                                                                  1),
         "daemon_process_core_ms_per_page_by_thread": by_thread_kind(
             threads_before, threads_after, sum(s.own_seconds for s in sessions), pages),
+        **({"device_stand_in": {
+            "ns_per_element": device_ns, "busy_seconds": round(device.busy, 3),
+            "busy_fraction": round(device.busy / wall, 3),
+            # what the device alone would allow: the ceiling the host is measured against
+            "device_bound_pages_per_second": round(pages / max(device.busy, 1e-9), 2)}}
+           if device_ns > 0 else {}),
         "bytes_handed_back_per_page": int(handed_back / max(pages, 1)),
         "by_model_bytes_per_page": {  # a model has a session per shape on a GPU
             kind: int(sum(s.handed_back for s in sessions if s.kind == kind) / max(pages, 1))
@@ -407,6 +452,9 @@ def main() -> int:
                         help='batch.host_processes: "auto" (one per core) or a number; 0 = threads')
     parser.add_argument("--pdf-processes", default="auto",
                         help='batch.pdf_processes: "auto" (one per core) or a number; 0 = none')
+    parser.add_argument("--device-ns-per-element", type=float, default=0.0,
+                        help="stand in for one GPU's time too: each run sleeps this many ns "
+                             "per input element, one run at a time (default 0: none)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "replay")
     parser.add_argument("--recording", type=Path, default=None,
                         help="replay this recording (of the same pages and max_pages) instead "
@@ -431,7 +479,8 @@ def main() -> int:
 
     if args.replay_worker is not None:
         result = replay(args.replay_worker, images, int(args.cores), args.max_pages,
-                        args.host_processes, args.pdf_processes, args.copies)
+                        args.host_processes, args.pdf_processes, args.copies,
+                        args.device_ns_per_element)
         print(json.dumps(result))
         return 0
 
@@ -453,7 +502,8 @@ def main() -> int:
                 [sys.executable, __file__, "--images", str(args.images), "--cores", str(cores),
                  "--max-pages", str(args.max_pages), "--replay-worker", str(recording),
                  "--host-processes", args.host_processes, "--pdf-processes", args.pdf_processes,
-                 "--copies", str(args.copies)]
+                 "--copies", str(args.copies),
+                 "--device-ns-per-element", str(args.device_ns_per_element)]
                 + (["--limit", str(args.limit)] if args.limit else []),
                 capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -468,7 +518,9 @@ def main() -> int:
         runs[key]["pages_per_second_each_round"] = rates
     report: dict[str, Any] = {
         "benchmark": "host ceiling (GPU path, device replayed)",
-        "stand_in": STAND_IN,
+        "stand_in": STAND_IN + (
+            f"; the device's time stood in for by a sleep of {args.device_ns_per_element} ns "
+            "per input element, one run at a time" if args.device_ns_per_element > 0 else ""),
         "images": str(args.images),
         "files": len(images),
         "copies": args.copies,
