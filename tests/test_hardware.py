@@ -531,7 +531,7 @@ def test_each_device_gets_its_own_provider_options() -> None:
     assert (on_one.name, on_one.devices) == ("cuda", (0, 1))
 
 
-def test_two_workers_per_gpu() -> None:
+def test_a_worker_per_batch_in_flight_on_each_gpu() -> None:
     from daemon.ocr.engines import GPU_BATCHES_IN_FLIGHT, worker_count
 
     settings = Settings()

@@ -20,6 +20,7 @@ from daemon.metrics import Metrics
 from daemon.ocr import batch as batch_module
 from daemon.ocr import buckets
 from daemon.ocr.batch import BatchEngine
+from daemon.ocr.device import GPU_BATCHES_IN_FLIGHT
 from daemon.ocr.engines import OcrEngine
 from daemon.pipeline import (
     DECODE_THREADS_MAX,
@@ -316,7 +317,7 @@ def test_every_gpu_is_warmed_up_once_before_the_first_file(
     engines = [DeviceEngine("0"), DeviceEngine("1"), DeviceEngine("2")]
     svc = gpu_service(settings_factory(), engines, monkeypatch)
     try:
-        assert len(svc.components.pipeline.engines) == 6
+        assert len(svc.components.pipeline.engines) == 3 * GPU_BATCHES_IN_FLIGHT
         assert [engine.warmups for engine in engines] == [1, 1, 1]
     finally:
         svc.stop()
@@ -327,7 +328,8 @@ def test_work_is_spread_over_every_device(settings_factory: SettingsFactory,
     engines = [DeviceEngine("0"), DeviceEngine("1")]
     svc = gpu_service(settings_factory(batch={"max_pages": 2}), engines, monkeypatch)
     try:
-        assert len(svc.components.pipeline.engines) == 4  # two batches in flight per device
+        # a loop per batch in flight on each device
+        assert len(svc.components.pipeline.engines) == 2 * GPU_BATCHES_IN_FLIGHT
         for n in range(16):
             (svc.settings.watch.path / f"p{n}.png").write_bytes(page_bytes([f"page {n}"]))
         assert wait_until(lambda: svc.ledger.counts()["done"] == 16)

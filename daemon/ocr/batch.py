@@ -43,7 +43,13 @@ from daemon.errors import ConfigError
 from daemon.hardware.providers import ProviderChoice
 from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets
-from daemon.ocr.device import FloatArray, GpuOutOfMemoryError, ShapeSessions, run_split
+from daemon.ocr.device import (
+    GPU_BATCHES_IN_FLIGHT,
+    FloatArray,
+    GpuOutOfMemoryError,
+    ShapeSessions,
+    run_split,
+)
 from daemon.ocr.graphs import REC_PAD, det_model, rec_model
 from daemon.ocr.host import (
     Detected,
@@ -195,7 +201,8 @@ class BatchEngine:
             # the GPU path's host stages on every core; on the CPU inference has them already
             host_processes = auto_processes() if self._provider != "cpu" else 0
         # the angle classifier turns raw crops, so with it lines are cut in this process
-        self._host = (HostPool(host_processes, db_params, keep_segments=2 * max_pages)
+        self._host = (HostPool(host_processes, db_params,
+                               keep_segments=GPU_BATCHES_IN_FLIGHT * max_pages)
                       if host_processes > 0 and self._cls is None else None)
 
     @property
@@ -515,8 +522,8 @@ def warm_shapes(session: Any, shapes: Sequence[tuple[int, ...]], dtype: npt.DTyp
     none starts after `deadline` (time.monotonic()). Returns the shapes left cold.
 
     At most twice the largest shape's elements are in flight: the arena keeps whatever a
-    warm-up peak took, and twice the largest is what two batches in flight on one GPU can
-    take later anyway. An out-of-memory shape is logged and left cold (such pages split).
+    warm-up peak took, and the batches in flight on one GPU (`GPU_BATCHES_IN_FLIGHT`) can
+    take that much later anyway. An out-of-memory shape is logged and left cold (such pages split).
     """
     ordered = sorted(shapes, key=math.prod, reverse=True)
     budget = 2 * math.prod(ordered[0]) if ordered else 0

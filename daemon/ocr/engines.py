@@ -8,6 +8,7 @@ from typing import Literal, Protocol
 
 from daemon.config import Settings
 from daemon.hardware.providers import ProviderChoice
+from daemon.ocr.device import GPU_BATCHES_IN_FLIGHT
 from daemon.ocr.host import auto_processes
 from daemon.ocr.langs import validate_lang
 from daemon.results import Image, PageResult
@@ -42,13 +43,10 @@ class OcrEngine(Protocol):
     def close(self) -> None: ...
 
 
-GPU_BATCHES_IN_FLIGHT = 2  # per GPU: it runs batch k+1 while the host finishes batch k
-
-
 def worker_count(settings: Settings, choice: ProviderChoice) -> int:
-    """OCR worker threads: two per GPU, so each GPU has a batch to run while the host works on
-    the other's; on the CPU two, so decoding, post-processing and inference of different pages
-    overlap on a small machine, capped by the cores there are."""
+    """OCR worker threads: `GPU_BATCHES_IN_FLIGHT` per GPU, so each GPU has a batch to run while
+    the host works on the others'; on the CPU two, so decoding, post-processing and inference
+    of different pages overlap on a small machine, capped by the cores there are."""
     if settings.batch.workers:
         return settings.batch.workers
     if choice.name != "cpu":

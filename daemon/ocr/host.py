@@ -69,7 +69,7 @@ class SegmentPool:
     """Shared-memory segments reused page after page. A new segment's memory is faulted in
     and zeroed by the kernel on first touch: copying a receipt into a fresh one cost the main
     process more than the rest of preparing it (py-spy, benchmarks/host_ceiling.py). At most
-    `keep` idle segments are kept (about the pages of two batches in flight), sized in steps
+    `keep` idle segments are kept (about the pages of the batches in flight), sized in steps
     of `SEGMENT_STEP`; the rest are unlinked."""
 
     SEGMENT_STEP = 4 << 20
