@@ -9,8 +9,8 @@ input shape differs from that node's previous run. For each mode, on the recogni
 daemon builds it (on-device arg-max appended): three shapes taken in turn, twice, in ONE
 session (every run pays the plans), then the same in a session PER shape (`ShapeSessions`:
 only each session's first run does), then one shape run again (steady). `--engine` then times
-`BatchEngine.warmup()` (every bucket, in threads; `session_builds`: the sessions it built
-and their seconds summed, above the warm-up's own when builds overlap), reads the GPU memory
+`BatchEngine.warmup()` (every bucket, in threads; `session_builds`: the sessions it built,
+one at a time, and their seconds summed), reads the GPU memory
 the process holds
 (NVML), times each warmed shape run again (what a batch costs by its shape: the data for the
 batch sizes) and two recogniser shapes run from two threads at once against one after the
@@ -148,7 +148,7 @@ def engine_warmup(seconds: float, sweep_seconds: float = 0) -> dict[str, Any]:
     start = time.perf_counter()
     engine = BatchEngine(settings.ocr, choose_provider(settings), max_pages=8)
     built = time.perf_counter() - start
-    # each session the warm-up builds, timed: they build in parallel, beside the first runs
+    # each session the warm-up builds, timed (one at a time, beside the other shapes' first runs)
     builds: list[float] = []
     for session in engine.sessions.values():
         if isinstance(session, ShapeSessions):

@@ -580,9 +580,9 @@ def test_a_shape_expected_but_cold_gets_its_own_session_at_its_first_run_once() 
     assert sessions.run(None, {"x": np.zeros((8, 48, 3840, 3))}) == "base"
 
 
-def test_sessions_for_different_shapes_build_at_once() -> None:
-    """The warm-up builds dozens of sessions on a GPU: two shapes' sessions are built at the
-    same time (each build waits here until the other has started), not one after another."""
+def test_shape_sessions_hold_no_lock_while_a_session_builds() -> None:
+    """A build takes seconds on a GPU: meanwhile another shape can be asked for (each build
+    here waits until the other has started); `create_session` decides whether builds overlap."""
     both_building = threading.Barrier(2, timeout=30)
     built: list[str] = []
 

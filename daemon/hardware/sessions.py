@@ -86,6 +86,10 @@ def _spec_name(spec: ProviderSpec) -> str:
 
 _shared_arenas: dict[int, bool] = {}
 _shared_lock = threading.Lock()
+# Sessions are built one at a time in the process: building them at once on one GPU has been
+# reported to crash onnxruntime (microsoft/onnxruntime#26610; #27089: session set-up races).
+# The GIL is let go while one builds, so other threads' runs go on meanwhile.
+_building = threading.Lock()
 
 
 def share_device_arena(ocr: OcrSettings) -> bool:
@@ -139,23 +143,24 @@ def create_session(
         options.add_session_config_entry("session.use_env_allocators", "1")
     wanted = _spec_name(choice.ort_providers[0])
     # Providers this build lacks are left out here rather than warned about by onnxruntime:
-    # catching its warning would swap process-wide state, and sessions must build in parallel
-    # (the GIL is let go while one builds; a GPU warm-up builds dozens).
+    # catching its warning would swap process-wide state under the other threads' feet.
     available = ort.get_available_providers()
     kept = [spec for spec in choice.ort_providers if _spec_name(spec) in available]
     missing = [_spec_name(spec) for spec in choice.ort_providers if spec not in kept]
     try:
-        session = ort.InferenceSession(
-            str(model_path), sess_options=options, providers=kept or [CPU_EP]
-        )
+        with _building:
+            session = ort.InferenceSession(
+                str(model_path), sess_options=options, providers=kept or [CPU_EP]
+            )
     except Exception as exc:
         if wanted == CPU_EP:
             raise
         # Build on the CPU first: if that fails too, the model is at fault, not the GPU,
         # and its error is the one to raise, with no fallback counted.
-        cpu_session = ort.InferenceSession(
-            str(model_path), sess_options=session_options(ocr), providers=[CPU_EP]
-        )
+        with _building:
+            cpu_session = ort.InferenceSession(
+                str(model_path), sess_options=session_options(ocr), providers=[CPU_EP]
+            )
         event = Fallback(
             wanted=choice.name,
             got="cpu",

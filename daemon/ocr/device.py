@@ -121,9 +121,10 @@ class ShapeSessions:
 
     def adopt(self, shape: tuple[int, ...]) -> Any:
         """Give `shape` a session of its own, built once however many threads ask, and return
-        it. Built outside the lock: sessions for different shapes build at once (onnxruntime
-        lets the GIL go meanwhile), a second thread asking for the same shape waits for the
-        first's; runs of shapes that have a session never take the lock."""
+        it. Built outside this object's lock, which is never held for the seconds a build
+        takes: a second thread asking for the same shape waits for the first's session, one
+        asking for a shape already built gets it at once (`create_session` itself builds one
+        session at a time in the process); runs of shapes with a session never take it."""
         shape = tuple(shape)
         with self._lock:
             session = self._by_shape.get(shape)
