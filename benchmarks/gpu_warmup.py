@@ -10,9 +10,8 @@ daemon builds it (on-device arg-max appended): three shapes taken in turn, twice
 session (every run pays the plans), then the same in a session PER shape (`ShapeSessions`:
 only each session's first run does), then one shape run again (steady). `--engine` then times
 `BatchEngine.warmup()` (every bucket, in threads; `session_builds`: the sessions it built,
-one at a time, and their seconds summed), reads the GPU memory
-the process holds
-(NVML), times each warmed shape run again (what a batch costs by its shape: the data for the
+one at a time, and their seconds summed), reads the GPU memory the process holds (NVML),
+times each warmed shape run again (what a batch costs by its shape: the data for the
 batch sizes) and two recogniser shapes run from two threads at once against one after the
 other; with `--sweep-seconds`, batches bigger than the engine's (SWEEP), each on a session of
 its own, with the memory they take, then some of the same shapes in half precision
@@ -211,31 +210,16 @@ def engine_warmup(seconds: float, sweep_seconds: float = 0) -> dict[str, Any]:
         out["gpu_bytes_held_after"] = gpu_bytes_held()
         if sweep_seconds > 0:
             out["sweep"] = batch_sweep(engine.sessions, SWEEP, sweep_seconds)
-            out["sweep_fp16"] = batch_sweep(half_sessions(settings, engine), SWEEP_FP16,
-                                            sweep_seconds)
+            # the engine's own sessions of the float16 models (ocr.gpu_precision = "fp16")
+            half = BatchEngine(settings.ocr.model_copy(update={"gpu_precision": "fp16"}),
+                               engine._choice, max_pages=8)
+            try:
+                out["sweep_fp16"] = batch_sweep(half.sessions, SWEEP_FP16, sweep_seconds)
+            finally:
+                half.close()
         return out
     finally:
         engine.close()
-
-
-def half_sessions(settings: Any, engine: Any) -> dict[str, Any]:
-    """Sessions of the float16 models, one per shape as the engine's (`ShapeSessions`)."""
-    from daemon.hardware.sessions import create_session
-    from daemon.ocr.device import ShapeSessions
-    from daemon.ocr.graphs import det_model, rec_model
-    from daemon.ocr.host import det_lut, rec_lut
-    from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
-
-    ocr = settings.ocr
-    paths = resolve_model_paths(ocr, load_rapidocr_config(ocr))
-    models = {"det": det_model(paths.det, det_lut(engine._det_pre), fp16=True),
-              "rec": rec_model(paths.rec, rec_lut(), fp16=True)}
-    out = {}
-    for name, path in models.items():
-        def make(path: Any = path) -> Any:
-            return create_session(path, engine._choice, ocr, shared_arena=True)
-        out[name] = ShapeSessions(make(), make)
-    return out
 
 
 def batch_sweep(sessions: dict[str, Any], sweep: list[tuple[str, tuple[int, ...]]],

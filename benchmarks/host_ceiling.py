@@ -22,9 +22,9 @@ the ledger. This measures that ceiling with the device taken out:
 
 With --device-ns-per-element N the device's time is stood in for as well: each run takes N ns
 per input element on one timeline, after those queued before it (one GPU), its caller asleep
-meanwhile, the GIL let go. Then `device_stand_in`
-says how busy that device was kept and how fast it alone would go: whether two batches in
-flight keep a device fed when the host has the cores to. One figure to scale by: an H100 ran
+meanwhile, the GIL let go. Then `device_stand_in` says how busy that device was kept and how
+fast it alone would go: whether the batches in flight keep a device fed when the host has the
+cores to. One figure to scale by: an H100 ran
 the recogniser's [32, 48, 960, 3] batch in 11.5 ms (NOTES.md), 2.6 ns an element; the
 detector's time per element there is not measured. Set N so that the device, not the host,
 is the bound: the question is then the busy fraction.
@@ -33,8 +33,7 @@ Prints ONE JSON object: per core count, pages/s, host core-ms per page (the proc
 from the drop to the last store, divided by the pages), that of the daemon's process by kind of
 thread (decode, ocr loops, ocr-post, claim, watcher: where the GIL-bound share lives) and the
 bytes the sessions handed back per page, pages/s of each round; and the 2-core / 1-core
-speed-up, of the best and of each round's pair. Recordings are kept
-in bench-out/replay/.
+speed-up, of the best and of each round's pair. Recordings are kept in bench-out/replay/.
 """
 
 from __future__ import annotations

@@ -130,12 +130,11 @@ class ShapeSessions:
             session = self._by_shape.get(shape)
             if session is not None:
                 return session
-            pending = self._pending.get(shape)
-            mine = pending is None
-            if pending is None:
-                pending = self._pending[shape] = Future()
-        if not mine:
-            return pending.result()
+            waiting = self._pending.get(shape)
+            pending: Future[Any] = Future() if waiting is None else waiting
+            self._pending[shape] = pending
+        if waiting is not None:  # another thread is building it
+            return waiting.result()
         try:
             session = self._make()
         except BaseException as exc:
