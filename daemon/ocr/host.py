@@ -229,14 +229,18 @@ def ctc_decode(characters: Sequence[str], best: npt.NDArray[np.int64],
     counts = keep.sum(axis=1).tolist()
     chars = [characters[i] for i in best[keep].tolist()]
     scores = np.round(best_prob[keep].astype(np.float32).astype(np.float64), 5)
-    out: list[tuple[str, float]] = []
+    texts: list[str] = []
+    means = np.zeros(len(counts))  # a line with no text scores 0.0
     start = 0
-    for count in counts:
+    for k, count in enumerate(counts):
         end = start + count
-        mean = scores[start:end].sum() / count if count else np.float64(0.0)
-        out.append(("".join(chars[start:end]), float(mean.round(5))))
+        if count:
+            means[k] = scores[start:end].sum() / count
+        texts.append("".join(chars[start:end]))
         start = end
-    return out
+    # rounded all at once: the same rint(x * 1e5) / 1e5 per element as a scalar's round(5),
+    # which was a third of this function's time, per line
+    return list(zip(texts, np.round(means, 5).tolist(), strict=True))
 
 
 # --- in the worker -----------------------------------------------------------------------
