@@ -441,6 +441,45 @@ def test_gpu_shapes_feed_each_line_at_the_nearest_width(
                 width, used)  # little padding, if any
 
 
+def test_gpu_detection_batches_hold_each_page_and_white_around_it(
+    pages: list[Image], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page smaller than its fixed detection shape is padded with white (it reads as more
+    margin), right of it and below it; the pixels of the page are its own."""
+    fed: list[np.ndarray] = []
+    real_create = batch_module.create_session
+
+    class Keeping(RecordingSession):
+        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+            fed.extend(np.array(row) for row in next(iter(feeds.values())))
+            return super().run(names, feeds)
+
+    def create(path: Path, choice: Any, ocr: OcrSettings, **_: Any) -> Any:
+        session = real_create(path, choice, ocr)
+        return Keeping(session) if "det" in path.name else session
+
+    monkeypatch.setattr(batch_module, "create_session", create)
+    engine = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True,
+                         shape_sessions=False)
+    try:
+        engine.recognize(pages)
+        inputs = [engine._prepare(page).det_input for page in pages]
+    finally:
+        engine.close()
+    assert len(fed) == len(pages)
+    padded = 0
+    for row in fed:
+        found = [d for d in inputs if d is not None and d.shape[0] <= row.shape[0]
+                 and d.shape[1] <= row.shape[1]
+                 and np.array_equal(row[:d.shape[0], :d.shape[1]], d)]
+        assert found, row.shape
+        h, w = found[0].shape[:2]
+        assert (row[:h, w:] == batch_module.DET_PAD_WHITE).all()
+        assert (row[h:] == batch_module.DET_PAD_WHITE).all()
+        padded += (h, w) != row.shape[:2]
+    assert padded >= 2
+
+
 def test_each_warmed_shape_runs_on_a_session_of_its_own(
     pages: list[Image], reference: list[PageResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -312,11 +312,16 @@ class BatchEngine:
                 for slot in buckets.plan_batches(len(members), self._det_sizes, max_waste=0.0):
                     chunk = members[offset : offset + slot.real]
                     offset += slot.real
-                    batch = np.full((slot.size, bucket_h, bucket_w, 3), DET_PAD_WHITE, np.uint8)
+                    batch = np.empty((slot.size, bucket_h, bucket_w, 3), np.uint8)
                     for k, page in enumerate(chunk):
                         assert page.det_input is not None
                         h, w = page.det_input.shape[:2]
                         batch[k, :h, :w] = page.det_input
+                        # only the padding is filled: the whole batch first was ~2 ms a
+                        # batch of 4 at 960x960, a third of the bytes written twice
+                        batch[k, :h, w:] = DET_PAD_WHITE
+                        batch[k, h:] = DET_PAD_WHITE
+                    batch[len(chunk):] = DET_PAD_WHITE
                     start = time.perf_counter()
                     (maps,) = run_split(self._det, batch, slot.real)
                     share = (time.perf_counter() - start) / len(chunk)
@@ -439,14 +444,15 @@ class BatchEngine:
             texts = [(str(t), s) for t, (_, s) in zip(shown, texts, strict=True)]
         boxes = map_boxes_to_original(page.boxes.copy(), page.op_record, *page.ori_shape)
         lines = []
-        for box, (text, score) in zip(boxes, texts, strict=True):
+        # as Python floats in one call: per corner, float() of numpy scalars cost ~10x more
+        for box, (text, score) in zip(boxes.tolist(), texts, strict=True):
             if not text.strip() or score < self._ocr.text_score:
                 continue
             if self._traditional:
                 text = to_traditional(text)
-            corners: tuple[Point, Point, Point, Point] = tuple(  # type: ignore[assignment]
-                (float(x), float(y)) for x, y in box
-            )
+            (x0, y0), (x1, y1), (x2, y2), (x3, y3) = box
+            corners: tuple[Point, Point, Point, Point] = ((x0, y0), (x1, y1), (x2, y2),
+                                                          (x3, y3))
             lines.append(Line(text=text, score=score, box=corners))
         return PageResult(lines=tuple(lines), timings=page.timings)
 
