@@ -17,7 +17,9 @@ the ledger. This measures that ceiling with the device taken out:
    the daemon's own service — watcher -> ledger -> decode -> engine host stages -> SQLite —
    with every onnxruntime session REPLACED BY A REPLAY of the recorded outputs, reporting a
    GPU provider. The pages are dropped into its inbox at once and timed until the last text is
-   stored. With --repeat N, N rounds, each running every core count in turn (what drifts on a
+   stored. The daemon's own queue.capacity (32) unless --capacity: 256 documents in flight
+   cost ~2-15% more CPU a page here (claims and lease renewals over more rows, more pages
+   held) and kept a stand-in device no busier. With --repeat N, N rounds, each running every core count in turn (what drifts on a
    shared machine drifts for all), the best of each count kept.
 
 With --device-ns-per-element N the device's time is stood in for as well: each run takes N ns
@@ -258,6 +260,12 @@ def by_thread_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[
     return {kind: ms for kind, ms in sorted(per_page.items(), key=lambda item: -item[1]) if ms > 0}
 
 
+def daemon_capacity() -> int:
+    from daemon.config import QueueSettings
+
+    return QueueSettings().capacity
+
+
 def find_images(folder: Path, limit: int | None) -> list[Path]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     return images[:limit] if limit else images
@@ -323,7 +331,7 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
 
 def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
            host_processes: str, pdf_processes: str = "auto", copies: int = 1,
-           device_ns: float = 0.0) -> dict[str, Any]:
+           device_ns: float = 0.0, capacity: int | None = None) -> dict[str, Any]:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     with open(recording, "rb") as handle:
         data = pickle.load(handle)
@@ -359,7 +367,7 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
         metrics={"enabled": False},
         batch={"max_pages": max_pages, "host_processes": host_processes,
                "pdf_processes": pdf_processes},
-        queue={"capacity": 256},
+        queue={} if capacity is None else {"capacity": capacity},
     )
     service = Service(settings)
     service.start()
@@ -454,6 +462,8 @@ def main() -> int:
     parser.add_argument("--device-ns-per-element", type=float, default=0.0,
                         help="stand in for one GPU's time too: each run sleeps this many ns "
                              "per input element, one run at a time (default 0: none)")
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="queue.capacity, documents in flight (default: the daemon's own)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "replay")
     parser.add_argument("--recording", type=Path, default=None,
                         help="replay this recording (of the same pages and max_pages) instead "
@@ -479,7 +489,7 @@ def main() -> int:
     if args.replay_worker is not None:
         result = replay(args.replay_worker, images, int(args.cores), args.max_pages,
                         args.host_processes, args.pdf_processes, args.copies,
-                        args.device_ns_per_element)
+                        args.device_ns_per_element, args.capacity)
         print(json.dumps(result))
         return 0
 
@@ -503,6 +513,7 @@ def main() -> int:
                  "--host-processes", args.host_processes, "--pdf-processes", args.pdf_processes,
                  "--copies", str(args.copies),
                  "--device-ns-per-element", str(args.device_ns_per_element)]
+                + (["--capacity", str(args.capacity)] if args.capacity else [])
                 + (["--limit", str(args.limit)] if args.limit else []),
                 capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -524,6 +535,7 @@ def main() -> int:
         "files": len(images),
         "copies": args.copies,
         "max_pages": args.max_pages,
+        "capacity": args.capacity or daemon_capacity(),
         "host_processes": args.host_processes,
         "pdf_processes": args.pdf_processes,
         "runs": runs,
