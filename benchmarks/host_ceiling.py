@@ -19,8 +19,9 @@ the ledger. This measures that ceiling with the device taken out:
    GPU provider. The pages are dropped into its inbox at once and timed until the last text is
    stored. The daemon's own queue.capacity (32) unless --capacity: 256 documents in flight
    cost ~2-15% more CPU a page here (claims and lease renewals over more rows, more pages
-   held) and kept a stand-in device no busier. With --repeat N, N rounds, each running every core count in turn (what drifts on a
-   shared machine drifts for all), the best of each count kept.
+   held) and kept a stand-in device no busier. With --repeat N, N rounds, each running every
+   core count in turn (what drifts on a shared machine drifts for all), the best of each
+   count kept.
 
 With --device-ns-per-element N the device's time is stood in for as well: each run takes N ns
 per input element on one timeline, after those queued before it (one GPU), its caller asleep
@@ -390,7 +391,8 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
         for _, _, name in drops:
             os.rename(inbox / f".{name}.part", inbox / name)
         # Polled from the metrics, not the ledger: a query every few ms from this thread took
-        # ~40% of the GIL (py-spy --gil) from the daemon it times, and skewed the core scaling.
+        # ~40% of the GIL (py-spy --gil, which counts low: NOTES.md) from the daemon it
+        # times, and skewed the core scaling.
         finished = [service.metrics.files_total.labels(status) for status in ("done", "failed")]
         while sum(counter._value.get() for counter in finished) < len(drops):
             time.sleep(0.005)
