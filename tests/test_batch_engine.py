@@ -402,6 +402,24 @@ def test_real_warmup_runs_and_leaves_results_unchanged(
     _assert_same_text(results, reference[:2])
 
 
+def _keep_inputs(monkeypatch: pytest.MonkeyPatch, model: str) -> list[np.ndarray]:
+    """Every input row the engines built from now on feed `model` ("det", "rec"), copied."""
+    fed: list[np.ndarray] = []
+    real_create = batch_module.create_session
+
+    class Keeping(RecordingSession):
+        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+            fed.extend(np.array(row) for row in next(iter(feeds.values())))
+            return super().run(names, feeds)
+
+    def create(path: Path, choice: Any, ocr: OcrSettings, **_: Any) -> Any:
+        session = real_create(path, choice, ocr)
+        return Keeping(session) if model in path.name else session
+
+    monkeypatch.setattr(batch_module, "create_session", create)
+    return fed
+
+
 def test_gpu_shapes_feed_each_line_at_the_nearest_width(
     pages: list[Image], reference: list[PageResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -410,19 +428,7 @@ def test_gpu_shapes_feed_each_line_at_the_nearest_width(
     0.008 F1 on receipts) nor from a short line up to RapidOCR's 320 (a third of a receipt's
     columns were that padding); only lines under 160 are padded to 160. The text still
     matches RapidOCR's."""
-    fed: list[np.ndarray] = []
-    real_create = batch_module.create_session
-
-    class Keeping(RecordingSession):
-        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
-            fed.extend(next(iter(feeds.values())))
-            return super().run(names, feeds)
-
-    def create(path: Path, choice: Any, ocr: OcrSettings, **_: Any) -> Any:
-        session = real_create(path, choice, ocr)
-        return Keeping(session) if "rec" in path.name else session
-
-    monkeypatch.setattr(batch_module, "create_session", create)
+    fed = _keep_inputs(monkeypatch, "rec")
     engine = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True,
                          rec_batch_sizes=buckets.REC_BATCH_SIZES, shape_sessions=False)
     try:
@@ -446,19 +452,7 @@ def test_gpu_detection_batches_hold_each_page_and_white_around_it(
 ) -> None:
     """A page smaller than its fixed detection shape is padded with white (it reads as more
     margin), right of it and below it; the pixels of the page are its own."""
-    fed: list[np.ndarray] = []
-    real_create = batch_module.create_session
-
-    class Keeping(RecordingSession):
-        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
-            fed.extend(np.array(row) for row in next(iter(feeds.values())))
-            return super().run(names, feeds)
-
-    def create(path: Path, choice: Any, ocr: OcrSettings, **_: Any) -> Any:
-        session = real_create(path, choice, ocr)
-        return Keeping(session) if "det" in path.name else session
-
-    monkeypatch.setattr(batch_module, "create_session", create)
+    fed = _keep_inputs(monkeypatch, "det")
     engine = BatchEngine(OcrSettings(), CPU, max_pages=4, fixed_shapes=True,
                          shape_sessions=False)
     try:
