@@ -27,10 +27,10 @@ With --device-ns-per-element N the device's time is stood in for as well: each r
 per input element on one timeline, after those queued before it (one GPU), its caller asleep
 meanwhile, the GIL let go. Then `device_stand_in` says how busy that device was kept and how
 fast it alone would go: whether the batches in flight keep a device fed when the host has the
-cores to. One figure to scale by: an H100 ran
-the recogniser's [32, 48, 960, 3] batch in 11.5 ms (NOTES.md), 2.6 ns an element; the
-detector's time per element there is not measured. Set N so that the device, not the host,
-is the bound: the question is then the busy fraction.
+cores to. One figure to scale by: an H100 ran the recogniser's [32, 48, 960, 3] batch in
+11.5 ms (NOTES.md), 2.6 ns an element; the detector's time per element there is not
+measured. Set N so that the device, not the host, is the bound: the question is then the
+busy fraction.
 
 Prints ONE JSON object: per core count, pages/s, host core-ms per page (the process's CPU time
 from the drop to the last store, divided by the pages), that of the daemon's process by kind of
