@@ -28,6 +28,7 @@ from daemon.pipeline import (
     Pipeline,
     decode_threads,
     pdf_processes,
+    store_threads,
 )
 from daemon.results import Image, Line, PageResult
 from daemon.service import Service
@@ -645,6 +646,50 @@ def test_an_outcome_the_ledger_refuses_fails_the_attempt_not_the_loop(
     finally:
         watcher.stop()
         pipeline.stop(1)
+
+
+def test_a_slow_store_does_not_hold_up_the_ocr_loop(
+    settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one OCR loop reads the next document's page while the first document's text is
+    still being stored (a slow database, a searchable PDF being written): storing is the
+    store loop's work, not the loop that feeds the GPU. Both are stored once, in the end."""
+    settings = settings_factory()
+    engine = DeviceEngine("cpu", delay=0.0)
+    pipeline, ledger, watcher = run_pipeline(settings, engine)
+    real_complete = ledger.complete
+    storing, go_on = threading.Event(), threading.Event()
+
+    def slow_complete(*args: object, **kwargs: object) -> bool:
+        storing.set()
+        assert go_on.wait(30)
+        return real_complete(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ledger, "complete", slow_complete)
+    try:
+        write_page(settings.watch.path / "a.png", ["first"])
+        assert storing.wait(30)
+        write_page(settings.watch.path / "b.png", ["second"])
+        assert wait_until(lambda: engine.pages == 2, 30)  # while a.png is being stored
+        assert ledger.counts()["done"] == 0
+        go_on.set()
+        assert wait_until(lambda: ledger.counts()["done"] == 2, 30)
+        assert engine.pages == 2 and pipeline.alive
+    finally:
+        go_on.set()
+        watcher.stop()
+        pipeline.stop(1)
+
+
+def test_store_loops_are_one_for_the_ledger_and_more_for_searchable_pdfs(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(12)))
+    settings = settings_factory()
+    assert store_threads(settings, "cuda") == 1
+    pdfs = settings_factory(watch={"output_pdf": "pdf",
+                                   "output_dir": str(settings.watch.path.parent / "pdf")})
+    assert store_threads(pdfs, "cuda") == decode_threads(pdfs, "cuda") == 12
+    assert store_threads(pdfs, "cpu") == 2
 
 
 class PoisonEngine(DeviceEngine):
