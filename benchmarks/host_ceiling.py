@@ -5,6 +5,7 @@
     python benchmarks/host_ceiling.py --images ../shared/ocr-eval/tesseract-testing --copies 24
     python benchmarks/host_ceiling.py --a4 40
     python benchmarks/host_ceiling.py --a4-pdf 40 --pdf-processes 0   (and "auto")
+    python benchmarks/host_ceiling.py --a4 20 --output-pdf --device-ns-per-element 6
 
 However fast the GPU, the daemon cannot store pages faster than its host work allows: decode,
 detection pre-processing, DB box extraction, crops, recognition pre-processing, CTC decoding,
@@ -332,7 +333,8 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
 
 def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
            host_processes: str, pdf_processes: str = "auto", copies: int = 1,
-           device_ns: float = 0.0, capacity: int | None = None) -> dict[str, Any]:
+           device_ns: float = 0.0, capacity: int | None = None,
+           output_pdf: bool = False) -> dict[str, Any]:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     with open(recording, "rb") as handle:
         data = pickle.load(handle)
@@ -363,7 +365,8 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
     inbox = work / "inbox"
     inbox.mkdir()
     settings = Settings(
-        watch={"path": inbox, "settle_seconds": 0.1, "rescan_interval_seconds": 3600},
+        watch={"path": inbox, "settle_seconds": 0.1, "rescan_interval_seconds": 3600,
+               **({"output_pdf": "pdf", "output_dir": work / "pdf"} if output_pdf else {})},
         database={"url": f"sqlite:///{work / 'ledger.db'}"},
         metrics={"enabled": False},
         batch={"max_pages": max_pages, "host_processes": host_processes,
@@ -466,6 +469,9 @@ def main() -> int:
                              "per input element, one run at a time (default 0: none)")
     parser.add_argument("--capacity", type=int, default=None,
                         help="queue.capacity, documents in flight (default: the daemon's own)")
+    parser.add_argument("--output-pdf", action="store_true",
+                        help='write a searchable PDF of every stored file (watch.output_pdf = '
+                             '"pdf"), as the daemon does after storing its text')
     parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "replay")
     parser.add_argument("--recording", type=Path, default=None,
                         help="replay this recording (of the same pages and max_pages) instead "
@@ -491,7 +497,7 @@ def main() -> int:
     if args.replay_worker is not None:
         result = replay(args.replay_worker, images, int(args.cores), args.max_pages,
                         args.host_processes, args.pdf_processes, args.copies,
-                        args.device_ns_per_element, args.capacity)
+                        args.device_ns_per_element, args.capacity, args.output_pdf)
         print(json.dumps(result))
         return 0
 
@@ -516,6 +522,7 @@ def main() -> int:
                  "--copies", str(args.copies),
                  "--device-ns-per-element", str(args.device_ns_per_element)]
                 + (["--capacity", str(args.capacity)] if args.capacity else [])
+                + (["--output-pdf"] if args.output_pdf else [])
                 + (["--limit", str(args.limit)] if args.limit else []),
                 capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -540,6 +547,7 @@ def main() -> int:
         "capacity": args.capacity or daemon_capacity(),
         "host_processes": args.host_processes,
         "pdf_processes": args.pdf_processes,
+        "output_pdf": args.output_pdf,
         "runs": runs,
     }
     if "1" in runs and "2" in runs:
