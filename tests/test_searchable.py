@@ -14,6 +14,7 @@ import pypdfium2 as pdfium
 import pytest
 
 from daemon.config import OcrSettings
+from daemon.documents.decode import iter_pages
 from daemon.documents.searchable import ScannedPage, scanned_pages, searchable_pdf
 from daemon.results import Line, PageResult
 from tests.pages import SENTENCES, render_page, similarity, write_page
@@ -66,8 +67,8 @@ def test_the_text_comes_back_out_latin_and_chinese(tmp_path: Path) -> None:
 
 def test_the_page_is_the_original_image(tmp_path: Path) -> None:
     """The page is sized by the image's resolution, and rendered pixel for pixel (at 72 dpi,
-    where a point is a pixel: any other scale resamples) it is the image, to the byte, for a
-    PNG (its pixels) and a JPEG (embedded as its own bytes)."""
+    where a point is a pixel: any other scale resamples) it is the image as read, to the byte,
+    for a PNG and a JPEG, each embedded as its own compressed pixels."""
     page = render_page(SENTENCES[:2], width=600)
     for fmt in ("PNG", "JPEG"):
         for dpi in (200, 72):
@@ -75,17 +76,67 @@ def test_the_page_is_the_original_image(tmp_path: Path) -> None:
             page.save(buffer, fmt, dpi=(dpi, dpi))
             data = buffer.getvalue()
             [scanned] = scanned_pages(data, [PageResult()], OcrSettings())
-            assert scanned.dpi == dpi and (scanned.jpeg is not None) == (fmt == "JPEG")
+            assert scanned.dpi == dpi and scanned.embedded is not None
             pdf = searchable_pdf([scanned])
-            assert (data in pdf) == (fmt == "JPEG")  # a JPEG is not re-encoded
+            assert scanned.embedded.data in pdf  # neither is decoded and compressed again
+            assert (data in pdf) == (fmt == "JPEG")
             document = pdfium.PdfDocument(pdf)
             assert document[0].get_size() == pytest.approx(
                 (600 * 72 / dpi, page.height * 72 / dpi), abs=1e-3)
             if dpi == 72:
-                shown = document[0].render(scale=1, no_smoothimage=True).to_numpy()[:, :, :3]
-                assert np.array_equal(shown, scanned.pixels)
+                assert np.array_equal(shown_at_72_dpi(document), as_read(data))
             document.close()
             check_with_qpdf(pdf, tmp_path)
+
+
+def shown_at_72_dpi(document: pdfium.PdfDocument) -> np.ndarray:
+    return document[0].render(scale=1, no_smoothimage=True).to_numpy()[:, :, :3]
+
+
+def as_read(data: bytes) -> np.ndarray:
+    """The page as the daemon read it for OCR, in BGR."""
+    image = next(iter_pages(data, OcrSettings())).image
+    assert image is not None
+    return image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
+
+
+@pytest.mark.parametrize(("mode", "embedded"), [
+    ("RGB", True), ("L", True), ("1", True), ("P", True),
+    ("RGBA", False), ("LA", False), ("P with a transparent colour", False), ("I;16", False),
+    ("RGB turned by its EXIF", False),
+])
+def test_a_png_goes_in_as_it_is_where_a_reader_shows_what_was_read(
+        mode: str, embedded: bool, tmp_path: Path) -> None:
+    """A PNG's own compressed pixels go into the PDF where a reader shows exactly the page
+    the daemon read (grey of 1-8 bits, RGB, indexed colour); others (transparency, 16 bits)
+    go in as the page read. Either way the PDF page is the page read, to the byte."""
+    page = render_page(SENTENCES[:2], width=600)
+    page.paste((200, 40, 40), (20, 20, 120, 60))  # some colour
+    if mode.startswith("P"):
+        image = page.quantize(16)
+    elif mode == "I;16":
+        image = page.convert("L").convert("I;16")
+    else:
+        image = page.convert(mode.split()[0])
+    buffer = io.BytesIO()
+    options: dict[str, object] = {"transparency": 0} if "transparent" in mode else {}
+    if "EXIF" in mode:
+        exif = image.getexif()
+        exif[0x0112] = 6  # turned a quarter: read as a portrait page
+        options["exif"] = exif.tobytes()
+    image.save(buffer, "PNG", dpi=(72, 72), **options)
+    data = buffer.getvalue()
+    [scanned] = scanned_pages(data, [PageResult()], OcrSettings())
+    assert (scanned.embedded is not None) == embedded
+    pdf = searchable_pdf([scanned])
+    if scanned.embedded is not None:
+        assert scanned.embedded.data in pdf
+    document = pdfium.PdfDocument(pdf)
+    try:
+        assert np.array_equal(shown_at_72_dpi(document), as_read(data))
+    finally:
+        document.close()
+    check_with_qpdf(pdf, tmp_path)
 
 
 def chinese_scan(path: Path) -> None:
