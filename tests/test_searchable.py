@@ -139,6 +139,51 @@ def test_a_png_goes_in_as_it_is_where_a_reader_shows_what_was_read(
     check_with_qpdf(pdf, tmp_path)
 
 
+@pytest.mark.parametrize(("kind", "embedded"), [
+    ("G4", True), ("G4, white is zero", True), ("G4, two pages", True),
+    ("G4 in strips", False), ("G4 turned by its orientation", False), ("LZW grey", False),
+])
+def test_a_g4_tiff_goes_in_as_it_is_where_a_reader_shows_what_was_read(
+        kind: str, embedded: bool, tmp_path: Path) -> None:
+    """A scanner's TIFF of CCITT G4 strips goes into the PDF as those strips, each page the
+    page the daemon read to the byte, white or black as zero; a TIFF in several strips a page,
+    turned by its orientation or otherwise compressed goes in as the pages read."""
+    page = render_page(SENTENCES[:4], width=600).convert("1")
+    pages = [page, page.transpose(0).rotate(180)] if "two" in kind else [page]
+    options: dict[str, object] = {"compression": "group4", "dpi": (72, 72)}
+    if "white is zero" in kind:
+        options["tiffinfo"] = {262: 0}
+    elif "strips" in kind:
+        options["strip_size"] = 2000
+    elif "orientation" in kind:
+        options["tiffinfo"] = {274: 6}
+    elif "LZW" in kind:
+        pages = [page.convert("L")]
+        options["compression"] = "tiff_lzw"
+    buffer = io.BytesIO()
+    pages[0].save(buffer, "TIFF", save_all=True, append_images=pages[1:], **options)
+    data = buffer.getvalue()
+    results = [PageResult() for _ in pages]
+    scanned = scanned_pages(data, results, OcrSettings())
+    assert len(scanned) == len(pages)
+    assert all((one.embedded is not None) == embedded for one in scanned)
+    pdf = searchable_pdf(scanned)
+    for one in scanned:
+        if one.embedded is not None:
+            assert one.embedded.data in pdf
+    document = pdfium.PdfDocument(pdf)
+    try:
+        read = [p.image for p in iter_pages(data, OcrSettings())]
+        assert len(document) == len(read) == len(pages)
+        for index, image in enumerate(read):
+            assert image is not None and image.ndim == 2  # read grey: 0 and 255
+            shown = document[index].render(scale=1, no_smoothimage=True).to_numpy()
+            assert np.array_equal(shown[:, :, :3], np.repeat(image[:, :, None], 3, axis=2))
+    finally:
+        document.close()
+    check_with_qpdf(pdf, tmp_path)
+
+
 def chinese_scan(path: Path) -> None:
     """A page of Simplified Chinese, in the tests' subset font (tests/fonts)."""
     from PIL import Image as PILImage
