@@ -159,8 +159,9 @@ def g4_frames(image: Any, data: bytes) -> list[Embedded] | None:
 
 def scanned_pages(data: bytes, results: Sequence[PageResult], ocr: Any) -> list[ScannedPage]:
     """The pages of an image file as read for OCR, each with its stored result and the file's
-    resolution. A JPEG without an EXIF turn, and a PNG that `png_stream` takes, are not
-    decoded: their own compressed pixels are those (the boxes are in the file's pixels)."""
+    resolution. A JPEG without an EXIF turn, a PNG that `png_stream` takes and a TIFF that
+    `g4_frames` takes are not decoded: their own compressed pixels are those (the boxes are
+    in the file's pixels)."""
     from PIL import Image as PILImage
 
     from daemon.documents.decode import iter_pages
