@@ -133,10 +133,13 @@ def g4_frames(image: Any, data: bytes) -> list[Embedded] | None:
     strip, where a PDF reader shows exactly the pages the daemon read: what document scanners
     write, one strip a frame, bits in the usual order, the first frame not turned by its
     orientation (the decoder turns that one). None for anything else."""
+    if image.tag_v2.get(259) != 4:  # (before n_frames, which seeks through the file)
+        return None
     frames = []
     try:
         for index in range(getattr(image, "n_frames", 1)):
-            image.seek(index)
+            if index:
+                image.seek(index)
             tags = image.tag_v2
             offsets, counts = tuple(tags.get(273, ())), tuple(tags.get(279, ()))
             photometric = tags.get(262)
@@ -153,7 +156,8 @@ def g4_frames(image: Any, data: bytes) -> list[Embedded] | None:
                 decode_parms=(("K", -1), ("Columns", width), ("Rows", height),
                               ("BlackIs1", photometric == 1))))
     finally:
-        image.seek(0)
+        if image.tell():
+            image.seek(0)
     return frames
 
 
@@ -170,8 +174,8 @@ def scanned_pages(data: bytes, results: Sequence[PageResult], ocr: Any) -> list[
         # PNG keeps dots per metre: 200 dpi comes back as 199.9996
         dpi = round(float((image.info.get("dpi") or (DEFAULT_DPI,))[0] or DEFAULT_DPI), 1)
         dpi = dpi if dpi > 1 else DEFAULT_DPI
-        frames = getattr(image, "n_frames", 1)
-        single = frames == 1 and len(results) == 1
+        single = image.format in ("JPEG", "PNG") and len(results) == 1 and getattr(
+            image, "n_frames", 1) == 1
         embedded: list[Embedded] | None = None
         if (single and image.format == "JPEG" and image.mode in ("RGB", "L")
                 and int(image.getexif().get(0x0112, 1) or 1) == 1):
@@ -179,8 +183,9 @@ def scanned_pages(data: bytes, results: Sequence[PageResult], ocr: Any) -> list[
         elif single and image.format == "PNG":  # (Pillow's getexif would decode a PNG)
             stream = png_stream(data)
             embedded = [stream] if stream is not None else None
-        elif image.format == "TIFF" and frames == len(results):
+        elif image.format == "TIFF":
             embedded = g4_frames(image, data)
+            embedded = embedded if embedded is not None and len(embedded) == len(results) else None
         grey = image.mode == "L"
     if embedded is not None:
         return [ScannedPage(None, result, dpi, stream)
