@@ -6,6 +6,7 @@
     python benchmarks/host_ceiling.py --a4 40
     python benchmarks/host_ceiling.py --a4-pdf 40 --pdf-processes 0   (and "auto")
     python benchmarks/host_ceiling.py --a4 20 --output-pdf --device-ns-per-element 6
+    python benchmarks/host_ceiling.py --images DIR --postgres postgresql+psycopg://postgres@HOST/postgres
 
 However fast the GPU, the daemon cannot store pages faster than its host work allows: decode,
 detection pre-processing, DB box extraction, crops, recognition pre-processing, CTC decoding,
@@ -43,6 +44,7 @@ speed-up, of the best and of each round's pair. Recordings are kept in bench-out
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -54,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -334,11 +337,46 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
 def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
            host_processes: str, pdf_processes: str = "auto", copies: int = 1,
            device_ns: float = 0.0, capacity: int | None = None,
-           output_pdf: bool = False) -> dict[str, Any]:
+           output_pdf: bool = False, postgres: str | None = None) -> dict[str, Any]:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     with open(recording, "rb") as handle:
         data = pickle.load(handle)
+    work = Path(tempfile.mkdtemp(prefix="host-ceiling-"))
+    inbox = work / "inbox"
+    inbox.mkdir()
+    database = (scratch_database(postgres) if postgres
+                else contextlib.nullcontext(f"sqlite:///{work / 'ledger.db'}"))
+    with database as url:
+        return _replay(data, images, cores, max_pages, host_processes, pdf_processes, copies,
+                       device_ns, capacity, output_pdf, work, url)
 
+
+@contextlib.contextmanager
+def scratch_database(admin_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server of `admin_url` for one replay, dropped
+    after it."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"host_ceiling_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": name})
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int,
+            host_processes: str, pdf_processes: str, copies: int, device_ns: float,
+            capacity: int | None, output_pdf: bool, work: Path, url: str) -> dict[str, Any]:
     from daemon import service as service_module
     from daemon.config import Settings
     from daemon.hardware.providers import ProviderChoice
@@ -361,13 +399,11 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
     batch_module.create_session = create  # type: ignore[assignment]
     service_module.probe_hardware = hardware  # type: ignore[assignment]
 
-    work = Path(tempfile.mkdtemp(prefix="host-ceiling-"))
     inbox = work / "inbox"
-    inbox.mkdir()
     settings = Settings(
         watch={"path": inbox, "settle_seconds": 0.1, "rescan_interval_seconds": 3600,
                **({"output_pdf": "pdf", "output_dir": work / "pdf"} if output_pdf else {})},
-        database={"url": f"sqlite:///{work / 'ledger.db'}"},
+        database={"url": url},
         metrics={"enabled": False},
         batch={"max_pages": max_pages, "host_processes": host_processes,
                "pdf_processes": pdf_processes},
@@ -469,6 +505,9 @@ def main() -> int:
                              "per input element, one run at a time (default 0: none)")
     parser.add_argument("--capacity", type=int, default=None,
                         help="queue.capacity, documents in flight (default: the daemon's own)")
+    parser.add_argument("--postgres", metavar="ADMIN_URL", default=None,
+                        help="keep the ledger on PostgreSQL: a scratch database on the server "
+                             "of ADMIN_URL for each replay (dropped after it), not SQLite")
     parser.add_argument("--output-pdf", action="store_true",
                         help='write a searchable PDF of every stored file (watch.output_pdf = '
                              '"pdf"), as the daemon does after storing its text')
@@ -497,7 +536,8 @@ def main() -> int:
     if args.replay_worker is not None:
         result = replay(args.replay_worker, images, int(args.cores), args.max_pages,
                         args.host_processes, args.pdf_processes, args.copies,
-                        args.device_ns_per_element, args.capacity, args.output_pdf)
+                        args.device_ns_per_element, args.capacity, args.output_pdf,
+                        args.postgres)
         print(json.dumps(result))
         return 0
 
@@ -523,6 +563,7 @@ def main() -> int:
                  "--device-ns-per-element", str(args.device_ns_per_element)]
                 + (["--capacity", str(args.capacity)] if args.capacity else [])
                 + (["--output-pdf"] if args.output_pdf else [])
+                + (["--postgres", args.postgres] if args.postgres else [])
                 + (["--limit", str(args.limit)] if args.limit else []),
                 capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -548,6 +589,7 @@ def main() -> int:
         "host_processes": args.host_processes,
         "pdf_processes": args.pdf_processes,
         "output_pdf": args.output_pdf,
+        "ledger": "postgresql" if args.postgres else "sqlite",
         "runs": runs,
     }
     if "1" in runs and "2" in runs:
