@@ -33,6 +33,27 @@ def test_same_content_under_two_names_is_one_document(ledger: Ledger) -> None:
     assert ledger.counts()[State.QUEUED] == 1
 
 
+def test_a_new_file_is_registered_in_four_statements(ledger: Ledger) -> None:
+    """Registering is the watcher's share of the GIL, a round trip a statement on PostgreSQL:
+    a new document has no paths to look up. Its path is recorded all the same."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement.split()[0])
+
+    event.listen(ledger.engine, "before_cursor_execute", count)
+    try:
+        first = ledger.register("/in/new.png", sha("new"), 1)
+        assert statements == ["DELETE", "SELECT", "INSERT", "INSERT"]
+    finally:
+        event.remove(ledger.engine, "before_cursor_execute", count)
+    assert first.created and first.path_added
+    assert ledger.paths_of(first.document_id) == ("/in/new.png",)
+    assert not ledger.register("/in/new.png", sha("new"), 1).path_added
+
+
 def test_only_one_worker_gets_a_claim(ledger: Ledger) -> None:
     doc = ledger.register("/in/a.png", sha("a"), 1)
     results: list[object] = []

@@ -271,7 +271,9 @@ class Ledger:
                 state, reason = State.QUEUED, None
             else:
                 document_id, state, reason = doc.id, doc.state, doc.reason
-            known = conn.execute(_PATH_ID, {"doc": document_id, "path": path}).scalar()
+            # a document created just now has no paths yet: one round trip fewer a new file
+            known = None if created else conn.execute(
+                _PATH_ID, {"doc": document_id, "path": path}).scalar()
             columns = stat.columns() if stat is not None else {}
             if known is None:
                 conn.execute(_INSERT_PATH, {"document_id": document_id, "path": path,
