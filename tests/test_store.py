@@ -7,9 +7,15 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
+from daemon.config import DatabaseSettings
 from daemon.errors import NotFoundError
 from daemon.results import Line, PageResult
+from daemon.store import db as db_module
+from daemon.store import migrate
+from daemon.store.db import make_engine
 from daemon.store.models import State
 from daemon.store.repository import Ledger
 
@@ -279,3 +285,61 @@ def test_lease_expiries_count_as_attempts(ledger: Ledger) -> None:
     assert [e["event"] for e in timed.history(sha("a"))] == ["expired"] * 3
     assert timed.claim_next("w4", 60) is None
     assert doc == found.id
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> str:
+    from tests.conftest import _reset_pg
+
+    engine = create_engine(pg_server)
+    _reset_pg(engine)
+    engine.dispose()
+    return pg_server
+
+
+def _kill_backends(url: str) -> int:
+    """End every other server session on the database, as a server restart does."""
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            return len(connection.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()")).all())
+    finally:
+        admin.dispose()
+
+
+@pytest.mark.postgres
+def test_a_pooled_connection_is_pinged_only_after_an_idle_spell(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy daemon's connections go back to work without a round trip; one that waited in
+    the pool past PING_AFTER_IDLE_SECONDS, which the server may have closed meanwhile, is
+    pinged, and replaced if it is dead, before the ledger uses it."""
+    dialect = make_url(pg_url).get_dialect()
+    real_ping = dialect.do_ping
+    pings: list[str] = []
+
+    def counted(self: object, connection: object) -> bool:
+        try:
+            alive: bool = real_ping(self, connection)
+        except Exception:  # what psycopg raises for a session the server ended
+            pings.append("raised")
+            raise
+        pings.append("alive" if alive else "dead")
+        return alive
+
+    monkeypatch.setattr(dialect, "do_ping", counted)
+    engine = make_engine(DatabaseSettings(url=pg_url))
+    migrate.upgrade(engine)
+    ledger = Ledger(engine)
+    try:
+        ledger.register("/in/a.png", sha("a"), 1)
+        ledger.counts()
+        ledger.counts()
+        assert pings == []  # used within the last seconds: not pinged
+        assert _kill_backends(pg_url) >= 1  # the pooled connection is dead now
+        monkeypatch.setattr(db_module, "PING_AFTER_IDLE_SECONDS", 0.0)
+        assert ledger.counts()[State.QUEUED] == 1  # no error: replaced before use
+        assert pings[0] in ("raised", "dead") and pings[1:] == []  # then a new connection
+    finally:
+        engine.dispose()
