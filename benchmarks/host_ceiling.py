@@ -56,7 +56,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -344,34 +343,13 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
     work = Path(tempfile.mkdtemp(prefix="host-ceiling-"))
     inbox = work / "inbox"
     inbox.mkdir()
-    database = (scratch_database(postgres) if postgres
+    from tests.daemons import scratch_database
+
+    database = (scratch_database(postgres, "host_ceiling") if postgres
                 else contextlib.nullcontext(f"sqlite:///{work / 'ledger.db'}"))
     with database as url:
         return _replay(data, images, cores, max_pages, host_processes, pdf_processes, copies,
                        device_ns, capacity, output_pdf, work, url)
-
-
-@contextlib.contextmanager
-def scratch_database(admin_url: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database on the server of `admin_url` for one replay, dropped
-    after it."""
-    import uuid
-
-    from sqlalchemy import create_engine, text
-
-    name = f"host_ceiling_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                {"n": name})
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int,

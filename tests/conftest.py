@@ -57,6 +57,15 @@ def _reset_pg(engine: Engine) -> None:
         connection.execute(text("CREATE SCHEMA public"))
 
 
+@pytest.fixture
+def pg_url(pg_server: str) -> str:
+    """The scratch PostgreSQL database, emptied for this test."""
+    engine = create_engine(pg_server)
+    _reset_pg(engine)
+    engine.dispose()
+    return pg_server
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":

@@ -381,16 +381,6 @@ class CuttableProxy:
                     sock.close()
 
 
-@pytest.fixture
-def pg_url(pg_server: str) -> str:
-    from tests.conftest import _reset_pg
-
-    engine = create_engine(pg_server)
-    _reset_pg(engine)
-    engine.dispose()
-    return pg_server
-
-
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_database_outage_is_waited_out_and_nothing_is_lost(

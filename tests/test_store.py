@@ -287,16 +287,6 @@ def test_lease_expiries_count_as_attempts(ledger: Ledger) -> None:
     assert doc == found.id
 
 
-@pytest.fixture
-def pg_url(pg_server: str) -> str:
-    from tests.conftest import _reset_pg
-
-    engine = create_engine(pg_server)
-    _reset_pg(engine)
-    engine.dispose()
-    return pg_server
-
-
 def _kill_backends(url: str) -> int:
     """End every other server session on the database, as a server restart does."""
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
