@@ -9,8 +9,8 @@ Four kinds of thread, each a `while running` loop around one blocking get:
   `batch.max_wait_ms`, whichever comes first) and recognises them;
 - the store loops take each document whose last page is recognised: its text and `done` in
   one transaction, then its files' sidecars, searchable PDF and after-action (`daemon.files`).
-  Not the OCR loops' work: a slow database or a searchable PDF (82 ms for a 300-dpi A4 G4
-  TIFF, whose pixels it decodes and compresses again) would keep them from feeding the GPU.
+  Not the OCR loops' work: a slow database or a searchable PDF (139 ms for a 300-dpi A4 page
+  in a grey LZW TIFF, decoded and compressed again) would keep them from feeding the GPU.
 Failures are recorded with their reason; transient ones are retried later.
 What is held in memory is bounded by bytes (`daemon.budget`).
 
@@ -106,9 +106,9 @@ def pdf_processes(settings: Settings, provider: str) -> int:
 def store_threads(settings: Settings, provider: str) -> int:
     """Store loops: one for the ledger alone (a receipt's text is ~0.5 ms on SQLite, ~2 ms on
     a local PostgreSQL); as many as the decoding threads when searchable PDFs are written,
-    each of which reads its file again: 3-6 ms a receipt or a 300-dpi A4 page whose JPEG or
-    PNG goes in as it is, 82 ms the A4 page as a G4 TIFF and 139 ms as a grey LZW one (they
-    are decoded and their pixels compressed again)."""
+    each of which reads its file again: 3-6 ms a receipt or a 300-dpi A4 page whose JPEG,
+    PNG or one-strip G4 TIFF goes in as it is; 82 ms the A4 page as a G4 TIFF in strips and
+    139 ms as a grey LZW one (decoded, their pixels compressed again)."""
     if settings.watch.output_pdf == "none":
         return 1
     return decode_threads(settings, provider)
