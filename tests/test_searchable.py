@@ -89,15 +89,19 @@ def test_the_page_is_the_original_image(tmp_path: Path) -> None:
             check_with_qpdf(pdf, tmp_path)
 
 
-def shown_at_72_dpi(document: pdfium.PdfDocument) -> np.ndarray:
-    return document[0].render(scale=1, no_smoothimage=True).to_numpy()[:, :, :3]
+def shown_at_72_dpi(document: pdfium.PdfDocument, index: int = 0) -> np.ndarray:
+    return document[index].render(scale=1, no_smoothimage=True).to_numpy()[:, :, :3]
+
+
+def bgr(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
 
 
 def as_read(data: bytes) -> np.ndarray:
     """The page as the daemon read it for OCR, in BGR."""
     image = next(iter_pages(data, OcrSettings())).image
     assert image is not None
-    return image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
+    return bgr(image)
 
 
 @pytest.mark.parametrize(("mode", "embedded"), [
@@ -177,8 +181,7 @@ def test_a_g4_tiff_goes_in_as_it_is_where_a_reader_shows_what_was_read(
         assert len(document) == len(read) == len(pages)
         for index, image in enumerate(read):
             assert image is not None and image.ndim == 2  # read grey: 0 and 255
-            shown = document[index].render(scale=1, no_smoothimage=True).to_numpy()
-            assert np.array_equal(shown[:, :, :3], np.repeat(image[:, :, None], 3, axis=2))
+            assert np.array_equal(shown_at_72_dpi(document, index), bgr(image))
     finally:
         document.close()
     check_with_qpdf(pdf, tmp_path)
