@@ -187,6 +187,46 @@ def test_a_g4_tiff_goes_in_as_it_is_where_a_reader_shows_what_was_read(
     check_with_qpdf(pdf, tmp_path)
 
 
+@pytest.mark.parametrize(("kind", "bits"), [
+    ("G4 in strips", 1), ("uncompressed bilevel", 1), ("LZW grey of black and white", 1),
+    ("LZW grey", 8), ("black and white but one grey pixel", 8),
+])
+def test_a_black_and_white_page_read_goes_in_at_a_bit_a_pixel(
+        kind: str, bits: int, tmp_path: Path) -> None:
+    """A page read as black and white only, whatever its file's compression, goes into the
+    PDF at a bit a pixel (its rows padded to a byte: 603 pixels wide here); a page with grey
+    in it at eight. Either way the PDF page is the page read, to the byte."""
+    page = render_page(SENTENCES[:3], width=640)
+    page = page.crop((0, 0, 603, page.height)).convert("L")
+    options: dict[str, object] = {"dpi": (72, 72)}
+    if kind == "G4 in strips":
+        page, options["compression"], options["strip_size"] = page.convert("1"), "group4", 2000
+    elif kind == "uncompressed bilevel":
+        page = page.convert("1")
+    elif kind == "LZW grey of black and white":
+        page, options["compression"] = page.convert("1").convert("L"), "tiff_lzw"
+    elif kind == "black and white but one grey pixel":
+        page = page.convert("1").convert("L")
+        page.putpixel((1, 1), 128)  # off the sparse sample's grid
+    else:
+        options["compression"] = "tiff_lzw"
+    buffer = io.BytesIO()
+    page.save(buffer, "TIFF", **options)
+    data = buffer.getvalue()
+    [scanned] = scanned_pages(data, [PageResult()], OcrSettings())
+    assert scanned.embedded is None
+    pdf = searchable_pdf([scanned])
+    with pikepdf.open(io.BytesIO(pdf)) as document:
+        image = document.pages[0].Resources.XObject.Im0
+        assert (int(image.BitsPerComponent), image.ColorSpace) == (bits, pikepdf.Name.DeviceGray)
+    rendered = pdfium.PdfDocument(pdf)
+    try:
+        assert np.array_equal(shown_at_72_dpi(rendered), as_read(data))
+    finally:
+        rendered.close()
+    check_with_qpdf(pdf, tmp_path)
+
+
 def chinese_scan(path: Path) -> None:
     """A page of Simplified Chinese, in the tests' subset font (tests/fonts)."""
     from PIL import Image as PILImage
