@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from watchdog.events import FileSystemEvent
 
+from daemon import watcher as watcher_module
 from daemon.config import WatchSettings
 from daemon.watcher import Watcher, is_ignored, mount_fstype, needs_polling
 
@@ -185,12 +187,66 @@ def test_recursive_skips_done_and_failed(inbox: Path) -> None:
 
 
 def test_polling_observer_also_works(inbox: Path) -> None:
+    """Polling reports no closes: a rewrite in place is seen by its modification."""
     watcher, recorder = start(inbox, observer="polling", poll_interval_seconds=0.2,
-                              rescan_interval_seconds=60)
+                              rescan_interval_seconds=3600)
     try:
         assert watcher.observer_kind.startswith("polling")
         (inbox / "p.png").write_bytes(b"x")
         assert recorder.wait_for(lambda: recorder.ready)
+        (inbox / "p.png").write_bytes(b"new content")
+        assert recorder.wait_for(lambda: len(recorder.ready) == 2)
+    finally:
+        watcher.stop()
+
+
+def test_events_alone_report_new_renamed_copied_and_rewritten_files(inbox: Path) -> None:
+    """With no rescan to fall back on, inotify's events alone report a file written in the
+    folder, one renamed into it, one copied in many writes and a rewrite in place of the
+    same size: each is nominated when it is closed or moved in."""
+    watcher, recorder = start(inbox, observer="native", rescan_interval_seconds=3600)
+    try:
+        assert watcher.observer_kind.startswith("native")
+        (inbox / "new.png").write_bytes(b"one")
+        assert recorder.wait_for(lambda: len(recorder.ready) == 1)
+        (inbox / ".moved.png.part").write_bytes(b"moved")
+        os.rename(inbox / ".moved.png.part", inbox / "moved.png")
+        assert recorder.wait_for(lambda: len(recorder.ready) == 2)
+        with open(inbox / "copied.png", "wb") as handle:
+            for _ in range(20):
+                handle.write(b"c" * 4096)
+        assert recorder.wait_for(lambda: len(recorder.ready) == 3)
+        with open(inbox / "new.png", "r+b") as handle:
+            handle.write(b"two")
+        assert recorder.wait_for(lambda: len(recorder.ready) == 4)
+        assert [p.name for p in recorder.ready] == ["new.png", "moved.png", "copied.png",
+                                                    "new.png"]
+    finally:
+        watcher.stop()
+
+
+def test_reading_a_file_raises_no_events(inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon reads every file four times: under inotify none of those opens and closes
+    reaches the observer's threads, nor does each write a producer makes."""
+    seen: list[tuple[str, str]] = []
+    handle_event = watcher_module._Handler.on_any_event
+
+    def recording(handler: object, event: FileSystemEvent) -> None:
+        seen.append((event.event_type, os.path.basename(os.fsdecode(event.src_path))))
+        handle_event(handler, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(watcher_module._Handler, "on_any_event", recording)
+    watcher, recorder = start(inbox, observer="native", rescan_interval_seconds=3600)
+    try:
+        with open(inbox / "a.png", "wb") as handle:
+            for _ in range(5):
+                handle.write(b"a" * 4096)
+        assert recorder.wait_for(lambda: len(recorder.ready) == 1)
+        for _ in range(4):
+            (inbox / "a.png").read_bytes()
+        (inbox / "b.png").write_bytes(b"b")  # after the reads: its events come after theirs
+        assert recorder.wait_for(lambda: len(recorder.ready) == 2)
+        assert [kind for kind, name in seen if name == "a.png"] == ["created", "closed"]
     finally:
         watcher.stop()
 
