@@ -308,7 +308,7 @@ def cmd_ocr(settings: Settings, args: argparse.Namespace) -> int:
     from daemon.hardware.providers import choose_provider
     from daemon.ocr.engines import build_engine
     from daemon.ocr.models import page_bound
-    from daemon.results import join_pages, line_json
+    from daemon.results import join_pages, lines_json
 
     logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     engine = build_engine(settings, choose_provider(settings), 1)
@@ -334,7 +334,7 @@ def cmd_ocr(settings: Settings, args: argparse.Namespace) -> int:
                     "file": str(path), "page": number, "source": result.source,
                     "confidence": result.confidence, "seconds": round(seconds, 4),
                     "timings": result.timings,
-                    "lines": [line_json(line) for line in result.lines],
+                    "lines": lines_json(result.lines),
                 }, ensure_ascii=False))
         else:
             if len(args.files) > 1:

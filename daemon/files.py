@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 from daemon.config import Settings
 from daemon.errors import DocumentError
-from daemon.results import PageResult, join_pages, line_json
+from daemon.results import PageResult, join_pages, lines_json
 
 log = logging.getLogger("daemon.files")
 
@@ -269,7 +269,7 @@ def render_json(source_path: Path, pages: Sequence[PageResult], sha256: str | No
                 "source": page.source,
                 "confidence": page.confidence,
                 "text": page.text,
-                "lines": [line_json(line) for line in page.lines],
+                "lines": lines_json(page.lines),
             }
             for number, page in enumerate(pages, 1)
         ],

@@ -7,7 +7,7 @@ needs another's module.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -85,11 +85,14 @@ def join_pages(texts: Iterable[str]) -> str:
     return PAGE_SEPARATOR.join(texts)
 
 
-def line_json(line: Line) -> dict[str, Any]:
-    """One line as the ledger stores it and the JSON outputs show it (score to 5 places,
-    box corners to 0.1 px: more is noise, and it keeps rows small)."""
-    return {
-        "text": line.text,
-        "score": round(line.score, 5),
-        "box": [[round(x, 1), round(y, 1)] for x, y in line.box],
-    }
+def lines_json(lines: Sequence[Line]) -> list[dict[str, Any]]:
+    """Lines as the ledger stores them and the JSON outputs show them (score to 5 places, box
+    corners to 0.1 px: more is noise, and it keeps rows small). A page's lines are rounded
+    together in numpy: one by one, a receipt's 50 took ~0.2 ms of the store loop, under the
+    GIL."""
+    if not lines:
+        return []
+    boxes = np.round(np.array([line.box for line in lines], dtype=np.float64), 1).tolist()
+    scores = np.round(np.array([line.score for line in lines], dtype=np.float64), 5).tolist()
+    return [{"text": line.text, "score": score, "box": box}
+            for line, score, box in zip(lines, scores, boxes, strict=True)]

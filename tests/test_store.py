@@ -6,6 +6,7 @@ import hashlib
 import threading
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -99,6 +100,28 @@ def test_complete_stores_pages_and_done_together(ledger: Ledger) -> None:
     assert [p.text for p in stored.pages] == ["hello\nworld", "two"]
     assert stored.pages[0].lines[0]["box"][2] == [10.0, 5.0]
     assert stored.mean_confidence == pytest.approx(0.9)
+
+
+def test_lines_are_stored_rounded_in_their_order(ledger: Ledger) -> None:
+    """Scores to 5 places and box corners to 0.1 px, numpy's float32 as the engine gives
+    them or Python's floats, each line with its own text, score and box."""
+    corners = ((1.04, 2.06), (30.25, 2.0), (30.0, 9.96), (1.0, 9.0))
+    lines = (Line("first", 0.9123456, corners),  # type: ignore[arg-type]
+             Line("second", float(np.float32(0.5)),
+                  tuple((np.float32(x + 100), np.float32(y)) for x, y in corners)),  # type: ignore[arg-type]
+             Line("", 1.0, ((0.0, 0.0),) * 4))  # type: ignore[arg-type]
+    reg = ledger.register("/in/a.png", sha("a"), 1)
+    assert ledger.claim_next("w", 60) is not None
+    assert ledger.complete(reg.document_id, "w", [PageResult(lines=lines), PageResult()], 1.0,
+                           "cpu")
+    stored = ledger.find(sha("a")).pages
+    assert stored[0].lines == [
+        {"text": "first", "score": 0.91235,
+         "box": [[1.0, 2.1], [30.2, 2.0], [30.0, 10.0], [1.0, 9.0]]},
+        {"text": "second", "score": 0.5,
+         "box": [[101.0, 2.1], [130.2, 2.0], [130.0, 10.0], [101.0, 9.0]]},
+        {"text": "", "score": 1.0, "box": [[0.0, 0.0]] * 4}]
+    assert stored[1].lines == []
 
 
 def test_complete_refused_without_the_claim(ledger: Ledger) -> None:

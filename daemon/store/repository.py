@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from daemon.errors import NotFoundError
-from daemon.results import PageResult, join_pages, line_json
+from daemon.results import PageResult, join_pages, lines_json
 from daemon.store.fold import fold
 from daemon.store.models import (
     Document,
@@ -171,7 +171,7 @@ def page_row(document_id: int, page_no: int, page: PageResult) -> dict[str, Any]
     """The `pages` row of one page, as `_INSERT_PAGES` takes it."""
     return {"document_id": document_id, "page_no": page_no, "text": page.text,
             "folded": fold(page.text), "confidence": page.confidence, "source": page.source,
-            "lines": [line_json(line) for line in page.lines]}
+            "lines": lines_json(page.lines)}
 
 
 # The statements of one document's way through (register, claim, store), built once with
