@@ -562,7 +562,7 @@ class Pipeline:
         pages = [doc.results[i] for i in sorted(doc.results)]
         start = time.perf_counter()
         try:
-            stored = self.retry_db(lambda: self.ledger.complete(
+            paths = self.retry_db(lambda: self.ledger.complete(
                 doc.claim.document_id, self.worker_id, pages, doc.ocr_seconds, self.provider))
         except _Stopped:
             self._forget(doc)
@@ -572,7 +572,7 @@ class Pipeline:
             return
         self.metrics.stage_seconds.labels(stage="store").observe(time.perf_counter() - start)
         self._forget(doc)
-        if not stored:
+        if paths is None:
             log.warning("lost the claim on %s before storing; another worker has it",
                         doc.claim.sha256[:12])
             return
@@ -587,20 +587,10 @@ class Pipeline:
         source = doc.path or Path(doc.claim.paths[-1])
         write_sidecars(self.settings, source, pages, doc.claim.sha256)
         write_searchable_pdf(self.settings, source, pages, doc.claim.sha256, self.root)
-        for recorded in self._paths_now(doc):
+        # the paths in the ledger as the text was stored, not only those known at claim
+        # time: a duplicate dropped while the document was processed is moved too
+        for recorded in paths or doc.claim.paths:
             after_done(Path(recorded), doc.claim.sha256, self.settings, self.root)
-
-    def _paths_now(self, doc: InFlight) -> tuple[str, ...]:
-        """The after-action applies to the paths in the ledger now, not only those known at
-        claim time: a duplicate dropped while the document was processed is moved too."""
-        if self.settings.watch.after == "keep":
-            return ()
-        try:
-            return self.ledger.paths_of(doc.claim.document_id) or doc.claim.paths
-        except SQLAlchemyError as exc:
-            log.warning("could not read the paths of %s (%s): acting on those known at claim "
-                        "time", doc.claim.sha256[:12], str(exc).splitlines()[0])
-            return doc.claim.paths
 
     def _fail(self, doc: InFlight, reason: str, *, permanent: bool) -> None:
         with doc.lock:

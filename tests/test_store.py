@@ -102,6 +102,17 @@ def test_complete_stores_pages_and_done_together(ledger: Ledger) -> None:
     assert stored.mean_confidence == pytest.approx(0.9)
 
 
+def test_complete_gives_the_paths_known_as_it_stores(ledger: Ledger) -> None:
+    """For the after-action: a copy of the same content dropped while the document was
+    processed is among them."""
+    reg = ledger.register("/in/a.png", sha("a"), 1)
+    claim = ledger.claim_next("w", 60)
+    assert claim is not None and claim.paths == ("/in/a.png",)
+    ledger.register("/in/copy of a.png", sha("a"), 1)
+    assert ledger.complete(reg.document_id, "w", [page("x")], 1.0, "cpu") == (
+        "/in/a.png", "/in/copy of a.png")
+
+
 def test_lines_are_stored_rounded_in_their_order(ledger: Ledger) -> None:
     """Scores to 5 places and box corners to 0.1 px, numpy's float32 as the engine gives
     them or Python's floats, each line with its own text, score and box."""
@@ -127,7 +138,7 @@ def test_lines_are_stored_rounded_in_their_order(ledger: Ledger) -> None:
 def test_complete_refused_without_the_claim(ledger: Ledger) -> None:
     reg = ledger.register("/in/a.png", sha("a"), 1)
     assert ledger.claim_next("w1", 60) is not None
-    assert not ledger.complete(reg.document_id, "w2", [page("x")], 1.0, "cpu")
+    assert ledger.complete(reg.document_id, "w2", [page("x")], 1.0, "cpu") is None
     assert ledger.find(sha("a")).pages == ()
 
 

@@ -336,10 +336,12 @@ class Ledger:
     # -- outcomes -------------------------------------------------------------------------
 
     def complete(self, document_id: int, worker: str, pages: Sequence[PageResult],
-                 ocr_seconds: float, provider: str) -> bool:
-        """Store every page and mark the document done, in one transaction.
+                 ocr_seconds: float, provider: str) -> tuple[str, ...] | None:
+        """Store every page and mark the document done, in one transaction; its paths then
+        (for the after-action: a duplicate dropped while it was processed is among them),
+        read in the same transaction rather than another.
 
-        False when this worker no longer holds the claim (its lease was taken back): the
+        None when this worker no longer holds the claim (its lease was taken back): the
         other holder stores the text, so nothing is written twice. The conditional update
         comes first, so on PostgreSQL it holds the row's lock while the pages go in.
         """
@@ -351,12 +353,12 @@ class Ledger:
                 "mean_confidence": sum(scores) / len(scores) if scores else None,
                 "ocr_seconds": ocr_seconds, "provider": provider, "now": now})
             if held.rowcount != 1:
-                return False
+                return None
             conn.execute(_DELETE_PAGES, {"doc": document_id})
             if pages:
                 conn.execute(_INSERT_PAGES, [page_row(document_id, i + 1, page)
                                              for i, page in enumerate(pages)])
-            return True
+            return tuple(conn.execute(_PATHS_OF, {"doc": document_id}).scalars().all())
 
     def fail(self, document_id: int, reason: str, *, permanent: bool, max_attempts: int,
              backoff_seconds: float, worker: str | None = None) -> FailureResult | None:
@@ -531,10 +533,8 @@ class Ledger:
     def paths_of(self, document_id: int) -> tuple[str, ...]:
         """Every path the document is known under now (more may have come while it was
         processed: a duplicate dropped meanwhile, a move recorded)."""
-        with self._sessions() as session:
-            return tuple(session.scalars(
-                select(DocumentPath.path).where(DocumentPath.document_id == document_id)
-                .order_by(DocumentPath.id)).all())
+        with self.engine.connect() as conn:
+            return tuple(conn.execute(_PATHS_OF, {"doc": document_id}).scalars().all())
 
     def history(self, sha256: str) -> list[dict[str, Any]]:
         with self._sessions() as session:
