@@ -563,7 +563,8 @@ class Pipeline:
         start = time.perf_counter()
         try:
             paths = self.retry_db(lambda: self.ledger.complete(
-                doc.claim.document_id, self.worker_id, pages, doc.ocr_seconds, self.provider))
+                doc.claim.document_id, self.worker_id, pages, doc.ocr_seconds, self.provider,
+                with_paths=self.settings.watch.after != "keep"))
         except _Stopped:
             self._forget(doc)
             return
@@ -588,7 +589,8 @@ class Pipeline:
         write_sidecars(self.settings, source, pages, doc.claim.sha256)
         write_searchable_pdf(self.settings, source, pages, doc.claim.sha256, self.root)
         # the paths in the ledger as the text was stored, not only those known at claim
-        # time: a duplicate dropped while the document was processed is moved too
+        # time: a duplicate dropped while the document was processed is moved too ("keep"
+        # reads none: it acts on none)
         for recorded in paths or doc.claim.paths:
             after_done(Path(recorded), doc.claim.sha256, self.settings, self.root)
 

@@ -114,6 +114,11 @@ def test_complete_gives_the_paths_known_as_it_stores(ledger: Ledger) -> None:
     ledger.register("/in/copy of a.png", sha("a"), 1)
     assert ledger.complete(reg.document_id, "w", [page("x")], 1.0, "cpu") == (
         "/in/a.png", "/in/copy of a.png")
+    other = ledger.register("/in/b.png", sha("b"), 1)  # "keep": no paths asked for, none read
+    assert ledger.claim_next("w", 60) is not None
+    assert ledger.complete(other.document_id, "w", [page("y")], 1.0, "cpu",
+                           with_paths=False) == ()
+    assert ledger.find(sha("b")).state == State.DONE
 
 
 def test_lines_are_stored_rounded_in_their_order(ledger: Ledger) -> None:

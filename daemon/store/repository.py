@@ -344,10 +344,11 @@ class Ledger:
     # -- outcomes -------------------------------------------------------------------------
 
     def complete(self, document_id: int, worker: str, pages: Sequence[PageResult],
-                 ocr_seconds: float, provider: str) -> tuple[str, ...] | None:
-        """Store every page and mark the document done, in one transaction; its paths then
-        (for the after-action: a duplicate dropped while it was processed is among them),
-        read in the same transaction rather than another.
+                 ocr_seconds: float, provider: str, *, with_paths: bool = True
+                 ) -> tuple[str, ...] | None:
+        """Store every page and mark the document done, in one transaction; with
+        `with_paths`, its paths then (for the after-action: a duplicate dropped while it was
+        processed is among them), read in the same transaction rather than another; else ().
 
         None when this worker no longer holds the claim (its lease was taken back): the
         other holder stores the text, so nothing is written twice. The conditional update
@@ -366,6 +367,8 @@ class Ledger:
             if pages:
                 conn.execute(_INSERT_PAGES, [page_row(document_id, i + 1, page)
                                              for i, page in enumerate(pages)])
+            if not with_paths:
+                return ()
             return tuple(conn.execute(_PATHS_OF, {"doc": document_id}).scalars().all())
 
     def fail(self, document_id: int, reason: str, *, permanent: bool, max_attempts: int,
