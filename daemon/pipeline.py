@@ -589,8 +589,8 @@ class Pipeline:
         write_sidecars(self.settings, source, pages, doc.claim.sha256)
         write_searchable_pdf(self.settings, source, pages, doc.claim.sha256, self.root)
         # the paths in the ledger as the text was stored, not only those known at claim
-        # time: a duplicate dropped while the document was processed is moved too ("keep"
-        # reads none: it acts on none)
+        # time: a duplicate dropped while the document was processed is moved too (with
+        # "keep" none are read, and after_done leaves every file where it is)
         for recorded in paths or doc.claim.paths:
             after_done(Path(recorded), doc.claim.sha256, self.settings, self.root)
 

@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from daemon.config import DatabaseSettings
-from daemon.errors import NotFoundError
+from daemon.errors import ConfigError, NotFoundError
 from daemon.results import Line, PageResult
 from daemon.store import db as db_module
 from daemon.store import migrate
@@ -259,6 +259,14 @@ def test_rejection_recorded_once(ledger: Ledger) -> None:
     assert first.path_added and not again.path_added
     assert ledger.counts()[State.FAILED] == 1
     assert ledger.status()["failures"][0]["reason"].startswith("symlink")
+
+
+@pytest.mark.parametrize("url", ["mysql+pymysql://ocr@db/ocr", "mssql+pyodbc://ocr@db"])
+def test_a_database_other_than_sqlite_or_postgresql_is_refused_at_start(url: str) -> None:
+    """The ledger's statements (upserts, full-text search, migrations) are written for
+    SQLite and PostgreSQL: anything else stops start-up naming the setting."""
+    with pytest.raises(ConfigError, match=r"database\.url: .* is not supported"):
+        make_engine(DatabaseSettings(url=url))
 
 
 def test_migrations_are_found_installed_or_from_a_source_tree() -> None:

@@ -38,6 +38,9 @@ def make_engine(settings: DatabaseSettings) -> Engine:
         url = make_url(settings.url)
     except ArgumentError as exc:
         raise ConfigError(f"database.url: {exc}") from None
+    if url.get_backend_name() not in ("sqlite", "postgresql"):  # its statements are for these
+        raise ConfigError(f"database.url: {url.get_backend_name()} is not supported: "
+                          "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
