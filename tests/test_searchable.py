@@ -104,6 +104,17 @@ def as_read(data: bytes) -> np.ndarray:
     return bgr(image)
 
 
+def shows_the_page_read(pdf: bytes, data: bytes, tmp_path: Path) -> None:
+    """The one-page `pdf` of the file `data`, rendered at 72 dpi, is the page as the daemon
+    read it, to the byte; and it is a sound PDF."""
+    document = pdfium.PdfDocument(pdf)
+    try:
+        assert np.array_equal(shown_at_72_dpi(document), as_read(data))
+    finally:
+        document.close()
+    check_with_qpdf(pdf, tmp_path)
+
+
 @pytest.mark.parametrize(("mode", "embedded"), [
     ("RGB", True), ("L", True), ("1", True), ("P", True),
     ("RGBA", False), ("LA", False), ("P with a transparent colour", False), ("I;16", False),
@@ -135,12 +146,7 @@ def test_a_png_goes_in_as_it_is_where_a_reader_shows_what_was_read(
     pdf = searchable_pdf([scanned])
     if scanned.embedded is not None:
         assert scanned.embedded.data in pdf
-    document = pdfium.PdfDocument(pdf)
-    try:
-        assert np.array_equal(shown_at_72_dpi(document), as_read(data))
-    finally:
-        document.close()
-    check_with_qpdf(pdf, tmp_path)
+    shows_the_page_read(pdf, data, tmp_path)
 
 
 @pytest.mark.parametrize(("kind", "embedded"), [
@@ -219,12 +225,7 @@ def test_a_black_and_white_page_read_goes_in_at_a_bit_a_pixel(
     with pikepdf.open(io.BytesIO(pdf)) as document:
         image = document.pages[0].Resources.XObject.Im0
         assert (int(image.BitsPerComponent), image.ColorSpace) == (bits, pikepdf.Name.DeviceGray)
-    rendered = pdfium.PdfDocument(pdf)
-    try:
-        assert np.array_equal(shown_at_72_dpi(rendered), as_read(data))
-    finally:
-        rendered.close()
-    check_with_qpdf(pdf, tmp_path)
+    shows_the_page_read(pdf, data, tmp_path)
 
 
 def chinese_scan(path: Path) -> None:
