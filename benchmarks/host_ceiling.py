@@ -341,8 +341,7 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
     with open(recording, "rb") as handle:
         data = pickle.load(handle)
     work = Path(tempfile.mkdtemp(prefix="host-ceiling-"))
-    inbox = work / "inbox"
-    inbox.mkdir()
+    (work / "inbox").mkdir()
     from tests.daemons import scratch_database
 
     database = (scratch_database(postgres, "host_ceiling") if postgres
