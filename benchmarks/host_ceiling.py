@@ -36,9 +36,12 @@ busy fraction.
 
 Prints ONE JSON object: per core count, pages/s, host core-ms per page (the process's CPU time
 from the drop to the last store, divided by the pages), that of the daemon's process by kind of
-thread (decode, ocr loops, ocr-post, claim, watcher: where the GIL-bound share lives) and the
-bytes the sessions handed back per page, pages/s of each round; and the 2-core / 1-core
-speed-up, of the best and of each round's pair. Recordings are kept in bench-out/replay/.
+thread (decode, ocr loops, ocr-post, claim, watcher), the GIL's holders (`gil`, on 2 cores
+and more: how long each kind of thread held it a page, and the pages/s at which the daemon's
+own holding would fill it, the bound of one daemon however many cores; benchmarks/gil_probe.py,
+its sampler costing ~3% of 2 cores), the bytes the sessions handed back per page, pages/s of
+each round; and the 2-core / 1-core speed-up, of the best and of each round's pair.
+Recordings are kept in bench-out/replay/.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gil_probe import PERIOD_US, GilProbe, Sampled, Unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -162,6 +166,7 @@ class ReplaySession:
         self.handed_back = 0
         self.own_seconds = 0.0  # CPU time of the stand-in itself, taken out of the figures
         self.counting = False
+        self.probe: GilProbe | None = None
         self._lock = threading.Lock()
 
     def get_inputs(self) -> Any:
@@ -174,6 +179,8 @@ class ReplaySession:
         return GPU_PROVIDERS
 
     def run(self, _names: Any, feeds: dict[str, np.ndarray[Any, Any]]) -> Any:
+        if self.probe is not None:
+            self.probe.mark(True)  # its GIL samples are the stand-in's, taken out
         start = time.thread_time()
         (batch,) = feeds.values()
         rows = [self._row(batch[k]) for k in range(len(batch))]
@@ -182,6 +189,8 @@ class ReplaySession:
             with self._lock:
                 self.handed_back += sum(o.nbytes for o in outputs)
                 self.own_seconds += time.thread_time() - start
+        if self.probe is not None:
+            self.probe.mark(False)
         self.device.run(batch.size)
         return outputs
 
@@ -262,6 +271,39 @@ def by_thread_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[
     spent["ocr"] = spent.get("ocr", 0.0) - stand_in_seconds
     per_page = {kind: round(1000 * seconds / max(pages, 1), 1) for kind, seconds in spent.items()}
     return {kind: ms for kind, ms in sorted(per_page.items(), key=lambda item: -item[1]) if ms > 0}
+
+
+def gil_figures(sampled: Sampled, pages: int, wall: float) -> dict[str, Any]:
+    """The GIL's holders over the run (benchmarks/gil_probe.py), in ms a page: the daemon's
+    threads by kind, the stand-in's share of the OCR loops and this script's producer taken
+    out. What the daemon's share allows: the pages a second at which its own holding would
+    fill the GIL, were the GIL all that bound it (waits for it then grow first)."""
+    def per_page(count: int) -> float:
+        return 1000 * wall * sampled.fraction(count) / max(pages, 1)
+
+    daemon: dict[str, float] = {}
+    for name, count in sampled.by_thread.items():
+        kind = name.rstrip("0123456789_-")
+        if kind == "MainThread":
+            continue  # this script's producer and poller
+        daemon[kind] = daemon.get(kind, 0.0) + per_page(count - sampled.stand_in.get(name, 0))
+    daemon_ms = sum(daemon.values())
+    return {
+        "method": f"the interpreter's GIL holder read every ~{PERIOD_US} us from a "
+                  "SCHED_FIFO thread (benchmarks/gil_probe.py); a share counts time held while "
+                  "preempted too",
+        "fifo": sampled.fifo,
+        "samples": sampled.samples,
+        "held_fraction": round(sampled.fraction(sampled.held), 3),
+        "daemon_ms_per_page": round(daemon_ms, 2),
+        "daemon_ms_per_page_by_thread": {
+            kind: round(ms, 2) for kind, ms in sorted(daemon.items(), key=lambda kv: -kv[1])
+            if ms >= 0.005},
+        "stand_in_ms_per_page": round(per_page(sum(sampled.stand_in.values())), 2),
+        "producer_ms_per_page": round(per_page(sum(
+            c for n, c in sampled.by_thread.items() if n == "MainThread")), 2),
+        "pages_per_second_the_daemons_gil_share_allows": round(1000 / max(daemon_ms, 1e-9), 1),
+    }
 
 
 def daemon_capacity() -> int:
@@ -375,6 +417,14 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
 
     batch_module.create_session = create  # type: ignore[assignment]
     service_module.probe_hardware = hardware  # type: ignore[assignment]
+    probe: GilProbe | None = None
+    no_probe = ("not sampled on one core: the sampler's wake-ups took ~20% of it, and there "
+                "every thread waits for the core, a GIL holder too")
+    if cores > 1:
+        try:
+            probe = GilProbe.open()  # before the daemon's threads start: its checks want the GIL
+        except Unavailable as exc:
+            no_probe = str(exc)
 
     inbox = work / "inbox"
     settings = Settings(
@@ -390,6 +440,7 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
     service.start()
     for session in sessions:
         session.counting = True
+        session.probe = probe
     device.counting = True
     try:
         from bench import tagged
@@ -403,6 +454,8 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
         threads_before = thread_cpu_seconds()
         children_before = children_cpu_seconds()
         own_before = time.thread_time()  # this thread drops and polls: not the daemon's work
+        if probe is not None:
+            probe.start()
         start = time.perf_counter()
         for _, _, name in drops:
             os.rename(inbox / f".{name}.part", inbox / name)
@@ -413,6 +466,7 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
         while sum(counter._value.get() for counter in finished) < len(drops):
             time.sleep(0.005)
         wall = time.perf_counter() - start
+        sampled = probe.stop() if probe is not None else None
         ledger = service.ledger
         counts = ledger.counts()
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
@@ -447,6 +501,8 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
             # what the device alone would allow: the ceiling the host is measured against
             "device_bound_pages_per_second": round(pages / max(device.busy, 1e-9), 2)}}
            if device_ns > 0 else {}),
+        "gil": gil_figures(sampled, pages, wall) if sampled is not None else {
+            "unavailable": no_probe},
         "bytes_handed_back_per_page": int(handed_back / max(pages, 1)),
         "by_model_bytes_per_page": {  # a model has a session per shape on a GPU
             kind: int(sum(s.handed_back for s in sessions if s.kind == kind) / max(pages, 1))
