@@ -551,9 +551,14 @@ def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool
     inbox, db = tmp / "inbox", tmp / "db.sqlite"
     inbox.mkdir()
     env = daemon_env(inbox, db, args, force_cpu=force_cpu)
-    daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=env,
+    command = [sys.executable, "-m", "daemon", "run"]
+    if args.gil:  # the same daemon, run by the GIL probe (benchmarks/gil_probe.py)
+        env["OCR_GIL_PROBE_OUT"] = str(tmp / "gil.json")
+        command = [sys.executable, str(Path(__file__).with_name("gil_probe.py")), "daemon", "run"]
+    daemon = subprocess.Popen(command, env=env,
                               cwd=args.daemon_root, stdout=subprocess.DEVNULL,
                               stderr=open(tmp / "daemon.log", "wb"))  # noqa: SIM115
+    gil: dict[str, Any] | None = None
     probe = GpuMemoryProbe([daemon.pid])
     try:
         deadline = time.monotonic() + 600  # a GPU warms every shape bucket before "ready"
@@ -573,6 +578,7 @@ def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool
             if args.rounds > 1:  # that round warmed the daemon up: the rest at once, timed
                 first = {"pages": status["pages"], "seconds": seconds}
                 dropped.clear()
+                gil_start(daemon, tmp, args)
                 start = time.perf_counter()
                 for n in range(2, args.rounds + 1):
                     for path in images:
@@ -580,6 +586,7 @@ def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool
                 status = wait_stored(db, len(images) * args.rounds, daemon, start, args,
                                      completions)
                 seconds = time.perf_counter() - start
+                gil = gil_stop(daemon, tmp, args, status["pages"] - first["pages"])
         texts = []
         for path in images:
             got = daemon_cli(env, "text", str(inbox / path.name))
@@ -610,12 +617,49 @@ def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool
            "failed": status["documents"]["failed"], "daemon_peak_rss_bytes": rss,
            "cpu_seconds": cpu,
            "gpu_peak_bytes": probe.peak_bytes}
+    if gil is not None:
+        out["gil"] = gil
     if first:
         out["first_round"] = {"pages": first["pages"], "seconds": round(first["seconds"], 3),
                               "pages_per_s": round(first["pages"] / first["seconds"], 4)}
         out["rounds_timed"] = args.rounds - 1
         out["pages_stored"] = first["pages"] + pages  # what cpu_seconds was spent on
     return out
+
+
+def gil_start(daemon: subprocess.Popen[bytes], tmp: Path, args: argparse.Namespace) -> None:
+    """With --gil: the probe in the daemon starts sampling (its main thread acknowledges
+    within ~0.5 s, the timed round waits for that)."""
+    if not args.gil:
+        return
+    started = tmp / "gil.json.started"
+    daemon.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not started.exists() and not (tmp / "gil.json").exists():  # or: no probe there
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            raise RuntimeError("the daemon's GIL probe did not start")
+        time.sleep(0.02)
+
+
+def gil_stop(daemon: subprocess.Popen[bytes], tmp: Path, args: argparse.Namespace,
+             pages: int) -> dict[str, Any] | None:
+    """With --gil: the GIL's holders in the daemon over the timed rounds, in ms a page."""
+    if not args.gil:
+        return None
+    from gil_probe import Sampled
+
+    out = tmp / "gil.json"
+    if (tmp / "gil.json.started").exists():
+        daemon.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        while not out.exists():
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise RuntimeError("the daemon's GIL probe did not report")
+            time.sleep(0.02)
+    data = json.loads(out.read_text())
+    if "unavailable" in data:
+        return data
+    return Sampled.from_json(data).figures(pages)
 
 
 def drop(path: Path, inbox: Path, name: str, dropped: dict[str, float], tag: int = 0) -> None:
@@ -700,7 +744,7 @@ def summarise(mode: str, raw: dict[str, Any], rss: int | None, truths: list[str 
         stored = raw.get("pages_stored", raw["pages"])  # every round's, with --rounds
         out["cpu_seconds_per_page"] = round(raw["cpu_seconds"] / max(1, stored), 3)
     for key in ("load_seconds", "decode_seconds", "stage_seconds", "latency_source", "failed",
-                "files_done", "first_round", "rounds_timed", "pages_stored"):
+                "files_done", "first_round", "rounds_timed", "pages_stored", "gil"):
         if key in raw:
             out[key] = raw[key]
     return out
@@ -732,6 +776,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="modes c and e: a daemon setting (repeatable)")
     parser.add_argument("--log-dir", type=Path, help="modes c and e: keep the daemon's log here")
+    parser.add_argument("--gil", action="store_true",
+                        help="modes c and e with --rounds 2+: the daemon run by "
+                             "benchmarks/gil_probe.py, how long each kind of its threads held "
+                             "the GIL a page over the timed rounds (`gil`)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="modes c and e: drop the files once to warm the daemon up, then "
                              "ROUNDS-1 more times at once (copies made new documents by a "
@@ -741,7 +789,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "their figures then cover the files done (files_done)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-files", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.gil and args.rounds < 2:
+        parser.error("--gil samples the timed rounds: it wants --rounds 2 or more")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,10 @@
 
     python benchmarks/gil_probe.py      calibrates it: threads of known duty, alone and beside
                                         native threads that let the GIL go
+    OCR_GIL_PROBE_OUT=F python benchmarks/gil_probe.py daemon run
+                                        `python -m daemon run` with the probe: SIGUSR1 starts
+                                        sampling, SIGUSR2 stops it and writes F (JSON, what
+                                        `Sampled.to_json` gives); bench.py --gil does this
 
 On a GPU host with many cores, one daemon stops where the work that holds its GIL adds up to
 a second each second, whatever the cores. Neither thread CPU time nor py-spy says how much
@@ -40,6 +44,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "gil_probe.c"
@@ -68,6 +73,48 @@ class Sampled:
 
     def fraction(self, count: int) -> float:
         return count / max(self.samples, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"samples": self.samples, "seconds": self.seconds, "fifo": self.fifo,
+                "by_thread": self.by_thread, "stand_in": self.stand_in}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Sampled:
+        return cls(data["samples"], data["seconds"], data["fifo"], data["by_thread"],
+                   data["stand_in"])
+
+    def figures(self, pages: int, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+        """In ms a page over the sampled time: how long each kind of thread held the GIL (a
+        thread's name without its number), the stand-in's share and the threads of
+        `leave_out` taken out; and the pages a second at which that holding would fill the
+        GIL, were the GIL all that bound the process (waits for it grow before that)."""
+        def per_page(count: int) -> float:
+            return 1000 * self.seconds * self.fraction(count) / max(pages, 1)
+
+        kinds: dict[str, float] = {}
+        for name, count in self.by_thread.items():
+            kind = name.rstrip("0123456789_-")
+            if kind not in leave_out:
+                kinds[kind] = kinds.get(kind, 0.0) + per_page(count - self.stand_in.get(name, 0))
+        total = sum(kinds.values())
+        return {
+            "method": f"the interpreter's GIL holder read every ~{PERIOD_US} us from a "
+                      "SCHED_FIFO thread (benchmarks/gil_probe.py); a share counts time held "
+                      "while preempted too",
+            "fifo": self.fifo,
+            "samples": self.samples,
+            "held_fraction": round(self.fraction(self.held), 3),
+            "ms_per_page": round(total, 2),
+            "ms_per_page_by_thread": {
+                kind: round(ms, 2) for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])
+                if ms >= 0.005},
+            **({"stand_in_ms_per_page": round(per_page(sum(self.stand_in.values())), 2)}
+               if self.stand_in else {}),
+            **{f"{kind}_ms_per_page_left_out": round(per_page(sum(
+                c for n, c in self.by_thread.items() if n.rstrip("0123456789_-") == kind)), 2)
+               for kind in leave_out},
+            "pages_per_second_this_gil_share_allows": round(1000 / max(total, 1e-9), 1),
+        }
 
 
 def build() -> Path:
@@ -279,5 +326,39 @@ def _calibrate() -> int:
     return 0
 
 
+# ------------------------------------------------------------------ the daemon, probed
+
+
+def _daemon(argv: list[str]) -> None:
+    """`python -m daemon ARGV` with the probe opened first (no thread of the daemon's yet),
+    sampling between SIGUSR1 and SIGUSR2; the figures go to $OCR_GIL_PROBE_OUT."""
+    import json
+    import runpy
+    import signal
+
+    out = Path(os.environ["OCR_GIL_PROBE_OUT"])
+    try:
+        probe = GilProbe.open()
+    except Unavailable as exc:
+        out.write_text(json.dumps({"unavailable": str(exc)}))
+    else:
+        def begin(_signum: int, _frame: Any) -> None:
+            probe.start()
+            out.with_name(out.name + ".started").touch()  # the sender waits for it
+
+        def end(_signum: int, _frame: Any) -> None:
+            partial = out.with_name(out.name + ".part")
+            partial.write_text(json.dumps(probe.stop().to_json()))
+            partial.rename(out)
+
+        signal.signal(signal.SIGUSR1, begin)
+        signal.signal(signal.SIGUSR2, end)
+    sys.argv = ["daemon", *argv]
+    runpy.run_module("daemon", run_name="__main__", alter_sys=True)
+
+
 if __name__ == "__main__":
-    raise SystemExit(_calibrate())
+    if sys.argv[1:2] == ["daemon"]:
+        _daemon(sys.argv[2:])  # the daemon's code from PYTHONPATH (bench.py --daemon-root)
+    else:
+        raise SystemExit(_calibrate())

@@ -58,9 +58,10 @@ fi
 if want receipts; then
   step "receipts, modes $receipt_modes"
   # the daemons (c, e) take the 100 receipts once to warm up, then twice more at once, timed:
-  # at 100 receipts/s one pass is a second, mostly filling and draining the pipeline
+  # at 100 receipts/s one pass is a second, mostly filling and draining the pipeline; --gil:
+  # how long each kind of the daemon's threads held the GIL a page meanwhile (gil_probe.py)
   timeout 220 python3 benchmarks/bench.py --images "$eval_dir/sroie/img" --modes "$receipt_modes" --mode-seconds 25 \
-    --rounds 3 --batch 8 --log-dir "$out/logs" > "$out/bench-sroie.json" 2> "$out/bench-sroie.log"
+    --rounds 3 --batch 8 --gil --log-dir "$out/logs" > "$out/bench-sroie.json" 2> "$out/bench-sroie.log"
   tail -3 "$out/bench-sroie.log"
 fi
 
@@ -75,7 +76,7 @@ if want a4; then
 fi
 
 if want ceiling; then
-  step host ceiling on this machine cores, device replayed
+  step host ceiling on this machine cores, device replayed, the GIL sampled
   # 12 receipts recorded (on the CPU: most of the stage), replayed 16 times over (192
   # documents): 40 would pass 16 cores in well under a second, mostly filling and draining
   # the pipeline. The daemon's own queue.capacity (32), as it runs.

@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gil_probe import PERIOD_US, GilProbe, Sampled, Unavailable
+from gil_probe import GilProbe, Unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -273,39 +273,6 @@ def by_thread_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[
     return {kind: ms for kind, ms in sorted(per_page.items(), key=lambda item: -item[1]) if ms > 0}
 
 
-def gil_figures(sampled: Sampled, pages: int, wall: float) -> dict[str, Any]:
-    """The GIL's holders over the run (benchmarks/gil_probe.py), in ms a page: the daemon's
-    threads by kind, the stand-in's share of the OCR loops and this script's producer taken
-    out. What the daemon's share allows: the pages a second at which its own holding would
-    fill the GIL, were the GIL all that bound it (waits for it then grow first)."""
-    def per_page(count: int) -> float:
-        return 1000 * wall * sampled.fraction(count) / max(pages, 1)
-
-    daemon: dict[str, float] = {}
-    for name, count in sampled.by_thread.items():
-        kind = name.rstrip("0123456789_-")
-        if kind == "MainThread":
-            continue  # this script's producer and poller
-        daemon[kind] = daemon.get(kind, 0.0) + per_page(count - sampled.stand_in.get(name, 0))
-    daemon_ms = sum(daemon.values())
-    return {
-        "method": f"the interpreter's GIL holder read every ~{PERIOD_US} us from a "
-                  "SCHED_FIFO thread (benchmarks/gil_probe.py); a share counts time held while "
-                  "preempted too",
-        "fifo": sampled.fifo,
-        "samples": sampled.samples,
-        "held_fraction": round(sampled.fraction(sampled.held), 3),
-        "daemon_ms_per_page": round(daemon_ms, 2),
-        "daemon_ms_per_page_by_thread": {
-            kind: round(ms, 2) for kind, ms in sorted(daemon.items(), key=lambda kv: -kv[1])
-            if ms >= 0.005},
-        "stand_in_ms_per_page": round(per_page(sum(sampled.stand_in.values())), 2),
-        "producer_ms_per_page": round(per_page(sum(
-            c for n, c in sampled.by_thread.items() if n == "MainThread")), 2),
-        "pages_per_second_the_daemons_gil_share_allows": round(1000 / max(daemon_ms, 1e-9), 1),
-    }
-
-
 def daemon_capacity() -> int:
     from daemon.config import QueueSettings
 
@@ -501,8 +468,9 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
             # what the device alone would allow: the ceiling the host is measured against
             "device_bound_pages_per_second": round(pages / max(device.busy, 1e-9), 2)}}
            if device_ns > 0 else {}),
-        "gil": gil_figures(sampled, pages, wall) if sampled is not None else {
-            "unavailable": no_probe},
+        # the producer and poller (this script's main thread) left out, as its CPU is
+        "gil": sampled.figures(pages, leave_out=("MainThread",)) if sampled is not None
+        else {"unavailable": no_probe},
         "bytes_handed_back_per_page": int(handed_back / max(pages, 1)),
         "by_model_bytes_per_page": {  # a model has a session per shape on a GPU
             kind: int(sum(s.handed_back for s in sessions if s.kind == kind) / max(pages, 1))
