@@ -393,9 +393,14 @@ class BatchEngine:
         needed = [buckets.rec_needed_width(c.shape[0], c.shape[1]) for c in crops]
         order = sorted(range(len(crops)), key=lambda k: crops[k].shape[1] / crops[k].shape[0])
         for width, chunk, size in self._rec_plan(order, needed):
-            batch = np.full((size, buckets.REC_HEIGHT, width, 3), REC_PAD, np.uint16)
+            # only the padding is filled, beside each line and in the rows no line takes:
+            # the whole batch first wrote the lines' bytes twice
+            batch = np.empty((size, buckets.REC_HEIGHT, width, 3), np.uint16)
             for k, idx in enumerate(chunk):
-                resize_rec(crops[idx], min(needed[idx], width), batch[k])
+                fed = min(needed[idx], width)
+                resize_rec(crops[idx], fed, batch[k])
+                batch[k, :, fed:] = REC_PAD
+            batch[len(chunk):] = REC_PAD
             best, best_prob = run_split(self._rec, batch, len(chunk))
             lines = ctc_decode(self._characters, best, best_prob)
             for k, (text, score) in enumerate(lines):
