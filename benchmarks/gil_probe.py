@@ -2,6 +2,7 @@
 
     python benchmarks/gil_probe.py      calibrates it: threads of known duty, alone and beside
                                         native threads that let the GIL go
+    python benchmarks/gil_probe.py build     builds the sampler (bench-out/), prints its path
     OCR_GIL_PROBE_OUT=F python benchmarks/gil_probe.py daemon run
                                         `python -m daemon run` with the probe: SIGUSR1 starts
                                         sampling, SIGUSR2 stops it and writes F (JSON, what
@@ -118,9 +119,9 @@ class Sampled:
 
 
 def build() -> Path:
-    """The compiled sampler, built once per source and interpreter into bench-out/."""
-    tag = hashlib.sha256(SOURCE.read_bytes() + sys.version.encode()).hexdigest()[:12]
-    library = BUILD / f"gil_probe-{tag}.so"
+    """The compiled sampler, built once per source into bench-out/ (it links no Python: the
+    one gpu_bundle.sh builds here serves a GPU machine that has no compiler)."""
+    library = BUILD / library_name()
     if library.exists():
         return library
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
@@ -134,6 +135,10 @@ def build() -> Path:
         raise Unavailable(f"building gil_probe.c failed: {proc.stderr.strip()[-500:]}")
     partial.rename(library)
     return library
+
+
+def library_name() -> str:
+    return f"gil_probe-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}.so"
 
 
 def _mapped_end(address: int) -> int:
@@ -358,6 +363,9 @@ def _daemon(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["build"]:  # gpu_bundle.sh: the library's path, built if need be
+        print(build())
+        raise SystemExit(0)
     if sys.argv[1:2] == ["daemon"]:
         _daemon(sys.argv[2:])  # the daemon's code from PYTHONPATH (bench.py --daemon-root)
     else:

@@ -29,7 +29,9 @@ mkdir -p "$out/work/ort"
 unzip -q "$out"/work/whl/onnxruntime_gpu-*.whl -d "$out/work/ort"
 tar cJf "$out/work/ort-gpu.tar.xz" -C "$out/work/ort" .
 rm -rf "$out/work/ort" "$out"/work/whl/onnxruntime_gpu-*.whl
-tar cf - -C "$out/work" ort-gpu.tar.xz whl | split -b 60M - "$out/parts/p0"
+# the GIL probe's sampler, for a GPU machine without a C compiler (it links no Python)
+cp "$($py benchmarks/gil_probe.py build)" "$out/work/"
+tar cf - -C "$out/work" ort-gpu.tar.xz whl $(cd "$out/work" && ls gil_probe-*.so) | split -b 60M - "$out/parts/p0"
 rm -rf "$out/work"
 
 # evaluation images: receipts and the tesseract pages with their ground truth

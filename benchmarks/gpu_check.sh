@@ -26,6 +26,10 @@ if [ ! -d /tmp/site/onnxruntime ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/bundle/whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
+# the GIL probe's sampler built where the bundle was, should this machine have no cc
+if ! command -v cc > /dev/null && ! command -v gcc > /dev/null; then
+  mkdir -p bench-out/gil-probe && cp /tmp/bundle/gil_probe-*.so bench-out/gil-probe/ 2>/dev/null
+fi
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
