@@ -633,9 +633,11 @@ def gil_start(daemon: subprocess.Popen[bytes], tmp: Path, args: argparse.Namespa
     if not args.gil:
         return
     started = tmp / "gil.json.started"
+    if (tmp / "gil.json").exists():
+        return  # no probe there: the reason is written already
     daemon.send_signal(signal.SIGUSR1)
     deadline = time.monotonic() + 10
-    while not started.exists() and not (tmp / "gil.json").exists():  # or: no probe there
+    while not started.exists():
         if time.monotonic() > deadline or daemon.poll() is not None:
             raise RuntimeError("the daemon's GIL probe did not start")
         time.sleep(0.02)

@@ -346,6 +346,8 @@ def _daemon(argv: list[str]) -> None:
         probe = GilProbe.open()
     except Unavailable as exc:
         out.write_text(json.dumps({"unavailable": str(exc)}))
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a late signal must not stop it
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     else:
         def begin(_signum: int, _frame: Any) -> None:
             probe.start()
