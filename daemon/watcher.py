@@ -48,6 +48,7 @@ NETWORK_FS = {
 
 
 PASS_SECONDS = 0.5  # of one pass's look at files a scan found (events go first)
+PASS_FLOOR = 0.05  # ...and at least this while an event's file settles: the backlog goes on
 
 # The events asked of the observer: those that nominate a file, and the directory ones a
 # recursive watch needs to follow new folders. By default watchdog takes every inotify event,
@@ -292,15 +293,30 @@ class Watcher:
     def _check_pending(self) -> None:
         """One pass over the files waiting to settle: those an event named first, then those a
         scan found, for at most PASS_SECONDS: a restart's scan of a large kept inbox must not
-        keep a new drop waiting behind it; the rest wait for the next pass."""
+        keep a new drop waiting behind it; the rest wait for the next pass. While a file an
+        event named is still settling, only until it can be ready (at least PASS_FLOOR), and
+        a file an event names meanwhile ends it: such a file is looked at as soon as it can
+        be, not after the rest of a pass over the backlog."""
         with self._lock:
             items = sorted(self._pending.items(), key=lambda item: item[0] not in self._urgent)
-        started = time.monotonic()
+        started = self._clock()
+        until: float | None = None  # for the files a scan found, once the urgent ones are done
+        named = 0  # the files events had named then
         for key, (previous, since) in items:
             if not self._running.is_set():
                 return
-            if key not in self._urgent and time.monotonic() - started > PASS_SECONDS:
-                return
+            if key not in self._urgent:
+                if until is None:
+                    until = started + PASS_SECONDS
+                    with self._lock:
+                        named = len(self._urgent)
+                        ready_at = [self._pending[k][1] for k in self._urgent
+                                    if k in self._pending]
+                    if ready_at:
+                        wait = min(ready_at) + self.settings.settle_seconds - self._clock()
+                        until = min(until, self._clock() + max(PASS_FLOOR, wait))
+                if self._clock() > until or len(self._urgent) != named:
+                    return
             path = Path(key)
             # the time of this file's check, not of the pass: taking files in (hashing) runs
             # inside the pass, and a stale time made a file first seen late in a long pass

@@ -313,6 +313,40 @@ def test_settling_is_timed_when_each_file_is_checked(inbox: Path) -> None:
     assert ready == ["big.png", "late.png"]
 
 
+def test_a_pass_over_the_backlog_gives_way_to_a_file_an_event_names(inbox: Path) -> None:
+    """A restart's backlog (files a scan found) is taken in half a second a pass. A file an
+    event names ends the pass at once; the next looks at it first, and its backlog stops
+    when the file can be ready, so the pass after takes it in: after its settle time, not
+    after two passes over the backlog. Driven by hand on the watcher's clock."""
+    now = [0.0]
+    taken: list[str] = []
+    watcher: Watcher
+
+    def take_in(path: Path) -> None:  # a ledger look-up of 10 ms a file
+        taken.append(path.name)
+        now[0] += 0.01
+        if len(taken) == 5:  # an event names a new file meanwhile
+            (inbox / "new.png").write_bytes(b"new")
+            watcher._nominate(str(inbox / "new.png"))
+
+    settings = WatchSettings(path=inbox, settle_seconds=0.2)
+    watcher = Watcher(settings, take_in, lambda _p, _r: None, clock=lambda: now[0])
+    watcher._running.set()  # driven by hand, no threads: the clock is ours
+    for n in range(300):
+        (inbox / f"old{n:03}.png").write_bytes(b"old")
+    watcher.scan()
+    watcher._check_pending()  # first looks at the backlog: no time passes
+    now[0] = 1.0
+    watcher._check_pending()  # the backlog settled: taken in until the event
+    assert len(taken) == 5
+    watcher._check_pending()  # new.png's first look; then the backlog for its 0.2 s
+    assert "new.png" not in taken
+    assert 5 + 19 <= len(taken) <= 5 + 21  # 10 ms each: not the pass's 0.5 s (50 files)
+    before = len(taken)
+    watcher._check_pending()  # new.png first, settled
+    assert taken[before] == "new.png"
+
+
 def test_a_new_drop_is_served_before_the_startup_backlog(inbox: Path) -> None:
     """A restart over a large kept inbox: taking each file in costs something (here 2 ms, a
     ledger look-up), but a file dropped meanwhile is taken in before the backlog is through."""
