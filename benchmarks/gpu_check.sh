@@ -85,7 +85,7 @@ if want ceiling; then
   # documents): 40 would pass 16 cores in well under a second, mostly filling and draining
   # the pipeline. The daemon's own queue.capacity (32), as it runs.
   timeout 30 python3 benchmarks/host_ceiling.py --images "$eval_dir/sroie/img" --limit 12 \
-    --copies 16 --cores 4,16 --out /tmp/replay > "$out/host-ceiling.json" 2> "$out/host-ceiling.log"
+    --copies 16 --cores 4,16 --gil --out /tmp/replay > "$out/host-ceiling.json" 2> "$out/host-ceiling.log"
   tail -2 "$out/host-ceiling.log"
 fi
 step done

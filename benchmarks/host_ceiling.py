@@ -36,10 +36,11 @@ busy fraction.
 
 Prints ONE JSON object: per core count, pages/s, host core-ms per page (the process's CPU time
 from the drop to the last store, divided by the pages), that of the daemon's process by kind of
-thread (decode, ocr loops, ocr-post, claim, watcher), the GIL's holders (`gil`, on 2 cores
-and more: how long each kind of thread held it a page, and the pages/s at which the daemon's
-own holding would fill it, the bound of one daemon however many cores; benchmarks/gil_probe.py,
-its sampler costing ~3% of 2 cores), the bytes the sessions handed back per page, pages/s of
+thread (decode, ocr loops, ocr-post, claim, watcher), with --gil the GIL's holders (`gil`, on
+2 cores and more: how long each kind of thread held it a page, and the pages/s at which the
+daemon's own holding would fill it, the bound of one daemon however many cores;
+benchmarks/gil_probe.py, its sampler costing ~3% of 2 cores and none of 1, so not on by
+default: it would bend the speed-up), the bytes the sessions handed back per page, pages/s of
 each round; and the 2-core / 1-core speed-up, of the best and of each round's pair.
 Recordings are kept in bench-out/replay/.
 """
@@ -345,7 +346,8 @@ def record(images: list[Path], max_pages: int, out: Path) -> Path:
 def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
            host_processes: str, pdf_processes: str = "auto", copies: int = 1,
            device_ns: float = 0.0, capacity: int | None = None,
-           output_pdf: bool = False, postgres: str | None = None) -> dict[str, Any]:
+           output_pdf: bool = False, postgres: str | None = None, gil: bool = False
+           ) -> dict[str, Any]:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     with open(recording, "rb") as handle:
         data = pickle.load(handle)
@@ -357,12 +359,13 @@ def replay(recording: Path, images: list[Path], cores: int, max_pages: int,
                 else contextlib.nullcontext(f"sqlite:///{work / 'ledger.db'}"))
     with database as url:
         return _replay(data, images, cores, max_pages, host_processes, pdf_processes, copies,
-                       device_ns, capacity, output_pdf, work, url)
+                       device_ns, capacity, output_pdf, work, url, gil)
 
 
 def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int,
             host_processes: str, pdf_processes: str, copies: int, device_ns: float,
-            capacity: int | None, output_pdf: bool, work: Path, url: str) -> dict[str, Any]:
+            capacity: int | None, output_pdf: bool, work: Path, url: str, gil: bool
+            ) -> dict[str, Any]:
     from daemon import service as service_module
     from daemon.config import Settings
     from daemon.hardware.providers import ProviderChoice
@@ -387,7 +390,7 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
     probe: GilProbe | None = None
     no_probe = ("not sampled on one core: the sampler's wake-ups took ~20% of it, and there "
                 "every thread waits for the core, a GIL holder too")
-    if cores > 1:
+    if gil and cores > 1:
         try:
             probe = GilProbe.open()  # before the daemon's threads start: its checks want the GIL
         except Unavailable as exc:
@@ -468,9 +471,10 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
             # what the device alone would allow: the ceiling the host is measured against
             "device_bound_pages_per_second": round(pages / max(device.busy, 1e-9), 2)}}
            if device_ns > 0 else {}),
-        # the producer and poller (this script's main thread) left out, as its CPU is
-        "gil": sampled.figures(pages, leave_out=("MainThread",)) if sampled is not None
-        else {"unavailable": no_probe},
+        # with --gil; the producer and poller (this script's main thread) left out, as its
+        # CPU is
+        **({"gil": sampled.figures(pages, leave_out=("MainThread",)) if sampled is not None
+            else {"unavailable": no_probe}} if gil else {}),
         "bytes_handed_back_per_page": int(handed_back / max(pages, 1)),
         "by_model_bytes_per_page": {  # a model has a session per shape on a GPU
             kind: int(sum(s.handed_back for s in sessions if s.kind == kind) / max(pages, 1))
@@ -509,6 +513,9 @@ def main() -> int:
     parser.add_argument("--postgres", metavar="ADMIN_URL", default=None,
                         help="keep the ledger on PostgreSQL: a scratch database on the server "
                              "of ADMIN_URL for each replay (dropped after it), not SQLite")
+    parser.add_argument("--gil", action="store_true",
+                        help="on 2 cores and more, sample the GIL's holders in the daemon "
+                             "(benchmarks/gil_probe.py; ~3%% of 2 cores)")
     parser.add_argument("--output-pdf", action="store_true",
                         help='write a searchable PDF of every stored file (watch.output_pdf = '
                              '"pdf"), as the daemon does after storing its text')
@@ -538,7 +545,7 @@ def main() -> int:
         result = replay(args.replay_worker, images, int(args.cores), args.max_pages,
                         args.host_processes, args.pdf_processes, args.copies,
                         args.device_ns_per_element, args.capacity, args.output_pdf,
-                        args.postgres)
+                        args.postgres, args.gil)
         print(json.dumps(result))
         return 0
 
@@ -564,6 +571,7 @@ def main() -> int:
                  "--device-ns-per-element", str(args.device_ns_per_element)]
                 + (["--capacity", str(args.capacity)] if args.capacity else [])
                 + (["--output-pdf"] if args.output_pdf else [])
+                + (["--gil"] if args.gil else [])
                 + (["--postgres", args.postgres] if args.postgres else [])
                 + (["--limit", str(args.limit)] if args.limit else []),
                 capture_output=True, text=True, check=False)
