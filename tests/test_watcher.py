@@ -283,9 +283,11 @@ def test_recursive_move_without_done_dir_skips_the_default_done_folder(inbox: Pa
         watcher.stop()
 
 
-def test_settling_is_timed_when_each_file_is_checked(inbox: Path) -> None:
+def test_settling_is_timed_when_each_file_is_checked(inbox: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Taking a file in (hashing it) runs inside the watcher's pass: a file first looked at
     after a slow one in the same pass must still be watched for settle_seconds from then."""
+    monkeypatch.setattr(watcher_module, "PASS_SECONDS", 60.0)  # the pass goes on past big.png
     now = [0.0]
     ready: list[str] = []
 

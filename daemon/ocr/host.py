@@ -182,9 +182,9 @@ def resize_rec(crop: Image, resized_w: int, out: npt.NDArray[np.uint16]) -> None
     """RapidOCR's TextRecognizer.resize_norm_img without the normalisation (done on the
     device), written into the first `resized_w` columns of a bucket-wide `[48, W, 3]` slot;
     the caller fills the rest with REC_PAD (normalised to 0.0, mid-grey, as RapidOCR pads).
-    `resized_w` is the line's own width, or
-    the slot's when the line is squeezed into it (`buckets.rec_bucket_width`). A line already
-    at that size (resized where it was cropped) is copied as it is."""
+    `resized_w` is the line's own width, or the slot's when the line is squeezed into it
+    (`buckets.rec_bucket_width`). A line already at that size (resized where it was cropped)
+    is copied as it is."""
     if crop.shape[:2] == (buckets.REC_HEIGHT, resized_w):
         out[:, :resized_w] = crop
     else:
