@@ -630,17 +630,9 @@ def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool
 def gil_start(daemon: subprocess.Popen[bytes], tmp: Path, args: argparse.Namespace) -> None:
     """With --gil: the probe in the daemon starts sampling (its main thread acknowledges
     within ~0.5 s, the timed round waits for that)."""
-    if not args.gil:
+    if not args.gil or (tmp / "gil.json").exists():  # no probe there: the reason is written
         return
-    started = tmp / "gil.json.started"
-    if (tmp / "gil.json").exists():
-        return  # no probe there: the reason is written already
-    daemon.send_signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while not started.exists():
-        if time.monotonic() > deadline or daemon.poll() is not None:
-            raise RuntimeError("the daemon's GIL probe did not start")
-        time.sleep(0.02)
+    _signal_until(daemon, signal.SIGUSR1, tmp / "gil.json.started", "start")
 
 
 def gil_stop(daemon: subprocess.Popen[bytes], tmp: Path, args: argparse.Namespace,
@@ -652,16 +644,21 @@ def gil_stop(daemon: subprocess.Popen[bytes], tmp: Path, args: argparse.Namespac
 
     out = tmp / "gil.json"
     if (tmp / "gil.json.started").exists():
-        daemon.send_signal(signal.SIGUSR2)
-        deadline = time.monotonic() + 10
-        while not out.exists():
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise RuntimeError("the daemon's GIL probe did not report")
-            time.sleep(0.02)
+        _signal_until(daemon, signal.SIGUSR2, out, "report")
     data = json.loads(out.read_text())
     if "unavailable" in data:
         return data
     return Sampled.from_json(data).figures(pages)
+
+
+def _signal_until(daemon: subprocess.Popen[bytes], signum: int, appears: Path,
+                  what: str) -> None:
+    daemon.send_signal(signum)
+    deadline = time.monotonic() + 10
+    while not appears.exists():
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            raise RuntimeError(f"the daemon's GIL probe did not {what}")
+        time.sleep(0.02)
 
 
 def drop(path: Path, inbox: Path, name: str, dropped: dict[str, float], tag: int = 0) -> None:
