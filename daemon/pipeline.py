@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from daemon.budget import ByteBudget
@@ -71,6 +72,7 @@ HOUSEKEEPING_SECONDS = 10.0  # how often expired leases are looked for
 DECODE_PEAK = 10 / 3
 DECODE_THREADS_MAX = 16  # "auto" on a GPU provider: one per usable core, at most this many
 PDF_PROCESSES_MAX = 8
+STORE_THREADS_POSTGRESQL = 4  # store loops on PostgreSQL: its round trips overlap (store_threads)
 PDF_PROCESSES_MIN_CORES = 4
 
 
@@ -104,14 +106,21 @@ def pdf_processes(settings: Settings, provider: str) -> int:
 
 
 def store_threads(settings: Settings, provider: str) -> int:
-    """Store loops: one for the ledger alone (a receipt's text is ~0.5 ms on SQLite, ~2 ms on
-    a local PostgreSQL); as many as the decoding threads when searchable PDFs are written,
-    each of which reads its file again: 3-6 ms a receipt or a 300-dpi A4 page whose JPEG,
-    PNG or one-strip G4 TIFF goes in as it is; 82 ms the A4 page as a G4 TIFF in strips and
-    139 ms as a grey LZW one (decoded, their pixels compressed again)."""
+    """Store loops: one for the ledger alone on SQLite (a receipt's text is ~0.5 ms there,
+    and it takes one writer at a time); STORE_THREADS_POSTGRESQL on PostgreSQL, where a
+    store is six round trips in one transaction, so one loop stores at most ~1 / (6 x the
+    round trip) documents a second: with the server 10.8 ms away one loop held the daemon to
+    14.4 receipts/s, four let it reach 28 (benchmarks/NOTES.md). As many as the decoding
+    threads, if more, when
+    searchable PDFs are written, each of which reads its file again: 3-6 ms a receipt or a
+    300-dpi A4 page whose JPEG, PNG or one-strip G4 TIFF goes in as it is; 82 ms the A4 page
+    as a G4 TIFF in strips and 139 ms as a grey LZW one (decoded, their pixels compressed
+    again)."""
+    ledger = STORE_THREADS_POSTGRESQL if make_url(settings.database.url).get_backend_name() \
+        == "postgresql" else 1
     if settings.watch.output_pdf == "none":
-        return 1
-    return decode_threads(settings, provider)
+        return ledger
+    return max(ledger, decode_threads(settings, provider))
 
 
 @dataclass

@@ -683,6 +683,8 @@ def test_a_slow_store_does_not_hold_up_the_ocr_loop(
 
 def test_store_loops_are_one_for_the_ledger_and_more_for_searchable_pdfs(
         settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite: one store loop for the ledger; PostgreSQL: several, their round trips
+    overlapping; with searchable PDFs, as many as the decoding threads if more."""
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(12)))
     settings = settings_factory()
     assert store_threads(settings, "cuda") == 1
@@ -690,6 +692,10 @@ def test_store_loops_are_one_for_the_ledger_and_more_for_searchable_pdfs(
                                    "output_dir": str(settings.watch.path.parent / "pdf")})
     assert store_threads(pdfs, "cuda") == decode_threads(pdfs, "cuda") == 12
     assert store_threads(pdfs, "cpu") == 2
+    postgresql = {"url": "postgresql+psycopg://ocr@db/ocr"}
+    assert store_threads(settings_factory(database=postgresql), "cuda") == 4
+    assert store_threads(settings_factory(database=postgresql, watch=pdfs.watch.model_dump()),
+                         "cpu") == 4
 
 
 class PoisonEngine(DeviceEngine):

@@ -45,9 +45,9 @@ def test_same_content_under_two_names_is_one_document(ledger: Ledger) -> None:
 
 def test_a_new_file_is_registered_in_as_few_statements_as_can_be(ledger: Ledger) -> None:
     """Registering is the watcher's share of the GIL, a round trip a statement on PostgreSQL:
-    a new document is one insert (none when its content is known), and on PostgreSQL the same
-    statement clears a refusal of that path; a new document has no paths to look up. Its
-    path is recorded all the same."""
+    there a new document, its path and the clearing of a refusal of that path are one
+    statement; on SQLite the document is one insert (none when its content is known) and a
+    new document has no paths to look up. Its path is recorded all the same."""
     from sqlalchemy import event
 
     statements: list[str] = []
@@ -58,13 +58,29 @@ def test_a_new_file_is_registered_in_as_few_statements_as_can_be(ledger: Ledger)
     event.listen(ledger.engine, "before_cursor_execute", count)
     try:
         first = ledger.register("/in/new.png", sha("new"), 1)
-        assert statements == (["WITH", "INSERT"] if ledger.engine.dialect.name == "postgresql"
+        assert statements == (["WITH"] if ledger.engine.dialect.name == "postgresql"
                               else ["DELETE", "INSERT", "INSERT"])
     finally:
         event.remove(ledger.engine, "before_cursor_execute", count)
     assert first.created and first.path_added
     assert ledger.paths_of(first.document_id) == ("/in/new.png",)
     assert not ledger.register("/in/new.png", sha("new"), 1).path_added
+
+
+def test_a_path_is_known_while_its_file_is_what_was_hashed(ledger: Ledger) -> None:
+    """What a file was when it was registered (its stat) is kept with its path, new content
+    or known: while the file still matches, a restart finds its document without reading
+    it; any change, and it is read again."""
+    stat = PathStat(10, 2, 3, 4, 5)
+    first = ledger.register("/in/a.png", sha("a"), 10, stat=stat)
+    again = ledger.register("/in/b.png", sha("a"), 10, stat=PathStat(10, 6, 7, 8, 5))
+    assert first.created and not again.created
+    known = ledger.known_path("/in/a.png", stat)
+    assert known is not None and (known.document_id, known.sha256) == (first.document_id,
+                                                                      sha("a"))
+    assert ledger.known_path("/in/b.png", PathStat(10, 6, 7, 8, 5)) is not None
+    assert ledger.known_path("/in/a.png", PathStat(10, 2, 9, 4, 5)) is None  # rewritten
+    assert ledger.known_path("/in/c.png", stat) is None  # never seen
 
 
 def test_a_refused_file_read_later_leaves_no_refusal(ledger: Ledger) -> None:
@@ -392,10 +408,11 @@ def _kill_backends(url: str) -> int:
 @pytest.mark.postgres
 def test_lookups_and_claims_skip_the_transaction_round_trips(
         pg_url: str, tmp_path: Path) -> None:
-    """On PostgreSQL a path lookup and a claim (one atomic UPDATE, then paths only ever
-    added) run in autocommit: no BEGIN and no COMMIT or ROLLBACK, each a round trip, while
-    registering and storing, several statements that belong together, keep theirs. Read off
-    libpq's trace of what the client sent."""
+    """On PostgreSQL a path lookup, a new file's registration (one statement) and a claim
+    (one atomic UPDATE, then paths only ever added) run in autocommit: no BEGIN and no COMMIT
+    or ROLLBACK, each a round trip, while a known content's registration and storing, several
+    statements that belong together, keep theirs. Read off libpq's trace of what the client
+    sent."""
     engine = make_engine(DatabaseSettings(url=pg_url))
     migrate.upgrade(engine)
     engine.dispose()
@@ -425,12 +442,14 @@ def test_lookups_and_claims_skip_the_transaction_round_trips(
     try:
         stat = PathStat(1, 2, 3, 4, 5)
         assert sent(lambda: ledger.known_path("/in/a.png", stat)) == ["Sync"]
-        assert sent(lambda: ledger.register("/in/a.png", sha("a"), 1, stat=stat)) == [
-            "BEGIN", "Sync", "Sync", "COMMIT"]
+        # a new content: one statement; a known one tries it, then takes the transaction
+        assert sent(lambda: ledger.register("/in/a.png", sha("a"), 1, stat=stat)) == ["Sync"]
         assert sent(lambda: ledger.known_path("/in/a.png", stat)) == ["Sync"]
+        assert sent(lambda: ledger.register("/in/b.png", sha("a"), 1, stat=stat)) == [
+            "Sync", "BEGIN", "Sync", "Sync", "Sync", "Sync", "COMMIT"]
         claims: list[Any] = []
         assert sent(lambda: claims.append(ledger.claim_next("w", 60))) == ["Sync", "Sync"]
-        assert claims[0] is not None and claims[0].paths == ("/in/a.png",)
+        assert claims[0] is not None and claims[0].paths == ("/in/a.png", "/in/b.png")
         assert sent(lambda: ledger.paths_of(claims[0].document_id)) == ["Sync"]
         assert sent(lambda: ledger.complete(claims[0].document_id, "w", [page("x")], 1.0,
                                             "cpu")) == ["BEGIN"] + ["Sync"] * 4 + ["COMMIT"]

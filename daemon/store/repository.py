@@ -23,7 +23,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Engine,
+    Text,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -191,6 +204,23 @@ _INSERT_NEW_SQLITE = (sqlite_insert(Document).on_conflict_do_nothing(
 _INSERT_NEW_PG = (postgresql_insert(Document).on_conflict_do_nothing(
     index_elements=[Document.sha256]).returning(Document.id))
 _INSERT_NEW_CLEARING_PG = _INSERT_NEW_PG.add_cte(_DELETE_REJECTED.cte("refusal_cleared"))
+# PostgreSQL, a new file's whole registration in one autocommit statement (one round trip,
+# not four: BEGIN, the document, its path, COMMIT): the refusal of the path cleared, the
+# document inserted unless its content is known, and its path recorded with it. No row back:
+# the content is known, and the transaction below takes over.
+_STAT_COLUMNS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
+_NEW_DOCUMENT_PG = (postgresql_insert(Document).values(
+    sha256=bindparam("sha256"), size_bytes=bindparam("size_bytes"), state=bindparam("state"),
+    attempts=bindparam("attempts"), first_seen_at=bindparam("first_seen_at"))
+    .on_conflict_do_nothing(index_elements=[Document.sha256]).returning(Document.id)
+    .cte("new_document"))
+_SEEN_AT = bindparam("first_seen_at", type_=DateTime(timezone=True))
+_REGISTER_NEW_PG = (insert(DocumentPath).from_select(
+    ["document_id", "path", "first_seen_at", "last_seen_at", *_STAT_COLUMNS],
+    select(_NEW_DOCUMENT_PG.c.id, bindparam("path", type_=Text), _SEEN_AT, _SEEN_AT,
+           *(bindparam(column, type_=BigInteger) for column in _STAT_COLUMNS)))
+    .returning(DocumentPath.document_id)
+    .add_cte(_DELETE_REJECTED.cte("refusal_cleared")).add_cte(_NEW_DOCUMENT_PG))
 _PATH_ID = select(DocumentPath.id).where(DocumentPath.document_id == bindparam("doc"),
                                          DocumentPath.path == bindparam("path"))
 _INSERT_PATH = insert(DocumentPath)
@@ -256,6 +286,13 @@ class Ledger:
         """Record that `path` holds content `sha256` (and, with `stat`, what the file was when
         hashed); create a queued document if it is new (failed, with the reason `rejected`,
         for a file refused before it was read)."""
+        if self._postgresql and rejected is None and sha256 != rejection_key(path):
+            try:
+                new = self._register_new_pg(path, sha256, size, stat)
+            except IntegrityError:  # as below: the transaction's retries take over
+                new = None
+            if new is not None:
+                return new
         for _ in range(3):  # the same path recorded at the same moment by another daemon
             try:
                 return self._register_once(path, sha256, size, rejected, stat)
@@ -271,6 +308,21 @@ class Ledger:
         if row is None:
             return None
         return Registration(row.id, row.sha256, row.state, False, False, row.reason)
+
+    def _register_new_pg(self, path: str, sha256: str, size: int, stat: PathStat | None
+                         ) -> Registration | None:
+        """A new content in one statement (`_REGISTER_NEW_PG`); None when it is known."""
+        columns: dict[str, int | None] = dict.fromkeys(_STAT_COLUMNS)
+        if stat is not None:
+            columns.update(stat.columns())
+        with self._alone.connect() as conn:
+            document_id = conn.execute(_REGISTER_NEW_PG, {
+                "sha256": sha256, "size_bytes": size, "state": State.QUEUED, "attempts": 0,
+                "first_seen_at": self._clock(), "path": path,
+                "rejection": rejection_key(path), **columns}).scalar()
+        if document_id is None:
+            return None
+        return Registration(document_id, sha256, State.QUEUED, True, True, None)
 
     def _register_once(self, path: str, sha256: str, size: int, rejected: str | None,
                        stat: PathStat | None) -> Registration:
