@@ -48,7 +48,7 @@ NETWORK_FS = {
 
 
 PASS_SECONDS = 0.5  # of one pass's look at files a scan found (events go first)
-PASS_FLOOR = 0.05  # ...and at least this while an event's file settles: the backlog goes on
+PASS_FLOOR = 0.05  # ...and at least this, whatever events come: the backlog goes on
 
 # The events asked of the observer: those that nominate a file, and the directory ones a
 # recursive watch needs to follow new folders. By default watchdog takes every inotify event,
@@ -294,19 +294,22 @@ class Watcher:
         """One pass over the files waiting to settle: those an event named first, then those a
         scan found, for at most PASS_SECONDS: a restart's scan of a large kept inbox must not
         keep a new drop waiting behind it; the rest wait for the next pass. While a file an
-        event named is still settling, only until it can be ready (at least PASS_FLOOR), and
-        a file an event names meanwhile ends it: such a file is looked at as soon as it can
-        be, not after the rest of a pass over the backlog."""
+        event named is still settling, only until it can be ready, and a file an event names
+        meanwhile ends it: such a file is looked at as soon as it can be, not after the rest
+        of a pass over the backlog. The backlog gets PASS_FLOOR a pass at least, so a steady
+        stream of new drops slows it but never stops it."""
         with self._lock:
             items = sorted(self._pending.items(), key=lambda item: item[0] not in self._urgent)
         started = self._clock()
         until: float | None = None  # for the files a scan found, once the urgent ones are done
+        floor = 0.0  # ...and at least until then, whatever events come
         named = 0  # the files events had named then
         for key, (previous, since) in items:
             if not self._running.is_set():
                 return
             if key not in self._urgent:
                 if until is None:
+                    floor = self._clock() + PASS_FLOOR
                     until = started + PASS_SECONDS
                     with self._lock:
                         named = len(self._urgent)
@@ -315,7 +318,8 @@ class Watcher:
                     if ready_at:
                         wait = min(ready_at) + self.settings.settle_seconds - self._clock()
                         until = min(until, self._clock() + max(PASS_FLOOR, wait))
-                if self._clock() > until or len(self._urgent) != named:
+                now = self._clock()
+                if now > until or (len(self._urgent) != named and now > floor):
                     return
             path = Path(key)
             # the time of this file's check, not of the pass: taking files in (hashing) runs

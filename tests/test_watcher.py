@@ -317,21 +317,22 @@ def test_settling_is_timed_when_each_file_is_checked(inbox: Path,
 
 def test_a_pass_over_the_backlog_gives_way_to_a_file_an_event_names(inbox: Path) -> None:
     """A restart's backlog (files a scan found) is taken in half a second a pass. A file an
-    event names ends the pass at once; the next looks at it first, and its backlog stops
-    when the file can be ready, so the pass after takes it in: after its settle time, not
-    after two passes over the backlog. Driven by hand on the watcher's clock."""
+    event names ends the pass (once it has had PASS_FLOOR); the next looks at it first, and
+    its backlog stops when the file can be ready, so the pass after takes it in: after its
+    settle time, not after two passes over the backlog. Driven by hand on the watcher's
+    clock."""
     now = [0.0]
     taken: list[str] = []
     watcher: Watcher
 
-    def take_in(path: Path) -> None:  # a ledger look-up of 10 ms a file
+    def take_in(path: Path) -> None:  # a ledger look-up of 20 ms a file
         taken.append(path.name)
-        now[0] += 0.01
-        if len(taken) == 5:  # an event names a new file meanwhile
+        now[0] += 0.02
+        if len(taken) == 1:  # an event names a new file meanwhile
             (inbox / "new.png").write_bytes(b"new")
             watcher._nominate(str(inbox / "new.png"))
 
-    settings = WatchSettings(path=inbox, settle_seconds=0.2)
+    settings = WatchSettings(path=inbox, settle_seconds=0.25)
     watcher = Watcher(settings, take_in, lambda _p, _r: None, clock=lambda: now[0])
     watcher._running.set()  # driven by hand, no threads: the clock is ours
     for n in range(300):
@@ -339,11 +340,11 @@ def test_a_pass_over_the_backlog_gives_way_to_a_file_an_event_names(inbox: Path)
     watcher.scan()
     watcher._check_pending()  # first looks at the backlog: no time passes
     now[0] = 1.0
-    watcher._check_pending()  # the backlog settled: taken in until the event
-    assert len(taken) == 5
-    watcher._check_pending()  # new.png's first look; then the backlog for its 0.2 s
+    watcher._check_pending()  # the backlog settled: taken in until PASS_FLOOR, past the event
+    assert len(taken) == 3  # 60 ms: not 1 (no floor), not 25 (the whole 0.5 s)
+    watcher._check_pending()  # new.png's first look; then the backlog for its 0.25 s
     assert "new.png" not in taken
-    assert 5 + 19 <= len(taken) <= 5 + 21  # 10 ms each: not the pass's 0.5 s (50 files)
+    assert len(taken) == 3 + 13  # not 25
     before = len(taken)
     watcher._check_pending()  # new.png first, settled
     assert taken[before] == "new.png"
