@@ -72,8 +72,8 @@ HOUSEKEEPING_SECONDS = 10.0  # how often expired leases are looked for
 DECODE_PEAK = 10 / 3
 DECODE_THREADS_MAX = 16  # "auto" on a GPU provider: one per usable core, at most this many
 PDF_PROCESSES_MAX = 8
-STORE_THREADS_POSTGRESQL = 4  # store loops on PostgreSQL: its round trips overlap (store_threads)
 PDF_PROCESSES_MIN_CORES = 4
+STORE_THREADS_POSTGRESQL = 4  # store loops on PostgreSQL: its round trips overlap (store_threads)
 
 
 def decode_threads(settings: Settings, provider: str) -> int:
@@ -111,11 +111,10 @@ def store_threads(settings: Settings, provider: str) -> int:
     store is six round trips in one transaction, so one loop stores at most ~1 / (6 x the
     round trip) documents a second: with the server 10.8 ms away one loop held the daemon to
     14.4 receipts/s, four let it reach 28 (benchmarks/NOTES.md). As many as the decoding
-    threads, if more, when
-    searchable PDFs are written, each of which reads its file again: 3-6 ms a receipt or a
-    300-dpi A4 page whose JPEG, PNG or one-strip G4 TIFF goes in as it is; 82 ms the A4 page
-    as a G4 TIFF in strips and 139 ms as a grey LZW one (decoded, their pixels compressed
-    again)."""
+    threads, if more, when searchable PDFs are written, each of which reads its file again:
+    3-6 ms a receipt or a 300-dpi A4 page whose JPEG, PNG or one-strip G4 TIFF goes in as it
+    is; 82 ms the A4 page as a G4 TIFF in strips and 139 ms as a grey LZW one (decoded, their
+    pixels compressed again)."""
     ledger = STORE_THREADS_POSTGRESQL if make_url(settings.database.url).get_backend_name() \
         == "postgresql" else 1
     if settings.watch.output_pdf == "none":
