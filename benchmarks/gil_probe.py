@@ -94,7 +94,7 @@ class Sampled:
 
         kinds: dict[str, float] = {}
         for name, count in self.by_thread.items():
-            kind = name.rstrip("0123456789_-")
+            kind = thread_kind(name)
             if kind not in leave_out:
                 kinds[kind] = kinds.get(kind, 0.0) + per_page(count - self.stand_in.get(name, 0))
         total = sum(kinds.values())
@@ -112,10 +112,15 @@ class Sampled:
             **({"stand_in_ms_per_page": round(per_page(sum(self.stand_in.values())), 2)}
                if self.stand_in else {}),
             **{f"{kind}_ms_per_page_left_out": round(per_page(sum(
-                c for n, c in self.by_thread.items() if n.rstrip("0123456789_-") == kind)), 2)
+                c for n, c in self.by_thread.items() if thread_kind(n) == kind)), 2)
                for kind in leave_out},
             "pages_per_second_this_gil_share_allows": round(1000 / max(total, 1e-9), 1),
         }
+
+
+def thread_kind(name: str) -> str:
+    """A thread's name without its number: "decode", "ocr", "ocr-post", "store", ..."""
+    return name.rstrip("0123456789_-")
 
 
 def build() -> Path:

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gil_probe import GilProbe, Unavailable
+from gil_probe import GilProbe, Unavailable, thread_kind
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -256,7 +256,7 @@ def thread_cpu_seconds() -> dict[int, tuple[str, float]]:
         except OSError:
             continue
         name = names.get(int(task.name), "native (onnxruntime, OpenCV, ...)")
-        out[int(task.name)] = (name.rstrip("0123456789_-"), seconds)
+        out[int(task.name)] = (thread_kind(name), seconds)
     return out
 
 

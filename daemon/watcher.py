@@ -308,17 +308,17 @@ class Watcher:
             if not self._running.is_set():
                 return
             if key not in self._urgent:
+                now = self._clock()
                 if until is None:
-                    floor = self._clock() + PASS_FLOOR
+                    floor = now + PASS_FLOOR
                     until = started + PASS_SECONDS
                     with self._lock:
                         named = len(self._urgent)
                         ready_at = [self._pending[k][1] for k in self._urgent
                                     if k in self._pending]
-                    if ready_at:
-                        wait = min(ready_at) + self.settings.settle_seconds - self._clock()
-                        until = min(until, self._clock() + max(PASS_FLOOR, wait))
-                now = self._clock()
+                    if ready_at:  # the soonest an event's file can be ready, PASS_FLOOR at least
+                        ready = min(ready_at) + self.settings.settle_seconds
+                        until = min(until, max(floor, ready))
                 if now > until or (len(self._urgent) != named and now > floor):
                     return
             path = Path(key)

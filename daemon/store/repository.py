@@ -201,19 +201,18 @@ _DOCUMENT_BY_HASH = select(Document.id, Document.state, Document.reason).where(
 # round trip, not three.
 _INSERT_NEW_SQLITE = (sqlite_insert(Document).on_conflict_do_nothing(
     index_elements=[Document.sha256]).returning(Document.id))
-_INSERT_NEW_PG = (postgresql_insert(Document).on_conflict_do_nothing(
-    index_elements=[Document.sha256]).returning(Document.id))
+# (its values named: as a CTE below an insert it would otherwise get anonymous parameters)
+_INSERT_NEW_PG = (postgresql_insert(Document).values(
+    {column: bindparam(column) for column in ("sha256", "size_bytes", "state", "attempts",
+                                              "first_seen_at")})
+    .on_conflict_do_nothing(index_elements=[Document.sha256]).returning(Document.id))
 _INSERT_NEW_CLEARING_PG = _INSERT_NEW_PG.add_cte(_DELETE_REJECTED.cte("refusal_cleared"))
 # PostgreSQL, a new file's whole registration in one autocommit statement (one round trip,
 # not four: BEGIN, the document, its path, COMMIT): the refusal of the path cleared, the
 # document inserted unless its content is known, and its path recorded with it. No row back:
 # the content is known, and the transaction below takes over.
 _STAT_COLUMNS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
-_NEW_DOCUMENT_PG = (postgresql_insert(Document).values(
-    sha256=bindparam("sha256"), size_bytes=bindparam("size_bytes"), state=bindparam("state"),
-    attempts=bindparam("attempts"), first_seen_at=bindparam("first_seen_at"))
-    .on_conflict_do_nothing(index_elements=[Document.sha256]).returning(Document.id)
-    .cte("new_document"))
+_NEW_DOCUMENT_PG = _INSERT_NEW_PG.cte("new_document")
 _SEEN_AT = bindparam("first_seen_at", type_=DateTime(timezone=True))
 _REGISTER_NEW_PG = (insert(DocumentPath).from_select(
     ["document_id", "path", "first_seen_at", "last_seen_at", *_STAT_COLUMNS],
@@ -286,19 +285,20 @@ class Ledger:
         """Record that `path` holds content `sha256` (and, with `stat`, what the file was when
         hashed); create a queued document if it is new (failed, with the reason `rejected`,
         for a file refused before it was read)."""
-        if self._postgresql and rejected is None and sha256 != rejection_key(path):
+        rejection = rejection_key(path)
+        if self._postgresql and rejected is None and sha256 != rejection:
             try:
-                new = self._register_new_pg(path, sha256, size, stat)
+                new = self._register_new_pg(path, sha256, size, stat, rejection)
             except IntegrityError:  # as below: the transaction's retries take over
                 new = None
             if new is not None:
                 return new
         for _ in range(3):  # the same path recorded at the same moment by another daemon
             try:
-                return self._register_once(path, sha256, size, rejected, stat)
+                return self._register_once(path, sha256, size, rejected, stat, rejection)
             except IntegrityError:
                 continue
-        return self._register_once(path, sha256, size, rejected, stat)
+        return self._register_once(path, sha256, size, rejected, stat, rejection)
 
     def known_path(self, path: str, stat: PathStat) -> Registration | None:
         """The document `path` was registered for, if the file is still what was hashed then
@@ -309,8 +309,8 @@ class Ledger:
             return None
         return Registration(row.id, row.sha256, row.state, False, False, row.reason)
 
-    def _register_new_pg(self, path: str, sha256: str, size: int, stat: PathStat | None
-                         ) -> Registration | None:
+    def _register_new_pg(self, path: str, sha256: str, size: int, stat: PathStat | None,
+                         rejection: str) -> Registration | None:
         """A new content in one statement (`_REGISTER_NEW_PG`); None when it is known."""
         columns: dict[str, int | None] = dict.fromkeys(_STAT_COLUMNS)
         if stat is not None:
@@ -318,17 +318,16 @@ class Ledger:
         with self._alone.connect() as conn:
             document_id = conn.execute(_REGISTER_NEW_PG, {
                 "sha256": sha256, "size_bytes": size, "state": State.QUEUED, "attempts": 0,
-                "first_seen_at": self._clock(), "path": path,
-                "rejection": rejection_key(path), **columns}).scalar()
+                "first_seen_at": self._clock(), "path": path, "rejection": rejection,
+                **columns}).scalar()
         if document_id is None:
             return None
         return Registration(document_id, sha256, State.QUEUED, True, True, None)
 
     def _register_once(self, path: str, sha256: str, size: int, rejected: str | None,
-                       stat: PathStat | None) -> Registration:
+                       stat: PathStat | None, rejection: str) -> Registration:
         now = self._clock()
         with self.engine.begin() as conn:
-            rejection = rejection_key(path)
             row = {"sha256": sha256, "size_bytes": size, "state": State.QUEUED, "attempts": 0,
                    "first_seen_at": now}
             if sha256 == rejection:  # a refusal itself
