@@ -64,14 +64,13 @@ def wait(condition: Callable[[], bool], seconds: float) -> None:
 
 
 def run(url: str, work: Path, kept: int, new: int) -> dict[str, Any]:
+    from daemon import intake as intake_module
     from daemon.config import Settings
     from daemon.metrics import Metrics
     from daemon.service import open_ledger
     from daemon.store.models import Document, DocumentPath
     from daemon.store.repository import PathStat
     from daemon.watcher import Watcher
-
-    from daemon import intake as intake_module
 
     inbox = work / "inbox"
     inbox.mkdir()
@@ -97,7 +96,7 @@ def run(url: str, work: Path, kept: int, new: int) -> dict[str, Any]:
         if database.dialect.name == "postgresql":  # the ids were given: move the sequence on
             with database.begin() as connection:
                 connection.exec_driver_sql(
-                    "SELECT setval(pg_get_serial_sequence('documents', 'id'), %d)" % kept)
+                    f"SELECT setval(pg_get_serial_sequence('documents', 'id'), {kept})")
     hashed = [0]
     real_hash = intake_module.sha256_handle
 
@@ -117,7 +116,7 @@ def run(url: str, work: Path, kept: int, new: int) -> dict[str, Any]:
 
     intake = intake_module.Intake(settings, ledger, Metrics("bench"), retry_db=direct,
                                   notify=notify)
-    watcher = Watcher(settings.watch, intake.take, intake.reject)
+    watcher = Watcher(settings.watch, intake.take, intake.reject, look_up=intake.look_up)
     out: dict[str, Any] = {}
     start = time.perf_counter()
     watcher.start()

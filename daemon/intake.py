@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -43,6 +43,24 @@ class Intake:
         self.retry_db = retry_db
         self.notify = notify
         self.root = settings.watch.path.resolve()
+        # what the ledger had for the paths of the batch the watcher takes next (`look_up`)
+        self._looked_up: dict[str, list[tuple[PathStat, Registration]]] = {}
+
+    def look_up(self, paths: Sequence[Path]) -> None:
+        """The watcher's batch of ready files, looked up in the ledger at once (one round trip,
+        not one a file): `take` then finds each there. A restart over a kept inbox, and a
+        burst of drops, pay a round trip a batch for their lookups."""
+        keys = [path_key(path) for path in paths]
+        self._looked_up = {}  # none of an earlier batch's left, should this one fail
+        self._looked_up = self.retry_db(lambda: self.ledger.known_paths(keys))
+
+    def _known(self, key: str, stat: PathStat) -> Registration | None:
+        """The document `key` was registered for if the file is still what was hashed then:
+        from the batch looked up, else asked of the ledger."""
+        rows = self._looked_up.pop(key, None)
+        if rows is None:
+            return self.retry_db(lambda: self.ledger.known_path(key, stat))
+        return next((known for was, known in rows if was == stat), None)
 
     def take(self, path: Path) -> None:
         key = path_key(path)
@@ -50,7 +68,7 @@ class Intake:
             with os.fdopen(open_beneath(path, self.root), "rb") as handle:
                 stat = PathStat.of(os.fstat(handle.fileno()))
                 # still what was hashed when last seen (a restart over a kept inbox): not read
-                known = self.retry_db(lambda: self.ledger.known_path(key, stat))
+                known = self._known(key, stat)
                 if known is not None:
                     self._seen_again(path, known)
                     return

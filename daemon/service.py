@@ -123,7 +123,7 @@ class Service:
         pipeline = Pipeline(settings, ledger, engines, self.metrics, hardware.choice.name)
         intake = Intake(settings, ledger, self.metrics, retry_db=pipeline.retry_db,
                         notify=pipeline.notify)
-        watcher = Watcher(settings.watch, intake.take, intake.reject)
+        watcher = Watcher(settings.watch, intake.take, intake.reject, look_up=intake.look_up)
         server = (MetricsServer(self.metrics, settings.metrics.host, settings.metrics.port,
                                 self.health, self.is_ready)
                   if settings.metrics.enabled else None)

@@ -18,7 +18,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,7 @@ NETWORK_FS = {
 
 PASS_SECONDS = 0.5  # of one pass's look at files a scan found (events go first)
 PASS_FLOOR = 0.05  # ...and at least this, whatever events come: the backlog goes on
+TAKE_BATCH = 64  # ready files taken in together at most: one ledger lookup for them all
 
 # The events asked of the observer: those that nominate a file, and the directory ones a
 # recursive watch needs to follow new folders. By default watchdog takes every inotify event,
@@ -74,6 +75,17 @@ class Snapshot:
     mtime_ns: int
     inode: int
     ctime_ns: int
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A file found ready in a pass, and the look it settled from (put back as it was should
+    the pass end before it is taken in)."""
+
+    key: str
+    path: Path
+    previous: Snapshot | None
+    since: float
 
 
 def mount_fstype(path: Path, mounts_file: Path = Path("/proc/mounts")) -> str | None:
@@ -122,7 +134,10 @@ class _Handler(FileSystemEventHandler):
 class Watcher:
     """Calls `on_ready(path)` once per new or changed file, `on_rejected(path, reason)` for
     files it refuses to read. Both run on the watcher's own thread: `on_ready` may block
-    (backpressure from a full queue); files simply wait in the folder meanwhile."""
+    (backpressure from a full queue); files simply wait in the folder meanwhile. With
+    `look_up`, the files found ready together (up to TAKE_BATCH) are handed to it at once
+    before `on_ready` is called for each: the intake looks them up in the ledger in one round
+    trip."""
 
     def __init__(
         self,
@@ -132,8 +147,10 @@ class Watcher:
         *,
         tick_seconds: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        look_up: Callable[[Sequence[Path]], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._look_up = look_up
         self._clock = clock
         self.root = settings.path.resolve()
         self._on_ready = on_ready
@@ -297,30 +314,41 @@ class Watcher:
         event named is still settling, only until it can be ready, and a file an event names
         meanwhile ends it: such a file is looked at as soon as it can be, not after the rest
         of a pass over the backlog. The backlog gets PASS_FLOOR a pass at least, so a steady
-        stream of new drops slows it but never stops it."""
+        stream of new drops slows it but never stops it.
+
+        Files found ready are taken in together, up to TAKE_BATCH at a time (`look_up` sees
+        them all first), the ones an event named before the backlog's. The pass may end
+        between two files of a batch of the backlog: the rest wait, settled, for the next."""
         with self._lock:
             items = sorted(self._pending.items(), key=lambda item: item[0] not in self._urgent)
         started = self._clock()
         until: float | None = None  # for the files a scan found, once the urgent ones are done
         floor = 0.0  # ...and at least until then, whatever events come
         named = 0  # the files events had named then
+
+        def over() -> bool:  # the pass's time for the backlog is up
+            now = self._clock()
+            return until is not None and (
+                now > until or (len(self._urgent) != named and now > floor))
+
+        ready: list[_Ready] = []
         for key, (previous, since) in items:
             if not self._running.is_set():
-                return
+                break
             if key not in self._urgent:
-                now = self._clock()
                 if until is None:
-                    floor = now + PASS_FLOOR
+                    self._take_in(ready)  # the files events named, before the backlog
+                    floor = self._clock() + PASS_FLOOR
                     until = started + PASS_SECONDS
                     with self._lock:
                         named = len(self._urgent)
                         ready_at = [self._pending[k][1] for k in self._urgent
                                     if k in self._pending]
                     if ready_at:  # the soonest an event's file can be ready, PASS_FLOOR at least
-                        ready = min(ready_at) + self.settings.settle_seconds
-                        until = min(until, max(floor, ready))
-                if now > until or (len(self._urgent) != named and now > floor):
-                    return
+                        soonest = min(ready_at) + self.settings.settle_seconds
+                        until = min(until, max(floor, soonest))
+                if over():
+                    break
             path = Path(key)
             # the time of this file's check, not of the pass: taking files in (hashing) runs
             # inside the pass, and a stale time made a file first seen late in a long pass
@@ -343,12 +371,37 @@ class Watcher:
                 if self._handled.get(key) == snap:
                     continue
                 self._handled[key] = snap
+            ready.append(_Ready(key, path, previous, since))
+            if len(ready) >= TAKE_BATCH:
+                self._take_in(ready, over)
+        self._take_in(ready, over)
+
+    def _take_in(self, ready: list[_Ready], over: Callable[[], bool] | None = None) -> None:
+        """`on_ready` for each file of `ready` (emptied), `look_up` for them all first. Once
+        `over()`, the files not taken in yet go back to wait, as they were, for the next
+        pass."""
+        batch = list(ready)
+        ready.clear()
+        if not batch:
+            return
+        if self._look_up is not None:
             try:
-                self._on_ready(path)
+                self._look_up([file.path for file in batch])
+            except Exception:  # each is then looked up on its own
+                log.exception("could not look up %d files at once", len(batch))
+        for n, file in enumerate(batch):
+            if over is not None and n and over():
+                with self._lock:
+                    for rest in batch[n:]:
+                        self._handled.pop(rest.key, None)
+                        self._pending.setdefault(rest.key, (rest.previous, rest.since))
+                return
+            try:
+                self._on_ready(file.path)
             except Exception:
-                log.exception("could not take in %s", path)
+                log.exception("could not take in %s", file.path)
                 with self._lock:  # try again on the next rescan
-                    self._handled.pop(key, None)
+                    self._handled.pop(file.key, None)
 
     def _settle(self, path: Path, previous: Snapshot | None, since: float, now: float
                 ) -> str | None:

@@ -158,7 +158,8 @@ def run_pipeline(settings: Settings, engine: object) -> tuple[Pipeline, Ledger, 
     pipeline.start()
     intake = Intake(settings, ledger, metrics, retry_db=pipeline.retry_db,
                     notify=pipeline.notify)
-    watcher = Watcher(settings.watch, intake.take, intake.reject, tick_seconds=0.05)
+    watcher = Watcher(settings.watch, intake.take, intake.reject, tick_seconds=0.05,
+                      look_up=intake.look_up)
     watcher.start()
     return pipeline, ledger, watcher
 

@@ -16,7 +16,7 @@ from daemon import intake as intake_module
 from daemon.results import Image, PageResult
 from daemon.service import Service
 from daemon.store.db import open_ledger
-from daemon.store.repository import PathStat
+from daemon.store.repository import Ledger, PathStat
 from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
 from tests.test_watcher import looked_twice
 
@@ -174,8 +174,9 @@ def test_status_shows_the_live_workers(settings_factory: SettingsFactory,
 def test_a_restart_over_5000_kept_files_reads_none_and_serves_a_new_drop_first(
         settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """5,000 files stored by an earlier run (rows written straight into the ledger, as that
-    run left them): the restart hashes none of them, and a file dropped while it is still
-    looking them over is stored before it has finished."""
+    run left them): the restart hashes none of them, looks them up in the ledger a batch at
+    a time, and a file dropped while it is still looking them over is stored before it has
+    finished."""
     from datetime import UTC, datetime
 
     from daemon.store.models import Document, DocumentPath
@@ -201,6 +202,19 @@ def test_a_restart_over_5000_kept_files_reads_none_and_serves_a_new_drop_first(
     database.dispose()
 
     hashed = count_hashing(monkeypatch)
+    lookups = {"one": 0, "batch": 0}
+    one, batch = Ledger.known_path, Ledger.known_paths
+
+    def known_path(self: Ledger, path: str, stat: PathStat) -> object:
+        lookups["one"] += 1
+        return one(self, path, stat)
+
+    def known_paths(self: Ledger, paths: Sequence[str]) -> object:
+        lookups["batch"] += 1
+        return batch(self, paths)
+
+    monkeypatch.setattr(Ledger, "known_path", known_path)
+    monkeypatch.setattr(Ledger, "known_paths", known_paths)
     pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
     try:
         assert wait_until(lambda: watcher.scans >= 1, 30)  # the start-up scan found them all
@@ -209,6 +223,9 @@ def test_a_restart_over_5000_kept_files_reads_none_and_serves_a_new_drop_first(
         assert watcher.quiet_after_scan < 1, "the new file waited for the whole backlog"
         assert looked_twice(watcher, 120)
         assert len(hashed) == 1  # the new file only
+        # looked up TAKE_BATCH (64) at a time, not one by one: a round trip a batch (a pass
+        # may end inside a batch, and the new file is a batch of its own)
+        assert lookups["one"] == 0 and 5001 / 64 < lookups["batch"] < 5001 / 16
     finally:
         watcher.stop()
         pipeline.stop(1)

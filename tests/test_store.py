@@ -83,6 +83,27 @@ def test_a_path_is_known_while_its_file_is_what_was_hashed(ledger: Ledger) -> No
     assert ledger.known_path("/in/c.png", stat) is None  # never seen
 
 
+def test_a_batch_of_paths_is_looked_up_at_once(ledger: Ledger) -> None:
+    """known_paths answers for many paths in one query what known_path answers for one: for
+    each path, the stat it was hashed at with its document (a path rewritten with new
+    content: a row each); nothing for a path never seen, or recorded without its stat."""
+    stat = PathStat(10, 2, 3, 4, 5)
+    first = ledger.register("/in/a.png", sha("a"), 10, stat=stat)
+    rewritten = PathStat(11, 6, 7, 4, 5)
+    second = ledger.register("/in/a.png", sha("a2"), 11, stat=rewritten)
+    other = ledger.register("/in/b.png", sha("b"), 10, stat=PathStat(10, 8, 9, 10, 5))
+    ledger.register("/in/nostat.png", sha("c"), 10)
+    found = ledger.known_paths(["/in/a.png", "/in/b.png", "/in/c.png", "/in/nostat.png"])
+    assert set(found) == {"/in/a.png", "/in/b.png", "/in/c.png", "/in/nostat.png"}
+    assert {(was, known.document_id) for was, known in found["/in/a.png"]} == {
+        (stat, first.document_id), (rewritten, second.document_id)}
+    [(was, known)] = found["/in/b.png"]
+    assert was == PathStat(10, 8, 9, 10, 5) and known == ledger.known_path("/in/b.png", was)
+    assert known.document_id == other.document_id and known.sha256 == sha("b")
+    assert found["/in/c.png"] == [] and found["/in/nostat.png"] == []
+    assert ledger.known_paths([]) == {}
+
+
 def test_a_refused_file_read_later_leaves_no_refusal(ledger: Ledger) -> None:
     """A file refused before it was read (unreadable, say) and read once that was mended:
     its content is queued and the refusal's row is gone; another path's refusal stays."""

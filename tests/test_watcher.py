@@ -288,6 +288,7 @@ def test_settling_is_timed_when_each_file_is_checked(inbox: Path,
     """Taking a file in (hashing it) runs inside the watcher's pass: a file first looked at
     after a slow one in the same pass must still be watched for settle_seconds from then."""
     monkeypatch.setattr(watcher_module, "PASS_SECONDS", 60.0)  # the pass goes on past big.png
+    monkeypatch.setattr(watcher_module, "TAKE_BATCH", 1)  # big.png taken in before late.png
     now = [0.0]
     ready: list[str] = []
 
@@ -348,6 +349,59 @@ def test_a_pass_over_the_backlog_gives_way_to_a_file_an_event_names(inbox: Path)
     before = len(taken)
     watcher._check_pending()  # new.png first, settled
     assert taken[before] == "new.png"
+    for _ in range(20):  # the files of a batch a pass ended in were put back: none is lost
+        now[0] += 1.0
+        watcher._check_pending()
+    assert sorted(taken) == sorted(["new.png", *(f"old{n:03}.png" for n in range(300))])
+
+
+def test_files_ready_together_are_looked_up_at_once_before_each_is_taken_in(
+        inbox: Path) -> None:
+    """The ready files of a pass go to `look_up` together, TAKE_BATCH at most, before
+    `on_ready` takes each in: the intake looks a batch up in the ledger in one round trip. A
+    file an event named is taken in with the others it named, before the backlog's. Should
+    `look_up` fail, each file is taken in all the same."""
+    now = [0.0]
+    calls: list[tuple[str, ...]] = []
+    fail = [False]
+
+    def look_up(paths: object) -> None:
+        calls.append(("look_up", *(path.name for path in paths)))  # type: ignore[attr-defined]
+        if fail[0]:
+            raise RuntimeError("the ledger is away")
+
+    def take_in(path: Path) -> None:
+        calls.append(("take", path.name))
+
+    settings = WatchSettings(path=inbox, settle_seconds=0.25)
+    watcher = Watcher(settings, take_in, lambda _p, _r: None, clock=lambda: now[0],
+                      look_up=look_up)
+    watcher._running.set()  # driven by hand, no threads: the clock is ours
+    names = [f"old{n:03}.png" for n in range(100)]
+    for name in names:
+        (inbox / name).write_bytes(b"old")
+    watcher.scan()
+    watcher._check_pending()  # first looks
+    (inbox / "new.png").write_bytes(b"new")
+    watcher._nominate(str(inbox / "new.png"))
+    now[0] = 0.1
+    watcher._check_pending()  # new.png's first look; the backlog is not ready yet
+    assert calls == []
+    now[0] = 1.0
+    watcher._check_pending()
+    batches = [call[1:] for call in calls if call[0] == "look_up"]
+    assert [len(batch) for batch in batches] == [1, 64, 36] and batches[0] == ("new.png",)
+    assert sorted(batches[1] + batches[2]) == names
+    assert calls == [call for batch in batches  # each batch looked up, then taken in
+                     for call in [("look_up", *batch), *(("take", name) for name in batch)]]
+    calls.clear()
+    fail[0] = True
+    (inbox / "late.png").write_bytes(b"late")
+    watcher._nominate(str(inbox / "late.png"))
+    watcher._check_pending()
+    now[0] = 2.0
+    watcher._check_pending()
+    assert calls == [("look_up", "late.png"), ("take", "late.png")]
 
 
 def test_a_new_drop_is_served_before_the_startup_backlog(inbox: Path) -> None:
