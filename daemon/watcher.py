@@ -378,11 +378,12 @@ class Watcher:
 
     def _take_in(self, ready: list[_Ready], over: Callable[[], bool] | None = None) -> None:
         """`on_ready` for each file of `ready` (emptied), `look_up` for them all first. Once
-        `over()`, the files not taken in yet go back to wait, as they were, for the next
-        pass."""
+        `over()` (after one file at least), or once the watcher stops, the files not taken in
+        yet go back to wait, as they were, for the next pass."""
         batch = list(ready)
         ready.clear()
-        if not batch:
+        if not batch or not self._running.is_set():
+            self._put_back(batch)
             return
         if self._look_up is not None:
             try:
@@ -390,11 +391,8 @@ class Watcher:
             except Exception:  # each is then looked up on its own
                 log.exception("could not look up %d files at once", len(batch))
         for n, file in enumerate(batch):
-            if over is not None and n and over():
-                with self._lock:
-                    for rest in batch[n:]:
-                        self._handled.pop(rest.key, None)
-                        self._pending.setdefault(rest.key, (rest.previous, rest.since))
+            if not self._running.is_set() or (over is not None and n and over()):
+                self._put_back(batch[n:])
                 return
             try:
                 self._on_ready(file.path)
@@ -402,6 +400,12 @@ class Watcher:
                 log.exception("could not take in %s", file.path)
                 with self._lock:  # try again on the next rescan
                     self._handled.pop(file.key, None)
+
+    def _put_back(self, files: list[_Ready]) -> None:
+        with self._lock:
+            for file in files:
+                self._handled.pop(file.key, None)
+                self._pending.setdefault(file.key, (file.previous, file.since))
 
     def _settle(self, path: Path, previous: Snapshot | None, since: float, now: float
                 ) -> str | None:

@@ -429,3 +429,29 @@ def test_a_new_drop_is_served_before_the_startup_backlog(inbox: Path) -> None:
         assert recorder.wait_for(lambda: len(recorder.ready) == 3001, 60)
     finally:
         watcher.stop()
+
+
+def test_a_watcher_stopped_during_a_batch_takes_no_more_of_it_in(inbox: Path) -> None:
+    """Stopped while it takes a batch in, the watcher takes in no more of it: the rest wait,
+    as they were, rather than delay the stop by a batch of hashing and registering."""
+    now = [0.0]
+    taken: list[str] = []
+    watcher: Watcher
+
+    def take_in(path: Path) -> None:
+        taken.append(path.name)
+        watcher._running.clear()  # what stop() does first
+
+    settings = WatchSettings(path=inbox, settle_seconds=0.25)
+    watcher = Watcher(settings, take_in, lambda _p, _r: None, clock=lambda: now[0])
+    watcher._running.set()  # driven by hand, no threads: the clock is ours
+    for n in range(10):
+        (inbox / f"f{n}.png").write_bytes(b"f")
+    watcher.scan()
+    watcher._check_pending()  # first looks
+    now[0] = 1.0
+    watcher._check_pending()
+    assert len(taken) == 1
+    assert sorted(Path(key).name for key in watcher._pending) == sorted(
+        f"f{n}.png" for n in range(10) if f"f{n}.png" not in taken)
+    assert not set(watcher._pending) & set(watcher._handled)  # to be taken in after all
