@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -316,6 +316,22 @@ def test_settling_is_timed_when_each_file_is_checked(inbox: Path,
     assert ready == ["big.png", "late.png"]
 
 
+def hand_driven(inbox: Path, take_in: Callable[[Path], None], now: list[float],
+                names: list[str], look_up: Callable[[Sequence[Path]], None] | None = None
+                ) -> Watcher:
+    """A watcher driven by hand on the clock `now[0]`, no threads, settling in 0.25 s: `names`
+    written into `inbox`, scanned and looked at once (no time passes)."""
+    settings = WatchSettings(path=inbox, settle_seconds=0.25)
+    watcher = Watcher(settings, take_in, lambda _p, _r: None, clock=lambda: now[0],
+                      look_up=look_up)
+    watcher._running.set()
+    for name in names:
+        (inbox / name).write_bytes(name.encode())
+    watcher.scan()
+    watcher._check_pending()
+    return watcher
+
+
 def test_a_pass_over_the_backlog_gives_way_to_a_file_an_event_names(inbox: Path) -> None:
     """A restart's backlog (files a scan found) is taken in half a second a pass. A file an
     event names ends the pass (once it has had PASS_FLOOR); the next looks at it first, and
@@ -333,13 +349,7 @@ def test_a_pass_over_the_backlog_gives_way_to_a_file_an_event_names(inbox: Path)
             (inbox / "new.png").write_bytes(b"new")
             watcher._nominate(str(inbox / "new.png"))
 
-    settings = WatchSettings(path=inbox, settle_seconds=0.25)
-    watcher = Watcher(settings, take_in, lambda _p, _r: None, clock=lambda: now[0])
-    watcher._running.set()  # driven by hand, no threads: the clock is ours
-    for n in range(300):
-        (inbox / f"old{n:03}.png").write_bytes(b"old")
-    watcher.scan()
-    watcher._check_pending()  # first looks at the backlog: no time passes
+    watcher = hand_driven(inbox, take_in, now, [f"old{n:03}.png" for n in range(300)])
     now[0] = 1.0
     watcher._check_pending()  # the backlog settled: taken in until PASS_FLOOR, past the event
     assert len(taken) == 3  # 60 ms: not 1 (no floor), not 25 (the whole 0.5 s)
@@ -365,23 +375,16 @@ def test_files_ready_together_are_looked_up_at_once_before_each_is_taken_in(
     calls: list[tuple[str, ...]] = []
     fail = [False]
 
-    def look_up(paths: object) -> None:
-        calls.append(("look_up", *(path.name for path in paths)))  # type: ignore[attr-defined]
+    def look_up(paths: Sequence[Path]) -> None:
+        calls.append(("look_up", *(path.name for path in paths)))
         if fail[0]:
             raise RuntimeError("the ledger is away")
 
     def take_in(path: Path) -> None:
         calls.append(("take", path.name))
 
-    settings = WatchSettings(path=inbox, settle_seconds=0.25)
-    watcher = Watcher(settings, take_in, lambda _p, _r: None, clock=lambda: now[0],
-                      look_up=look_up)
-    watcher._running.set()  # driven by hand, no threads: the clock is ours
     names = [f"old{n:03}.png" for n in range(100)]
-    for name in names:
-        (inbox / name).write_bytes(b"old")
-    watcher.scan()
-    watcher._check_pending()  # first looks
+    watcher = hand_driven(inbox, take_in, now, names, look_up=look_up)
     (inbox / "new.png").write_bytes(b"new")
     watcher._nominate(str(inbox / "new.png"))
     now[0] = 0.1
@@ -442,13 +445,7 @@ def test_a_watcher_stopped_during_a_batch_takes_no_more_of_it_in(inbox: Path) ->
         taken.append(path.name)
         watcher._running.clear()  # what stop() does first
 
-    settings = WatchSettings(path=inbox, settle_seconds=0.25)
-    watcher = Watcher(settings, take_in, lambda _p, _r: None, clock=lambda: now[0])
-    watcher._running.set()  # driven by hand, no threads: the clock is ours
-    for n in range(10):
-        (inbox / f"f{n}.png").write_bytes(b"f")
-    watcher.scan()
-    watcher._check_pending()  # first looks
+    watcher = hand_driven(inbox, take_in, now, [f"f{n}.png" for n in range(10)])
     now[0] = 1.0
     watcher._check_pending()
     assert len(taken) == 1
