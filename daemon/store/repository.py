@@ -16,6 +16,7 @@ daemons sharing one PostgreSQL database exactly one gets a document; `claim_next
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -24,20 +25,25 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     DateTime,
     Engine,
+    Float,
+    Integer,
     Text,
     bindparam,
+    cast,
     delete,
     func,
     insert,
     or_,
     select,
     text,
+    true,
     update,
 )
-from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -275,6 +281,28 @@ _COMPLETE = (update(Document)
                      next_attempt_at=None))
 _DELETE_PAGES = delete(PageRow).where(PageRow.document_id == bindparam("doc"))
 _INSERT_PAGES = insert(PageRow)
+# PostgreSQL: a document stored in one autocommit statement, one round trip where the
+# transaction took six: the conditional update (a CTE), its pages inserted from arrays only
+# if it held, and its paths read beside them. A page already there (a document stored
+# before) breaks the pages' unique key, and the whole statement with it: the transaction
+# then runs as before, deleting the old pages first.
+_PAGE_ARRAYS = (("page_no", Integer), ("text", Text), ("folded", Text),
+                ("confidence", Float), ("source", Text), ("lines", Text))
+_HELD_PG = _COMPLETE.returning(Document.id).cte("held")
+_PAGES_GIVEN = func.unnest(*(
+    cast(bindparam(f"{name}s", type_=ARRAY(kind)), ARRAY(JSON if name == "lines" else kind))
+    for name, kind in _PAGE_ARRAYS)).table_valued(
+        *(name for name, _ in _PAGE_ARRAYS)).render_derived(name="page")
+_STORED_PG = (postgresql_insert(PageRow)
+              .from_select(["document_id", *(name for name, _ in _PAGE_ARRAYS)],
+                           select(_HELD_PG.c.id, *(_PAGES_GIVEN.c[name]
+                                                   for name, _ in _PAGE_ARRAYS))
+                           .select_from(_HELD_PG.join(_PAGES_GIVEN, true())))
+              .cte("stored"))
+_COMPLETE_PG = (select(_HELD_PG.c.id, func.array(
+    select(DocumentPath.path).where(DocumentPath.document_id == _HELD_PG.c.id)
+    .order_by(DocumentPath.id).scalar_subquery()).label("paths"))
+    .add_cte(_STORED_PG))
 
 
 class Ledger:
@@ -454,21 +482,35 @@ class Ledger:
 
         None when this worker no longer holds the claim (its lease was taken back): the
         other holder stores the text, so nothing is written twice. The conditional update
-        comes first, so on PostgreSQL it holds the row's lock while the pages go in.
+        comes first, so on PostgreSQL it holds the row's lock while the pages go in. There
+        it is one statement (`_COMPLETE_PG`), one round trip, unless the document has pages
+        already.
         """
-        now = self._clock()
         scores = [line.score for page in pages for line in page.lines]
+        outcome = {"doc": document_id, "worker": worker, "page_count": len(pages),
+                   "mean_confidence": sum(scores) / len(scores) if scores else None,
+                   "ocr_seconds": ocr_seconds, "provider": provider, "now": self._clock()}
+        rows = [page_row(document_id, i + 1, page) for i, page in enumerate(pages)]
+        if self._postgresql:
+            arrays: dict[str, list[Any]] = {f"{name}s": [row[name] for row in rows]
+                                            for name, _ in _PAGE_ARRAYS if name != "lines"}
+            arrays["liness"] = [json.dumps(row["lines"]) for row in rows]
+            try:
+                with self._alone.connect() as conn:
+                    stored = conn.execute(_COMPLETE_PG, {**outcome, **arrays}).first()
+            except IntegrityError:  # pages there from before: replaced below
+                pass
+            else:
+                if stored is None:
+                    return None
+                return tuple(stored.paths) if with_paths else ()
         with self.engine.begin() as conn:
-            held = conn.execute(_COMPLETE, {
-                "doc": document_id, "worker": worker, "page_count": len(pages),
-                "mean_confidence": sum(scores) / len(scores) if scores else None,
-                "ocr_seconds": ocr_seconds, "provider": provider, "now": now})
+            held = conn.execute(_COMPLETE, outcome)
             if held.rowcount != 1:
                 return None
             conn.execute(_DELETE_PAGES, {"doc": document_id})
-            if pages:
-                conn.execute(_INSERT_PAGES, [page_row(document_id, i + 1, page)
-                                             for i, page in enumerate(pages)])
+            if rows:
+                conn.execute(_INSERT_PAGES, rows)
             if not with_paths:
                 return ()
             return tuple(conn.execute(_PATHS_OF, {"doc": document_id}).scalars().all())
