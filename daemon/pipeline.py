@@ -66,6 +66,9 @@ log = logging.getLogger("daemon.pipeline")
 T = TypeVar("T")
 
 HOUSEKEEPING_SECONDS = 10.0  # how often expired leases are looked for
+# documents claimed in one statement at most, as many as slots are free: a burst, or a
+# restart's backlog, is claimed in a few statements (and round trips), not one a document
+CLAIM_BATCH = 8
 # Memory decoding a page takes at its peak, per byte of the decoded page: Pillow holds RGBX (4
 # bytes a pixel), numpy's view costs a copy of its bytes (3), the BGR page itself (3); pdfium's
 # BGRx render and its conversion are less. Reserved before, trimmed to the page after.
@@ -290,37 +293,43 @@ class Pipeline:
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
             if not self._slots.acquire(timeout=0.2):
                 continue  # the queue is full
-            claim = self._claim()
-            if claim is None:
-                continue
-            doc = InFlight(claim)
-            with self._inflight_lock:
-                if not self._inflight:  # the idle time before this does not count as stuck
-                    self._progress_at = time.monotonic()
-                self._inflight[claim.document_id] = doc
-                self.metrics.queue_depth.set(len(self._inflight))
-            self._decode_pool.submit(self._decode, doc)
+            slots = 1  # and the others free now: claimed for at once
+            while slots < CLAIM_BATCH and self._slots.acquire(blocking=False):
+                slots += 1
+            for claim in self._claim(slots):
+                doc = InFlight(claim)
+                with self._inflight_lock:
+                    if not self._inflight:  # the idle time before this is not being stuck
+                        self._progress_at = time.monotonic()
+                    self._inflight[claim.document_id] = doc
+                    self.metrics.queue_depth.set(len(self._inflight))
+                self._decode_pool.submit(self._decode, doc)
 
-    def _claim(self) -> Claim | None:
-        """The next queued document for the slot just taken; None, with the slot given back,
-        when there is none (after waiting for news a while) or the database is away."""
+    def _claim(self, slots: int) -> list[Claim]:
+        """The next queued documents for the `slots` just taken, oldest first; the slots left
+        over given back. None at all (after waiting for news a while) when none is queued or
+        the database is away."""
         with self._inflight_lock:
             exclude = list(self._inflight)
         try:
-            claim = self.ledger.claim_next(self.worker_id, self.settings.queue.lease_seconds,
-                                           exclude)
+            claims = self.ledger.claim_many(self.worker_id, self.settings.queue.lease_seconds,
+                                            slots, exclude)
             self.database_ok = True
         except BaseException as exc:
-            self._slots.release()
+            self._release(slots)
             if not isinstance(exc, SQLAlchemyError):
                 raise
             self._database_down(exc)
-            return None
-        if claim is None:
-            self._slots.release()
+            return []
+        self._release(slots - len(claims))
+        if not claims:
             self._wake.wait(0.5)
             self._wake.clear()
-        return claim
+        return claims
+
+    def _release(self, slots: int) -> None:
+        for _ in range(slots):
+            self._slots.release()
 
     @property
     def _heartbeat_seconds(self) -> float:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image as PILImage
 
 from daemon import intake as intake_module
+from daemon.pipeline import CLAIM_BATCH
 from daemon.results import Image, PageResult
 from daemon.service import Service
 from daemon.store.db import open_ledger
@@ -226,6 +227,42 @@ def test_a_restart_over_5000_kept_files_reads_none_and_serves_a_new_drop_first(
         # looked up TAKE_BATCH (64) at a time, not one by one: a round trip a batch (a pass
         # may end inside a batch, and the new file is a batch of its own)
         assert lookups["one"] == 0 and 5001 / 64 < lookups["batch"] < 5001 / 16
+    finally:
+        watcher.stop()
+        pipeline.stop(1)
+
+
+def test_queued_documents_are_claimed_several_a_statement(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Documents already queued when the pipeline starts (a restart's, a burst's) are claimed
+    as many a statement as slots are free, CLAIM_BATCH at most: each once, done once, in far
+    fewer claims than documents, the slots of a short claim given back."""
+    settings = settings_factory()
+    inbox = settings.watch.path
+    inbox.mkdir(parents=True, exist_ok=True)
+    database, ledger = open_ledger(settings, migrate_now=True)
+    for path in small_pages(inbox, 40):
+        ledger.register(os.path.abspath(path), hashlib.sha256(path.read_bytes()).hexdigest(),
+                        path.stat().st_size)
+    database.dispose()
+    claimed: list[int] = []
+    real = Ledger.claim_many
+
+    def claim_many(self: Ledger, worker: str, lease_seconds: float, limit: int,
+                   exclude: Sequence[int] = ()) -> object:
+        claims = real(self, worker, lease_seconds, limit, exclude)
+        if claims:
+            claimed.append(len(claims))
+        return claims
+
+    monkeypatch.setattr(Ledger, "claim_many", claim_many)
+    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
+    try:
+        assert wait_until(lambda: ledger.counts()["done"] == 40, 60)
+        assert sum(claimed) == 40 and len(claimed) < 20
+        assert max(claimed) == CLAIM_BATCH
+        free = pipeline._slots._value  # type: ignore[attr-defined]
+        assert pipeline.inflight_count() == 0 and free == settings.queue.capacity
     finally:
         watcher.stop()
         pipeline.stop(1)

@@ -375,6 +375,44 @@ def test_racing_claimers_take_each_document_once(ledger: Ledger) -> None:
     assert all(ledger.find(sha(str(n))).attempts == 1 for n in range(5))
 
 
+def test_a_claim_of_several_takes_the_oldest_due_with_their_paths(ledger: Ledger) -> None:
+    """claim_many: the oldest due documents, `limit` at most, oldest first, each with all of
+    its paths; the excluded ones left."""
+    ids = [ledger.register(f"/in/{n}.png", sha(str(n)), 1).document_id for n in range(5)]
+    ledger.register("/in/copy of 1.png", sha("1"), 1)
+    claims = ledger.claim_many("w", 60, 3, exclude=[ids[0]])
+    assert [claim.document_id for claim in claims] == ids[1:4]
+    assert [claim.paths for claim in claims] == [
+        ("/in/1.png", "/in/copy of 1.png"), ("/in/2.png",), ("/in/3.png",)]
+    assert all(claim.attempts == 1 and claim.sha256 == sha(str(n + 1))
+               for n, claim in enumerate(claims))
+    assert [claim.document_id for claim in ledger.claim_many("w", 60, 10)] == [ids[0], ids[4]]
+    assert ledger.claim_many("w", 60, 10) == []
+    assert ledger.counts()[State.PROCESSING] == 5
+
+
+def test_racing_claimers_of_several_take_each_document_once(ledger: Ledger) -> None:
+    """Eight workers claiming three at a time race for twenty documents: each is taken
+    exactly once (PostgreSQL: the rows are locked as they are chosen, the locked ones
+    skipped)."""
+    ids = [ledger.register(f"/in/{n}.png", sha(str(n)), 1).document_id for n in range(20)]
+    barrier = threading.Barrier(8)
+    taken: list[int] = []
+
+    def grab(i: int) -> None:
+        barrier.wait()
+        while claims := ledger.claim_many(f"w{i}", 60, 3):
+            taken.extend(claim.document_id for claim in claims)
+
+    threads = [threading.Thread(target=grab, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(taken) == ids
+    assert all(ledger.find(sha(str(n))).attempts == 1 for n in range(20))
+
+
 # -- leases that live (issue: N daemons, one database) ---------------------------------------
 
 

@@ -243,30 +243,36 @@ _KNOWN_PATHS = (select(DocumentPath.path, *(getattr(DocumentPath, name) for name
                        Document.id, Document.sha256, Document.state, Document.reason)
                 .join(DocumentPath, DocumentPath.document_id == Document.id)
                 .where(DocumentPath.path.in_(bindparam("paths", expanding=True))))
-_CLAIM_NEXT = (
-    update(Document)
-    .where(Document.id == select(Document.id)
-           .where(Document.state == State.QUEUED,
-                  or_(Document.next_attempt_at.is_(None),
-                      Document.next_attempt_at <= bindparam("now")),
-                  Document.id.not_in(bindparam("exclude", expanding=True)))
-           .order_by(Document.id)
-           .limit(1)
-           .with_for_update(skip_locked=True)
-           .scalar_subquery(),
-           Document.state == State.QUEUED)
-    .values(state=State.PROCESSING, claimed_by=bindparam("worker"),
-            lease_until=bindparam("lease_until"), started_at=bindparam("now"),
-            attempts=Document.attempts + 1)
-    .returning(Document.id, Document.sha256, Document.attempts, Document.first_seen_at,
-               Document.size_bytes)
-)
+# The oldest due queued documents, `limit` at most: on PostgreSQL locked as they are chosen,
+# skipping those another claimer holds (a CTE: chosen once, however the UPDATE is planned)
+_DUE = (select(Document.id)
+        .where(Document.state == State.QUEUED,
+               or_(Document.next_attempt_at.is_(None),
+                   Document.next_attempt_at <= bindparam("now")),
+               Document.id.not_in(bindparam("exclude", expanding=True)))
+        .order_by(Document.id)
+        .limit(bindparam("limit")))
+_CLAIM_VALUES = {"state": State.PROCESSING, "claimed_by": bindparam("worker"),
+                 "lease_until": bindparam("lease_until"), "started_at": bindparam("now"),
+                 "attempts": Document.attempts + 1}
+_CLAIM_RETURNS = (Document.id, Document.sha256, Document.attempts, Document.first_seen_at,
+                  Document.size_bytes)
+_CLAIM_NEXT = (update(Document)  # SQLite: no row locks, one writer at a time
+               .where(Document.id.in_(_DUE), Document.state == State.QUEUED)
+               .values(_CLAIM_VALUES).returning(*_CLAIM_RETURNS))
+_PICKED_PG = _DUE.with_for_update(skip_locked=True).cte("picked")
+_CLAIM_PG = (update(Document)
+             .where(Document.id == _PICKED_PG.c.id, Document.state == State.QUEUED)
+             .values(_CLAIM_VALUES).returning(*_CLAIM_RETURNS))
 _PATHS_OF = (select(DocumentPath.path).where(DocumentPath.document_id == bindparam("doc"))
              .order_by(DocumentPath.id))
+_PATHS_OF_EACH = (select(DocumentPath.document_id, DocumentPath.path)
+                  .where(DocumentPath.document_id.in_(bindparam("docs", expanding=True)))
+                  .order_by(DocumentPath.id))
 # the claim and its paths in one statement, one round trip (PostgreSQL: an UPDATE … RETURNING
 # may be a CTE); the paths' subquery sees the rows committed before it, as the next statement
 # would
-_CLAIMED_PG = _CLAIM_NEXT.cte("claimed")
+_CLAIMED_PG = _CLAIM_PG.cte("claimed")
 _CLAIM_NEXT_PG = select(
     _CLAIMED_PG,
     select(func.array_agg(aggregate_order_by(DocumentPath.path, DocumentPath.id)))
@@ -441,28 +447,36 @@ class Ledger:
 
     def claim_next(self, worker: str, lease_seconds: float, exclude: Sequence[int] = ()
                    ) -> Claim | None:
-        """Claim the oldest due queued document, in one statement: `UPDATE … WHERE id =
-        (SELECT … FOR UPDATE SKIP LOCKED) RETURNING …` (the lock clause on PostgreSQL), so no
-        other worker can take the row between the choice and the claim, and the claim comes
-        back without reading the row again; then its paths. Two statements, not four: the
-        claim was the largest share of the main process's GIL time per receipt. On
-        PostgreSQL one, in autocommit: that UPDATE as a CTE, its paths read beside it, so a
-        server farther away costs the claim loop one round trip a document, not two."""
+        """Claim the oldest due queued document (`claim_many` of one); None when none is."""
+        claims = self.claim_many(worker, lease_seconds, 1, exclude)
+        return claims[0] if claims else None
+
+    def claim_many(self, worker: str, lease_seconds: float, limit: int,
+                   exclude: Sequence[int] = ()) -> list[Claim]:
+        """Claim the oldest `limit` due queued documents at most, oldest first, in one
+        statement: `UPDATE … WHERE id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)
+        RETURNING …` (the lock clause on PostgreSQL), so no other worker can take a row
+        between the choice and the claim, and the claims come back without reading the rows
+        again; then their paths, all in one query. On PostgreSQL one statement in
+        autocommit: that UPDATE as a CTE, each claim's paths read beside it. A pipeline
+        with several free slots claims for them at once: the claim loop's statements (and
+        round trips, and share of the GIL) a document fall with the documents a claim."""
         now = self._clock()
-        values = {"now": now, "exclude": list(exclude), "worker": worker,
+        values = {"now": now, "exclude": list(exclude), "worker": worker, "limit": limit,
                   "lease_until": now + timedelta(seconds=lease_seconds)}
         with self._alone.begin() as conn:
-            if self._postgresql:  # the claim and its paths in one round trip
-                row = conn.execute(_CLAIM_NEXT_PG, values).first()
-                paths = () if row is None else tuple(row.paths or ())
+            if self._postgresql:
+                rows = conn.execute(_CLAIM_NEXT_PG, values).all()
+                paths = {row.id: tuple(row.paths or ()) for row in rows}
             else:
-                row = conn.execute(_CLAIM_NEXT, values).first()
-                paths = () if row is None else tuple(
-                    conn.execute(_PATHS_OF, {"doc": row.id}).scalars().all())
-            if row is None:
-                return None
-            return Claim(row.id, row.sha256, row.attempts, paths,
-                         as_utc(row.first_seen_at) or row.first_seen_at, row.size_bytes)
+                rows = conn.execute(_CLAIM_NEXT, values).all()
+                paths = {row.id: () for row in rows}
+                if rows:
+                    for doc, path in conn.execute(_PATHS_OF_EACH, {"docs": list(paths)}):
+                        paths[doc] += (path,)
+        return [Claim(row.id, row.sha256, row.attempts, paths[row.id],
+                      as_utc(row.first_seen_at) or row.first_seen_at, row.size_bytes)
+                for row in sorted(rows, key=lambda row: row.id)]
 
     @staticmethod
     def _claim_of(session: Session, document_id: int) -> Claim:
