@@ -353,9 +353,9 @@ def test_a_rejection_is_recorded_failed_in_one_transaction(ledger: Ledger) -> No
 
 
 def test_racing_claimers_take_each_document_once(ledger: Ledger) -> None:
-    """Choosing the row and claiming it are one statement (UPDATE … WHERE id = (SELECT …)):
-    eight workers racing for five documents take each exactly once (SQLite has no row locks;
-    PostgreSQL skips the locked ones)."""
+    """Choosing the row and claiming it are one statement (UPDATE … WHERE id IN (SELECT …),
+    on PostgreSQL the choice a CTE): eight workers racing for five documents take each
+    exactly once (SQLite has no row locks; PostgreSQL skips the locked ones)."""
     ids = [ledger.register(f"/in/{n}.png", sha(str(n)), 1).document_id for n in range(5)]
     barrier = threading.Barrier(8)
     taken: list[int] = []

@@ -1,6 +1,6 @@
 """The ledger and text store: the only module that writes to the ledger.
 
-It is longer than our ~400-line habit on purpose (~670): every statement that changes the
+It is longer than our ~400-line habit on purpose (~860): every statement that changes the
 ledger, and the queries the daemon runs, search alike, are in this one file, so a reviewer
 audits them (and their two dialects) in one place; `export` reads in bulk on its own
 (`daemon.store.export`), the query language and snippets are in `daemon.store.search`, the
@@ -9,7 +9,7 @@ folding in `daemon.store.fold`. The operator commands and worker rows could move
 Every state change is one short transaction. The OCR text and the `done` state are written in
 the same transaction, so a crash at any point leaves either nothing or everything.
 Claims are conditional updates (`WHERE state = 'queued'`), so of several workers or several
-daemons sharing one PostgreSQL database exactly one gets a document; `claim_next` uses
+daemons sharing one PostgreSQL database exactly one gets a document; `claim_many` uses
 `FOR UPDATE SKIP LOCKED` there so they do not queue up behind each other's row locks.
 """
 
