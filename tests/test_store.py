@@ -352,27 +352,28 @@ def test_a_rejection_is_recorded_failed_in_one_transaction(ledger: Ledger) -> No
     assert not again.path_added and again.state == State.FAILED
 
 
-def test_racing_claimers_take_each_document_once(ledger: Ledger) -> None:
-    """Choosing the row and claiming it are one statement (UPDATE … WHERE id IN (SELECT …),
-    on PostgreSQL the choice a CTE): eight workers racing for five documents take each
-    exactly once (SQLite has no row locks; PostgreSQL skips the locked ones)."""
-    ids = [ledger.register(f"/in/{n}.png", sha(str(n)), 1).document_id for n in range(5)]
+@pytest.mark.parametrize("limit", [1, 3])
+def test_racing_claimers_take_each_document_once(ledger: Ledger, limit: int) -> None:
+    """Choosing the rows and claiming them are one statement (UPDATE … WHERE id IN (SELECT
+    …), on PostgreSQL the choice a CTE): eight workers claiming one, or three, at a time
+    race for twenty documents and take each exactly once, with its path (SQLite has no row
+    locks; PostgreSQL skips the locked ones)."""
+    ids = [ledger.register(f"/in/{n}.png", sha(str(n)), 1).document_id for n in range(20)]
     barrier = threading.Barrier(8)
-    taken: list[int] = []
+    taken: list[tuple[int, tuple[str, ...]]] = []
 
     def grab(i: int) -> None:
         barrier.wait()
-        while (claim := ledger.claim_next(f"w{i}", 60)) is not None:
-            taken.append(claim.document_id)
-            assert claim.paths == (f"/in/{ids.index(claim.document_id)}.png",)
+        while claims := ledger.claim_many(f"w{i}", 60, limit):
+            taken.extend((claim.document_id, claim.paths) for claim in claims)
 
     threads = [threading.Thread(target=grab, args=(i,)) for i in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(taken) == ids
-    assert all(ledger.find(sha(str(n))).attempts == 1 for n in range(5))
+    assert sorted(taken) == [(doc, (f"/in/{n}.png",)) for n, doc in enumerate(ids)]
+    assert all(ledger.find(sha(str(n))).attempts == 1 for n in range(20))
 
 
 def test_a_claim_of_several_takes_the_oldest_due_with_their_paths(ledger: Ledger) -> None:
@@ -389,28 +390,6 @@ def test_a_claim_of_several_takes_the_oldest_due_with_their_paths(ledger: Ledger
     assert [claim.document_id for claim in ledger.claim_many("w", 60, 10)] == [ids[0], ids[4]]
     assert ledger.claim_many("w", 60, 10) == []
     assert ledger.counts()[State.PROCESSING] == 5
-
-
-def test_racing_claimers_of_several_take_each_document_once(ledger: Ledger) -> None:
-    """Eight workers claiming three at a time race for twenty documents: each is taken
-    exactly once (PostgreSQL: the rows are locked as they are chosen, the locked ones
-    skipped)."""
-    ids = [ledger.register(f"/in/{n}.png", sha(str(n)), 1).document_id for n in range(20)]
-    barrier = threading.Barrier(8)
-    taken: list[int] = []
-
-    def grab(i: int) -> None:
-        barrier.wait()
-        while claims := ledger.claim_many(f"w{i}", 60, 3):
-            taken.extend(claim.document_id for claim in claims)
-
-    threads = [threading.Thread(target=grab, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(taken) == ids
-    assert all(ledger.find(sha(str(n))).attempts == 1 for n in range(20))
 
 
 # -- leases that live (issue: N daemons, one database) ---------------------------------------
