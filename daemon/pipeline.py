@@ -299,7 +299,7 @@ class Pipeline:
             for claim in self._claim(slots):
                 doc = InFlight(claim)
                 with self._inflight_lock:
-                    if not self._inflight:  # the idle time before this is not being stuck
+                    if not self._inflight:  # time idle before this is not stuck time
                         self._progress_at = time.monotonic()
                     self._inflight[claim.document_id] = doc
                     self.metrics.queue_depth.set(len(self._inflight))
