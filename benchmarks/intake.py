@@ -67,7 +67,7 @@ def run(url: str, work: Path, kept: int, new: int) -> dict[str, Any]:
     from daemon import intake as intake_module
     from daemon.config import Settings
     from daemon.metrics import Metrics
-    from daemon.service import open_ledger
+    from daemon.store.db import open_ledger
     from daemon.store.models import Document, DocumentPath
     from daemon.store.repository import PathStat
     from daemon.watcher import Watcher
