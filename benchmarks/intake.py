@@ -31,12 +31,13 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+
+from host_ceiling import thread_cpu_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -45,14 +46,9 @@ if str(REPO) not in sys.path:
 T = TypeVar("T")
 
 
-def thread_cpu(name: str) -> float:
-    """CPU seconds of this process's thread called `name` (from /proc)."""
-    for thread in threading.enumerate():
-        if thread.name == name and thread.native_id is not None:
-            stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
-            fields = stat.rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
+def thread_cpu(kind: str) -> float:
+    """CPU seconds so far of this process's threads of `kind` ("watcher")."""
+    return sum(seconds for found, seconds in thread_cpu_seconds().values() if found == kind)
 
 
 def wait(condition: Callable[[], bool], seconds: float) -> None:

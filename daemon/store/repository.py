@@ -43,7 +43,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -237,7 +237,7 @@ _KNOWN_PATH = (select(Document.id, Document.sha256, Document.state, Document.rea
                .join(DocumentPath, DocumentPath.document_id == Document.id)
                .where(DocumentPath.path == bindparam("path"),
                       *(getattr(DocumentPath, name) == bindparam(name)
-                        for name in PathStat(0, 0, 0, 0, 0).columns()))
+                        for name in _STAT_COLUMNS))
                .limit(1))
 _KNOWN_PATHS = (select(DocumentPath.path, *(getattr(DocumentPath, name) for name in _STAT_COLUMNS),
                        Document.id, Document.sha256, Document.state, Document.reason)
@@ -257,9 +257,9 @@ _CLAIM_VALUES = {"state": State.PROCESSING, "claimed_by": bindparam("worker"),
                  "attempts": Document.attempts + 1}
 _CLAIM_RETURNS = (Document.id, Document.sha256, Document.attempts, Document.first_seen_at,
                   Document.size_bytes)
-_CLAIM_NEXT = (update(Document)  # SQLite: no row locks, one writer at a time
-               .where(Document.id.in_(_DUE), Document.state == State.QUEUED)
-               .values(_CLAIM_VALUES).returning(*_CLAIM_RETURNS))
+_CLAIM_SQLITE = (update(Document)  # no row locks, one writer at a time
+                 .where(Document.id.in_(_DUE), Document.state == State.QUEUED)
+                 .values(_CLAIM_VALUES).returning(*_CLAIM_RETURNS))
 _PICKED_PG = _DUE.with_for_update(skip_locked=True).cte("picked")
 _CLAIM_PG = (update(Document)
              .where(Document.id == _PICKED_PG.c.id, Document.state == State.QUEUED)
@@ -269,14 +269,20 @@ _PATHS_OF = (select(DocumentPath.path).where(DocumentPath.document_id == bindpar
 _PATHS_OF_EACH = (select(DocumentPath.document_id, DocumentPath.path)
                   .where(DocumentPath.document_id.in_(bindparam("docs", expanding=True)))
                   .order_by(DocumentPath.id))
-# the claim and its paths in one statement, one round trip (PostgreSQL: an UPDATE … RETURNING
-# may be a CTE); the paths' subquery sees the rows committed before it, as the next statement
-# would
+
+
+def _paths_array(document_id: Any) -> Any:
+    """PostgreSQL: the paths of `document_id` (a column), in their order, as one array
+    column: read in the statement that claims or stores the document, not in another."""
+    return func.array(select(DocumentPath.path).where(DocumentPath.document_id == document_id)
+                      .order_by(DocumentPath.id).scalar_subquery()).label("paths")
+
+
+# the claims and their paths in one statement, one round trip (PostgreSQL: an UPDATE …
+# RETURNING may be a CTE); the paths' subquery sees the rows committed before it, as the next
+# statement would
 _CLAIMED_PG = _CLAIM_PG.cte("claimed")
-_CLAIM_NEXT_PG = select(
-    _CLAIMED_PG,
-    select(func.array_agg(aggregate_order_by(DocumentPath.path, DocumentPath.id)))
-    .where(DocumentPath.document_id == _CLAIMED_PG.c.id).scalar_subquery().label("paths"))
+_CLAIM_WITH_PATHS_PG = select(_CLAIMED_PG, _paths_array(_CLAIMED_PG.c.id))
 _COMPLETE = (update(Document)
              .where(Document.id == bindparam("doc"), Document.state == State.PROCESSING,
                     Document.claimed_by == bindparam("worker"))
@@ -292,23 +298,21 @@ _INSERT_PAGES = insert(PageRow)
 # if it held, and its paths read beside them. A page already there (a document stored
 # before) breaks the pages' unique key, and the whole statement with it: the transaction
 # then runs as before, deleting the old pages first.
-_PAGE_ARRAYS = (("page_no", Integer), ("text", Text), ("folded", Text),
-                ("confidence", Float), ("source", Text), ("lines", Text))
+# (each column: its name, the array sent, the array it is cast to: lines go as JSON text)
+_PAGE_ARRAYS = (("page_no", Integer, Integer), ("text", Text, Text), ("folded", Text, Text),
+                ("confidence", Float, Float), ("source", Text, Text), ("lines", Text, JSON))
 _HELD_PG = _COMPLETE.returning(Document.id).cte("held")
 _PAGES_GIVEN = func.unnest(*(
-    cast(bindparam(f"{name}s", type_=ARRAY(kind)), ARRAY(JSON if name == "lines" else kind))
-    for name, kind in _PAGE_ARRAYS)).table_valued(
-        *(name for name, _ in _PAGE_ARRAYS)).render_derived(name="page")
+    cast(bindparam(f"{name}s", type_=ARRAY(sent)), ARRAY(stored))
+    for name, sent, stored in _PAGE_ARRAYS)).table_valued(
+        *(name for name, _, _ in _PAGE_ARRAYS)).render_derived(name="page")
 _STORED_PG = (postgresql_insert(PageRow)
-              .from_select(["document_id", *(name for name, _ in _PAGE_ARRAYS)],
+              .from_select(["document_id", *(name for name, _, _ in _PAGE_ARRAYS)],
                            select(_HELD_PG.c.id, *(_PAGES_GIVEN.c[name]
-                                                   for name, _ in _PAGE_ARRAYS))
+                                                   for name, _, _ in _PAGE_ARRAYS))
                            .select_from(_HELD_PG.join(_PAGES_GIVEN, true())))
               .cte("stored"))
-_COMPLETE_PG = (select(_HELD_PG.c.id, func.array(
-    select(DocumentPath.path).where(DocumentPath.document_id == _HELD_PG.c.id)
-    .order_by(DocumentPath.id).scalar_subquery()).label("paths"))
-    .add_cte(_STORED_PG))
+_COMPLETE_PG = select(_HELD_PG.c.id, _paths_array(_HELD_PG.c.id)).add_cte(_STORED_PG)
 
 
 class Ledger:
@@ -366,11 +370,11 @@ class Ledger:
         with self._alone.connect() as conn:
             rows = conn.execute(_KNOWN_PATHS, {"paths": list(found)}).all()
         for row in rows:
-            if None in (row.st_size, row.st_mtime_ns, row.st_ctime_ns, row.st_ino, row.st_dev):
+            stat = tuple(getattr(row, name) for name in _STAT_COLUMNS)
+            if None in stat:
                 continue  # recorded without its stat: never taken as unchanged
-            found[row.path].append((
-                PathStat(row.st_size, row.st_mtime_ns, row.st_ctime_ns, row.st_ino, row.st_dev),
-                Registration(row.id, row.sha256, row.state, False, False, row.reason)))
+            found[row.path].append((PathStat(*stat), Registration(
+                row.id, row.sha256, row.state, False, False, row.reason)))
         return found
 
     def _register_new_pg(self, path: str, sha256: str, size: int, stat: PathStat | None,
@@ -454,11 +458,12 @@ class Ledger:
     def claim_many(self, worker: str, lease_seconds: float, limit: int,
                    exclude: Sequence[int] = ()) -> list[Claim]:
         """Claim the oldest `limit` due queued documents at most, oldest first, in one
-        statement: `UPDATE … WHERE id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)
-        RETURNING …` (the lock clause on PostgreSQL), so no other worker can take a row
-        between the choice and the claim, and the claims come back without reading the rows
-        again; then their paths, all in one query. On PostgreSQL one statement in
-        autocommit: that UPDATE as a CTE, each claim's paths read beside it. A pipeline
+        statement: `UPDATE … WHERE id IN (SELECT … LIMIT n) RETURNING …` on SQLite (one
+        writer at a time), so no other worker can take a row between the choice and the
+        claim, and the claims come back without reading the rows again; then their paths,
+        all in one query. On PostgreSQL one statement in autocommit: the rows chosen and
+        locked in a CTE (`FOR UPDATE SKIP LOCKED`), the UPDATE joining it as another, each
+        claim's paths read beside it. A pipeline
         with several free slots claims for them at once: the claim loop's statements (and
         round trips, and share of the GIL) a document fall with the documents a claim."""
         now = self._clock()
@@ -466,10 +471,10 @@ class Ledger:
                   "lease_until": now + timedelta(seconds=lease_seconds)}
         with self._alone.begin() as conn:
             if self._postgresql:
-                rows = conn.execute(_CLAIM_NEXT_PG, values).all()
-                paths = {row.id: tuple(row.paths or ()) for row in rows}
+                rows = conn.execute(_CLAIM_WITH_PATHS_PG, values).all()
+                paths = {row.id: tuple(row.paths) for row in rows}
             else:
-                rows = conn.execute(_CLAIM_NEXT, values).all()
+                rows = conn.execute(_CLAIM_SQLITE, values).all()
                 paths = {row.id: () for row in rows}
                 if rows:
                     for doc, path in conn.execute(_PATHS_OF_EACH, {"docs": list(paths)}):
@@ -507,8 +512,8 @@ class Ledger:
         rows = [page_row(document_id, i + 1, page) for i, page in enumerate(pages)]
         if self._postgresql:
             arrays: dict[str, list[Any]] = {f"{name}s": [row[name] for row in rows]
-                                            for name, _ in _PAGE_ARRAYS if name != "lines"}
-            arrays["liness"] = [json.dumps(row["lines"]) for row in rows]
+                                            for name, _, _ in _PAGE_ARRAYS}
+            arrays["liness"] = [json.dumps(lines) for lines in arrays["liness"]]
             try:
                 with self._alone.connect() as conn:
                     stored = conn.execute(_COMPLETE_PG, {**outcome, **arrays}).first()
