@@ -45,7 +45,10 @@ each round; and the 2-core / 1-core speed-up, of the best and of each round's pa
 also says how long it waited before the watcher took the first file in (the drops settling:
 settle_seconds, 0.1 here, and a watcher tick, ~0.2 s with no host work to do however many
 cores) and its pages/s from then: the speed-up `once_files_are_ready` is that of host work
-alone; a fixed wait bends the other more, the shorter the run.
+alone; a fixed wait bends the other more, the shorter the run. With 1 and 2 cores each round
+first times the machine itself (`machine_reference`, --reference-seconds): the same pages
+decoded by one process pinned to each core, sharing nothing. On a shared machine that ratio
+is not 2 either, and drifts from round to round: read the replay's speed-up beside it.
 Recordings are kept in bench-out/replay/.
 """
 
@@ -501,6 +504,56 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
     }
 
 
+# ------------------------------------------------------------------ machine reference
+
+
+def reference_worker(images: list[Path], cpu: int, start_at: float, seconds: float) -> float:
+    """Pages/s one process pinned to `cpu` decodes the pages at (the daemon's iter_pages,
+    OpenCV on one thread), timed from `start_at` (wall clock, the same for every process of
+    a reference) for `seconds`."""
+    import cv2
+
+    from daemon.config import Settings
+    from daemon.documents.decode import iter_pages
+    from daemon.ocr.models import page_bound
+
+    os.sched_setaffinity(0, {cpu})
+    cv2.setNumThreads(1)
+    ocr = Settings().ocr
+    bound = page_bound(ocr)
+    data = [image.read_bytes() for image in images]
+
+    def one_pass() -> int:
+        return sum(1 for raw in data for _ in iter_pages(raw, ocr, bound=bound))
+
+    one_pass()  # warm: imports, caches
+    time.sleep(max(0.0, start_at - time.time()))
+    pages, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        pages += one_pass()
+    return pages / (time.perf_counter() - start)
+
+
+def machine_reference(args: argparse.Namespace, cores: int) -> float:
+    """Pages/s of `cores` reference workers at once, one pinned to each of the cores a replay
+    on `cores` gets: what this machine's cores give work that shares nothing (the same page
+    decoding), to read the replay's speed-up beside."""
+    cpus = sorted(os.sched_getaffinity(0))[:cores]
+    start_at = time.time() + 3.0  # after every worker has loaded and decoded once
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, "--images", str(args.images), "--reference-worker",
+         f"{cpu}:{start_at}:{args.reference_seconds}"]
+        + (["--limit", str(args.limit)] if args.limit else []),
+        stdout=subprocess.PIPE, text=True) for cpu in cpus]
+    rates = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"the machine reference on {cores} cores failed")
+        rates.append(float(out.strip().splitlines()[-1]))
+    return round(sum(rates), 2)
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -548,7 +601,12 @@ def main() -> int:
     parser.add_argument("--recording", type=Path, default=None,
                         help="replay this recording (of the same pages and max_pages) instead "
                              "of recording: to time two versions of the host code side by side")
+    parser.add_argument("--reference-seconds", type=float, default=3.0,
+                        help="with 1 and 2 cores, each round first times the machine itself: "
+                             "the pages decoded by one process per core, sharing nothing, "
+                             "this long (default 3; 0: not)")
     parser.add_argument("--replay-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--reference-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.a4 or args.a4_pdf:
         from bench import render_dataset
@@ -574,6 +632,11 @@ def main() -> int:
         print(json.dumps(result))
         return 0
 
+    if args.reference_worker is not None:
+        cpu, start_at, seconds = args.reference_worker.split(":")
+        print(reference_worker(images, int(cpu), float(start_at), float(seconds)))
+        return 0
+
     recording = args.recording or record(images, args.max_pages, args.out)
     available = len(os.sched_getaffinity(0))
     counts = []
@@ -586,7 +649,13 @@ def main() -> int:
     runs: dict[str, Any] = {}
     every: dict[str, list[float]] = {str(cores): [] for cores in counts}
     every_ready: dict[str, list[float]] = {str(cores): [] for cores in counts}
+    reference: dict[str, list[float]] = {"1": [], "2": []}
+    with_reference = args.reference_seconds > 0 and {1, 2} <= set(counts)
     for attempt in range(args.repeat):
+        if with_reference:
+            say(f"the machine itself on 1 and 2 cores, round {attempt + 1}")
+            for cores in (1, 2):
+                reference[str(cores)].append(machine_reference(args, cores))
         for cores in counts:
             say(f"replay on {cores} core(s), round {attempt + 1}")
             proc = subprocess.run(
@@ -634,6 +703,17 @@ def main() -> int:
         # the same with the wait for the drops to settle left out: host work only
         (report["speedup_2_over_1_once_files_are_ready"],
          report["speedup_2_over_1_once_files_are_ready_each_round"]) = speedups(every_ready)
+    if with_reference:
+        best, each = speedups(reference)
+        report["machine_reference"] = {
+            "what": "the same pages decoded (iter_pages, OpenCV on one thread) by one process "
+                    "pinned to each core, sharing nothing, for "
+                    f"{args.reference_seconds:g} s just before each round's replays: the "
+                    "speed-up this machine gives work that needs no other thread",
+            "pages_per_second_each_round": reference,
+            "speedup_2_over_1": best,
+            "speedup_2_over_1_each_round": each,
+        }
     print(json.dumps(report, indent=1))
     return 0
 
