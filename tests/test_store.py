@@ -21,7 +21,7 @@ from daemon.store import db as db_module
 from daemon.store import migrate
 from daemon.store.db import make_engine
 from daemon.store.models import State
-from daemon.store.repository import Ledger, PathStat
+from daemon.store.repository import Ledger, NewFile, PathStat, Registration
 
 
 def sha(text: str) -> str:
@@ -102,6 +102,38 @@ def test_a_batch_of_paths_is_looked_up_at_once(ledger: Ledger) -> None:
     assert known.document_id == other.document_id and known.sha256 == sha("b")
     assert found["/in/c.png"] == [] and found["/in/nostat.png"] == []
     assert ledger.known_paths([]) == {}
+
+
+def test_files_found_together_are_registered_as_each_would_be(ledger: Ledger) -> None:
+    """register_many gives each file what register would have: new contents queued with
+    their path and stat (in the order given), a second file of one content and a file of a
+    content already stored as duplicates, a path refused before read now with its refusal
+    cleared, a known path of a known content not added again."""
+    stored = ledger.register("/in/old.png", sha("old"), 5)
+    ledger.record_rejection("/in/refused.png", "permission denied")
+    known = ledger.register("/in/known.png", sha("known"), 5)
+    stat = PathStat(10, 2, 3, 4, 5)
+    files = [NewFile("/in/b.png", sha("b"), 10, stat),
+             NewFile("/in/a.png", sha("a"), 11, PathStat(11, 6, 7, 8, 5)),
+             NewFile("/in/b-again.png", sha("b"), 10, PathStat(10, 9, 9, 9, 5)),
+             NewFile("/in/old-again.png", sha("old"), 5, None),
+             NewFile("/in/refused.png", sha("r"), 12, None),
+             NewFile("/in/known.png", sha("known"), 5, None)]
+    got = ledger.register_many(files)
+    assert [(r.sha256, r.created, r.path_added, r.state) for r in got] == [
+        (sha("b"), True, True, State.QUEUED), (sha("a"), True, True, State.QUEUED),
+        (sha("b"), False, True, State.QUEUED), (sha("old"), False, True, State.QUEUED),
+        (sha("r"), True, True, State.QUEUED), (sha("known"), False, False, State.QUEUED)]
+    b, a, b_again, old_again, refused, known_again = got
+    assert b.document_id < a.document_id < refused.document_id  # claimed in the order found
+    assert b_again.document_id == b.document_id and old_again.document_id == stored.document_id
+    assert known_again.document_id == known.document_id
+    assert ledger.counts()[State.FAILED] == 0  # the refusal is gone
+    assert ledger.known_path("/in/b.png", stat) == Registration(
+        b.document_id, sha("b"), State.QUEUED, False, False, None)
+    assert ledger.paths_of(b.document_id) == ("/in/b.png", "/in/b-again.png")
+    assert ledger.known_path("/in/a.png", PathStat(11, 6, 7, 8, 5)) is not None
+    assert ledger.register_many([]) == []
 
 
 def test_a_refused_file_read_later_leaves_no_refusal(ledger: Ledger) -> None:
@@ -463,10 +495,11 @@ def _kill_backends(url: str) -> int:
 @pytest.mark.postgres
 def test_lookups_and_claims_skip_the_transaction_round_trips(
         pg_url: str, tmp_path: Path) -> None:
-    """On PostgreSQL a path lookup, a new file's registration, a claim with its paths and a
-    document's storing (one statement each) run in autocommit: no BEGIN and no COMMIT or
-    ROLLBACK, each a round trip, while a known content's registration, several statements
-    that belong together, keeps them. Read off libpq's trace of what the client sent."""
+    """On PostgreSQL a path lookup, a new file's registration (or several new files'), a claim
+    with its paths and a document's storing (one statement each) run in autocommit: no BEGIN
+    and no COMMIT or ROLLBACK, each a round trip, while a known content's registration,
+    several statements that belong together, keeps them. Read off libpq's trace of what the
+    client sent."""
     engine = make_engine(DatabaseSettings(url=pg_url))
     migrate.upgrade(engine)
     engine.dispose()
@@ -501,6 +534,9 @@ def test_lookups_and_claims_skip_the_transaction_round_trips(
         assert sent(lambda: ledger.known_path("/in/a.png", stat)) == ["Sync"]
         assert sent(lambda: ledger.register("/in/b.png", sha("a"), 1, stat=stat)) == [
             "Sync", "BEGIN", "Sync", "Sync", "Sync", "Sync", "COMMIT"]
+        # the new contents of a batch: one statement for them all
+        assert sent(lambda: ledger.register_many([
+            NewFile(f"/in/new{n}.png", sha(f"new{n}"), 1, stat) for n in range(8)])) == ["Sync"]
         claims: list[Any] = []
         assert sent(lambda: claims.append(ledger.claim_next("w", 60))) == ["Sync"]
         assert claims[0] is not None and claims[0].paths == ("/in/a.png", "/in/b.png")

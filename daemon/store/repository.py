@@ -87,6 +87,16 @@ class Registration:
 
 
 @dataclass(frozen=True)
+class NewFile:
+    """A file hashed for `Ledger.register_many`: its path, content and what it was then."""
+
+    path: str
+    sha256: str
+    size: int
+    stat: PathStat | None
+
+
+@dataclass(frozen=True)
 class PathStat:
     """What a file was when it was hashed. Equal again later (ctime included: any write or
     rename changes it) means the same content, so it is not read again."""
@@ -227,6 +237,36 @@ _REGISTER_NEW_PG = (insert(DocumentPath).from_select(
            *(bindparam(column, type_=BigInteger) for column in _STAT_COLUMNS)))
     .returning(DocumentPath.document_id)
     .add_cte(_DELETE_REJECTED.cte("refusal_cleared")).add_cte(_NEW_DOCUMENT_PG))
+# PostgreSQL, the new files the watcher found ready together, all in one such statement:
+# the files given as arrays, the first of each content (in the order given) inserted unless
+# its content is known, its path recorded with it; each path so recorded comes back. Any
+# other (a content already stored, a second file of one content) goes through `register`.
+_FILES_GIVEN = func.unnest(
+    *(cast(bindparam(f"{name}s", type_=ARRAY(kind)), ARRAY(kind))
+      for name, kind in (("path", Text), ("sha256", Text), ("size_bytes", BigInteger),
+                         *((column, BigInteger) for column in _STAT_COLUMNS)))
+).table_valued("path", "sha256", "size_bytes", *_STAT_COLUMNS,
+               with_ordinality="n").render_derived(name="file")
+_FILES = select(_FILES_GIVEN).cte("files")
+_FIRST_OF_EACH = (select(_FILES).where(_FILES.c.n.in_(
+    select(func.min(_FILES.c.n)).group_by(_FILES.c.sha256))).cte("first_of_each"))
+_NEW_DOCUMENTS_PG = (postgresql_insert(Document).from_select(
+    ["sha256", "size_bytes", "state", "attempts", "first_seen_at"],
+    select(_FIRST_OF_EACH.c.sha256, _FIRST_OF_EACH.c.size_bytes,
+           bindparam("state", type_=Text), bindparam("attempts", type_=Integer), _SEEN_AT)
+    .order_by(_FIRST_OF_EACH.c.n))  # ids in the order the files came
+    .on_conflict_do_nothing(index_elements=[Document.sha256])
+    .returning(Document.id, Document.sha256).cte("new_documents"))
+_REGISTER_NEW_MANY_PG = (insert(DocumentPath).from_select(
+    ["document_id", "path", "first_seen_at", "last_seen_at", *_STAT_COLUMNS],
+    select(_NEW_DOCUMENTS_PG.c.id, _FIRST_OF_EACH.c.path, _SEEN_AT, _SEEN_AT,
+           *(_FIRST_OF_EACH.c[column] for column in _STAT_COLUMNS))
+    .join_from(_NEW_DOCUMENTS_PG, _FIRST_OF_EACH,
+               _FIRST_OF_EACH.c.sha256 == _NEW_DOCUMENTS_PG.c.sha256))
+    .returning(DocumentPath.document_id, DocumentPath.path)
+    .add_cte(delete(Document).where(Document.sha256 == func.any(
+        bindparam("rejections", type_=ARRAY(Text)))).cte("refusals_cleared"))
+    .add_cte(_FILES).add_cte(_FIRST_OF_EACH).add_cte(_NEW_DOCUMENTS_PG))
 _PATH_ID = select(DocumentPath.id).where(DocumentPath.document_id == bindparam("doc"),
                                          DocumentPath.path == bindparam("path"))
 _INSERT_PATH = insert(DocumentPath)
@@ -350,6 +390,35 @@ class Ledger:
             except IntegrityError:
                 continue
         return self._register_once(path, sha256, size, rejected, stat, rejection)
+
+    def register_many(self, files: Sequence[NewFile]) -> list[Registration]:
+        """`register` for each of `files` (paths not refused), a registration each in their
+        order. On PostgreSQL the new contents among them are registered in one statement
+        (`_REGISTER_NEW_MANY_PG`), one round trip for all where each took one; the rest, and
+        all of them should it fail, as `register` does."""
+        done: dict[str, Registration] = {}
+        if self._postgresql and len(files) > 1:
+            try:
+                done = self._register_new_many_pg(files)
+            except IntegrityError:  # as in `register`: one at a time below
+                done = {}
+        return [done.get(file.path) or self.register(file.path, file.sha256, file.size,
+                                                     stat=file.stat) for file in files]
+
+    def _register_new_many_pg(self, files: Sequence[NewFile]) -> dict[str, Registration]:
+        stats = [file.stat.columns() if file.stat is not None else {} for file in files]
+        with self._alone.connect() as conn:
+            rows = conn.execute(_REGISTER_NEW_MANY_PG, {
+                "paths": [file.path for file in files],
+                "sha256s": [file.sha256 for file in files],
+                "size_bytess": [file.size for file in files],
+                **{f"{column}s": [stat.get(column) for stat in stats]
+                   for column in _STAT_COLUMNS},
+                "rejections": [rejection_key(file.path) for file in files],
+                "state": State.QUEUED, "attempts": 0, "first_seen_at": self._clock()}).all()
+        sha256 = {file.path: file.sha256 for file in files}
+        return {row.path: Registration(row.document_id, sha256[row.path], State.QUEUED, True,
+                                       True, None) for row in rows}
 
     def known_path(self, path: str, stat: PathStat) -> Registration | None:
         """The document `path` was registered for, if the file is still what was hashed then
