@@ -1,11 +1,14 @@
 """The watcher's side of the ledger: a ready file -> its hash -> a ledger row, or a refusal
 with its reason. A file whose content is already stored is a duplicate: its path is recorded
-and the after-action applies to it as it did to the first."""
+and the after-action applies to it as it did to the first. The files the watcher finds ready
+together are looked up together and registered together (on PostgreSQL a round trip each
+for all of them)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -15,10 +18,14 @@ from daemon.errors import DocumentError
 from daemon.files import LeadsOutside, after_done, open_beneath, quarantine, sha256_handle
 from daemon.metrics import Metrics
 from daemon.store.models import State
-from daemon.store.repository import Ledger, PathStat, Registration
+from daemon.store.repository import Ledger, NewFile, PathStat, Registration
 
 log = logging.getLogger("daemon.intake")
 T = TypeVar("T")
+# A file of a batch, hashed, waits this long at most for the rest to be registered with it:
+# a batch of large files (a 50 MB PDF hashes in ~0.1 s) must not keep the first from the
+# pipeline while the rest are read
+REGISTER_WAIT = 0.05
 
 
 class RetryDb(Protocol):
@@ -45,14 +52,31 @@ class Intake:
         self.root = settings.watch.path.resolve()
         # what the ledger had for the paths of the batch the watcher takes next (`look_up`)
         self._looked_up: dict[str, list[tuple[PathStat, Registration]]] = {}
+        # the new files of the watcher's batch hashed and not yet registered (None: no batch,
+        # a file is registered as it is taken), since when, and those that failed
+        self._hashed: list[tuple[Path, NewFile]] | None = None
+        self._hashed_since = 0.0
+        self._failed: list[Path] = []
 
-    def look_up(self, paths: Sequence[Path]) -> None:
+    def look_up(self, paths: Sequence[Path]) -> Callable[[], list[Path]]:
         """The watcher's batch of ready files, looked up in the ledger at once (one round trip,
         not one a file): `take` then finds each there. A restart over a kept inbox, and a
-        burst of drops, pay a round trip a batch for their lookups."""
+        burst of drops, pay a round trip a batch for their lookups. Until the watcher calls
+        what this returns (`_taken`), the new files `take` hashes are registered together."""
         keys = [path_key(path) for path in paths]
         self._looked_up = {}  # none of an earlier batch's left, should this one fail
         self._looked_up = self.retry_db(lambda: self.ledger.known_paths(keys))
+        self._hashed, self._failed = [], []
+        return self._taken
+
+    def _taken(self) -> list[Path]:
+        """The watcher's batch is over: its new files not registered yet are, together.
+        Returns the files of the batch that could not be taken in, for the watcher to look at
+        again (as it does a file whose `take` raised)."""
+        self._register_hashed()
+        self._hashed = None
+        failed, self._failed = self._failed, []
+        return failed
 
     def _known(self, key: str, stat: PathStat) -> Registration | None:
         """The document `key` was registered for if the file is still what was hashed then:
@@ -87,8 +111,41 @@ class Intake:
         except OSError as exc:
             self.reject(path, f"cannot read: {exc.strerror}")
             return
-        registration = self.retry_db(lambda: self.ledger.register(key, digest, size,
-                                                                  stat=stat))
+        file = NewFile(key, digest, size, stat)
+        if self._hashed is None:  # not in a batch
+            self._registered(path, file, self.retry_db(
+                lambda: self.ledger.register(key, digest, size, stat=stat)))
+            return
+        self._hashed.append((path, file))
+        if len(self._hashed) == 1:
+            self._hashed_since = time.monotonic()
+        elif time.monotonic() - self._hashed_since >= REGISTER_WAIT:
+            self._register_hashed()
+
+    def _register_hashed(self) -> None:
+        """The files of the batch hashed so far, registered in one call (`register_many`). A
+        failure is logged and the files kept for `taken` to hand back."""
+        if not self._hashed:
+            return
+        hashed, self._hashed = self._hashed, []
+        try:
+            registrations = self.retry_db(
+                lambda: self.ledger.register_many([file for _, file in hashed]))
+        except Exception:
+            log.exception("could not register %d files", len(hashed))
+            self._failed.extend(path for path, _ in hashed)
+            return
+        for (path, file), registration in zip(hashed, registrations, strict=True):
+            try:
+                self._registered(path, file, registration)
+            except Exception:
+                log.exception("could not take in %s", path)
+                self._failed.append(path)
+
+    def _registered(self, path: Path, file: NewFile, registration: Registration) -> None:
+        """What follows a file's registration: the pipeline woken for a new content, the
+        after-action for a duplicate of a stored one, a known failure said again."""
+        key, size, digest = file.path, file.size, file.sha256
         if registration.created:
             log.info("seen %s (%d bytes, sha256 %s)", key, size, digest[:12])
             self.notify()

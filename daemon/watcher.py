@@ -137,7 +137,10 @@ class Watcher:
     (backpressure from a full queue); files simply wait in the folder meanwhile. With
     `look_up`, the files found ready together (up to TAKE_BATCH) are handed to it at once
     before `on_ready` is called for each: the intake looks them up in the ledger in one round
-    trip."""
+    trip. What `look_up` returns, if anything, is called once `on_ready` has been for each
+    file of the batch (the intake registers the new ones together); the files it returns,
+    which could not be taken in, are looked at again on the next rescan, as is a file whose
+    `on_ready` raised."""
 
     def __init__(
         self,
@@ -147,7 +150,7 @@ class Watcher:
         *,
         tick_seconds: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
-        look_up: Callable[[Sequence[Path]], None] | None = None,
+        look_up: Callable[[Sequence[Path]], Callable[[], Sequence[Path]] | None] | None = None,
     ) -> None:
         self.settings = settings
         self._look_up = look_up
@@ -385,20 +388,38 @@ class Watcher:
         if not batch or not self._running.is_set():
             self._put_back(batch)
             return
+        taken: Callable[[], Sequence[Path]] | None = None
         if self._look_up is not None:
             try:
-                self._look_up([file.path for file in batch])
+                taken = self._look_up([file.path for file in batch])
             except Exception:  # each is then looked up on its own
                 log.exception("could not look up %d files at once", len(batch))
-        for n, file in enumerate(batch):
-            if not self._running.is_set() or (over is not None and n and over()):
-                self._put_back(batch[n:])
-                return
-            try:
-                self._on_ready(file.path)
-            except Exception:
-                log.exception("could not take in %s", file.path)
-                with self._lock:  # try again on the next rescan
+        try:
+            for n, file in enumerate(batch):
+                if not self._running.is_set() or (over is not None and n and over()):
+                    self._put_back(batch[n:])
+                    return
+                try:
+                    self._on_ready(file.path)
+                except Exception:
+                    log.exception("could not take in %s", file.path)
+                    with self._lock:  # try again on the next rescan
+                        self._handled.pop(file.key, None)
+        finally:
+            if taken is not None:
+                self._end_batch(batch, taken)
+
+    def _end_batch(self, batch: list[_Ready], taken: Callable[[], Sequence[Path]]) -> None:
+        """`taken`, and the files it could not take in tried again on the next rescan: all of
+        the batch should it raise (those never taken in are not handled anyway)."""
+        try:
+            again = {str(path) for path in taken()}
+        except Exception:
+            log.exception("could not take in %d files", len(batch))
+            again = {str(file.path) for file in batch}
+        with self._lock:
+            for file in batch:
+                if str(file.path) in again:
                     self._handled.pop(file.key, None)
 
     def _put_back(self, files: list[_Ready]) -> None:

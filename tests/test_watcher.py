@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -11,8 +12,13 @@ from pathlib import Path
 import pytest
 from watchdog.events import FileSystemEvent
 
+from daemon import intake as intake_module
 from daemon import watcher as watcher_module
-from daemon.config import WatchSettings
+from daemon.config import Settings, WatchSettings
+from daemon.intake import Intake
+from daemon.metrics import Metrics
+from daemon.store.models import State
+from daemon.store.repository import Ledger, NewFile, PathStat, Registration
 from daemon.watcher import Watcher, is_ignored, mount_fstype, needs_polling
 
 
@@ -405,6 +411,98 @@ def test_files_ready_together_are_looked_up_at_once_before_each_is_taken_in(
     now[0] = 2.0
     watcher._check_pending()
     assert calls == [("look_up", "late.png"), ("take", "late.png")]
+
+
+class CountingLedger:
+    """The calls to a real ledger's register_many (the files' names), failing the first
+    `fail` of them."""
+
+    def __init__(self, ledger: Ledger, fail: int = 0) -> None:
+        self.calls: list[list[str]] = []
+        self.fail = fail
+        self.register_many = ledger.register_many
+        ledger.register_many = self._register_many  # type: ignore[method-assign]
+
+    def _register_many(self, files: Sequence[NewFile]) -> list[Registration]:
+        self.calls.append([Path(file.path).name for file in files])
+        if len(self.calls) <= self.fail:
+            raise RuntimeError("not today")
+        return self.register_many(files)
+
+
+def intake_on(ledger: Ledger, inbox: Path, notified: list[int] | None = None) -> Intake:
+    settings = Settings(watch={"path": inbox}, database={"url": "sqlite://"})
+    return Intake(settings, ledger, Metrics("test"), retry_db=lambda action: action(),
+                  notify=lambda: notified.append(1) if notified is not None else None)
+
+
+def test_new_files_found_ready_together_are_registered_at_once(
+        inbox: Path, ledger: Ledger) -> None:
+    """The new files of a watcher's batch are hashed, then registered in one call to the
+    ledger (on PostgreSQL one statement), each as it would have been alone: new contents
+    queued and the pipeline woken for each, a second file of one content and a file of a
+    content already queued recorded as duplicates."""
+    known = ledger.register(str(inbox / "earlier.png"), hashlib.sha256(b"known").hexdigest(), 5)
+    (inbox / "copy-of-known.png").write_bytes(b"known")
+    (inbox / "copy-of-new03.png").write_bytes(b"new03.png")
+    counting = CountingLedger(ledger)
+    notified: list[int] = []
+    intake = intake_on(ledger, inbox, notified)
+    now = [0.0]
+    names = [f"new{n:02}.png" for n in range(10)]
+    watcher = hand_driven(inbox, intake.take, now, names, look_up=intake.look_up)
+    now[0] = 1.0
+    watcher._check_pending()
+    assert [sorted(call) for call in counting.calls] == [
+        sorted([*names, "copy-of-known.png", "copy-of-new03.png"])]
+    assert len(notified) == 10
+    assert ledger.counts()[State.QUEUED] == 11
+    assert ledger.paths_of(known.document_id) == (str(inbox / "earlier.png"),
+                                                  str(inbox / "copy-of-known.png"))
+    new03 = ledger.known_path(str(inbox / "new03.png"),
+                              PathStat.of((inbox / "new03.png").stat()))
+    assert new03 is not None
+    assert set(ledger.paths_of(new03.document_id)) == {str(inbox / "new03.png"),
+                                                       str(inbox / "copy-of-new03.png")}
+
+
+@pytest.mark.parametrize(("wait", "sizes"), [(3600.0, [6]), (0.0, [2, 2, 2])])
+def test_a_hashed_file_waits_for_the_rest_of_its_batch_only_so_long(
+        inbox: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch, wait: float,
+        sizes: list[int]) -> None:
+    """Files hashed in a batch are registered together, unless the first has waited
+    REGISTER_WAIT: then those hashed so far are registered at once (a batch of large files
+    must not keep the first from the pipeline while the rest are read)."""
+    monkeypatch.setattr(intake_module, "REGISTER_WAIT", wait)
+    counting = CountingLedger(ledger)
+    intake = intake_on(ledger, inbox)
+    now = [0.0]
+    names = [f"file{n}.png" for n in range(6)]
+    watcher = hand_driven(inbox, intake.take, now, names, look_up=intake.look_up)
+    now[0] = 1.0
+    watcher._check_pending()
+    assert [len(call) for call in counting.calls] == sizes
+    assert ledger.counts()[State.QUEUED] == 6
+
+
+def test_files_that_could_not_be_registered_are_taken_in_on_the_next_rescan(
+        inbox: Path, ledger: Ledger) -> None:
+    """Should registering a batch fail for a reason the database's retries do not wait out,
+    its files are not lost: the watcher looks at them again on its next rescan."""
+    counting = CountingLedger(ledger, fail=1)
+    intake = intake_on(ledger, inbox)
+    now = [0.0]
+    names = [f"file{n}.png" for n in range(3)]
+    watcher = hand_driven(inbox, intake.take, now, names, look_up=intake.look_up)
+    now[0] = 1.0
+    watcher._check_pending()
+    assert len(counting.calls) == 1 and ledger.counts()[State.QUEUED] == 0
+    watcher.scan()
+    watcher._check_pending()  # the first look
+    now[0] = 2.0
+    watcher._check_pending()
+    assert [sorted(call) for call in counting.calls] == [names, names]
+    assert ledger.counts()[State.QUEUED] == 3
 
 
 def test_a_new_drop_is_served_before_the_startup_backlog(inbox: Path) -> None:
