@@ -12,7 +12,8 @@ OCR pipeline: nothing is claimed, so only what the watcher's thread does is time
    scans them, lets them settle, and looks each up. Timed from its start until every one has
    been looked over (its first scan quiet); none is read again.
 2. new drops: `--new` files, hidden while written, renamed in at once (an event each); timed
-   until the ledger has them all queued: each is looked up, hashed and registered.
+   until the ledger has them all queued: each is looked up and hashed, and registered with
+   the new files of its batch.
 
 Every file is a few bytes, so the round trips to the ledger and the watcher's own work are
 what is timed, not the hashing. settle_seconds is 0.1 (the restart's figure includes one
