@@ -22,9 +22,9 @@ from daemon.store.repository import Ledger, NewFile, PathStat, Registration
 
 log = logging.getLogger("daemon.intake")
 T = TypeVar("T")
-# A file of a batch, hashed, waits this long at most for the rest to be registered with it:
-# a batch of large files (a 50 MB PDF hashes in ~0.1 s) must not keep the first from the
-# pipeline while the rest are read
+# A file of a batch, hashed, waits this long (and the reading of one more file) at most for
+# the rest to be registered with it: a batch of large files (a 50 MB PDF hashes in ~0.03-0.1
+# s) must not keep the first from the pipeline while the rest are read
 REGISTER_WAIT = 0.05
 
 
@@ -87,6 +87,8 @@ class Intake:
         return next((known for was, known in rows if was == stat), None)
 
     def take(self, path: Path) -> None:
+        if self._hashed and time.monotonic() - self._hashed_since >= REGISTER_WAIT:
+            self._register_hashed()  # the batch's first has waited: not for this one's hash too
         key = path_key(path)
         try:  # opened once, links followed only inside the folder: what was checked is read
             with os.fdopen(open_beneath(path, self.root), "rb") as handle:
@@ -119,8 +121,6 @@ class Intake:
         self._hashed.append((path, file))
         if len(self._hashed) == 1:
             self._hashed_since = time.monotonic()
-        elif time.monotonic() - self._hashed_since >= REGISTER_WAIT:
-            self._register_hashed()
 
     def _register_hashed(self) -> None:
         """The files of the batch hashed so far, registered in one call (`register_many`). A

@@ -466,13 +466,13 @@ def test_new_files_found_ready_together_are_registered_at_once(
                                                        str(inbox / "copy-of-new03.png")}
 
 
-@pytest.mark.parametrize(("wait", "sizes"), [(3600.0, [6]), (0.0, [2, 2, 2])])
+@pytest.mark.parametrize(("wait", "sizes"), [(3600.0, [6]), (0.0, [1, 1, 1, 1, 1, 1])])
 def test_a_hashed_file_waits_for_the_rest_of_its_batch_only_so_long(
         inbox: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch, wait: float,
         sizes: list[int]) -> None:
     """Files hashed in a batch are registered together, unless the first has waited
-    REGISTER_WAIT: then those hashed so far are registered at once (a batch of large files
-    must not keep the first from the pipeline while the rest are read)."""
+    REGISTER_WAIT: then those hashed so far are registered before the next file is read (a
+    batch of large files must not keep the first from the pipeline while the rest are)."""
     monkeypatch.setattr(intake_module, "REGISTER_WAIT", wait)
     counting = CountingLedger(ledger)
     intake = intake_on(ledger, inbox)
