@@ -430,10 +430,21 @@ class CountingLedger:
         return self.register_many(files)
 
 
-def intake_on(ledger: Ledger, inbox: Path, notified: list[int] | None = None) -> Intake:
+def intake_pass(ledger: Ledger, inbox: Path, names: list[str], *, fail: int = 0,
+                notified: list[int] | None = None
+                ) -> tuple[CountingLedger, Watcher, list[float]]:
+    """A watcher driven by hand (`hand_driven`) taking files in through a real intake on
+    `ledger`: `names` written beside what `inbox` holds, all taken in by one pass. Returns
+    the ledger's counter, the watcher and its clock."""
+    counting = CountingLedger(ledger, fail)
     settings = Settings(watch={"path": inbox}, database={"url": "sqlite://"})
-    return Intake(settings, ledger, Metrics("test"), retry_db=lambda action: action(),
-                  notify=lambda: notified.append(1) if notified is not None else None)
+    intake = Intake(settings, ledger, Metrics("test"), retry_db=lambda action: action(),
+                    notify=lambda: notified.append(1) if notified is not None else None)
+    now = [0.0]
+    watcher = hand_driven(inbox, intake.take, now, names, look_up=intake.look_up)
+    now[0] = 1.0
+    watcher._check_pending()
+    return counting, watcher, now
 
 
 def test_new_files_found_ready_together_are_registered_at_once(
@@ -445,14 +456,9 @@ def test_new_files_found_ready_together_are_registered_at_once(
     known = ledger.register(str(inbox / "earlier.png"), hashlib.sha256(b"known").hexdigest(), 5)
     (inbox / "copy-of-known.png").write_bytes(b"known")
     (inbox / "copy-of-new03.png").write_bytes(b"new03.png")
-    counting = CountingLedger(ledger)
     notified: list[int] = []
-    intake = intake_on(ledger, inbox, notified)
-    now = [0.0]
     names = [f"new{n:02}.png" for n in range(10)]
-    watcher = hand_driven(inbox, intake.take, now, names, look_up=intake.look_up)
-    now[0] = 1.0
-    watcher._check_pending()
+    counting, _, _ = intake_pass(ledger, inbox, names, notified=notified)
     assert [sorted(call) for call in counting.calls] == [
         sorted([*names, "copy-of-known.png", "copy-of-new03.png"])]
     assert len(notified) == 10
@@ -474,13 +480,7 @@ def test_a_hashed_file_waits_for_the_rest_of_its_batch_only_so_long(
     REGISTER_WAIT: then those hashed so far are registered before the next file is read (a
     batch of large files must not keep the first from the pipeline while the rest are)."""
     monkeypatch.setattr(intake_module, "REGISTER_WAIT", wait)
-    counting = CountingLedger(ledger)
-    intake = intake_on(ledger, inbox)
-    now = [0.0]
-    names = [f"file{n}.png" for n in range(6)]
-    watcher = hand_driven(inbox, intake.take, now, names, look_up=intake.look_up)
-    now[0] = 1.0
-    watcher._check_pending()
+    counting, _, _ = intake_pass(ledger, inbox, [f"file{n}.png" for n in range(6)])
     assert [len(call) for call in counting.calls] == sizes
     assert ledger.counts()[State.QUEUED] == 6
 
@@ -489,13 +489,8 @@ def test_files_that_could_not_be_registered_are_taken_in_on_the_next_rescan(
         inbox: Path, ledger: Ledger) -> None:
     """Should registering a batch fail for a reason the database's retries do not wait out,
     its files are not lost: the watcher looks at them again on its next rescan."""
-    counting = CountingLedger(ledger, fail=1)
-    intake = intake_on(ledger, inbox)
-    now = [0.0]
     names = [f"file{n}.png" for n in range(3)]
-    watcher = hand_driven(inbox, intake.take, now, names, look_up=intake.look_up)
-    now[0] = 1.0
-    watcher._check_pending()
+    counting, watcher, now = intake_pass(ledger, inbox, names, fail=1)
     assert len(counting.calls) == 1 and ledger.counts()[State.QUEUED] == 0
     watcher.scan()
     watcher._check_pending()  # the first look
