@@ -136,6 +136,26 @@ def test_files_found_together_are_registered_as_each_would_be(ledger: Ledger) ->
     assert ledger.register_many([]) == []
 
 
+def test_new_files_are_registered_in_one_transaction_on_sqlite(tmp_path: Path) -> None:
+    """SQLite: the new contents of a batch in one transaction of three statements (refusals
+    cleared, documents, paths), where each file took a transaction of three."""
+    engine = make_engine(DatabaseSettings(url=f"sqlite:///{tmp_path / 'ledger.db'}"))
+    migrate.upgrade(engine)
+    ledger = Ledger(engine)
+    sent: list[str] = []
+    commits: list[int] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda _c, _cur, statement, *_: sent.append(statement.split()[0]))
+    event.listen(engine, "commit", lambda _c: commits.append(1))
+    try:
+        got = ledger.register_many([NewFile(f"/in/new{n}.png", sha(f"new{n}"), 1, None)
+                                    for n in range(8)])
+        assert all(r.created for r in got) and len({r.document_id for r in got}) == 8
+        assert sent == ["DELETE", "INSERT", "INSERT"] and len(commits) == 1
+    finally:
+        engine.dispose()
+
+
 def test_a_refused_file_read_later_leaves_no_refusal(ledger: Ledger) -> None:
     """A file refused before it was read (unreadable, say) and read once that was mended:
     its content is queued and the refusal's row is gone; another path's refusal stays."""

@@ -267,6 +267,10 @@ _REGISTER_NEW_MANY_PG = (insert(DocumentPath).from_select(
     .add_cte(delete(Document).where(Document.sha256 == func.any(
         bindparam("rejections", type_=ARRAY(Text)))).cte("refusals_cleared"))
     .add_cte(_FILES).add_cte(_FIRST_OF_EACH).add_cte(_NEW_DOCUMENTS_PG))
+# SQLite, the same in one transaction: the documents of a batch in one INSERT of many rows
+# (SQLAlchemy's "insertmanyvalues"), a content already there skipped; its rows say which
+_INSERT_NEW_MANY_SQLITE = (sqlite_insert(Document).on_conflict_do_nothing(
+    index_elements=[Document.sha256]).returning(Document.id, Document.sha256))
 _PATH_ID = select(DocumentPath.id).where(DocumentPath.document_id == bindparam("doc"),
                                          DocumentPath.path == bindparam("path"))
 _INSERT_PATH = insert(DocumentPath)
@@ -393,17 +397,43 @@ class Ledger:
 
     def register_many(self, files: Sequence[NewFile]) -> list[Registration]:
         """`register` for each of `files` (paths not refused), a registration each in their
-        order. On PostgreSQL the new contents among them are registered in one statement
-        (`_REGISTER_NEW_MANY_PG`), one round trip for all where each took one; the rest, and
-        all of them should it fail, as `register` does."""
+        order. The new contents among them are registered together: on PostgreSQL in one
+        statement (`_REGISTER_NEW_MANY_PG`), one round trip for all where each took one; on
+        SQLite in one transaction. The rest, and all of them should that fail, as `register`
+        does."""
         done: dict[str, Registration] = {}
-        if self._postgresql and len(files) > 1:
+        if len(files) > 1:
             try:
-                done = self._register_new_many_pg(files)
+                done = (self._register_new_many_pg(files) if self._postgresql
+                        else self._register_new_many_sqlite(files))
             except IntegrityError:  # as in `register`: one at a time below
                 done = {}
         return [done.get(file.path) or self.register(file.path, file.sha256, file.size,
                                                      stat=file.stat) for file in files]
+
+    def _register_new_many_sqlite(self, files: Sequence[NewFile]) -> dict[str, Registration]:
+        """One transaction and three statements for the new contents of `files` where each
+        took a transaction of three: the CPU of the watcher's thread, a commit a file."""
+        first: dict[str, NewFile] = {}
+        for file in files:
+            first.setdefault(file.sha256, file)
+        now = self._clock()
+        with self.engine.begin() as conn:
+            conn.execute(_DELETE_REJECTED, [{"rejection": rejection_key(file.path)}
+                                            for file in files])
+            created = {sha256: document_id for document_id, sha256 in conn.execute(
+                _INSERT_NEW_MANY_SQLITE,
+                [{"sha256": file.sha256, "size_bytes": file.size, "state": State.QUEUED,
+                  "attempts": 0, "first_seen_at": now} for file in first.values()])}
+            new = [file for file in first.values() if file.sha256 in created]
+            if new:
+                conn.execute(_INSERT_PATH, [
+                    {"document_id": created[file.sha256], "path": file.path,
+                     "first_seen_at": now, "last_seen_at": now,
+                     **(file.stat.columns() if file.stat is not None
+                        else dict.fromkeys(_STAT_COLUMNS))} for file in new])
+        return {file.path: Registration(created[file.sha256], file.sha256, State.QUEUED, True,
+                                        True, None) for file in new}
 
     def _register_new_many_pg(self, files: Sequence[NewFile]) -> dict[str, Registration]:
         stats = [file.stat.columns() if file.stat is not None else {} for file in files]
