@@ -2,7 +2,7 @@
 with its reason. A file whose content is already stored is a duplicate: its path is recorded
 and the after-action applies to it as it did to the first. The files the watcher finds ready
 together are looked up together and registered together (on PostgreSQL a round trip each
-for all of them)."""
+for all of them, on SQLite a transaction)."""
 
 from __future__ import annotations
 
