@@ -122,6 +122,14 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def _stat_columns(stat: PathStat | None) -> dict[str, int | None]:
+    """A new path row's stat columns: None each when it is recorded without its stat."""
+    columns: dict[str, int | None] = dict.fromkeys(_STAT_COLUMNS)
+    if stat is not None:
+        columns.update(stat.columns())
+    return columns
+
+
 @dataclass(frozen=True)
 class Claim:
     document_id: int
@@ -237,16 +245,24 @@ _REGISTER_NEW_PG = (insert(DocumentPath).from_select(
            *(bindparam(column, type_=BigInteger) for column in _STAT_COLUMNS)))
     .returning(DocumentPath.document_id)
     .add_cte(_DELETE_REJECTED.cte("refusal_cleared")).add_cte(_NEW_DOCUMENT_PG))
+
+
+def _rows_given(alias: str, columns: Sequence[tuple[str, Any, Any]], **options: Any) -> Any:
+    """PostgreSQL: rows sent as one array a column, unnested into a table named `alias`.
+    Each column: its name (the array is bound as `{name}s`), the type of the array sent, and
+    the type it is cast to."""
+    return func.unnest(*(cast(bindparam(f"{name}s", type_=ARRAY(sent)), ARRAY(stored))
+                         for name, sent, stored in columns)).table_valued(
+        *(name for name, _, _ in columns), **options).render_derived(name=alias)
+
+
 # PostgreSQL, the new files the watcher found ready together, all in one such statement:
 # the files given as arrays, the first of each content (in the order given) inserted unless
 # its content is known, its path recorded with it; each path so recorded comes back. Any
 # other (a content already stored, a second file of one content) goes through `register`.
-_FILES_GIVEN = func.unnest(
-    *(cast(bindparam(f"{name}s", type_=ARRAY(kind)), ARRAY(kind))
-      for name, kind in (("path", Text), ("sha256", Text), ("size_bytes", BigInteger),
-                         *((column, BigInteger) for column in _STAT_COLUMNS)))
-).table_valued("path", "sha256", "size_bytes", *_STAT_COLUMNS,
-               with_ordinality="n").render_derived(name="file")
+_FILES_GIVEN = _rows_given("file", (
+    ("path", Text, Text), ("sha256", Text, Text), ("size_bytes", BigInteger, BigInteger),
+    *((column, BigInteger, BigInteger) for column in _STAT_COLUMNS)), with_ordinality="n")
 _FILES = select(_FILES_GIVEN).cte("files")
 _FIRST_OF_EACH = (select(_FILES).where(_FILES.c.n.in_(
     select(func.min(_FILES.c.n)).group_by(_FILES.c.sha256))).cte("first_of_each"))
@@ -346,10 +362,7 @@ _INSERT_PAGES = insert(PageRow)
 _PAGE_ARRAYS = (("page_no", Integer, Integer), ("text", Text, Text), ("folded", Text, Text),
                 ("confidence", Float, Float), ("source", Text, Text), ("lines", Text, JSON))
 _HELD_PG = _COMPLETE.returning(Document.id).cte("held")
-_PAGES_GIVEN = func.unnest(*(
-    cast(bindparam(f"{name}s", type_=ARRAY(sent)), ARRAY(stored))
-    for name, sent, stored in _PAGE_ARRAYS)).table_valued(
-        *(name for name, _, _ in _PAGE_ARRAYS)).render_derived(name="page")
+_PAGES_GIVEN = _rows_given("page", _PAGE_ARRAYS)
 _STORED_PG = (postgresql_insert(PageRow)
               .from_select(["document_id", *(name for name, _, _ in _PAGE_ARRAYS)],
                            select(_HELD_PG.c.id, *(_PAGES_GIVEN.c[name]
@@ -429,20 +442,19 @@ class Ledger:
             if new:
                 conn.execute(_INSERT_PATH, [
                     {"document_id": created[file.sha256], "path": file.path,
-                     "first_seen_at": now, "last_seen_at": now,
-                     **(file.stat.columns() if file.stat is not None
-                        else dict.fromkeys(_STAT_COLUMNS))} for file in new])
+                     "first_seen_at": now, "last_seen_at": now, **_stat_columns(file.stat)}
+                    for file in new])
         return {file.path: Registration(created[file.sha256], file.sha256, State.QUEUED, True,
                                         True, None) for file in new}
 
     def _register_new_many_pg(self, files: Sequence[NewFile]) -> dict[str, Registration]:
-        stats = [file.stat.columns() if file.stat is not None else {} for file in files]
+        stats = [_stat_columns(file.stat) for file in files]
         with self._alone.connect() as conn:
             rows = conn.execute(_REGISTER_NEW_MANY_PG, {
                 "paths": [file.path for file in files],
                 "sha256s": [file.sha256 for file in files],
                 "size_bytess": [file.size for file in files],
-                **{f"{column}s": [stat.get(column) for stat in stats]
+                **{f"{column}s": [stat[column] for stat in stats]
                    for column in _STAT_COLUMNS},
                 "rejections": [rejection_key(file.path) for file in files],
                 "state": State.QUEUED, "attempts": 0, "first_seen_at": self._clock()}).all()
@@ -479,9 +491,7 @@ class Ledger:
     def _register_new_pg(self, path: str, sha256: str, size: int, stat: PathStat | None,
                          rejection: str) -> Registration | None:
         """A new content in one statement (`_REGISTER_NEW_PG`); None when it is known."""
-        columns: dict[str, int | None] = dict.fromkeys(_STAT_COLUMNS)
-        if stat is not None:
-            columns.update(stat.columns())
+        columns = _stat_columns(stat)
         with self._alone.connect() as conn:
             document_id = conn.execute(_REGISTER_NEW_PG, {
                 "sha256": sha256, "size_bytes": size, "state": State.QUEUED, "attempts": 0,
