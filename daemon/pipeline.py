@@ -69,6 +69,11 @@ HOUSEKEEPING_SECONDS = 10.0  # how often expired leases are looked for
 # documents claimed in one statement at most, as many as slots are free: a burst, or a
 # restart's backlog, is claimed in a few statements (and round trips), not one a document
 CLAIM_BATCH = 8
+# With CLAIM_BATCH documents or more in flight still to recognise, a freed slot waits this
+# long at most for more to free before they are claimed together: a full pipeline frees a
+# slot a stored document, and claimed one by one each cost a statement (a round trip, the
+# claim loop's CPU) for a document the engines would not reach before those ahead anyway.
+CLAIM_GATHER_SECONDS = 0.05
 # Memory decoding a page takes at its peak, per byte of the decoded page: Pillow holds RGBX (4
 # bytes a pixel), numpy's view costs a copy of its bytes (3), the BGR page itself (3); pdfium's
 # BGRx render and its conversion are less. Reserved before, trimmed to the page after.
@@ -293,9 +298,10 @@ class Pipeline:
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
             if not self._slots.acquire(timeout=0.2):
                 continue  # the queue is full
-            slots = 1  # and the others free now: claimed for at once
-            while slots < CLAIM_BATCH and self._slots.acquire(blocking=False):
-                slots += 1
+            slots = self._gather_slots()
+            if not self._accepting.is_set():  # stopping, while it gathered
+                self._release(slots)
+                continue
             for claim in self._claim(slots):
                 doc = InFlight(claim)
                 with self._inflight_lock:
@@ -304,6 +310,28 @@ class Pipeline:
                     self._inflight[claim.document_id] = doc
                     self.metrics.queue_depth.set(len(self._inflight))
                 self._decode_pool.submit(self._decode, doc)
+
+    def _gather_slots(self) -> int:
+        """The slots to claim for, one taken: with the others free now, and with enough
+        documents in flight still to recognise to keep the engines busy meanwhile, those that
+        free within CLAIM_GATHER_SECONDS too, CLAIM_BATCH at most."""
+        slots = 1
+        while slots < CLAIM_BATCH and self._slots.acquire(blocking=False):
+            slots += 1
+        if slots == CLAIM_BATCH or self._ahead_of_the_engines() < CLAIM_BATCH:
+            return slots
+        deadline = time.monotonic() + CLAIM_GATHER_SECONDS
+        while slots < CLAIM_BATCH and self._accepting.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._slots.acquire(timeout=left):
+                break
+            slots += 1
+        return slots
+
+    def _ahead_of_the_engines(self) -> int:
+        """Documents in flight with pages still to decode or recognise (not only to store)."""
+        with self._inflight_lock:
+            return sum(1 for doc in self._inflight.values() if not doc.complete)
 
     def _claim(self, slots: int) -> list[Claim]:
         """The next queued documents for the `slots` just taken, oldest first; the slots left

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 from PIL import Image as PILImage
 
 from daemon import intake as intake_module
+from daemon import pipeline as pipeline_module
+from daemon.config import Settings
 from daemon.pipeline import CLAIM_BATCH
 from daemon.results import Image, PageResult
 from daemon.service import Service
@@ -238,13 +241,45 @@ def test_queued_documents_are_claimed_several_a_statement(
     as many a statement as slots are free, CLAIM_BATCH at most: each once, done once, in far
     fewer claims than documents, the slots of a short claim given back."""
     settings = settings_factory()
+    queue_documents(settings, 40)
+    claimed = count_claims(monkeypatch)
+    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
+    try:
+        assert wait_until(lambda: ledger.counts()["done"] == 40, 60)
+        assert sum(claimed) == 40 and len(claimed) < 20
+        assert max(claimed) == CLAIM_BATCH
+        # a document's slot is given back just after it is stored: wait for the last
+        assert wait_until(lambda: pipeline._slots._value  # type: ignore[attr-defined]
+                          == settings.queue.capacity, 10)
+        assert pipeline.inflight_count() == 0
+    finally:
+        watcher.stop()
+        pipeline.stop(1)
+
+
+class GatedEngine(QuickEngine):
+    """Reads a batch only once the test lets it: documents finish when the test says."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Semaphore(0)
+
+    def recognize(self, images: Sequence[Image]) -> list[PageResult]:
+        self.gate.acquire()
+        return super().recognize(images)
+
+
+def queue_documents(settings: Settings, count: int) -> None:
     inbox = settings.watch.path
     inbox.mkdir(parents=True, exist_ok=True)
     database, ledger = open_ledger(settings, migrate_now=True)
-    for path in small_pages(inbox, 40):
+    for path in small_pages(inbox, count):
         ledger.register(os.path.abspath(path), hashlib.sha256(path.read_bytes()).hexdigest(),
                         path.stat().st_size)
     database.dispose()
+
+
+def count_claims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the documents each claim that got any took."""
     claimed: list[int] = []
     real = Ledger.claim_many
 
@@ -256,15 +291,52 @@ def test_queued_documents_are_claimed_several_a_statement(
         return claims
 
     monkeypatch.setattr(Ledger, "claim_many", claim_many)
+    return claimed
+
+
+def test_a_full_pipeline_claims_the_slots_its_documents_free_together(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the pipeline full, documents stored one by one free a slot each; with CLAIM_BATCH
+    or more still in flight (work for the engines meanwhile), a freed slot waits for more
+    (CLAIM_GATHER_SECONDS, long here) and they are claimed in one statement, not one each."""
+    settings = settings_factory(queue={"capacity": 16}, batch={"max_pages": 1})
+    queue_documents(settings, 40)
+    claimed = count_claims(monkeypatch)
+    monkeypatch.setattr(pipeline_module, "CLAIM_GATHER_SECONDS", 30.0)
+    engine = GatedEngine()
+    pipeline, ledger, watcher = run_pipeline(settings, engine)
+    try:
+        assert wait_until(lambda: pipeline.inflight_count() == 16, 30)
+        assert claimed == [CLAIM_BATCH, CLAIM_BATCH]
+        for done in range(1, CLAIM_BATCH + 1):  # one document at a time
+            engine.gate.release()
+            assert wait_until(lambda: ledger.counts()["done"] == done, 30)  # noqa: B023
+        assert wait_until(lambda: sum(claimed) == 16 + CLAIM_BATCH, 30)
+        assert claimed == [CLAIM_BATCH] * 3
+        for _ in range(40):
+            engine.gate.release()
+        assert wait_until(lambda: ledger.counts()["done"] == 40, 30)
+        assert sum(claimed) == 40
+    finally:
+        for _ in range(40):
+            engine.gate.release()
+        watcher.stop()
+        pipeline.stop(1)
+
+
+def test_a_pipeline_with_few_documents_in_flight_claims_a_freed_slot_at_once(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer than CLAIM_BATCH in flight could leave the engines idle: a freed slot is
+    claimed for at once, not held for others (here CLAIM_GATHER_SECONDS would outlast the
+    test)."""
+    settings = settings_factory(queue={"capacity": 4}, batch={"max_pages": 1})
+    queue_documents(settings, 12)
+    claimed = count_claims(monkeypatch)
+    monkeypatch.setattr(pipeline_module, "CLAIM_GATHER_SECONDS", 600.0)
     pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
     try:
-        assert wait_until(lambda: ledger.counts()["done"] == 40, 60)
-        assert sum(claimed) == 40 and len(claimed) < 20
-        assert max(claimed) == CLAIM_BATCH
-        # a document's slot is given back just after it is stored: wait for the last
-        assert wait_until(lambda: pipeline._slots._value  # type: ignore[attr-defined]
-                          == settings.queue.capacity, 10)
-        assert pipeline.inflight_count() == 0
+        assert wait_until(lambda: ledger.counts()["done"] == 12, 30)
+        assert sum(claimed) == 12 and max(claimed) <= 4
     finally:
         watcher.stop()
         pipeline.stop(1)
