@@ -406,6 +406,20 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
         take(self, path)
 
     intake_module.Intake.take = timed_take  # type: ignore[method-assign]
+    # the claims made, those that took documents: a statement (a round trip) each
+    from daemon.store.repository import Ledger
+
+    claims = {"statements": 0, "documents": 0}
+    claim_many = Ledger.claim_many
+
+    def counted_claim(self: Any, *args: Any, **kwargs: Any) -> Any:
+        claimed = claim_many(self, *args, **kwargs)
+        if claimed:
+            claims["statements"] += 1
+            claims["documents"] += len(claimed)
+        return claimed
+
+    Ledger.claim_many = counted_claim  # type: ignore[method-assign]
     probe: GilProbe | None = None
     no_probe = ("not sampled on one core: the sampler's wake-ups took ~20% of it, and there "
                 "every thread waits for the core, a GIL holder too")
@@ -485,6 +499,8 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
         "of_which_in_host_worker_processes": round(1000 * children / max(pages, 1), 1),
         "replay_and_producer_core_ms_per_page_taken_out": round(1000 * stand_in / max(pages, 1),
                                                                  1),
+        # the claim statements that took documents, over the documents they took
+        "documents_a_claim": round(claims["documents"] / max(claims["statements"], 1), 2),
         "daemon_process_core_ms_per_page_by_thread": by_thread_kind(
             threads_before, threads_after, sum(s.own_seconds for s in sessions), pages),
         **({"device_stand_in": {
