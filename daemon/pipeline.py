@@ -69,10 +69,12 @@ HOUSEKEEPING_SECONDS = 10.0  # how often expired leases are looked for
 # documents claimed in one statement at most, as many as slots are free: a burst, or a
 # restart's backlog, is claimed in a few statements (and round trips), not one a document
 CLAIM_BATCH = 8
-# With CLAIM_BATCH documents or more in flight still to recognise, a freed slot waits this
-# long at most for more to free before they are claimed together: a full pipeline frees a
+# With twice CLAIM_BATCH documents or more in flight still to recognise, a freed slot waits
+# this long at most for more to free before they are claimed together: a full pipeline frees a
 # slot a stored document, and claimed one by one each cost a statement (a round trip, the
 # claim loop's CPU) for a document the engines would not reach before those ahead anyway.
+# Twice: slots free at the pace documents are read, so gathering CLAIM_BATCH of them takes at
+# most half the time the engines need for the documents ahead, whatever that pace.
 CLAIM_GATHER_SECONDS = 0.05
 # Memory decoding a page takes at its peak, per byte of the decoded page: Pillow holds RGBX (4
 # bytes a pixel), numpy's view costs a copy of its bytes (3), the BGR page itself (3); pdfium's
@@ -313,12 +315,12 @@ class Pipeline:
 
     def _gather_slots(self) -> int:
         """The slots to claim for, one taken: with the others free now, and with enough
-        documents in flight still to recognise to keep the engines busy meanwhile, those that
-        free within CLAIM_GATHER_SECONDS too, CLAIM_BATCH at most."""
+        documents in flight still to recognise to keep the engines busy meanwhile (twice
+        CLAIM_BATCH), those that free within CLAIM_GATHER_SECONDS too, CLAIM_BATCH at most."""
         slots = 1
         while slots < CLAIM_BATCH and self._slots.acquire(blocking=False):
             slots += 1
-        if slots == CLAIM_BATCH or self._ahead_of_the_engines() < CLAIM_BATCH:
+        if slots == CLAIM_BATCH or self._ahead_of_the_engines() < 2 * CLAIM_BATCH:
             return slots
         deadline = time.monotonic() + CLAIM_GATHER_SECONDS
         while slots < CLAIM_BATCH and self._accepting.is_set():

@@ -296,23 +296,24 @@ def count_claims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def test_a_full_pipeline_claims_the_slots_its_documents_free_together(
         settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the pipeline full, documents stored one by one free a slot each; with CLAIM_BATCH
-    or more still in flight (work for the engines meanwhile), a freed slot waits for more
-    (CLAIM_GATHER_SECONDS, long here) and they are claimed in one statement, not one each."""
-    settings = settings_factory(queue={"capacity": 16}, batch={"max_pages": 1})
+    """With the pipeline full, documents stored one by one free a slot each; with twice
+    CLAIM_BATCH or more still in flight (work for the engines meanwhile), a freed slot waits
+    for more (CLAIM_GATHER_SECONDS, long here) and they are claimed in one statement, not one
+    each."""
+    settings = settings_factory(queue={"capacity": 3 * CLAIM_BATCH}, batch={"max_pages": 1})
     queue_documents(settings, 40)
     claimed = count_claims(monkeypatch)
     monkeypatch.setattr(pipeline_module, "CLAIM_GATHER_SECONDS", 30.0)
     engine = GatedEngine()
     pipeline, ledger, watcher = run_pipeline(settings, engine)
     try:
-        assert wait_until(lambda: pipeline.inflight_count() == 16, 30)
-        assert claimed == [CLAIM_BATCH, CLAIM_BATCH]
+        assert wait_until(lambda: pipeline.inflight_count() == 3 * CLAIM_BATCH, 30)
+        assert claimed == [CLAIM_BATCH] * 3
         for done in range(1, CLAIM_BATCH + 1):  # one document at a time
             engine.gate.release()
             assert wait_until(lambda: ledger.counts()["done"] == done, 30)  # noqa: B023
-        assert wait_until(lambda: sum(claimed) == 16 + CLAIM_BATCH, 30)
-        assert claimed == [CLAIM_BATCH] * 3
+        assert wait_until(lambda: sum(claimed) == 4 * CLAIM_BATCH, 30)
+        assert claimed == [CLAIM_BATCH] * 4
         for _ in range(40):
             engine.gate.release()
         assert wait_until(lambda: ledger.counts()["done"] == 40, 30)
@@ -324,19 +325,28 @@ def test_a_full_pipeline_claims_the_slots_its_documents_free_together(
         pipeline.stop(1)
 
 
-def test_a_pipeline_with_few_documents_in_flight_claims_a_freed_slot_at_once(
+def test_a_pipeline_with_few_documents_ahead_claims_a_freed_slot_at_once(
         settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fewer than CLAIM_BATCH in flight could leave the engines idle: a freed slot is
-    claimed for at once, not held for others (here CLAIM_GATHER_SECONDS would outlast the
-    test)."""
-    settings = settings_factory(queue={"capacity": 4}, batch={"max_pages": 1})
-    queue_documents(settings, 12)
+    """Fewer than twice CLAIM_BATCH still to recognise, and the engines could run dry while
+    slots gathered: a freed slot is claimed for at once, not held for others (here
+    CLAIM_GATHER_SECONDS would outlast the test)."""
+    settings = settings_factory(queue={"capacity": 2 * CLAIM_BATCH}, batch={"max_pages": 1})
+    queue_documents(settings, 40)
     claimed = count_claims(monkeypatch)
     monkeypatch.setattr(pipeline_module, "CLAIM_GATHER_SECONDS", 600.0)
-    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
+    engine = GatedEngine()
+    pipeline, ledger, watcher = run_pipeline(settings, engine)
     try:
-        assert wait_until(lambda: ledger.counts()["done"] == 12, 30)
-        assert sum(claimed) == 12 and max(claimed) <= 4
+        assert wait_until(lambda: pipeline.inflight_count() == 2 * CLAIM_BATCH, 30)
+        engine.gate.release()  # one document stored: 15 ahead
+        assert wait_until(lambda: sum(claimed) == 2 * CLAIM_BATCH + 1, 30)
+        assert claimed == [CLAIM_BATCH, CLAIM_BATCH, 1]
+        for _ in range(40):
+            engine.gate.release()
+        assert wait_until(lambda: ledger.counts()["done"] == 40, 30)
+        assert sum(claimed) == 40
     finally:
+        for _ in range(40):
+            engine.gate.release()
         watcher.stop()
         pipeline.stop(1)
