@@ -3,10 +3,11 @@ left in place (a kill between the commit and the move) gets its after-action the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image as PILImage
 from daemon import intake as intake_module
 from daemon import pipeline as pipeline_module
 from daemon.config import Settings
-from daemon.pipeline import CLAIM_BATCH
+from daemon.pipeline import CLAIM_BATCH, Pipeline
 from daemon.results import Image, PageResult
 from daemon.service import Service
 from daemon.store.db import open_ledger
@@ -294,26 +295,22 @@ def count_claims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return claimed
 
 
-def test_a_full_pipeline_claims_the_slots_its_documents_free_together(
-        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the pipeline full, documents stored one by one free a slot each; with twice
-    CLAIM_BATCH or more still in flight (work for the engines meanwhile), a freed slot waits
-    for more (CLAIM_GATHER_SECONDS, long here) and they are claimed in one statement, not one
-    each."""
-    settings = settings_factory(queue={"capacity": 3 * CLAIM_BATCH}, batch={"max_pages": 1})
+@contextlib.contextmanager
+def gated_pipeline(settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
+                   capacity: int, gather_seconds: float
+                   ) -> Iterator[tuple[GatedEngine, Pipeline, list[int]]]:
+    """40 documents queued, a pipeline of `capacity` reading a page a batch with a gated
+    engine, CLAIM_GATHER_SECONDS set: the engine, the pipeline and the claims made. On leaving,
+    every document is let through and all 40 must be done, each claimed once."""
+    settings = settings_factory(queue={"capacity": capacity}, batch={"max_pages": 1})
     queue_documents(settings, 40)
     claimed = count_claims(monkeypatch)
-    monkeypatch.setattr(pipeline_module, "CLAIM_GATHER_SECONDS", 30.0)
+    monkeypatch.setattr(pipeline_module, "CLAIM_GATHER_SECONDS", gather_seconds)
     engine = GatedEngine()
     pipeline, ledger, watcher = run_pipeline(settings, engine)
     try:
-        assert wait_until(lambda: pipeline.inflight_count() == 3 * CLAIM_BATCH, 30)
-        assert claimed == [CLAIM_BATCH] * 3
-        for done in range(1, CLAIM_BATCH + 1):  # one document at a time
-            engine.gate.release()
-            assert wait_until(lambda: ledger.counts()["done"] == done, 30)  # noqa: B023
-        assert wait_until(lambda: sum(claimed) == 4 * CLAIM_BATCH, 30)
-        assert claimed == [CLAIM_BATCH] * 4
+        assert wait_until(lambda: pipeline.inflight_count() == capacity, 30)
+        yield engine, pipeline, claimed
         for _ in range(40):
             engine.gate.release()
         assert wait_until(lambda: ledger.counts()["done"] == 40, 30)
@@ -323,6 +320,23 @@ def test_a_full_pipeline_claims_the_slots_its_documents_free_together(
             engine.gate.release()
         watcher.stop()
         pipeline.stop(1)
+
+
+def test_a_full_pipeline_claims_the_slots_its_documents_free_together(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the pipeline full, documents stored one by one free a slot each; with twice
+    CLAIM_BATCH or more still in flight (work for the engines meanwhile), a freed slot waits
+    for more (CLAIM_GATHER_SECONDS, long here) and they are claimed in one statement, not one
+    each."""
+    with gated_pipeline(settings_factory, monkeypatch, 3 * CLAIM_BATCH, 30.0) as (
+            engine, pipeline, claimed):
+        assert claimed == [CLAIM_BATCH] * 3
+        for done in range(1, CLAIM_BATCH + 1):  # one document at a time
+            engine.gate.release()
+            assert wait_until(lambda: pipeline.ledger.counts()["done"] == done,  # noqa: B023
+                              30)
+        assert wait_until(lambda: sum(claimed) == 4 * CLAIM_BATCH, 30)
+        assert claimed == [CLAIM_BATCH] * 4
 
 
 def test_a_pipeline_with_few_documents_ahead_claims_a_freed_slot_at_once(
@@ -330,23 +344,8 @@ def test_a_pipeline_with_few_documents_ahead_claims_a_freed_slot_at_once(
     """Fewer than twice CLAIM_BATCH still to recognise, and the engines could run dry while
     slots gathered: a freed slot is claimed for at once, not held for others (here
     CLAIM_GATHER_SECONDS would outlast the test)."""
-    settings = settings_factory(queue={"capacity": 2 * CLAIM_BATCH}, batch={"max_pages": 1})
-    queue_documents(settings, 40)
-    claimed = count_claims(monkeypatch)
-    monkeypatch.setattr(pipeline_module, "CLAIM_GATHER_SECONDS", 600.0)
-    engine = GatedEngine()
-    pipeline, ledger, watcher = run_pipeline(settings, engine)
-    try:
-        assert wait_until(lambda: pipeline.inflight_count() == 2 * CLAIM_BATCH, 30)
+    with gated_pipeline(settings_factory, monkeypatch, 2 * CLAIM_BATCH, 600.0) as (
+            engine, _pipeline, claimed):
         engine.gate.release()  # one document stored: 15 ahead
         assert wait_until(lambda: sum(claimed) == 2 * CLAIM_BATCH + 1, 30)
         assert claimed == [CLAIM_BATCH, CLAIM_BATCH, 1]
-        for _ in range(40):
-            engine.gate.release()
-        assert wait_until(lambda: ledger.counts()["done"] == 40, 30)
-        assert sum(claimed) == 40
-    finally:
-        for _ in range(40):
-            engine.gate.release()
-        watcher.stop()
-        pipeline.stop(1)
