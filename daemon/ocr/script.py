@@ -15,15 +15,10 @@ Character F1 on 60 rendered Traditional pages: 0.9918 as read, 0.9969 so (benchm
 from __future__ import annotations
 
 import functools
-import threading
-from typing import Any
 
 from daemon.config import OcrSettings
+from daemon.conversion import convert
 from daemon.results import Line, PageResult
-
-_lock = threading.Lock()
-_converter: Any = None
-
 
 TRADITIONAL_LANGS = frozenset({"chinese_cht", "zh_tw", "zh-tw"})  # with rapidocr's aliases
 
@@ -49,13 +44,7 @@ def _kept(char: str) -> bool:
 
 
 def _s2t(text: str) -> str:
-    global _converter
-    with _lock:  # one OpenCC converter, built on first use
-        if _converter is None:
-            import opencc
-
-            _converter = opencc.OpenCC("s2t.json")
-        return str(_converter.convert(text))
+    return convert(text, "s2t")
 
 
 def to_traditional(text: str) -> str:

@@ -14,22 +14,13 @@ price of the odd extra match.
 
 from __future__ import annotations
 
-import threading
 import unicodedata
-from typing import Any
 
-_converter: Any = None
-_lock = threading.Lock()
+from daemon.conversion import convert
 
 
 def _t2s(char: str) -> str:
-    global _converter
-    with _lock:
-        if _converter is None:
-            import opencc
-
-            _converter = opencc.OpenCC("t2s.json")
-        return str(_converter.convert(char))
+    return convert(char, "t2s")
 
 
 def fold_char(char: str) -> str:
