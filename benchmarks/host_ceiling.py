@@ -421,7 +421,7 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
 
     intake_module.Intake.take = timed_take  # type: ignore[method-assign]
     # the claims made, those that took documents: a statement (a round trip) each
-    from daemon.store.repository import Ledger
+    from daemon.store.ledger import Ledger
 
     claims = {"statements": 0, "documents": 0}
     claim_many = Ledger.claim_many

@@ -63,10 +63,11 @@ def wait(condition: Callable[[], bool], seconds: float) -> None:
 def run(url: str, work: Path, kept: int, new: int) -> dict[str, Any]:
     from daemon import intake as intake_module
     from daemon.config import Settings
+    from daemon.files import PathStat
     from daemon.metrics import Metrics
     from daemon.store.db import open_ledger
     from daemon.store.models import Document, DocumentPath
-    from daemon.store.repository import PathStat
+    from daemon.store.outage import Outage
     from daemon.watcher import Watcher
 
     inbox = work / "inbox"
@@ -103,15 +104,12 @@ def run(url: str, work: Path, kept: int, new: int) -> dict[str, Any]:
 
     intake_module.sha256_handle = counting  # type: ignore[assignment]
 
-    def direct(action: Callable[[], T]) -> T:
-        return action()
-
     queued = [0]  # counted as the intake tells the pipeline: polling the ledger would cost
 
     def notify() -> None:
         queued[0] += 1
 
-    intake = intake_module.Intake(settings, ledger, Metrics("bench"), retry_db=direct,
+    intake = intake_module.Intake(settings, ledger, Metrics("bench"), outage=Outage(ledger),
                                   notify=notify)
     watcher = Watcher(settings.watch, intake.take, intake.reject, look_up=intake.look_up)
     out: dict[str, Any] = {}

@@ -56,7 +56,7 @@ def run(admin_url: str, daemons: int, files: int, lease: float) -> dict[str, Any
     from daemon.config import DatabaseSettings
     from daemon.store import migrate
     from daemon.store.db import make_engine
-    from daemon.store.repository import Ledger
+    from daemon.store.ledger import Ledger
     from tests.daemons import scratch_database, standin_daemon, stop
 
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")  # pg_stat_database

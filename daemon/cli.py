@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 from daemon import __version__
 from daemon.config import Settings, load_settings
-from daemon.errors import DaemonError, DocumentError, ExitCode
+from daemon.errors import DaemonError, DatabaseUnavailable, DocumentError, ExitCode, StoreError
 from daemon.logs import setup_logging
 
 if TYPE_CHECKING:
-    from daemon.store.repository import Ledger
+    from daemon.store.ledger import Ledger
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaemonError as exc:
         print(f"ocr-daemon: {exc}", file=sys.stderr)
         return int(exc.exit_code)
+    except StoreError as exc:  # a command's statement failed: the database's, not a usage error
+        what = "unreachable" if isinstance(exc, DatabaseUnavailable) else "error"
+        print(f"ocr-daemon: database {what}: {exc}", file=sys.stderr)
+        return int(ExitCode.DATABASE)
     except ModuleNotFoundError as exc:
         if exc.name != "onnxruntime":
             raise
@@ -183,8 +187,12 @@ def cmd_text(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from daemon import __version__
     from daemon.errors import NotFoundError
+    from daemon.intake import Intake
     from daemon.logs import escape_controls
+    from daemon.metrics import Metrics
+    from daemon.store.outage import Outage
 
     if bool(args.refs) == args.failed:
         print("ocr-daemon: retry takes PATH|SHA256 ... or --failed", file=sys.stderr)
@@ -209,10 +217,12 @@ def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
         if not ids:
             return status
     queued = 0
+    intake = Intake(settings, ledger, Metrics(__version__), outage=Outage(ledger),
+                    notify=lambda: None)
     for item in ledger.retry(ids):
         where = escape_controls(item.paths[-1] if item.paths else item.sha256)
         if item.rejected:
-            outcome, ok = _read_again(settings, ledger, item.paths)
+            outcome, ok = intake.read_again(item.paths)
             queued += ok
             print(f"{where}: {outcome}")
             continue
@@ -220,34 +230,6 @@ def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
         print(f"re-queued {where} (it had failed: {escape_controls(item.reason or '?')})")
     print(f"{queued} document{'' if queued == 1 else 's'} re-queued")
     return status if queued else status or int(ExitCode.ERROR)
-
-
-def _read_again(settings: Settings, ledger: Ledger, paths: Sequence[str]) -> tuple[str, bool]:
-    """A file refused before it was read (unreadable, too large...), read and queued now as
-    the watcher would, if it can be."""
-    from daemon.files import LeadsOutside, sha256_beneath
-
-    root = settings.watch.path.resolve()
-    for recorded in reversed(paths):
-        path = Path(recorded)
-        try:
-            digest, size, _ = sha256_beneath(path, root, settings.watch.max_file_bytes)
-        except LeadsOutside:
-            return "still refused: it leads outside the watched folder", False
-        except FileNotFoundError:
-            continue
-        except DocumentError as exc:
-            return f"still refused: {exc.reason}", False
-        except OSError as exc:
-            return f"still cannot be read: {exc.strerror}", False
-        for other in paths:  # each refusal's row (keyed by its path) gives way to the content
-            if other != recorded:
-                ledger.register(other, digest, size)
-        registration = ledger.register(recorded, digest, size)
-        if registration.created or registration.state == "queued":
-            return f"read now, re-queued (sha256 {digest[:12]})", True
-        return f"read now: its content is {registration.state} already", False
-    return "not re-queued: no longer there", False
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:

@@ -52,6 +52,17 @@ class Interrupted(DaemonError):
     exit_code = ExitCode.INTERRUPTED
 
 
+class StoreError(Exception):
+    """The database refused or failed a statement (a constraint, a bad value, a pool timeout,
+    a bug). Raised by `daemon.store` only, in place of its driver's errors: nothing outside the
+    store imports SQLAlchemy. Not fatal by itself; the caller decides."""
+
+
+class DatabaseUnavailable(StoreError):
+    """The database cannot be reached right now (down, restarting, the connection lost): an
+    outage, waited out (`daemon.store.outage`) rather than counted against a document."""
+
+
 class DocumentError(Exception):
     """One file could not be processed. Never fatal.
 

@@ -1,34 +1,27 @@
-"""Every write into the user's folders: the after-action (move to the done folder, delete),
-quarantine of failed files with an error sidecar, the text sidecars and the searchable PDFs —
-on one set of primitives that never overwrite a file and never follow a link out of the
-watched folder (`open_beneath`: every read of a producer's file goes through it).
-
-Text sidecars (`watch.sidecar`, `watch.sidecar_dir`): `scan.png` gets `scan.png.txt` (pages
-separated by a form feed, as `ocr-daemon text` prints them) and/or `scan.png.json` (pages,
-lines, scores, boxes). The full name is kept so that `scan.png` and `scan.pdf` do not share one
-sidecar. They are written to a hidden temporary name and renamed, so a reader never sees half a
-sidecar; the watcher takes neither in (not in `watch.extensions`, which config validation
-enforces; the temporary name is hidden). The text is already in the database when any of this
-runs: a file that cannot be moved or written is logged, never a failure of the document.
+"""File-system primitives for the user's folders: opening without following a link out of
+the watched folder (`open_beneath`: every read of a producer's file goes through it), hashing,
+writing atomically, moving without overwriting, and the two acts on a file itself, the
+after-action (move to the done folder, delete) and quarantine with an error sidecar. What a
+stored document leaves beside its file (text sidecars, searchable PDFs) is
+`daemon.outputs`'s; when each act happens, `daemon.outcomes`'s. A file that cannot be moved
+or written is logged, never a failure of the document: its text is stored already.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from daemon.config import Settings
 from daemon.errors import DocumentError
-from daemon.results import PageResult, join_pages, lines_json
 
 log = logging.getLogger("daemon.files")
 
@@ -36,6 +29,35 @@ HASH_CHUNK = 1 << 20
 
 
 # --- paths ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PathStat:
+    """A file's identity as stat gives it, the one the watcher and the ledger share: equal
+    again later means the same file with the same content (ctime included: any write or
+    rename changes it, as does a replacement by `cp -p`, `touch -r` or a coarse SMB
+    timestamp). The watcher waits for it to stay equal before a file is ready; the ledger
+    keeps what it was when hashed, so a restart does not read an unchanged file again."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> PathStat:
+        return cls(info.st_size, info.st_mtime_ns, info.st_ctime_ns, _signed(info.st_ino),
+                   _signed(info.st_dev))
+
+    def columns(self) -> dict[str, int]:
+        return {"st_size": self.size, "st_mtime_ns": self.mtime_ns,
+                "st_ctime_ns": self.ctime_ns, "st_ino": self.ino, "st_dev": self.dev}
+
+
+def _signed(value: int) -> int:
+    """A 64-bit unsigned inode or device number as the signed BIGINT the database holds."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def is_within(resolved: Path, root: Path, *, strictly: bool = False) -> bool:
@@ -223,72 +245,18 @@ def quarantine(path: Path, reason: str, settings: Settings, root: Path,
 # --- text sidecars ----------------------------------------------------------------------------
 
 
-def sidecar_paths(settings: Settings, source_path: Path) -> list[Path]:
-    """Where the sidecars of `source_path` go; empty when sidecars are off or the file is
-    not inside the watched folder (nothing is ever written outside the watched folder or
-    `watch.sidecar_dir`)."""
-    kind = settings.watch.sidecar
-    if kind == "none":
-        return []
-    root = settings.watch.path.resolve()
-    folder = Path(os.path.abspath(source_path)).parent
-    if not resolves_within(folder, root):
-        return []
-    relative = folder.resolve().relative_to(root)
-    if settings.watch.sidecar_dir is not None:
-        base = (root / settings.watch.sidecar_dir).resolve()
-        folder = base / relative
-    else:
-        base = root
-    suffixes = {"txt": [".txt"], "json": [".json"], "both": [".txt", ".json"]}[kind]
-    return [_inside(base, folder / (source_path.name + suffix)) for suffix in suffixes]
-
-
-def _inside(base: Path, target: Path) -> Path:
-    if not resolves_within(target.parent, base):
-        raise _Outside(f"{target} resolves outside {base}")
-    return target.parent.resolve() / target.name
-
-
-class _Outside(Exception):
-    pass
-
-
-def render_txt(pages: Sequence[PageResult]) -> str:
-    text = join_pages(page.text for page in pages)
-    return text + "\n" if text else ""
-
-
-def render_json(source_path: Path, pages: Sequence[PageResult], sha256: str | None) -> str:
-    document: dict[str, Any] = {
-        "source": os.path.abspath(source_path),
-        "sha256": sha256,
-        "pages": [
-            {
-                "page": number,
-                "source": page.source,
-                "confidence": page.confidence,
-                "text": page.text,
-                "lines": lines_json(page.lines),
-            }
-            for number, page in enumerate(pages, 1)
-        ],
-    }
-    return json.dumps(document, ensure_ascii=False, indent=1) + "\n"
-
-
 SIDECAR_MODE = 0o644  # readable by whoever reads the folder, as the error sidecars are
 
 
-def write_atomic(target: Path, content: str | bytes) -> None:
+def write_atomic(target: Path, content: str | bytes, *, mode: int = SIDECAR_MODE) -> None:
     """Temporary file in the target's folder (created exclusively, hidden from the watcher),
-    then rename: replaces the name itself, never follows a link planted at it. Readable like
-    the error sidecars (mkstemp alone makes it 0600: producers in the group could not read
-    the text of their own scans)."""
+    then rename: it appears whole or not at all, and replaces the name itself, never following
+    a link planted at it. Readable like the error sidecars by default (mkstemp alone makes it
+    0600: producers in the group could not read the text of their own scans)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        os.fchmod(fd, SIDECAR_MODE)
+        os.fchmod(fd, mode)
         data = content.encode() if isinstance(content, str) else content
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -297,74 +265,6 @@ def write_atomic(target: Path, content: str | bytes) -> None:
         Path(temp).unlink(missing_ok=True)
         raise
 
-
-def write_sidecars(settings: Settings, source_path: Path, pages: Sequence[PageResult],
-                   sha256: str | None = None) -> list[Path]:
-    """Write the sidecars `watch.sidecar` asks for; returns the paths written. Never raises:
-    it runs on an OCR worker thread after the text is safely stored."""
-    try:
-        targets = sidecar_paths(settings, source_path)
-        for target in targets:
-            content = (render_txt(pages) if target.suffix == ".txt"
-                       else render_json(source_path, pages, sha256))
-            write_atomic(target, content)
-        return targets
-    except _Outside as exc:
-        log.warning("sidecar for %s not written: %s", source_path, exc)
-    except OSError as exc:
-        log.warning("sidecar for %s not written: %s", source_path, exc)
-    except Exception:
-        log.exception("sidecar for %s not written", source_path)
-    return []
-
-
-# --- searchable PDFs ----------------------------------------------------------------------------
-
-
-def searchable_pdf_path(settings: Settings, source_path: Path, root: Path) -> Path | None:
-    """`output_dir`/<the file's sub-folder>/<its name>.pdf; None when off or the file is not
-    inside the watched folder. A relative output_dir is inside the watched folder."""
-    out = settings.watch.output_dir
-    if settings.watch.output_pdf == "none" or out is None:
-        return None
-    folder = Path(os.path.abspath(source_path)).parent
-    if not resolves_within(folder, root):
-        return None
-    base = out if out.is_absolute() else root / out
-    base.mkdir(parents=True, exist_ok=True)
-    target = base / folder.resolve().relative_to(root) / (source_path.stem + ".pdf")
-    return _inside(base.resolve(), target)
-
-
-def write_searchable_pdf(settings: Settings, source_path: Path, pages: Sequence[PageResult],
-                         sha256: str, root: Path) -> Path | None:
-    """The stored document as a searchable PDF (`watch.output_pdf`), from the file read again
-    (through `open_beneath`, checked against its hash). Never raises: the text is stored."""
-    try:
-        target = searchable_pdf_path(settings, source_path, root)
-        if target is None:
-            return None
-        data, _ = read_beneath(source_path, root, settings.watch.max_file_bytes)
-        if hashlib.sha256(data).hexdigest() != sha256:
-            log.info("no searchable PDF for %s: it holds new content now", source_path)
-            return None
-        from daemon.documents.decode import sniff
-        from daemon.documents.searchable import (
-            scanned_pages,
-            searchable_from_pdf,
-            searchable_pdf,
-        )
-
-        if sniff(data) == "pdf":
-            write_atomic(target, searchable_from_pdf(data, pages, settings.ocr))
-        else:
-            write_atomic(target, searchable_pdf(scanned_pages(data, pages, settings.ocr)))
-        return target
-    except (_Outside, OSError, DocumentError) as exc:
-        log.warning("searchable PDF for %s not written: %s", source_path, exc)
-    except Exception:
-        log.exception("searchable PDF for %s not written", source_path)
-    return None
 
 
 # --- opening without following links out ------------------------------------------------------
@@ -442,6 +342,29 @@ def open_beneath(path: Path, root: Path) -> int:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def unreadable(exc: BaseException) -> str:
+    """Why a producer's file cannot be read, said the same way wherever it is found: the
+    watcher's settle check, intake's hash, the pipeline's read, `ocr-daemon retry`'s read
+    again. `open_beneath` and the reads on it raise what this maps."""
+    if isinstance(exc, LeadsOutside):
+        return "symlink points outside the watched folder"
+    if isinstance(exc, DocumentError):
+        return exc.reason
+    if isinstance(exc, FileNotFoundError):
+        return "vanished before it was read"
+    if isinstance(exc, PermissionError):
+        return "permission denied: the daemon's user cannot read it"
+    if isinstance(exc, IsADirectoryError):
+        return "a directory, not a file"
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "symlink loop"
+    if isinstance(exc, OSError) and exc.errno == errno.EINVAL:
+        return "not a regular file"
+    if isinstance(exc, OSError):
+        return f"cannot read: {exc.strerror or exc}"
+    return f"cannot read: {type(exc).__name__}: {exc}"
 
 
 def read_beneath(path: Path, root: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:

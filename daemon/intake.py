@@ -10,26 +10,30 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar
 
 from daemon.config import Settings
 from daemon.errors import DocumentError
-from daemon.files import LeadsOutside, after_done, open_beneath, quarantine, sha256_handle
+from daemon.files import (
+    PathStat,
+    after_done,
+    open_beneath,
+    quarantine,
+    sha256_handle,
+    unreadable,
+)
 from daemon.metrics import Metrics
+from daemon.store.ledger import Ledger
 from daemon.store.models import State
-from daemon.store.repository import Ledger, NewFile, PathStat, Registration
+from daemon.store.outage import Outage
+from daemon.store.records import NewFile, Registration
 
 log = logging.getLogger("daemon.intake")
-T = TypeVar("T")
 # A file of a batch, hashed, waits this long (and the reading of one more file) at most for
 # the rest to be registered with it: a batch of large files (a 50 MB PDF hashes in ~0.03-0.1
 # s) must not keep the first from the pipeline while the rest are read
 REGISTER_WAIT = 0.05
-
-
-class RetryDb(Protocol):
-    def __call__(self, action: Callable[[], T], /) -> T: ...
 
 
 def path_key(path: Path) -> str:
@@ -38,16 +42,16 @@ def path_key(path: Path) -> str:
 
 
 class Intake:
-    """`take` and `reject` are the watcher's two callbacks. `retry_db` waits out a database
-    outage (the pipeline's, so both sides report the database the same way); `notify` wakes
-    the pipeline when something new is queued."""
+    """`take` and `reject` are the watcher's two callbacks. `outage` waits out a database
+    outage (the daemon's one policy, so every side reports the database the same way);
+    `notify` wakes the pipeline when something new is queued."""
 
     def __init__(self, settings: Settings, ledger: Ledger, metrics: Metrics, *,
-                 retry_db: RetryDb, notify: Callable[[], None]) -> None:
+                 outage: Outage, notify: Callable[[], None]) -> None:
         self.settings = settings
         self.ledger = ledger
         self.metrics = metrics
-        self.retry_db = retry_db
+        self.retry_db = outage.retry
         self.notify = notify
         self.root = settings.watch.path.resolve()
         # what the ledger had for the paths of the batch the watcher takes next (`look_up`)
@@ -101,17 +105,8 @@ class Intake:
                 digest, size = sha256_handle(handle, self.settings.watch.max_file_bytes)
         except FileNotFoundError:
             return  # gone before we got to it: nothing to record
-        except DocumentError as exc:
-            self.reject(path, exc.reason)
-            return
-        except PermissionError:
-            self.reject(path, "permission denied: the daemon's user cannot read it")
-            return
-        except LeadsOutside:
-            self.reject(path, "symlink points outside the watched folder")
-            return
-        except OSError as exc:
-            self.reject(path, f"cannot read: {exc.strerror}")
+        except (DocumentError, OSError) as exc:
+            self.reject(path, unreadable(exc))
             return
         file = NewFile(key, digest, size, stat)
         if self._hashed is None:  # not in a batch
@@ -177,6 +172,31 @@ class Intake:
             log.warning("seen %s: this content failed before (%s); it is not tried again "
                         "unless asked: ocr-daemon retry %s", path_key(path), known.reason,
                         known.sha256)
+
+    def read_again(self, paths: Sequence[str]) -> tuple[str, bool]:
+        """`ocr-daemon retry` of a file refused before it was read (unreadable, too large...):
+        read now as `take` reads it, and queued if it can be. Returns what became of it, and
+        whether it was queued."""
+        for recorded in reversed(paths):
+            path = Path(recorded)
+            try:
+                with os.fdopen(open_beneath(path, self.root), "rb") as handle:
+                    stat = PathStat.of(os.fstat(handle.fileno()))
+                    digest, size = sha256_handle(handle, self.settings.watch.max_file_bytes)
+            except FileNotFoundError:
+                continue
+            except (DocumentError, OSError) as exc:
+                return f"still refused: {unreadable(exc)}", False
+            for other in paths:  # each refusal's row (keyed by its path) gives way to it
+                if other != recorded:
+                    self.retry_db(partial(self.ledger.register, other, digest, size))
+            registration = self.retry_db(
+                partial(self.ledger.register, recorded, digest, size, stat=stat))
+            if registration.created or registration.state == State.QUEUED:
+                self.notify()
+                return f"read now, re-queued (sha256 {digest[:12]})", True
+            return f"read now: its content is {registration.state} already", False
+        return "not re-queued: no longer there", False
 
     def reject(self, path: Path, reason: str) -> None:
         key = path_key(path)

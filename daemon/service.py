@@ -16,7 +16,6 @@ from types import FrameType
 from typing import Any
 
 from PIL import Image as PILImage
-from sqlalchemy import Engine, text
 
 from daemon import __version__, sdnotify
 from daemon.config import Settings
@@ -30,12 +29,12 @@ from daemon.intake import Intake
 from daemon.metrics import Metrics
 from daemon.ocr.engines import OcrEngine, build_engines, worker_count
 from daemon.pipeline import Pipeline
-from daemon.store.db import is_sqlite, lock_single_daemon, open_ledger
-from daemon.store.repository import Ledger
+from daemon.store.db import lock_single_daemon, open_ledger
+from daemon.store.ledger import Ledger
+from daemon.store.outage import Outage
 from daemon.watcher import Watcher
 
 log = logging.getLogger("daemon.service")
-DATABASE_CHECK_SECONDS = 2.0  # /health reuses a database check this recent
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,8 @@ class Hardware:
 class Components:
     """Everything a running daemon is made of, built complete before anything starts."""
 
-    database: Engine
     ledger: Ledger
+    outage: Outage
     hardware: Hardware
     pipeline: Pipeline
     watcher: Watcher
@@ -86,8 +85,6 @@ class Service:
         self.components: Components | None = None
         self.ready = False
         self._stack = contextlib.ExitStack()  # what has started, stopped in reverse
-        self._database_check = (-DATABASE_CHECK_SECONDS, False)
-        self._database_check_lock = threading.Lock()
 
     @property
     def ledger(self) -> Ledger:
@@ -101,12 +98,13 @@ class Service:
         settings, stack = self.settings, self._stack
         PILImage.MAX_IMAGE_PIXELS = settings.ocr.max_image_pixels
         stack.callback(self._nvml.close)
-        database, ledger = open_ledger(settings, migrate_now=settings.database.migrate_on_start)
-        stack.callback(database.dispose)
-        lock = lock_single_daemon(database)  # before anything is re-queued as left over
+        _, ledger = open_ledger(settings, migrate_now=settings.database.migrate_on_start)
+        stack.callback(ledger.close)
+        lock = lock_single_daemon(ledger.engine)  # before anything is re-queued as left over
         if lock is not None:
             stack.callback(os.close, lock)
-        requeued = ledger.requeue_stale(all_processing=is_sqlite(database),
+        outage = Outage(ledger)
+        requeued = ledger.requeue_stale(all_processing=not ledger.postgresql,
                                         max_attempts=settings.queue.max_attempts)
         if requeued:
             log.info("re-queued %d documents left in processing by an earlier run", requeued)
@@ -120,14 +118,14 @@ class Service:
         sdnotify.extend_timeout(300)  # model loading and bucket warm-up (TensorRT builds)
         engines = self._engines(hardware.choice, workers)
 
-        pipeline = Pipeline(settings, ledger, engines, self.metrics, hardware.choice.name)
-        intake = Intake(settings, ledger, self.metrics, retry_db=pipeline.retry_db,
-                        notify=pipeline.notify)
+        pipeline = Pipeline(settings, ledger, engines, self.metrics, hardware.choice.name,
+                            outage)
+        intake = Intake(settings, ledger, self.metrics, outage=outage, notify=pipeline.notify)
         watcher = Watcher(settings.watch, intake.take, intake.reject, look_up=intake.look_up)
         server = (MetricsServer(self.metrics, settings.metrics.host, settings.metrics.port,
                                 self.health, self.is_ready)
                   if settings.metrics.enabled else None)
-        self.components = Components(database, ledger, hardware, pipeline, watcher, server)
+        self.components = Components(ledger, outage, hardware, pipeline, watcher, server)
 
         if server is not None:
             server.start()
@@ -141,7 +139,7 @@ class Service:
         sdnotify.ready(f"watching {watcher.root}")
         log.info("ocr-daemon %s ready: provider %s (%s), %d worker%s, database %s", __version__,
                  hardware.choice.name, hardware.choice.reason, workers,
-                 "" if workers == 1 else "s", database.url.render_as_string(hide_password=True))
+                 "" if workers == 1 else "s", ledger.url)
 
     def _engines(self, choice: ProviderChoice, workers: int) -> list[OcrEngine]:
         start = time.perf_counter()
@@ -169,32 +167,14 @@ class Service:
 
     # -- health ---------------------------------------------------------------------------
 
-    def database_reachable(self) -> bool:
-        """SELECT 1, at most once per DATABASE_CHECK_SECONDS: /health is asked by Docker,
-        systemd and every curious client, and each answer must not cost a round trip."""
-        if self.components is None:
-            return False
-        with self._database_check_lock:
-            checked_at, reachable = self._database_check
-            if time.monotonic() - checked_at < DATABASE_CHECK_SECONDS:
-                return reachable
-            try:
-                with self.components.database.connect() as connection:
-                    connection.execute(text("SELECT 1"))
-                reachable = True
-            except Exception:
-                reachable = False
-            self._database_check = (time.monotonic(), reachable)
-            return reachable
-
     def is_ready(self) -> bool:
         parts = self.components
-        return bool(self.ready and parts and parts.watcher.alive and parts.pipeline.database_ok)
+        return bool(self.ready and parts and parts.watcher.alive and parts.outage.ok)
 
     def health(self) -> dict[str, Any]:
         parts = self.components
-        # the pipeline's own last word counts at once; the cached check fills the quiet times
-        database = self.database_reachable() and bool(parts and parts.pipeline.database_ok)
+        # the daemon's own last word counts at once; a cached probe fills the quiet times
+        database = bool(parts and parts.outage.reachable())
         watcher_alive = bool(parts and parts.watcher.alive)
         hardware = parts.hardware if parts else None
         choice = hardware.choice if hardware else None

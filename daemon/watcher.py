@@ -12,6 +12,7 @@ is reported as rejected and never opened.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
@@ -37,7 +38,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from daemon.config import DEFAULT_IGNORES, WatchSettings
-from daemon.files import is_within
+from daemon.files import LeadsOutside, PathStat, is_within, open_beneath, unreadable
 
 log = logging.getLogger("daemon.watcher")
 
@@ -67,24 +68,13 @@ EVENTS_OTHER = (FileCreatedEvent, FileModifiedEvent, FileMovedEvent, DirCreatedE
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """What says a file changed. ctime too: a replacement with the same size, inode and mtime
-    (`cp -p`, `touch -r`, coarse SMB timestamps) still changes the ctime."""
-
-    size: int
-    mtime_ns: int
-    inode: int
-    ctime_ns: int
-
-
-@dataclass(frozen=True)
 class _Ready:
     """A file found ready in a pass, and the look it settled from (put back as it was should
     the pass end before it is taken in)."""
 
     key: str
     path: Path
-    previous: Snapshot | None
+    previous: PathStat | None
     since: float
 
 
@@ -165,8 +155,8 @@ class Watcher:
             for d in (settings.done_folder, settings.failed_dir, settings.output_dir) if d
         }
         self._lock = threading.Lock()
-        self._pending: dict[str, tuple[Snapshot | None, float]] = {}
-        self._handled: dict[str, Snapshot] = {}
+        self._pending: dict[str, tuple[PathStat | None, float]] = {}
+        self._handled: dict[str, PathStat] = {}
         self._urgent: set[str] = set()  # nominated by an event: looked at before scan finds
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
@@ -277,13 +267,13 @@ class Watcher:
                             not is_ignored(entry.name, self._patterns):
                         stack.append(path)
                     elif not self.settings.recursive and self._wanted(path):
-                        self._on_rejected_once(path, "a directory, not a file")
+                        self._on_rejected_once(path, unreadable(IsADirectoryError()))
                     continue
                 if self._wanted(path):
                     yield path
 
     def _on_rejected_once(self, path: Path, reason: str) -> None:
-        snap = Snapshot(0, 0, -1, 0)
+        snap = PathStat(0, 0, 0, -1, 0)  # no file has it: a refusal recorded once
         with self._lock:
             if self._handled.get(str(path)) == snap:
                 return
@@ -428,7 +418,7 @@ class Watcher:
                 self._handled.pop(file.key, None)
                 self._pending.setdefault(file.key, (file.previous, file.since))
 
-    def _settle(self, path: Path, previous: Snapshot | None, since: float, now: float
+    def _settle(self, path: Path, previous: PathStat | None, since: float, now: float
                 ) -> str | None:
         """'ready', 'vanished', a rejection reason, or None (not yet: still settling)."""
         link = _stat_or_reason(path, follow_symlinks=False)
@@ -441,11 +431,10 @@ class Watcher:
         st = _stat_or_reason(path, follow_symlinks=True)
         if isinstance(st, str):
             return st
-        if stat.S_ISDIR(st.st_mode):
-            return "a directory, not a file"
         if not stat.S_ISREG(st.st_mode):
-            return "not a regular file"
-        current = Snapshot(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            return unreadable(IsADirectoryError() if stat.S_ISDIR(st.st_mode)
+                              else OSError(errno.EINVAL, "not a regular file"))
+        current = PathStat.of(st)
         if current != previous:
             with self._lock:
                 if str(path) in self._pending:
@@ -453,15 +442,12 @@ class Watcher:
             return None
         if now - since < self.settings.settle_seconds:
             return None
-        try:
-            with open(path, "rb"):
-                pass
-        except PermissionError:
-            return "permission denied: the daemon's user cannot read it"
+        try:  # as every read of it will: one component at a time, never blocking on a FIFO
+            os.close(open_beneath(path, self.root))
         except FileNotFoundError:
             return "vanished"
         except OSError as exc:
-            return f"cannot open: {exc.strerror}"
+            return unreadable(exc)
         return "ready"
 
     def _symlink_problem(self, path: Path) -> str | None:
@@ -470,9 +456,9 @@ class Watcher:
         except FileNotFoundError:
             return "dangling symlink"
         except (RuntimeError, OSError):
-            return "symlink loop"
+            return unreadable(OSError(errno.ELOOP, "symlink loop"))
         if not is_within(target, self.root):
-            return "symlink points outside the watched folder"
+            return unreadable(LeadsOutside(path))
         return None
 
 
@@ -494,9 +480,9 @@ def _stat_or_reason(path: Path, *, follow_symlinks: bool) -> os.stat_result | st
         return f"cannot stat: {exc.strerror}"
 
 
-def _snapshot(path: Path) -> Snapshot | None:
+def _snapshot(path: Path) -> PathStat | None:
     try:
         st = path.stat()
     except OSError:
         return None
-    return Snapshot(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    return PathStat.of(st)

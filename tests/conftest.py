@@ -13,7 +13,7 @@ from daemon.http import MetricsServer
 from daemon.metrics import Metrics
 from daemon.store import migrate
 from daemon.store.db import make_engine
-from daemon.store.repository import Ledger
+from daemon.store.ledger import Ledger
 from tests.daemons import scratch_database
 
 PG_ADMIN_URL = os.environ.get(

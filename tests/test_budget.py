@@ -12,8 +12,8 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 
 from daemon.budget import ByteBudget
-from daemon.pipeline import decode_threads
 from daemon.results import Image, PageResult
+from daemon.sizing import decode_threads
 from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
 
 MB = 1 << 20

@@ -17,8 +17,9 @@ from daemon.config import DatabaseSettings
 from daemon.results import Line, PageResult, join_pages
 from daemon.store import migrate
 from daemon.store.db import make_engine
+from daemon.store.ledger import Ledger
 from daemon.store.models import Document, DocumentPath, PageRow
-from daemon.store.repository import Ledger
+from tests.support import claim_one
 
 REPO = Path(__file__).resolve().parent.parent
 BOX = ((0.0, 0.0), (10.0, 0.0), (10.0, 5.0), (0.0, 5.0))
@@ -26,7 +27,7 @@ BOX = ((0.0, 0.0), (10.0, 0.0), (10.0, 5.0), (0.0, 5.0))
 
 def store(ledger: Ledger, path: str, sha: str, *texts: str) -> None:
     doc = ledger.register(path, sha, 10).document_id
-    assert ledger.claim(doc, "w", 60) is not None
+    assert claim_one(ledger, doc, "w", 60) is not None
     pages = [PageResult(lines=(Line(text, 0.75, BOX),)) for text in texts]
     assert ledger.complete(doc, "w", pages, 0.5, "cuda")
 
@@ -41,7 +42,7 @@ def test_export_jsonl_txt_and_since(db_url: str, monkeypatch: pytest.MonkeyPatch
     now[0] += timedelta(days=10)
     store(ledger, "/in/new.pdf", "b" * 64, "first page", "台灣的發票")
     failed = ledger.register("/in/bad.png", "c" * 64, 10).document_id
-    ledger.claim(failed, "w", 60)
+    claim_one(ledger, failed, "w", 60)
     ledger.fail(failed, "corrupt", permanent=True, max_attempts=1, backoff_seconds=0)
     engine.dispose()
     monkeypatch.setenv("OCR_DAEMON_DATABASE__URL", db_url)

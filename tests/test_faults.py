@@ -37,7 +37,7 @@ from sqlalchemy import create_engine, text
 from daemon.config import DatabaseSettings
 from daemon.store import migrate
 from daemon.store.db import make_engine
-from daemon.store.repository import Ledger
+from daemon.store.ledger import Ledger
 from tests.pages import SENTENCES, page_bytes
 from tests.test_pdf import encrypted_pdf
 

@@ -15,12 +15,14 @@ import pytest
 
 from daemon.config import Settings, load_settings
 from daemon.errors import ConfigError
-from daemon.files import LeadsOutside, open_beneath, read_beneath, write_sidecars
+from daemon.files import LeadsOutside, open_beneath, read_beneath
 from daemon.intake import Intake
 from daemon.metrics import Metrics
+from daemon.outputs import write_sidecars
 from daemon.results import Line, PageResult
 from daemon.service import Service
 from daemon.store.db import open_ledger
+from daemon.store.outage import Outage
 from tests.pages import SENTENCES, similarity, write_page
 from tests.test_watcher import looked_twice
 
@@ -231,7 +233,7 @@ def test_a_file_swapped_for_a_link_out_after_the_check_is_not_read(
     settings = settings_factory()
     ledger = open_ledger(settings, migrate_now=True)[1]
     rejected: list[str] = []
-    intake = Intake(settings, ledger, Metrics("test"), retry_db=lambda action: action(),
+    intake = Intake(settings, ledger, Metrics("test"), outage=Outage(ledger),
                     notify=lambda: None)
     intake.reject = lambda path, reason: rejected.append(reason)  # type: ignore[method-assign]
     inbox = settings.watch.path

@@ -531,8 +531,8 @@ def test_each_device_gets_its_own_provider_options() -> None:
 
 
 def test_a_worker_per_batch_in_flight_on_each_gpu() -> None:
-    from daemon.ocr.device import GPU_BATCHES_IN_FLIGHT
     from daemon.ocr.engines import worker_count
+    from daemon.sizing import GPU_BATCHES_IN_FLIGHT
 
     settings = Settings()
     assert worker_count(settings, ProviderChoice("cuda", devices=(0, 1, 2))) == \

@@ -144,8 +144,8 @@ def test_no_two_modules_import_each_other() -> None:
 
 
 @pytest.mark.parametrize(("module", "planted", "expected"), [
-    ("store/repository.py", "from daemon.ocr.batch import BatchEngine",
-     "daemon.store.repository imports daemon.ocr.batch"),
+    ("store/ledger.py", "from daemon.ocr.batch import BatchEngine",
+     "daemon.store.ledger imports daemon.ocr.batch"),
     ("watcher.py", "from daemon.store import models",
      "daemon.watcher imports daemon.store.models"),
     ("metrics.py", "    from daemon.hardware.nvml import NvmlReader",
@@ -167,7 +167,8 @@ def test_a_planted_cycle_is_caught(tmp_path: Path) -> None:
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
     planted = "\n\ndef _planted() -> None:\n    from daemon import pipeline\n"
     (copy / "files.py").write_text((copy / "files.py").read_text() + planted)
-    assert ["daemon.files", "daemon.pipeline"] in cycles(import_graph(copy))
+    found = cycles(import_graph(copy))
+    assert any({"daemon.files", "daemon.pipeline"} <= set(cycle) for cycle in found)
 
 
 def test_every_package_is_shipped_in_the_wheel() -> None:

@@ -13,8 +13,9 @@ import pytest
 from daemon.cli import main
 from daemon.errors import ExitCode, NotFoundError
 from daemon.results import Image, Line, PageResult
-from daemon.store.repository import Ledger
+from daemon.store.ledger import Ledger
 from tests.pages import SENTENCES, write_page
+from tests.support import claim_next, claim_one
 from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
 
 ONE_PAGE = [PageResult(lines=(Line("a lighthouse keeper", 0.9,
@@ -24,7 +25,7 @@ ONE_PAGE = [PageResult(lines=(Line("a lighthouse keeper", 0.9,
 def failed_document(ledger: Ledger, path: str, sha256: str, reason: str = "engine broke"
                     ) -> int:
     doc = ledger.register(path, sha256, 10).document_id
-    assert ledger.claim(doc, "w", 60) is not None
+    assert claim_one(ledger, doc, "w", 60) is not None
     ledger.fail(doc, reason, permanent=True, max_attempts=3, backoff_seconds=0)
     return doc
 
@@ -32,7 +33,7 @@ def failed_document(ledger: Ledger, path: str, sha256: str, reason: str = "engin
 def test_retry_requeues_failed_documents_and_keeps_the_reason(ledger: Ledger) -> None:
     doc = failed_document(ledger, "/in/a.png", "a" * 64, "CUDA out of memory")
     done = ledger.register("/in/b.png", "b" * 64, 10).document_id
-    assert ledger.claim(done, "w", 60) is not None
+    assert claim_one(ledger, done, "w", 60) is not None
     assert ledger.complete(done, "w", ONE_PAGE, 0.1, "cpu")
 
     [retried] = ledger.retry([doc, done])  # the done one is left alone
@@ -44,7 +45,7 @@ def test_retry_requeues_failed_documents_and_keeps_the_reason(ledger: Ledger) ->
     assert [(e["event"], e["detail"]) for e in ledger.history("a" * 64)] == [
         ("failed", "CUDA out of memory"), ("retry", "CUDA out of memory")]
     assert ledger.retry([doc]) == []  # queued now: nothing to retry
-    claim = ledger.claim_next("w2", 60)
+    claim = claim_next(ledger, "w2", 60)
     assert claim is not None and claim.document_id == doc and claim.attempts == 1
 
 
@@ -65,7 +66,7 @@ def test_a_refused_file_is_not_queued_by_retry(ledger: Ledger) -> None:
 
 def test_forget_removes_the_document_and_its_text(ledger: Ledger) -> None:
     doc = ledger.register("/in/b.png", "b" * 64, 10).document_id
-    assert ledger.claim(doc, "w", 60) is not None
+    assert claim_one(ledger, doc, "w", 60) is not None
     assert ledger.complete(doc, "w", ONE_PAGE, 0.1, "cpu")
     assert ledger.search("lighthouse")
     assert ledger.forget(doc)

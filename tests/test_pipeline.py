@@ -20,20 +20,20 @@ from daemon.metrics import Metrics
 from daemon.ocr import batch as batch_module
 from daemon.ocr import buckets
 from daemon.ocr.batch import BatchEngine
-from daemon.ocr.device import GPU_BATCHES_IN_FLIGHT
 from daemon.ocr.engines import OcrEngine
-from daemon.pipeline import (
+from daemon.pipeline import Pipeline
+from daemon.results import Image, Line, PageResult
+from daemon.service import Service
+from daemon.sizing import (
     DECODE_THREADS_MAX,
+    GPU_BATCHES_IN_FLIGHT,
     PDF_PROCESSES_MAX,
-    Pipeline,
     decode_threads,
     pdf_processes,
     store_threads,
 )
-from daemon.results import Image, Line, PageResult
-from daemon.service import Service
 from daemon.store.db import open_ledger
-from daemon.store.repository import Ledger
+from daemon.store.ledger import Ledger
 from daemon.watcher import Watcher
 from tests.pages import SENTENCES, page_bytes, render_page, similarity, write_page
 
@@ -156,8 +156,7 @@ def run_pipeline(settings: Settings, engine: object) -> tuple[Pipeline, Ledger, 
     metrics = Metrics("test")
     pipeline = Pipeline(settings, ledger, [engine], metrics, "cpu")  # type: ignore[list-item]
     pipeline.start()
-    intake = Intake(settings, ledger, metrics, retry_db=pipeline.retry_db,
-                    notify=pipeline.notify)
+    intake = Intake(settings, ledger, metrics, outage=pipeline.outage, notify=pipeline.notify)
     watcher = Watcher(settings.watch, intake.take, intake.reject, tick_seconds=0.05,
                       look_up=intake.look_up)
     watcher.start()
@@ -572,12 +571,12 @@ def test_auto_decode_threads_use_every_core_on_a_gpu_provider(
     threads would hold a 16-core GPU host to a fraction of its GPU. On the CPU provider the
     cores belong to inference. PDF pages render in as many processes (at most 8) from 4
     cores on: pdfium draws one page at a time per process."""
-    import daemon.pipeline as pipeline_module
+    from daemon import sizing
 
     settings = settings_factory()
     assert settings.batch.decode_threads == "auto"
     cores = set(range(12))
-    monkeypatch.setattr(pipeline_module.os, "sched_getaffinity", lambda _pid: cores)
+    monkeypatch.setattr(sizing, "usable_cores", lambda: len(cores))
     assert decode_threads(settings, "cpu") == 2
     assert decode_threads(settings, "cuda") == 12
     _, ledger = open_ledger(settings, migrate_now=True)
@@ -604,17 +603,17 @@ def test_health_reuses_a_recent_database_check(service: Callable[..., Service]) 
     not one per request."""
     from sqlalchemy import event
 
-    from daemon.service import DATABASE_CHECK_SECONDS
+    from daemon.store.outage import CHECK_SECONDS
 
     svc = service()
     assert svc.components is not None
     checks: list[str] = []
-    event.listen(svc.components.database, "before_cursor_execute",
+    event.listen(svc.components.ledger.engine, "before_cursor_execute",
                  lambda _c, _cur, statement, *_a: checks.append(statement))
     start = time.monotonic()
     for _ in range(20):
         assert svc.health()["database"] == "ok"
-    if time.monotonic() - start < DATABASE_CHECK_SECONDS:  # (always, unless this host crawls)
+    if time.monotonic() - start < CHECK_SECONDS:  # (always, unless this host crawls)
         assert checks.count("SELECT 1") == 1
     # and once the check is older than that, the next request checks again
     assert wait_until(lambda: (svc.health(), checks.count("SELECT 1") >= 2)[1], 10)
@@ -693,15 +692,15 @@ def test_store_loops_are_one_for_the_ledger_and_more_for_searchable_pdfs(
     overlapping; with searchable PDFs, as many as the decoding threads if more."""
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(12)))
     settings = settings_factory()
-    assert store_threads(settings, "cuda") == 1
+    assert store_threads(settings, "cuda", postgresql=False) == 1
     pdfs = settings_factory(watch={"output_pdf": "pdf",
                                    "output_dir": str(settings.watch.path.parent / "pdf")})
-    assert store_threads(pdfs, "cuda") == decode_threads(pdfs, "cuda") == 12
-    assert store_threads(pdfs, "cpu") == 2
+    assert store_threads(pdfs, "cuda", postgresql=False) == decode_threads(pdfs, "cuda") == 12
+    assert store_threads(pdfs, "cpu", postgresql=False) == 2
     postgresql = {"url": "postgresql+psycopg://ocr@db/ocr"}
-    assert store_threads(settings_factory(database=postgresql), "cuda") == 4
+    assert store_threads(settings_factory(database=postgresql), "cuda", postgresql=True) == 4
     assert store_threads(settings_factory(database=postgresql, watch=pdfs.watch.model_dump()),
-                         "cpu") == 4
+                         "cpu", postgresql=True) == 4
 
 
 class PoisonEngine(DeviceEngine):

@@ -17,11 +17,13 @@ from PIL import Image as PILImage
 from daemon import intake as intake_module
 from daemon import pipeline as pipeline_module
 from daemon.config import Settings
+from daemon.files import PathStat
 from daemon.pipeline import CLAIM_BATCH, Pipeline
 from daemon.results import Image, PageResult
 from daemon.service import Service
 from daemon.store.db import open_ledger
-from daemon.store.repository import Ledger, PathStat
+from daemon.store.ledger import Ledger
+from tests.support import claim_one
 from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
 from tests.test_watcher import looked_twice
 
@@ -100,7 +102,7 @@ def test_a_done_document_left_in_place_is_moved_at_the_next_start(
     data = path.read_bytes()
     reg = ledger.register(os.path.abspath(path), hashlib.sha256(data).hexdigest(), len(data),
                           stat=PathStat.of(path.stat()))
-    assert ledger.claim(reg.document_id, "killed", 60) is not None
+    assert claim_one(ledger, reg.document_id, "killed", 60) is not None
     assert ledger.complete(reg.document_id, "killed", [PageResult()], 0.1, "cpu")
     pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
     try:
@@ -250,7 +252,7 @@ def test_queued_documents_are_claimed_several_a_statement(
         assert sum(claimed) == 40 and len(claimed) < 20
         assert max(claimed) == CLAIM_BATCH
         # a document's slot is given back just after it is stored: wait for the last
-        assert wait_until(lambda: pipeline._slots._value  # type: ignore[attr-defined]
+        assert wait_until(lambda: pipeline.table._slots._value  # type: ignore[attr-defined]
                           == settings.queue.capacity, 10)
         assert pipeline.inflight_count() == 0
     finally:

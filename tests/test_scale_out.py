@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, text
 from daemon.config import DatabaseSettings
 from daemon.store import migrate
 from daemon.store.db import make_engine
-from daemon.store.repository import Ledger
+from daemon.store.ledger import Ledger
 from tests.daemons import standin_daemon, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

@@ -21,8 +21,9 @@ from daemon.ocr.rapid import RapidOcrEngine
 from daemon.results import Line, PageResult
 from daemon.store import migrate
 from daemon.store.db import make_engine
-from daemon.store.repository import Ledger
+from daemon.store.ledger import Ledger
 from daemon.store.search import parse_query, snippet
+from tests.support import claim_one
 
 FONT = Path(__file__).parent / "fonts" / "DroidSansFallback-test-subset.ttf"
 BOX = ((0.0, 0.0), (10.0, 0.0), (10.0, 5.0), (0.0, 5.0))
@@ -35,7 +36,7 @@ def page(*lines: str) -> PageResult:
 def store(ledger: Ledger, path: str, *pages: PageResult) -> str:
     digest = hashlib.sha256(path.encode()).hexdigest()
     registration = ledger.register(path, digest, 1)
-    assert ledger.claim(registration.document_id, "w", 60) is not None
+    assert claim_one(ledger, registration.document_id, "w", 60) is not None
     assert ledger.complete(registration.document_id, "w", list(pages), 1.0, "cpu")
     return digest
 

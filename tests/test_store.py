@@ -16,12 +16,15 @@ from sqlalchemy.engine import make_url
 
 from daemon.config import DatabaseSettings
 from daemon.errors import ConfigError, NotFoundError
+from daemon.files import PathStat
 from daemon.results import Line, PageResult
 from daemon.store import db as db_module
 from daemon.store import migrate
 from daemon.store.db import make_engine
+from daemon.store.ledger import Ledger
 from daemon.store.models import State
-from daemon.store.repository import Ledger, NewFile, PathStat, Registration
+from daemon.store.records import NewFile, Registration
+from tests.support import claim_next, claim_one, paths_of
 
 
 def sha(text: str) -> str:
@@ -63,7 +66,7 @@ def test_a_new_file_is_registered_in_as_few_statements_as_can_be(ledger: Ledger)
     finally:
         event.remove(ledger.engine, "before_cursor_execute", count)
     assert first.created and first.path_added
-    assert ledger.paths_of(first.document_id) == ("/in/new.png",)
+    assert paths_of(ledger, first.document_id) == ("/in/new.png",)
     assert not ledger.register("/in/new.png", sha("new"), 1).path_added
 
 
@@ -131,7 +134,7 @@ def test_files_found_together_are_registered_as_each_would_be(ledger: Ledger) ->
     assert ledger.counts()[State.FAILED] == 0  # the refusal is gone
     assert ledger.known_path("/in/b.png", stat) == Registration(
         b.document_id, sha("b"), State.QUEUED, False, False, None)
-    assert ledger.paths_of(b.document_id) == ("/in/b.png", "/in/b-again.png")
+    assert paths_of(ledger, b.document_id) == ("/in/b.png", "/in/b-again.png")
     assert ledger.known_path("/in/a.png", PathStat(11, 6, 7, 8, 5)) is not None
     assert ledger.register_many([]) == []
 
@@ -188,42 +191,43 @@ def test_racing_registrations_of_one_content_make_one_document(ledger: Ledger) -
         thread.join()
     assert len(results) == 6 and sum(r.created for r in results) == 1
     assert len({r.document_id for r in results}) == 1
-    assert sorted(ledger.paths_of(results[0].document_id)) == [
+    assert sorted(paths_of(ledger, results[0].document_id)) == [
         f"/in/copy-{i}.png" for i in range(6)]
     assert ledger.counts()[State.QUEUED] == 1
 
 
 def test_only_one_worker_gets_a_claim(ledger: Ledger) -> None:
+    """Four workers race `claim_many`, the daemon's one claim path, for one document."""
     doc = ledger.register("/in/a.png", sha("a"), 1)
     results: list[object] = []
     barrier = threading.Barrier(4)
 
     def grab(i: int) -> None:
         barrier.wait()
-        results.append(ledger.claim(doc.document_id, f"w{i}", 60))
+        results.extend(ledger.claim_many(f"w{i}", 60, 1))
 
     threads = [threading.Thread(target=grab, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sum(r is not None for r in results) == 1
+    assert [getattr(r, "document_id", None) for r in results] == [doc.document_id]
 
 
 def test_claim_next_skips_excluded_and_takes_oldest(ledger: Ledger) -> None:
     a = ledger.register("/in/a.png", sha("a"), 1)
     b = ledger.register("/in/b.png", sha("b"), 1)
-    claim = ledger.claim_next("w", 60, exclude=[a.document_id])
+    claim = claim_next(ledger, "w", 60, exclude=[a.document_id])
     assert claim is not None and claim.document_id == b.document_id
     assert claim.paths == ("/in/b.png",) and claim.attempts == 1
-    claim = ledger.claim_next("w", 60)
+    claim = claim_next(ledger, "w", 60)
     assert claim is not None and claim.document_id == a.document_id
-    assert ledger.claim_next("w", 60) is None
+    assert claim_next(ledger, "w", 60) is None
 
 
 def test_complete_stores_pages_and_done_together(ledger: Ledger) -> None:
     reg = ledger.register("/in/a.png", sha("a"), 1)
-    claim = ledger.claim_next("w", 60)
+    claim = claim_next(ledger, "w", 60)
     assert claim is not None
     assert ledger.complete(reg.document_id, "w", [page("hello", "world"), page("two")], 1.5,
                            "cpu")
@@ -238,13 +242,13 @@ def test_complete_gives_the_paths_known_as_it_stores(ledger: Ledger) -> None:
     """For the after-action: a copy of the same content dropped while the document was
     processed is among them."""
     reg = ledger.register("/in/a.png", sha("a"), 1)
-    claim = ledger.claim_next("w", 60)
+    claim = claim_next(ledger, "w", 60)
     assert claim is not None and claim.paths == ("/in/a.png",)
     ledger.register("/in/copy of a.png", sha("a"), 1)
     assert ledger.complete(reg.document_id, "w", [page("x")], 1.0, "cpu") == (
         "/in/a.png", "/in/copy of a.png")
     other = ledger.register("/in/b.png", sha("b"), 1)  # "keep": no paths asked for, none read
-    assert ledger.claim_next("w", 60) is not None
+    assert claim_next(ledger, "w", 60) is not None
     assert ledger.complete(other.document_id, "w", [page("y")], 1.0, "cpu",
                            with_paths=False) == ()
     assert ledger.find(sha("b")).state == State.DONE
@@ -259,7 +263,7 @@ def test_lines_are_stored_rounded_in_their_order(ledger: Ledger) -> None:
                   tuple((np.float32(x + 100), np.float32(y)) for x, y in corners)),  # type: ignore[arg-type]
              Line("", 1.0, ((0.0, 0.0),) * 4))  # type: ignore[arg-type]
     reg = ledger.register("/in/a.png", sha("a"), 1)
-    assert ledger.claim_next("w", 60) is not None
+    assert claim_next(ledger, "w", 60) is not None
     assert ledger.complete(reg.document_id, "w", [PageResult(lines=lines), PageResult()], 1.0,
                            "cpu")
     stored = ledger.find(sha("a")).pages
@@ -277,7 +281,7 @@ def test_a_document_stored_again_has_only_its_new_pages(ledger: Ledger) -> None:
     today) is stored with its new pages only. On PostgreSQL the one-statement store meets the
     old pages' unique key and gives way to the transaction that deletes them first."""
     reg = ledger.register("/in/a.png", sha("a"), 1)
-    assert ledger.claim_next("w", 60) is not None
+    assert claim_next(ledger, "w", 60) is not None
     assert ledger.complete(reg.document_id, "w", [page("one"), page("two")], 1.0, "cpu")
     with ledger.engine.begin() as conn:
         conn.execute(text("UPDATE documents SET state = 'processing', claimed_by = 'w2' "
@@ -291,7 +295,7 @@ def test_a_document_stored_again_has_only_its_new_pages(ledger: Ledger) -> None:
 
 def test_complete_refused_without_the_claim(ledger: Ledger) -> None:
     reg = ledger.register("/in/a.png", sha("a"), 1)
-    assert ledger.claim_next("w1", 60) is not None
+    assert claim_next(ledger, "w1", 60) is not None
     assert ledger.complete(reg.document_id, "w2", [page("x")], 1.0, "cpu") is None
     assert ledger.find(sha("a")).pages == ()
 
@@ -300,13 +304,13 @@ def test_transient_failure_is_retried_with_backoff_then_fails(ledger: Ledger) ->
     now = [datetime(2026, 1, 1, tzinfo=UTC)]
     timed = Ledger(ledger.engine, clock=lambda: now[0])
     reg = timed.register("/in/a.png", sha("a"), 1)
-    assert timed.claim_next("w", 60) is not None
+    assert claim_next(timed, "w", 60) is not None
     outcome = timed.fail(reg.document_id, "busy", permanent=False, max_attempts=2,
                          backoff_seconds=10)
     assert outcome.state == State.QUEUED
-    assert timed.claim_next("w", 60) is None  # not due yet
+    assert claim_next(timed, "w", 60) is None  # not due yet
     now[0] += timedelta(seconds=11)
-    assert timed.claim_next("w", 60) is not None
+    assert claim_next(timed, "w", 60) is not None
     outcome = timed.fail(reg.document_id, "busy again", permanent=False, max_attempts=2,
                          backoff_seconds=10)
     assert outcome.state == State.FAILED and outcome.attempts == 2
@@ -316,7 +320,7 @@ def test_transient_failure_is_retried_with_backoff_then_fails(ledger: Ledger) ->
 
 def test_permanent_failure_fails_at_once(ledger: Ledger) -> None:
     reg = ledger.register("/in/a.png", sha("a"), 1)
-    ledger.claim_next("w", 60)
+    claim_next(ledger, "w", 60)
     outcome = ledger.fail(reg.document_id, "corrupt", permanent=True, max_attempts=5,
                           backoff_seconds=1)
     assert outcome.state == State.FAILED
@@ -327,12 +331,12 @@ def test_release_and_stale_leases_requeue(ledger: Ledger) -> None:
     timed = Ledger(ledger.engine, clock=lambda: now[0])
     a = timed.register("/in/a.png", sha("a"), 1)
     b = timed.register("/in/b.png", sha("b"), 1)
-    timed.claim(a.document_id, "w", 60)
-    timed.claim(b.document_id, "w", 600)
+    claim_one(timed, a.document_id, "w", 60)
+    claim_one(timed, b.document_id, "w", 600)
     assert timed.release(a.document_id, "w")
     assert timed.find(sha("a")).attempts == 0  # a hand-back is not an attempt
     now[0] += timedelta(seconds=120)
-    timed.claim(a.document_id, "w", 60)
+    claim_one(timed, a.document_id, "w", 60)
     now[0] += timedelta(seconds=120)
     assert timed.requeue_stale() == 1  # a's lease ran out, b's did not
     assert timed.counts() == {"queued": 1, "processing": 1, "done": 0, "failed": 0}
@@ -351,7 +355,7 @@ def test_find_by_any_path_or_sha(ledger: Ledger) -> None:
 def test_search_finds_pages_with_snippets(ledger: Ledger) -> None:
     for name, texts in {"a": ["alpha beta", "gamma"], "b": ["delta 50% off"]}.items():
         reg = ledger.register(f"/in/{name}.png", sha(name), 1)
-        ledger.claim(reg.document_id, "w", 60)
+        claim_one(ledger, reg.document_id, "w", 60)
         ledger.complete(reg.document_id, "w", [page(t) for t in texts], 1.0, "cpu")
     hits = ledger.search("GAMMA")
     assert [(h.path, h.page_no) for h in hits] == [("/in/a.png", 2)]
@@ -398,7 +402,7 @@ def test_a_rejection_is_recorded_failed_in_one_transaction(ledger: Ledger) -> No
         event.remove(ledger.engine, "commit", on_commit)
     assert states == ["commit"]
     assert registration.state == State.FAILED and registration.created
-    assert ledger.claim_next("w", 60) is None
+    assert claim_next(ledger, "w", 60) is None
     assert ledger.status()["failures"][0]["reason"] == "symlink points outside"
     again = ledger.record_rejection("/in/link.png", "symlink points outside")
     assert not again.path_added and again.state == State.FAILED
@@ -452,10 +456,10 @@ def test_a_late_failure_from_a_worker_that_lost_its_lease_changes_nothing(
     now = [datetime(2026, 1, 1, tzinfo=UTC)]
     timed = Ledger(ledger.engine, clock=lambda: now[0])
     doc = timed.register("/in/a.png", sha("a"), 1).document_id
-    assert timed.claim_next("slow", 60) is not None
+    assert claim_next(timed, "slow", 60) is not None
     now[0] += timedelta(seconds=61)
     assert timed.requeue_stale() == 1  # its lease ran out
-    assert timed.claim_next("fast", 60) is not None
+    assert claim_next(timed, "fast", 60) is not None
     assert timed.complete(doc, "fast", [page("stored by fast")], 0.1, "cpu")
     late = timed.fail(doc, "engine error", permanent=True, max_attempts=3, backoff_seconds=0,
                       worker="slow")
@@ -469,8 +473,8 @@ def test_the_heartbeat_renews_only_what_a_worker_holds(ledger: Ledger) -> None:
     timed = Ledger(ledger.engine, clock=lambda: now[0])
     a = timed.register("/in/a.png", sha("a"), 1).document_id
     b = timed.register("/in/b.png", sha("b"), 1).document_id
-    assert timed.claim(a, "w1", 60) is not None
-    assert timed.claim(b, "w2", 60) is not None
+    assert claim_one(timed, a, "w1", 60) is not None
+    assert claim_one(timed, b, "w2", 60) is not None
     for _ in range(5):  # five minutes of a slow document, renewed every 50 s
         now[0] += timedelta(seconds=50)
         assert timed.renew("w1", [a, b], 60) == {a}  # b is not w1's to renew
@@ -489,14 +493,14 @@ def test_lease_expiries_count_as_attempts(ledger: Ledger) -> None:
     timed = Ledger(ledger.engine, clock=lambda: now[0])
     doc = timed.register("/in/a.png", sha("a"), 1).document_id
     for attempt in (1, 2, 3):
-        claim = timed.claim_next(f"w{attempt}", 60)
+        claim = claim_next(timed, f"w{attempt}", 60)
         assert claim is not None and claim.attempts == attempt
         now[0] += timedelta(seconds=61)
         assert timed.requeue_stale(max_attempts=3) == 1
     found = timed.find(sha("a"))
     assert found.state == "failed" and "lease ran out" in (found.reason or "")
     assert [e["event"] for e in timed.history(sha("a"))] == ["expired"] * 3
-    assert timed.claim_next("w4", 60) is None
+    assert claim_next(timed, "w4", 60) is None
     assert doc == found.id
 
 
@@ -558,9 +562,8 @@ def test_lookups_and_claims_skip_the_transaction_round_trips(
         assert sent(lambda: ledger.register_many([
             NewFile(f"/in/new{n}.png", sha(f"new{n}"), 1, stat) for n in range(8)])) == ["Sync"]
         claims: list[Any] = []
-        assert sent(lambda: claims.append(ledger.claim_next("w", 60))) == ["Sync"]
+        assert sent(lambda: claims.append(claim_next(ledger, "w", 60))) == ["Sync"]
         assert claims[0] is not None and claims[0].paths == ("/in/a.png", "/in/b.png")
-        assert sent(lambda: ledger.paths_of(claims[0].document_id)) == ["Sync"]
         assert sent(lambda: ledger.complete(claims[0].document_id, "w", [page("x")], 1.0,
                                             "cpu")) == ["Sync"]
     finally:

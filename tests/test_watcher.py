@@ -15,11 +15,15 @@ from watchdog.events import FileSystemEvent
 from daemon import intake as intake_module
 from daemon import watcher as watcher_module
 from daemon.config import Settings, WatchSettings
+from daemon.files import PathStat
 from daemon.intake import Intake
 from daemon.metrics import Metrics
+from daemon.store.ledger import Ledger
 from daemon.store.models import State
-from daemon.store.repository import Ledger, NewFile, PathStat, Registration
+from daemon.store.outage import Outage
+from daemon.store.records import NewFile, Registration
 from daemon.watcher import Watcher, is_ignored, mount_fstype, needs_polling
+from tests.support import paths_of
 
 
 class Recorder:
@@ -438,7 +442,7 @@ def intake_pass(ledger: Ledger, inbox: Path, names: list[str], *, fail: int = 0,
     the ledger's counter, the watcher and its clock."""
     counting = CountingLedger(ledger, fail)
     settings = Settings(watch={"path": inbox}, database={"url": "sqlite://"})
-    intake = Intake(settings, ledger, Metrics("test"), retry_db=lambda action: action(),
+    intake = Intake(settings, ledger, Metrics("test"), outage=Outage(ledger),
                     notify=lambda: notified.append(1) if notified is not None else None)
     now = [0.0]
     watcher = hand_driven(inbox, intake.take, now, names, look_up=intake.look_up)
@@ -463,12 +467,12 @@ def test_new_files_found_ready_together_are_registered_at_once(
         sorted([*names, "copy-of-known.png", "copy-of-new03.png"])]
     assert len(notified) == 10
     assert ledger.counts()[State.QUEUED] == 11
-    assert ledger.paths_of(known.document_id) == (str(inbox / "earlier.png"),
+    assert paths_of(ledger, known.document_id) == (str(inbox / "earlier.png"),
                                                   str(inbox / "copy-of-known.png"))
     new03 = ledger.known_path(str(inbox / "new03.png"),
                               PathStat.of((inbox / "new03.png").stat()))
     assert new03 is not None
-    assert set(ledger.paths_of(new03.document_id)) == {str(inbox / "new03.png"),
+    assert set(paths_of(ledger, new03.document_id)) == {str(inbox / "new03.png"),
                                                        str(inbox / "copy-of-new03.png")}
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections import defaultdict
@@ -44,7 +43,6 @@ from daemon.hardware.providers import ProviderChoice
 from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets
 from daemon.ocr.device import (
-    GPU_BATCHES_IN_FLIGHT,
     FloatArray,
     GpuOutOfMemoryError,
     ShapeSessions,
@@ -55,7 +53,6 @@ from daemon.ocr.host import (
     Detected,
     HostPool,
     PageBuffer,
-    auto_processes,
     ctc_decode,
     det_lut,
     detect_lines,
@@ -65,14 +62,14 @@ from daemon.ocr.host import (
 from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
 from daemon.ocr.script import to_traditional, wants_traditional
 from daemon.results import Image, Line, PageResult, Point
+from daemon.sizing import GPU_BATCHES_IN_FLIGHT, warmup_threads
+from daemon.sizing import host_processes as host_processes_auto
 
 log = logging.getLogger(__name__)
 
 # Padding a page with white makes the padded area look like more page margin, which disturbs
 # the text near the edge least.
 DET_PAD_WHITE = 255
-# Shapes warmed at once on a GPU provider (see `warm_shapes`).
-WARMUP_THREADS_MAX = 8
 # A full warm-up starts no new shape after this many seconds (the bound): the daemon
 # is ready then, and a shape left cold gets its session and plans at its first batch.
 WARMUP_SECONDS_MAX = 60.0
@@ -199,7 +196,7 @@ class BatchEngine:
         )
         if host_processes == "auto":
             # the GPU path's host stages on every core; on the CPU inference has them already
-            host_processes = auto_processes() if self._provider != "cpu" else 0
+            host_processes = host_processes_auto() if self._provider != "cpu" else 0
         # the angle classifier turns raw crops, so with it lines are cut in this process
         self._host = (HostPool(host_processes, db_params,
                                keep_segments=GPU_BATCHES_IN_FLIGHT * max_pages)
@@ -491,7 +488,7 @@ class BatchEngine:
         On a GPU each shape gets its own sessions here (`ShapeSessions`), and their first run
         builds a cuDNN plan for every convolution: 0.7-3.7 s a recogniser shape on an H100,
         host work, so a full warm-up runs up to `threads` shapes at once (default
-        `WARMUP_THREADS_MAX` or the usable cores, fewer). In one shared session they would
+        `sizing.WARMUP_THREADS_MAX` or the usable cores, fewer). In one shared session they would
         wait on each node's lock and undo each other's plans.
         No new shape starts after `seconds` (default `WARMUP_SECONDS_MAX`, for all models):
         the shapes left cold get their own sessions at their first batch (`ShapeSessions.
@@ -501,7 +498,7 @@ class BatchEngine:
         if full is None:
             full = self._provider != "cpu"
         if threads is None:
-            threads = min(len(os.sched_getaffinity(0)), WARMUP_THREADS_MAX) if full else 1
+            threads = warmup_threads() if full else 1
         if seconds is None:
             seconds = WARMUP_SECONDS_MAX
         deadline = time.monotonic() + seconds

@@ -24,12 +24,6 @@ _OOM_PATTERN = re.compile(
 )
 
 
-# Per GPU: the device runs one batch while the host works on the others'. With a stand-in
-# device (benchmarks/host_ceiling.py --device-ns-per-element 6, 2 cores, the device the bound)
-# two kept it 81% busy, three 88%, four 91% (NOTES.md); each more holds a batch more of pages
-# and of GPU activations.
-GPU_BATCHES_IN_FLIGHT = 3
-
 
 class GpuOutOfMemoryError(DocumentError):
     """One page alone does not fit in GPU memory. Transient: retried, perhaps with more room."""

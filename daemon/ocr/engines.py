@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
 from daemon.config import Settings
 from daemon.hardware.providers import ProviderChoice
-from daemon.ocr.device import GPU_BATCHES_IN_FLIGHT
-from daemon.ocr.host import auto_processes
 from daemon.ocr.langs import validate_lang
 from daemon.results import Image, PageResult
+from daemon.sizing import host_processes, intra_op_threads, ocr_workers
 
 
 class OcrEngine(Protocol):
@@ -44,14 +42,8 @@ class OcrEngine(Protocol):
 
 
 def worker_count(settings: Settings, choice: ProviderChoice) -> int:
-    """OCR worker threads: `GPU_BATCHES_IN_FLIGHT` per GPU, so each GPU has a batch to run while
-    the host works on the others'; on the CPU two, so decoding, post-processing and inference
-    of different pages overlap on a small machine, capped by the cores there are."""
-    if settings.batch.workers:
-        return settings.batch.workers
-    if choice.name != "cpu":
-        return GPU_BATCHES_IN_FLIGHT * max(1, len(choice.devices))
-    return max(1, min(2, os.cpu_count() or 1))
+    """OCR worker threads for this provider choice (`sizing.ocr_workers`)."""
+    return ocr_workers(settings, choice.name, len(choice.devices))
 
 
 def build_engine(settings: Settings, choice: ProviderChoice, workers: int) -> OcrEngine:
@@ -59,7 +51,7 @@ def build_engine(settings: Settings, choice: ProviderChoice, workers: int) -> Oc
     validate_lang(ocr.lang)  # a language that would need a download is a start-up error
     if choice.name == "cpu" and not ocr.intra_op_threads and workers > 1:
         # share the cores between the workers instead of oversubscribing them
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = intra_op_threads(workers)
         ocr = ocr.model_copy(update={"intra_op_threads": threads})
     if ocr.engine == "batch":
         from daemon.ocr.batch import BatchEngine
@@ -80,7 +72,7 @@ def build_engines(settings: Settings, choice: ProviderChoice, workers: int) -> l
     devices: tuple[int | None, ...] = choice.devices if several else (None,)
     host = settings.batch.host_processes
     if host == "auto" and several:  # the cores shared between the GPUs' host workers
-        host = auto_processes(len(devices))
+        host = host_processes(len(devices))
     first: dict[int | None, OcrEngine] = {}
     engines = []
     for slot in range(max(workers, len(devices))):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,14 @@ import numpy.typing as npt
 
 from daemon.config import cache_dir
 from daemon.errors import ConfigError
+from daemon.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 REC_INDEX_OUTPUT = "ocr_daemon_argmax"  # int64 [N, T]: the most likely class per time step
 REC_SCORE_OUTPUT = "ocr_daemon_max"  # float32 [N, T]: its probability
 EDIT_VERSION = 2  # bump when an edit changes, so cached models are rebuilt
+CACHE_MODE = 0o600  # the edited models cached under the daemon's own folder: its own
 REC_PAD = 256  # the recogniser's input value for padding (normalised to 0.0, mid-grey)
 
 FloatArray = npt.NDArray[np.float32]
@@ -86,12 +87,12 @@ def _edited(source: Path, edit_name: str, params: bytes, edit: Any,
     data = _apply(source, edit)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(target, data)
+        write_atomic(target, data, mode=CACHE_MODE)
         log.info("%s edited for the device (%s), cached as %s", source.name, edit_name, target)
         return target
     except OSError as exc:
         private = Path(tempfile.mkdtemp(prefix="ocr-daemon-models-")) / key
-        _write_atomic(private, data)
+        write_atomic(private, data, mode=CACHE_MODE)
         log.warning("model cache %s is not writable (%s); using %s for this run", folder,
                     exc.strerror or exc, private)
         return private
@@ -178,14 +179,3 @@ def _reduce_classes(model: Any, source: Path) -> None:
         helper.make_tensor_value_info(REC_SCORE_OUTPUT, onnx.TensorProto.FLOAT, ["N", "T"]),
     ])
 
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    """A cache file appears whole or not at all (temporary name, then rename)."""
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import logging
 import multiprocessing
-import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -54,15 +53,6 @@ class SharedPage:
     map_shape: tuple[int, int]
 
 
-# "auto" host processes: one per core, at most this many. Measured (benchmarks/host_ceiling.py,
-# receipts): a worker extracts boxes and crops for ~40 pages/s and holds ~75 MB RSS, while the
-# daemon's main process feeds ~25 pages/s today: past 8 only memory grows.
-AUTO_PROCESSES_MAX = 8
-
-
-def auto_processes(devices: int = 1) -> int:
-    """Host worker processes for each of `devices` engines when host_processes = "auto"."""
-    return max(1, min(len(os.sched_getaffinity(0)), AUTO_PROCESSES_MAX) // devices)
 
 
 class SegmentPool:

@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError, DisconnectionError
 from daemon.config import DatabaseSettings, Settings
 from daemon.errors import ConfigError, DaemonError, DatabaseError
 from daemon.store import migrate
-from daemon.store.repository import Ledger
+from daemon.store.ledger import Ledger
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

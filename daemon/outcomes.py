@@ -1,0 +1,159 @@
+"""How a document's work ends: stored (its text and `done` in one transaction, then its
+outputs and the after-action on each of its paths), failed (retried later, or failed for good
+and quarantined, where `ocr-daemon retry` will find it), or, when the ledger refuses the
+outcome itself, counted and left to the claim's lease. Each ending frees the document's slot.
+
+Not the OCR loops' work: the pipeline's store loops call `finish`, so a slow database or a
+searchable PDF (139 ms for a 300-dpi A4 page in a grey LZW TIFF, decoded and compressed
+again) never keeps the engines from their next batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from daemon.config import Settings
+from daemon.errors import StoreError
+from daemon.files import after_done, quarantine
+from daemon.inflight import InFlight, InFlightTable
+from daemon.metrics import Metrics
+from daemon.outputs import write_searchable_pdf, write_sidecars
+from daemon.store.ledger import Ledger
+from daemon.store.models import State
+from daemon.store.outage import GaveUp, Outage
+
+log = logging.getLogger("daemon.pipeline")
+
+
+def where(doc: InFlight) -> object:
+    """The document as a log line names it: the path it was read from, else its last known
+    path, else its hash."""
+    return doc.path or (doc.claim.paths[-1] if doc.claim.paths else doc.claim.sha256)
+
+
+class Outcomes:
+    def __init__(self, settings: Settings, ledger: Ledger, metrics: Metrics,
+                 table: InFlightTable, outage: Outage, *, worker_id: str, provider: str) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.metrics = metrics
+        self.table = table
+        self.outage = outage
+        self.worker_id = worker_id
+        self.provider = provider
+        self.root = settings.watch.path.resolve()
+
+    def finish(self, doc: InFlight) -> None:
+        """Every page is recognised: store the text, then the outputs and after-actions."""
+        if not doc.finish():
+            return
+        pages = [doc.results[i] for i in sorted(doc.results)]
+        start = time.perf_counter()
+        try:
+            paths = self.outage.retry(lambda: self.ledger.complete(
+                doc.claim.document_id, self.worker_id, pages, doc.ocr_seconds, self.provider,
+                with_paths=self.settings.watch.after != "keep"))
+        except GaveUp:
+            self.table.remove(doc)
+            return
+        except Exception as exc:
+            self._refused(doc, exc, storing=True)
+            return
+        self.metrics.stage_seconds.labels(stage="store").observe(time.perf_counter() - start)
+        self.table.remove(doc)
+        if paths is None:
+            log.warning("lost the claim on %s before storing; another worker has it",
+                        doc.claim.sha256[:12])
+            return
+        latency = (datetime.now(UTC) - doc.claim.first_seen_at).total_seconds()
+        self.metrics.files_total.labels(status="done").inc()
+        self.metrics.observe_pages(len(pages))
+        self.metrics.file_latency_seconds.observe(max(0.0, latency))
+        log.info("done %s: %d page%s, %d lines, %.2fs after it was seen",
+                 doc.path or doc.claim.paths[-1], len(pages), "" if len(pages) == 1 else "s",
+                 sum(len(p.lines) for p in pages), latency)
+        # Sidecars (watch.sidecar): after the text is stored, before the file is moved.
+        source = doc.path or Path(doc.claim.paths[-1])
+        write_sidecars(self.settings, source, pages, doc.claim.sha256)
+        write_searchable_pdf(self.settings, source, pages, doc.claim.sha256, self.root)
+        # the paths in the ledger as the text was stored, not only those known at claim
+        # time: a duplicate dropped while the document was processed is moved too (with
+        # "keep" none are read, and after_done leaves every file where it is)
+        for recorded in paths or doc.claim.paths:
+            after_done(Path(recorded), doc.claim.sha256, self.settings, self.root)
+
+    def fail(self, doc: InFlight, reason: str, *, permanent: bool) -> None:
+        """Record a failure: retried later (transient, attempts left) or failed for good and
+        quarantined."""
+        if not doc.stop():
+            return
+        try:
+            outcome = self.outage.retry(lambda: self.ledger.fail(
+                doc.claim.document_id, reason, permanent=permanent,
+                max_attempts=self.settings.queue.max_attempts,
+                backoff_seconds=self.settings.queue.retry_backoff_seconds,
+                worker=self.worker_id))
+        except GaveUp:
+            self.table.remove(doc)
+            return
+        except Exception as exc:
+            self._refused(doc, exc, storing=False)
+            return
+        self.table.remove(doc)
+        if outcome is None:  # another worker holds it now (our lease ran out): its say
+            log.warning("lost the claim on %s before recording its failure (%s); another "
+                        "worker has it", doc.path or doc.claim.sha256[:12], reason)
+            return
+        if outcome.state == State.QUEUED:
+            self.metrics.files_total.labels(status="retried").inc()
+            log.warning("retrying %s later (attempt %d of %d): %s", where(doc),
+                        outcome.attempts, self.settings.queue.max_attempts, reason)
+            return
+        self.metrics.files_total.labels(status="failed").inc()
+        log.error("failed %s: %s", where(doc), reason)
+        for recorded in outcome.paths:
+            moved = quarantine(Path(recorded), reason, self.settings, self.root,
+                               sha256=doc.claim.sha256)
+            if moved is not None:  # where `ocr-daemon retry` will read it from
+                self._record_path(moved, doc)
+
+    def lost(self, doc: InFlight) -> None:
+        """Its lease ran out and another worker may have it: its work stops here, nothing is
+        recorded."""
+        if doc.stop():
+            log.warning("lost the claim on %s (its lease ran out): its work stops here",
+                        doc.path or doc.claim.sha256[:12])
+            self.table.remove(doc)
+
+    def _record_path(self, path: Path, doc: InFlight) -> None:
+        try:
+            self.ledger.register(os.path.abspath(path), doc.claim.sha256, 0)
+        except StoreError as exc:
+            log.warning("could not record that %s is now at %s: %s", doc.claim.sha256[:12],
+                        path, exc)
+
+    def _refused(self, doc: InFlight, exc: Exception, *, storing: bool) -> None:
+        """The ledger refused an outcome with something other than an outage (a constraint,
+        a pool timeout, a bug): logged with the file and counted; text that cannot be stored
+        fails the attempt (transient: retried, then failed after queue.max_attempts, never
+        looping); the slot is freed and the loop lives on. A failure that cannot be recorded
+        is left to the claim's lease."""
+        what = "store the text of" if storing else "record the failure of"
+        log.error("could not %s %s: %s: %s", what, where(doc), type(exc).__name__,
+                  str(exc).splitlines()[0] if str(exc) else "", exc_info=exc)
+        self.metrics.files_total.labels(status="error").inc()
+        if storing:
+            reason = f"could not store the text: {type(exc).__name__}: {exc}".splitlines()[0]
+            try:
+                self.ledger.fail(doc.claim.document_id, reason[:500], permanent=False,
+                                 max_attempts=self.settings.queue.max_attempts,
+                                 backoff_seconds=self.settings.queue.retry_backoff_seconds,
+                                 worker=self.worker_id)
+            except Exception as again:
+                log.warning("could not record that either (%s): the lease hands %s back",
+                            type(again).__name__, where(doc))
+        self.table.remove(doc)

@@ -1,0 +1,148 @@
+"""What a stored document leaves beside its file: text sidecars and searchable PDFs.
+
+Text sidecars (`watch.sidecar`, `watch.sidecar_dir`): `scan.png` gets `scan.png.txt` (pages
+separated by a form feed, as `ocr-daemon text` prints them) and/or `scan.png.json` (pages,
+lines, scores, boxes). The full name is kept so that `scan.png` and `scan.pdf` do not share one
+sidecar. They are written to a hidden temporary name and renamed (`files.write_atomic`), so a
+reader never sees half a sidecar; the watcher takes neither in (not in `watch.extensions`,
+which config validation enforces; the temporary name is hidden). Searchable PDFs
+(`watch.output_pdf`) go to `watch.output_dir`. The text is in the database before any of
+this runs: an output that cannot be written is logged, never a failure of the document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon.config import Settings
+from daemon.errors import DocumentError
+from daemon.files import read_beneath, resolves_within, write_atomic
+from daemon.results import PageResult, join_pages, lines_json
+
+log = logging.getLogger("daemon.outputs")
+
+
+def sidecar_paths(settings: Settings, source_path: Path) -> list[Path]:
+    """Where the sidecars of `source_path` go; empty when sidecars are off or the file is
+    not inside the watched folder (nothing is ever written outside the watched folder or
+    `watch.sidecar_dir`)."""
+    kind = settings.watch.sidecar
+    if kind == "none":
+        return []
+    root = settings.watch.path.resolve()
+    folder = Path(os.path.abspath(source_path)).parent
+    if not resolves_within(folder, root):
+        return []
+    relative = folder.resolve().relative_to(root)
+    if settings.watch.sidecar_dir is not None:
+        base = (root / settings.watch.sidecar_dir).resolve()
+        folder = base / relative
+    else:
+        base = root
+    suffixes = {"txt": [".txt"], "json": [".json"], "both": [".txt", ".json"]}[kind]
+    return [_inside(base, folder / (source_path.name + suffix)) for suffix in suffixes]
+
+
+def _inside(base: Path, target: Path) -> Path:
+    if not resolves_within(target.parent, base):
+        raise _Outside(f"{target} resolves outside {base}")
+    return target.parent.resolve() / target.name
+
+
+class _Outside(Exception):
+    pass
+
+
+def render_txt(pages: Sequence[PageResult]) -> str:
+    text = join_pages(page.text for page in pages)
+    return text + "\n" if text else ""
+
+
+def render_json(source_path: Path, pages: Sequence[PageResult], sha256: str | None) -> str:
+    document: dict[str, Any] = {
+        "source": os.path.abspath(source_path),
+        "sha256": sha256,
+        "pages": [
+            {
+                "page": number,
+                "source": page.source,
+                "confidence": page.confidence,
+                "text": page.text,
+                "lines": lines_json(page.lines),
+            }
+            for number, page in enumerate(pages, 1)
+        ],
+    }
+    return json.dumps(document, ensure_ascii=False, indent=1) + "\n"
+
+
+def write_sidecars(settings: Settings, source_path: Path, pages: Sequence[PageResult],
+                   sha256: str | None = None) -> list[Path]:
+    """Write the sidecars `watch.sidecar` asks for; returns the paths written. Never raises:
+    it runs on an OCR worker thread after the text is safely stored."""
+    try:
+        targets = sidecar_paths(settings, source_path)
+        for target in targets:
+            content = (render_txt(pages) if target.suffix == ".txt"
+                       else render_json(source_path, pages, sha256))
+            write_atomic(target, content)
+        return targets
+    except _Outside as exc:
+        log.warning("sidecar for %s not written: %s", source_path, exc)
+    except OSError as exc:
+        log.warning("sidecar for %s not written: %s", source_path, exc)
+    except Exception:
+        log.exception("sidecar for %s not written", source_path)
+    return []
+
+
+def searchable_pdf_path(settings: Settings, source_path: Path, root: Path) -> Path | None:
+    """`output_dir`/<the file's sub-folder>/<its name>.pdf; None when off or the file is not
+    inside the watched folder. A relative output_dir is inside the watched folder."""
+    out = settings.watch.output_dir
+    if settings.watch.output_pdf == "none" or out is None:
+        return None
+    folder = Path(os.path.abspath(source_path)).parent
+    if not resolves_within(folder, root):
+        return None
+    base = out if out.is_absolute() else root / out
+    base.mkdir(parents=True, exist_ok=True)
+    target = base / folder.resolve().relative_to(root) / (source_path.stem + ".pdf")
+    return _inside(base.resolve(), target)
+
+
+def write_searchable_pdf(settings: Settings, source_path: Path, pages: Sequence[PageResult],
+                         sha256: str, root: Path) -> Path | None:
+    """The stored document as a searchable PDF (`watch.output_pdf`), from the file read again
+    (through `open_beneath`, checked against its hash). Never raises: the text is stored."""
+    try:
+        target = searchable_pdf_path(settings, source_path, root)
+        if target is None:
+            return None
+        data, _ = read_beneath(source_path, root, settings.watch.max_file_bytes)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            log.info("no searchable PDF for %s: it holds new content now", source_path)
+            return None
+        from daemon.documents.decode import sniff
+        from daemon.documents.searchable import (
+            scanned_pages,
+            searchable_from_pdf,
+            searchable_pdf,
+        )
+
+        if sniff(data) == "pdf":
+            write_atomic(target, searchable_from_pdf(data, pages, settings.ocr))
+        else:
+            write_atomic(target, searchable_pdf(scanned_pages(data, pages, settings.ocr)))
+        return target
+    except (_Outside, OSError, DocumentError) as exc:
+        log.warning("searchable PDF for %s not written: %s", source_path, exc)
+    except Exception:
+        log.exception("searchable PDF for %s not written", source_path)
+    return None
