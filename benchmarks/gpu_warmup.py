@@ -89,7 +89,7 @@ def measure(algo: str) -> dict[str, Any]:
     from daemon.config import OcrSettings, Settings
     from daemon.hardware.providers import choose_provider
     from daemon.hardware.sessions import create_session, provider_name
-    from daemon.ocr.device import ShapeSessions, run_split
+    from daemon.ocr.device_runs import ShapeSessions, run_split
     from daemon.ocr.graphs import rec_model
     from daemon.ocr.host import rec_lut
     from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
@@ -141,7 +141,7 @@ def engine_warmup(seconds: float, sweep_seconds: float = 0) -> dict[str, Any]:
     from daemon.config import Settings
     from daemon.hardware.providers import choose_provider
     from daemon.ocr.batch import INPUT_DTYPES, BatchEngine
-    from daemon.ocr.device import ShapeSessions, run_split
+    from daemon.ocr.device_runs import ShapeSessions, run_split
 
     settings = Settings()
     start = time.perf_counter()
@@ -232,7 +232,7 @@ def batch_sweep(sessions: dict[str, Any], sweep: list[tuple[str, tuple[int, ...]
     import numpy as np
 
     from daemon.ocr.batch import INPUT_DTYPES
-    from daemon.ocr.device import is_out_of_memory
+    from daemon.ocr.device_runs import is_out_of_memory
 
     deadline = time.monotonic() + seconds
     rows: dict[str, dict[str, Any]] = {}

@@ -30,10 +30,10 @@ from pathlib import Path
 
 from daemon.budget import ByteBudget
 from daemon.config import Settings
-from daemon.devices import Devices
 from daemon.documents.decode import iter_pages
 from daemon.documents.pdf_workers import PdfWorkers
 from daemon.errors import DocumentError, StoreError
+from daemon.failover import Devices
 from daemon.files import LeadsOutside, read_beneath, unreadable
 from daemon.inflight import InFlight, InFlightTable, PageTask
 from daemon.metrics import Metrics

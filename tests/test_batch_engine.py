@@ -28,7 +28,7 @@ from daemon.ocr import batch as batch_module
 from daemon.ocr import buckets
 from daemon.ocr import host as host_module
 from daemon.ocr.batch import BatchEngine
-from daemon.ocr.device import GpuOutOfMemoryError, ShapeSessions
+from daemon.ocr.device_runs import GpuOutOfMemoryError, ShapeSessions
 from daemon.ocr.graphs import REC_PAD
 from daemon.ocr.models import resolve_model_paths
 from daemon.ocr.rapid import RapidOcrEngine

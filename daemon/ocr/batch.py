@@ -16,7 +16,7 @@ and all per-call state is local.
 
 A little over our ~400-line habit: one call's flow (prepare, detect, classify, recognise,
 finish) and the warm-up of the very shapes that flow feeds read best together; the host
-stages are in `ocr.host`, the device runs in `ocr.device`, the graph edits in `ocr.graphs`.
+stages are in `ocr.host`, the device runs in `ocr.device_runs`, the graph edits in `ocr.graphs`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from daemon.errors import ConfigError
 from daemon.hardware.providers import ProviderChoice
 from daemon.hardware.sessions import create_session, provider_name
 from daemon.ocr import buckets
-from daemon.ocr.device import (
+from daemon.ocr.device_runs import (
     FloatArray,
     GpuOutOfMemoryError,
     ShapeSessions,

@@ -19,7 +19,7 @@ from daemon.metrics import Metrics
 from daemon.ocr.engines import OcrEngine
 from daemon.results import Image, PageResult
 
-log = logging.getLogger("daemon.devices")
+log = logging.getLogger("daemon.failover")
 
 # A device that failed this many batches in a row which another device then recognised is
 # taken out of service; this many batches in a row that failed on every device make the
