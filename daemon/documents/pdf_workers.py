@@ -27,15 +27,10 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-import multiprocessing
 import os
-import signal
-import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import CancelledError
 from dataclasses import replace
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
@@ -46,32 +41,21 @@ from daemon.budget import SHM_FOLDER, shm_room
 from daemon.config import OcrSettings
 from daemon.documents import pdf
 from daemon.errors import DocumentError
+from daemon.process_pool import ProcessPool, WorkerDied
 from daemon.results import Image, Page
 
 log = logging.getLogger(__name__)
 
 OPEN_PER_WORKER = 2  # documents a worker keeps open: the one it is on and the one before
-CLOSE_TIMEOUT = 5.0  # seconds a page being rendered gets when the daemon stops
 
 
-class PdfWorkers:
-    """A process pool rendering PDF pages, rebuilt when a worker dies (its page's document
-    fails, transiently: a worker killed for memory is not the file's fault)."""
+class PdfWorkers(ProcessPool):
+    """pdfium in worker processes (`daemon.process_pool`): a worker that dies fails its page's
+    document, transiently (a worker killed for memory is not the file's fault), and the pool
+    is rebuilt; closing gives a page being rendered CLOSE_TIMEOUT seconds."""
 
     def __init__(self, processes: int) -> None:
-        self._processes = processes
-        self._lock = threading.Lock()
-        self._executor = self._start()
-        self._closed = False
-
-    @property
-    def processes(self) -> int:
-        return self._processes
-
-    def _start(self) -> ProcessPoolExecutor:
-        # spawn: forking a process that holds onnxruntime sessions and threads is unsafe
-        return ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context(
-            "spawn"), initializer=_init_worker)
+        super().__init__(processes, "a PDF worker")
 
     def pages(self, data: bytes, ocr: OcrSettings, reserve: Callable[[int], None]
               ) -> Iterator[Page]:
@@ -99,52 +83,22 @@ class PdfWorkers:
             shm.unlink()
 
     def _page(self, name: str, nbytes: int, index: int, ocr: OcrSettings) -> Page:
-        with self._lock:
-            executor = self._executor
         try:
-            page, pixels = executor.submit(_render, name, nbytes, index, ocr).result()
+            page, pixels = self.call(_render, name, nbytes, index, ocr)
             return page if pixels is None else replace(page, image=_take(pixels))
-        except BrokenProcessPool:  # before RuntimeError: it is one
-            with self._lock:
-                if self._executor is executor and not self._closed:
-                    log.warning("a PDF worker process died; starting new ones")
-                    executor.shutdown(wait=False, cancel_futures=True)
-                    self._executor = self._start()
+        except WorkerDied:
             raise DocumentError(f"page {index + 1} stopped the PDF renderer (pdfium crashed or "
                                 f"was killed)", permanent=False) from None
         except (CancelledError, RuntimeError):
-            if not self._closed:
+            if not self.closed:
                 raise
             # the daemon stops: its documents in flight were handed back already
             raise DocumentError("the daemon is stopping", permanent=False) from None
-
-    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Stop the workers: a page being rendered gets `timeout` seconds, then its worker is
-        killed (pdfium looping on a hostile file must not hold up the daemon's stop)."""
-        with self._lock:
-            self._closed = True
-            executor = self._executor
-        processes = list(executor._processes.values())
-        executor.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + timeout
-        for process in processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                log.warning("a PDF worker had not stopped %.0f s into the stop: killed", timeout)
-                process.kill()
-                process.join(1.0)
 
 
 # --- in the worker -----------------------------------------------------------------------
 
 _documents: OrderedDict[str, tuple[bytes, Any]] = OrderedDict()  # segment -> (bytes, document)
-
-
-def _init_worker() -> None:
-    # The daemon decides when its workers stop (after the documents in flight): a Ctrl-C to
-    # the terminal's process group or systemd's SIGTERM to the cgroup must not kill them first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _document(name: str, nbytes: int) -> Any:

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import multiprocessing
-import signal
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any, cast
@@ -34,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from daemon.ocr import buckets
+from daemon.process_pool import CLOSE_TIMEOUT, ProcessPool
 from daemon.results import Image
 
 log = logging.getLogger(__name__)
@@ -243,12 +241,6 @@ def _init_worker(det_params: dict[str, Any]) -> None:
     global _post
     from daemon.ocr.boxes import FastDBPostProcess
 
-    # The daemon decides when its workers stop (it shuts the pool down after the documents in
-    # flight): a Ctrl-C to the terminal's process group or systemd's SIGTERM to the whole
-    # cgroup must not kill them under a batch, nor print a traceback from each.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
     cv2.setNumThreads(1)  # one process per core already
     _post = FastDBPostProcess(**det_params)
 
@@ -323,47 +315,19 @@ def detect_lines(post: Any, image: Image, prob: FloatArray, *, resize: bool = Tr
 # --- in the main process -----------------------------------------------------------------
 
 
-class HostPool:
-    """A process pool for `post_detect`, rebuilt if a worker dies (the batch that was running
-    fails and is retried by the pipeline; the next batch gets fresh workers)."""
+class HostPool(ProcessPool):
+    """`post_detect` in worker processes (`daemon.process_pool`: a worker that dies fails the
+    batch it was running, which the pipeline retries; the next batch gets fresh workers), and
+    the shared-memory segments the pages travel in."""
 
     def __init__(self, processes: int, det_params: dict[str, Any], keep_segments: int = 8
                  ) -> None:
-        self._processes = processes
-        self._det_params = det_params
-        self._lock = threading.Lock()
-        self._executor = self._start()
+        super().__init__(processes, "a host worker", _init_worker, (det_params,))
         self.segments = SegmentPool(keep_segments)
 
-    @property
-    def processes(self) -> int:
-        return self._processes
-
-    def _start(self) -> ProcessPoolExecutor:
-        # spawn: forking a process that holds onnxruntime sessions and threads is unsafe
-        return ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context(
-            "spawn"), initializer=_init_worker, initargs=(self._det_params,))
-
     def post_detect(self, page: SharedPage) -> Future[Detected]:
-        with self._lock:
-            try:
-                return self._executor.submit(post_detect, page)
-            except BrokenProcessPool:
-                log.warning("a host worker process died; starting new ones")
-                self._executor.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._start()
-                return self._executor.submit(post_detect, page)
+        return self.submit(post_detect, page)
 
-    def warmup(self) -> None:
-        """Start every worker now (imports take a second each), not on the first page."""
-        futures = [self._executor.submit(_ready) for _ in range(self._processes * 2)]
-        for future in futures:
-            future.result()
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        super().close(timeout)
         self.segments.close()
-
-
-def _ready() -> bool:
-    return _post is not None
