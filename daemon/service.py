@@ -74,9 +74,19 @@ def probe_hardware(settings: Settings) -> Hardware:
     return Hardware(choose_provider(settings, nvml=nvml, opencl=opencl), nvml, opencl)
 
 
+ProbeHardware = Callable[[Settings], Hardware]
+BuildEngines = Callable[[Settings, ProviderChoice, int], list[OcrEngine]]
+
+
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    """The daemon. `probe` and `build` find the hardware and build the engines; tests and
+    stand-in daemons hand in their own (engines that crash, stall or name their device)."""
+
+    def __init__(self, settings: Settings, *, probe: ProbeHardware = probe_hardware,
+                 build: BuildEngines = build_engines) -> None:
         self.settings = settings
+        self._probe = probe
+        self._build = build
         self.started = time.monotonic()
         self.stop_requested = threading.Event()
         self._signals = 0
@@ -109,7 +119,7 @@ class Service:
         if requeued:
             log.info("re-queued %d documents left in processing by an earlier run", requeued)
 
-        hardware = probe_hardware(settings)
+        hardware = self._probe(settings)
         self.metrics.set_provider(hardware.choice.name, hardware.choice.fallbacks)
         if hardware.opencl is not None:
             self.metrics.set_opencl_devices(hardware.opencl.devices)
@@ -143,7 +153,7 @@ class Service:
 
     def _engines(self, choice: ProviderChoice, workers: int) -> list[OcrEngine]:
         start = time.perf_counter()
-        engines = build_engines(self.settings, choice, workers)
+        engines = self._build(self.settings, choice, workers)
         first = engines[0]
         if first.provider != "cpu":
             # cuDNN algorithm search and arena growth for every shape bucket happen now, not
@@ -246,8 +256,9 @@ class Service:
         return self.components is not None and self.components.pipeline.threads_alive()
 
 
-def run(settings: Settings) -> None:
-    service = Service(settings)
+def run(settings: Settings, *, probe: ProbeHardware = probe_hardware,
+        build: BuildEngines = build_engines) -> None:
+    service = Service(settings, probe=probe, build=build)
     service.install_signal_handlers()
     try:
         service.start()

@@ -15,6 +15,7 @@ from daemon.store import migrate
 from daemon.store.db import make_engine
 from daemon.store.ledger import Ledger
 from tests.daemons import scratch_database
+from tests.support import DaemonProcess
 
 PG_ADMIN_URL = os.environ.get(
     "OCR_DAEMON_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -121,3 +122,19 @@ def serve() -> Iterator[ServerFactory]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    made: list[DaemonProcess] = []
+
+    def make(env: dict[str, str] | None = None, workdir: Path | None = None,
+             unprivileged: bool = False) -> DaemonProcess:
+        instance = DaemonProcess(workdir or tmp_path, env, unprivileged)
+        instance.inbox.mkdir(parents=True, exist_ok=True)
+        made.append(instance)
+        return instance
+
+    yield make
+    for instance in made:
+        instance.cleanup()

@@ -1,14 +1,12 @@
 """Helpers for runs of several real daemon processes on one PostgreSQL database, shared by the
 tests and `benchmarks/scale_out.py`: a throwaway database, stand-in daemons
-(tests/standin_daemon.py) started and stopped. Not a test module; importing it patches
-nothing (the stand-in patches the service in its own process only)."""
+(tests/standin_daemon.py, run through `tests.support.DaemonProcess`) started and stopped.
+Not a test module."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -41,24 +39,24 @@ def scratch_database(admin_url: str, prefix: str) -> Iterator[str]:
 def standin_daemon(workdir: Path, inbox: Path, url: str, log: Path, *, lease: float,
                    seconds: float, capacity: int | None = None) -> subprocess.Popen[bytes]:
     """`ocr-daemon run` with the stand-in engine (`seconds` a page) on `inbox` and the
-    already migrated database `url`, its output to `log`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OCR_DAEMON_")}
-    env.update({
+    already migrated database `url`, its output to `log` (`DaemonProcess`, not waited for)."""
+    from tests.support import DaemonProcess
+
+    env = {
         "OCR_DAEMON_WATCH__PATH": str(inbox),
-        "OCR_DAEMON_WATCH__SETTLE_SECONDS": "0.2",
         "OCR_DAEMON_DATABASE__URL": url,
         "OCR_DAEMON_DATABASE__MIGRATE_ON_START": "false",
         "OCR_DAEMON_METRICS__ENABLED": "false",
         "OCR_DAEMON_QUEUE__LEASE_SECONDS": str(lease),
         "STANDIN_SECONDS": str(seconds),
-        "PYTHONUNBUFFERED": "1",
-    })
+    }
     if capacity is not None:
         env["OCR_DAEMON_QUEUE__CAPACITY"] = str(capacity)
     workdir.mkdir()
-    return subprocess.Popen([sys.executable, str(REPO / "tests" / "standin_daemon.py")],
-                            cwd=workdir, env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
+    daemon = DaemonProcess(workdir, env, standin=True, log=log)
+    daemon.start(wait_ready=False)
+    assert daemon.proc is not None
+    return daemon.proc
 
 
 def stop(procs: Iterable[subprocess.Popen[bytes]]) -> None:

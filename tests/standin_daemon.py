@@ -14,10 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon import service as service_module
-from daemon.cli import main
+from daemon.config import load_settings
 from daemon.hardware.providers import ProviderChoice
+from daemon.logs import setup_logging
 from daemon.results import Image, Line, PageResult
+from daemon.service import Hardware, run
 
 BOX = ((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0))
 
@@ -40,13 +41,10 @@ class StandInEngine:
         pass
 
 
-def _hardware(_settings: object) -> service_module.Hardware:
-    return service_module.Hardware(ProviderChoice("cpu", reason="stand-in engine"), None, None)
-
-
-service_module.probe_hardware = _hardware  # type: ignore[assignment]
-service_module.build_engines = (  # type: ignore[assignment]
-    lambda _settings, _choice, workers: [StandInEngine() for _ in range(workers)])
-
 if __name__ == "__main__":
-    raise SystemExit(main(["run"]))
+    settings = load_settings()
+    setup_logging(settings.log)
+    run(settings, probe=lambda _settings: Hardware(ProviderChoice("cpu", reason="stand-in engine"),
+                                                   None, None),
+        build=lambda _settings, _choice, workers: [StandInEngine()
+                                                   for _ in range(workers)])

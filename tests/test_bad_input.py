@@ -21,12 +21,11 @@ from daemon.store import migrate
 from daemon.store.db import make_engine
 from daemon.store.ledger import Ledger
 from tests.pages import SENTENCES, page_bytes
-from tests.test_faults import (
+from tests.support import (
     DaemonProcess,
     Row,
     assert_nothing_half_written,
     count_states,
-    daemon_factory,  # noqa: F401  (fixture)
     ledger_rows,
     sha256,
     tiny_page,
@@ -61,7 +60,7 @@ def by_name(rows: dict[str, Row]) -> dict[str, Row]:
 
 
 def test_bad_input_corpus_is_failed_with_reasons_and_the_rest_is_stored(
-        daemon_factory: Callable[..., DaemonProcess], tmp_path: Path) -> None:  # noqa: F811
+        daemon_factory: Callable[..., DaemonProcess], tmp_path: Path) -> None:
     rng = random.Random(7)
     unprivileged = os.geteuid() == 0 and shutil.which("setpriv") is not None
     daemon = daemon_factory({"OCR_DAEMON_WATCH__FAILED_DIR": "failed",

@@ -14,7 +14,7 @@ from PIL import ImageDraw
 from daemon.budget import ByteBudget
 from daemon.results import Image, PageResult
 from daemon.sizing import decode_threads
-from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
+from tests.support import SettingsFactory, pipeline_running, wait_until
 
 MB = 1 << 20
 
@@ -131,10 +131,9 @@ def test_pages_held_stay_under_the_budget(settings_factory: SettingsFactory) -> 
     staging = settings.watch.path.parent / "staging"
     staging.mkdir()
     page_bytes = max(large_page(staging / f"large-{n:02}.png", n) for n in range(20))
-    pipeline, ledger, watcher = run_pipeline(settings, SlowEngine())
-    peak = 0
-    rss_before = reset_peak_rss()
-    try:
+    with pipeline_running(settings, SlowEngine()) as (pipeline, ledger, _):
+        peak = 0
+        rss_before = reset_peak_rss()
         for page in sorted(staging.iterdir()):  # all at once
             page.rename(settings.watch.path / page.name)
 
@@ -145,9 +144,6 @@ def test_pages_held_stay_under_the_budget(settings_factory: SettingsFactory) -> 
 
         assert wait_until(sample, 120)
         rss_growth = peak_rss() - rss_before
-    finally:
-        watcher.stop()
-        pipeline.stop(1)
     # beyond the budget: what each decode thread's malloc arena keeps of a conversion's
     # scratch, and the engine's batch
     decoding = decode_threads(settings, "cpu") * 3 * page_bytes

@@ -3,11 +3,7 @@ stop it with SIGTERM."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,68 +11,20 @@ from pathlib import Path
 import pytest
 
 from tests.pages import SENTENCES, render_page, similarity, write_page
+from tests.support import DaemonProcess
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-
-
-class Daemon:
-    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.workdir = workdir
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("OCR_DAEMON_") and k != "FORCE_CPU"}
-        self.env.update({
-            "OCR_DAEMON_WATCH__SETTLE_SECONDS": "0.3",
-            "OCR_DAEMON_METRICS__PORT": "0",
-            "PYTHONUNBUFFERED": "1",
-            # this tree's daemon, whatever copy of the package the interpreter has installed
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            **(extra_env or {}),
-        })
-        self.log = workdir / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run"], cwd=self.workdir, env=self.env,
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
-        self.wait_for_log("ready", 90)
-
-    def wait_for_log(self, needle: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.log.read_text(errors="replace"):
-                return
-            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
-            time.sleep(0.1)
-        raise AssertionError(f"{needle!r} not logged:\n{self.log.read_text()}")
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=self.workdir,
-                              env=self.env, capture_output=True, text=True, timeout=60)
-
-    def status(self) -> dict[str, int]:
-        result = self.cli("status", "--json")
-        assert result.returncode == 0, result.stderr
-        counts: dict[str, int] = json.loads(result.stdout)["documents"]
-        return counts
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(60)
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    instance = Daemon(tmp_path)
+def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """The daemon on its built-in defaults (./inbox, ./ocr-daemon.db) in `tmp_path`."""
+    instance = DaemonProcess(tmp_path, on_defaults=True)
     yield instance
-    if instance.proc is not None and instance.proc.poll() is None:
-        instance.proc.kill()
-        instance.proc.wait()
+    instance.cleanup()
 
 
-def test_drop_pages_read_text_back_and_stop_cleanly(daemon: Daemon) -> None:
+def test_drop_pages_read_text_back_and_stop_cleanly(daemon: DaemonProcess) -> None:
     daemon.start()
     inbox = daemon.workdir / "inbox"  # the default ./inbox, created by the daemon
     pages = {"scan.png": SENTENCES[0:3], "letter.jpg": SENTENCES[3:6],
@@ -109,7 +57,8 @@ def test_second_signal_exits_at_once(tmp_path: Path) -> None:
     """The second signal arrives while the first stop is waiting for a document in flight
     (a 30-page TIFF, seconds of CPU OCR; batch.stop_timeout_seconds = 120): the daemon exits
     130 at once, not 0 after the stop, and the document is not lost."""
-    daemon = Daemon(tmp_path, {"OCR_DAEMON_BATCH__STOP_TIMEOUT_SECONDS": "120"})
+    daemon = DaemonProcess(tmp_path, {"OCR_DAEMON_BATCH__STOP_TIMEOUT_SECONDS": "120"},
+                           on_defaults=True)
     try:
         daemon.start()
         assert daemon.proc is not None

@@ -10,247 +10,42 @@ checked everywhere: a document is either `done` with exactly its pages, or has n
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import os
 import random
-import re
 import select
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from PIL import Image, ImageDraw, ImageFont
-from sqlalchemy import create_engine, text
+from PIL import Image
 
 from daemon.config import DatabaseSettings
 from daemon.store import migrate
 from daemon.store.db import make_engine
 from daemon.store.ledger import Ledger
 from tests.pages import SENTENCES, page_bytes
-from tests.test_pdf import encrypted_pdf
-
-# The daemon's own default engine; detection in "min" mode so small sizes keep tiny pages whole.
-ENGINE_ENV = {"OCR_DAEMON_OCR__DET_LIMIT_TYPE": "min"}
-# Tiny pages and a small detection size: OCR of one word takes tens of ms on one core.
-FAST_ENV = {**ENGINE_ENV, "OCR_DAEMON_OCR__DET_LIMIT_SIDE_LEN": "64"}
-FAST_OCR = {"det_limit_type": "min", "det_limit_side_len": 64}
-
-REPO = Path(__file__).resolve().parents[1]
-# Root reads anything (CAP_DAC_OVERRIDE); without these capabilities mode 000 means unreadable
-# even for root, while the daemon still runs the interpreter under /root.
-DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
-_FONT = ImageFont.load_default(size=20)
-
-
-def tiny_page(word: str, fmt: str = "PNG") -> bytes:
-    """A 96x32 image of one short word: distinct words give distinct content."""
-    image = Image.new("L", (96, 32), 255)
-    ImageDraw.Draw(image).text((4, 4), word, fill=0, font=_FONT)
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-
+from tests.support import (
+    ENGINE_ENV,
+    DaemonProcess,
+    assert_nothing_half_written,
+    count_states,
+    encrypted_pdf,
+    ledger_rows,
+    sha256,
+    tiny_page,
+    wait_until,
+)
 
 # -- the daemon as a subprocess ---------------------------------------------------------------
 
 
-class DaemonProcess:
-    """`python -m daemon run` in `workdir` (inbox, database and log there), restartable."""
-
-    def __init__(self, workdir: Path, env: dict[str, str] | None = None,
-                 unprivileged: bool = False) -> None:
-        self.workdir = workdir
-        self.inbox = workdir / "inbox"
-        self.db_path = workdir / "ocr.db"
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("OCR_DAEMON_") and k != "FORCE_CPU"}
-        self.env.update({
-            "OCR_DAEMON_WATCH__PATH": str(self.inbox),
-            "OCR_DAEMON_WATCH__SETTLE_SECONDS": "0.2",
-            "OCR_DAEMON_DATABASE__URL": f"sqlite:///{self.db_path}",
-            "OCR_DAEMON_METRICS__PORT": "0",
-            "PYTHONUNBUFFERED": "1",
-            # this tree's daemon, not whichever copy the interpreter has installed
-            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [
-                os.environ.get("PYTHONPATH")])]),
-            **FAST_ENV,
-            **(env or {}),
-        })
-        self.unprivileged = unprivileged
-        self.log = workdir / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return self.env["OCR_DAEMON_DATABASE__URL"]
-
-    def start(self, wait_ready: bool = True) -> None:
-        self.starts += 1
-        with self.log.open("ab") as log:
-            log.write(f"=== start {self.starts}\n".encode())
-            self.proc = subprocess.Popen(
-                [*(DROP_DAC if self.unprivileged else []), sys.executable, "-m", "daemon",
-                 "run"],
-                cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        if wait_ready:
-            self.wait_for_log("ready", 90, since_start=True)
-
-    def log_text(self, since_start: bool = False) -> str:
-        content = self.log.read_text(errors="replace")
-        if since_start:
-            content = content.rsplit(f"=== start {self.starts}\n", 1)[-1]
-        return content
-
-    def wait_for_log(self, needle: str, timeout: float, since_start: bool = False) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            content = self.log_text(since_start)
-            if needle in content:
-                return content
-            assert self.proc is not None and self.proc.poll() is None, content
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not logged:\n{self.log_text()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    def metrics_port(self) -> int:
-        found = re.findall(r"metrics on http://[^:]+:(\d+)/metrics", self.log_text(True))
-        assert found, self.log_text()
-        return int(found[-1])
-
-    def health(self) -> dict[str, Any]:
-        url = f"http://127.0.0.1:{self.metrics_port()}/health"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                body: dict[str, Any] = json.load(response)
-        except urllib.error.HTTPError as exc:  # 503 still carries the JSON body
-            body = json.load(exc)
-        return body
-
-    def cleanup(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    made: list[DaemonProcess] = []
-
-    def make(env: dict[str, str] | None = None, workdir: Path | None = None,
-             unprivileged: bool = False) -> DaemonProcess:
-        instance = DaemonProcess(workdir or tmp_path, env, unprivileged)
-        instance.inbox.mkdir(parents=True, exist_ok=True)
-        made.append(instance)
-        return instance
-
-    yield make
-    for instance in made:
-        instance.cleanup()
-
-
 # -- reading the ledger directly ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Row:
-    id: int
-    sha256: str
-    state: str
-    attempts: int
-    page_count: int | None
-    reason: str | None
-    pages: tuple[int, ...]  # page numbers stored
-    paths: tuple[str, ...]
-
-
-def ledger_rows(url: str) -> dict[str, Row]:
-    """Every document by sha256, with its stored page numbers and paths."""
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            docs = connection.execute(text(
-                "SELECT id, sha256, state, attempts, page_count, reason FROM documents")).all()
-            pages: dict[int, list[int]] = {}
-            for doc_id, page_no in connection.execute(text(
-                    "SELECT document_id, page_no FROM pages ORDER BY page_no")):
-                pages.setdefault(doc_id, []).append(page_no)
-            paths: dict[int, list[str]] = {}
-            for doc_id, path in connection.execute(text(
-                    "SELECT document_id, path FROM document_paths ORDER BY id")):
-                paths.setdefault(doc_id, []).append(path)
-    finally:
-        engine.dispose()
-    return {sha: Row(i, sha, state, attempts, count, reason, tuple(pages.get(i, ())),
-                     tuple(paths.get(i, ())))
-            for i, sha, state, attempts, count, reason in docs}
-
-
-def count_states(url: str) -> dict[str, int]:
-    engine = create_engine(url)
-    found: dict[str, int] = {}
-    try:
-        with engine.connect() as connection:
-            found = dict(connection.execute(text(
-                "SELECT state, count(*) FROM documents GROUP BY state")).all())
-    except Exception:  # the daemon has not created the tables yet
-        pass
-    finally:
-        engine.dispose()
-    return {state: int(found.get(state, 0))
-            for state in ("queued", "processing", "done", "failed")}
-
-
-def assert_nothing_half_written(rows: dict[str, Row]) -> None:
-    """done <=> every page 1..page_count stored once; any other state: no pages at all."""
-    for row in rows.values():
-        if row.state == "done":
-            assert row.page_count and row.pages == tuple(range(1, row.page_count + 1)), row
-        else:
-            assert row.pages == (), row
 
 
 # -- 1. kill -9 anywhere ------------------------------------------------------------------------

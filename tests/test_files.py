@@ -24,7 +24,7 @@ from daemon.service import Service
 from daemon.store.db import open_ledger
 from daemon.store.outage import Outage
 from tests.pages import SENTENCES, similarity, write_page
-from tests.test_watcher import looked_twice
+from tests.support import looked_twice
 
 SettingsFactory = Callable[..., Settings]
 BOX = ((1.0, 2.0), (30.0, 2.0), (30.0, 9.0), (1.0, 9.0))

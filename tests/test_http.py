@@ -14,8 +14,7 @@ from daemon.config import MetricsSettings
 from daemon.http import HEALTH_KEYS, MetricsServer, check_health
 from daemon.metrics import Metrics
 from tests.conftest import ServerFactory
-from tests.test_faults import wait_until
-from tests.test_metrics import Health, get, health
+from tests.support import Health, get, health, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 

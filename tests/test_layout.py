@@ -33,6 +33,8 @@ NEVER = [
     ("daemon.hardware", "daemon.store", "the hardware knows nothing of the ledger"),
     ("daemon.files", "daemon.store", "file writes act on paths the pipeline hands them"),
     ("daemon.files", "daemon.ocr", "file writes act on results, not the engine"),
+    ("daemon.files", "daemon.documents", "files.py is file-system primitives: what a stored "
+     "document leaves beside its file is daemon.outputs'"),
     ("daemon.http", "daemon.ocr", "`check` must not load onnxruntime"),
     ("daemon.http", "daemon.hardware", "`check` must not load onnxruntime"),
     ("daemon.http", "daemon.store", "`check` must not open the database"),
@@ -181,3 +183,78 @@ def test_every_package_is_shipped_in_the_wheel() -> None:
     on_disk = {module_name(init.parent / "__init__.py", PACKAGE)
                for init in PACKAGE.rglob("__init__.py")}
     assert on_disk <= listed, sorted(on_disk - listed)
+
+
+# -- one room, one job: what stays true after the redesign ----------------------------------
+
+TESTS = PACKAGE.parent / "tests"
+MODULE_LINES_MAX = 500
+# modules allowed past MODULE_LINES_MAX, each with the one job that keeps it whole
+LONG_MODULES = {
+    "daemon/ocr/batch.py": "one engine call's flow (prepare, detect, classify, recognise, "
+                           "finish) and the warm-up of the very shapes it feeds",
+}
+
+
+def external_imports(path: Path) -> set[str]:
+    """The top-level packages `path` imports (at module level or inside a function)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def modules_saying(text: str) -> list[str]:
+    """The daemon modules whose source holds `text`."""
+    return sorted(str(path.relative_to(PACKAGE.parent)) for path in PACKAGE.rglob("*.py")
+                  if text in path.read_text())
+
+
+def test_no_module_is_long_without_its_reason() -> None:
+    long = {str(path.relative_to(PACKAGE.parent)): len(path.read_text().splitlines())
+            for path in PACKAGE.rglob("*.py")}
+    long = {name: lines for name, lines in long.items() if lines > MODULE_LINES_MAX}
+    assert set(long) <= set(LONG_MODULES), long
+
+
+def test_only_the_store_imports_sqlalchemy() -> None:
+    """The store's edge turns SQLAlchemy's errors into the project's own: nothing else needs
+    the driver's names (and the outage policy lives in the store)."""
+    outside = [str(path.relative_to(PACKAGE.parent)) for path in PACKAGE.rglob("*.py")
+               if "sqlalchemy" in external_imports(path)
+               and not path.is_relative_to(PACKAGE / "store")]
+    assert outside == []
+
+
+@pytest.mark.parametrize("fact", [
+    "vanished before it was read", "permission denied", "symlink points outside",
+    "a directory, not a file",
+])
+def test_why_a_file_cannot_be_read_is_said_in_one_place(fact: str) -> None:
+    assert modules_saying(f'"{fact}') == ["daemon/files.py"]
+
+
+@pytest.mark.parametrize("fact", ["sched_getaffinity", "cpu_count", "def usable_cores"])
+def test_the_cores_are_counted_in_one_place(fact: str) -> None:
+    assert modules_saying(fact) == ["daemon/sizing.py"]
+
+
+@pytest.mark.parametrize("fact", ["def write_atomic", "OpenCC(", "ProcessPoolExecutor(",
+                                  "class PathStat"])
+def test_one_of_each(fact: str) -> None:
+    assert len(modules_saying(fact)) == 1, modules_saying(fact)
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in tests/support.py (fixtures in conftest.py), not in test modules
+    that others import."""
+    found = []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and \
+                    node.module.startswith("tests.test_"):
+                found.append(f"{path.name} imports {node.module}")
+    assert found == []

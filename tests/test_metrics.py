@@ -3,8 +3,6 @@ with prometheus_client's own parser. The server's other endpoints: tests/test_ht
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from typing import Any
 
 import onnxruntime as ort
@@ -18,10 +16,11 @@ from daemon.hardware.nvml import GpuInfo, NvmlReader
 from daemon.hardware.opencl import probe_opencl
 from daemon.hardware.providers import CPU_EP, CUDA_EP, ProviderChoice
 from daemon.hardware.sessions import create_session, provider_name
-from daemon.http import MetricsServer, health_document
+from daemon.http import MetricsServer
 from daemon.metrics import Metrics
 from daemon.service import count_fallbacks
 from tests.conftest import ServerFactory
+from tests.support import get
 
 EXPECTED_FAMILIES = {
     "ocr_build_info",  # the text format names an Info family after its sample
@@ -54,20 +53,6 @@ class Clock:
         return self.now
 
 
-Health = dict[str, Any]
-
-
-def get(server: MetricsServer, path: str, accept: str | None = None) -> tuple[int, str, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}")
-    if accept:
-        request.add_header("Accept", accept)
-    try:
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            return resp.status, resp.headers["Content-Type"], resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers["Content-Type"], err.read().decode()
-
-
 def scrape(server: MetricsServer) -> dict[str, list[Sample]]:
     status, content_type, text = get(server, "/metrics")
     assert status == 200 and content_type.startswith("text/plain")
@@ -78,11 +63,6 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
     found = [s.value for s in samples if s.name == name and s.labels == labels]
     assert len(found) == 1, (name, labels, samples)
     return found[0]
-
-
-def health(status: str = "healthy", queue_depth: int = 0) -> Health:
-    return health_document(status=status, version="9.9.9", gpu_available=False, provider="cpu",
-                           uptime=12.5, queue_depth=queue_depth, database="ok")
 
 
 def test_every_metric_is_exposed_with_its_value_and_no_created(serve: ServerFactory) -> None:

@@ -15,8 +15,13 @@ from daemon.errors import ExitCode, NotFoundError
 from daemon.results import Image, Line, PageResult
 from daemon.store.ledger import Ledger
 from tests.pages import SENTENCES, write_page
-from tests.support import claim_next, claim_one
-from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
+from tests.support import (
+    SettingsFactory,
+    claim_next,
+    claim_one,
+    pipeline_running,
+    wait_until,
+)
 
 ONE_PAGE = [PageResult(lines=(Line("a lighthouse keeper", 0.9,
                                    ((0, 0), (9, 0), (9, 9), (0, 9))),))]
@@ -135,8 +140,7 @@ def test_retry_and_forget_while_the_daemon_runs(
     settings = settings_factory(queue={"max_attempts": 1}, watch={"failed_dir": "failed"})
     inbox = settings.watch.path
     engine = FlakyEngine()
-    pipeline, ledger, watcher = run_pipeline(settings, engine)
-    try:
+    with pipeline_running(settings, engine) as (_, ledger, _):
         write_page(inbox / "a.png", SENTENCES[:1])
         assert wait_until(lambda: ledger.counts()["failed"] == 1, 20)
         assert wait_until((inbox / "failed" / "a.png").exists, 10)
@@ -164,9 +168,6 @@ def test_retry_and_forget_while_the_daemon_runs(
         assert code == 0 and "forgot" in out and "1 pages of text" in out
         assert ledger.counts() == {"queued": 0, "processing": 0, "done": 0, "failed": 0}
         assert cli("forget", str(inbox / "again.png"))[0] == ExitCode.NOT_FOUND
-    finally:
-        watcher.stop()
-        pipeline.stop(1)
 
 
 def test_retry_reads_a_refused_file_again(settings_factory: SettingsFactory,
@@ -178,23 +179,15 @@ def test_retry_reads_a_refused_file_again(settings_factory: SettingsFactory,
     inbox = small.watch.path
     engine = FlakyEngine()
     engine.broken.clear()
-    pipeline, ledger, watcher = run_pipeline(small, engine)
-    try:
+    with pipeline_running(small, engine) as (_, ledger, _):
         write_page(inbox / "big.png", SENTENCES[:1])
         assert wait_until(lambda: ledger.counts()["failed"] == 1, 20)
         assert "max_file_bytes" in (ledger.status()["failures"][0]["reason"] or "")
         code, out = cli("retry", "--failed", "--config-max-bytes", "1000")
         assert code == ExitCode.ERROR and "still refused" in out, out
-    finally:
-        watcher.stop()
-        pipeline.stop(1)
-    pipeline, ledger, watcher = run_pipeline(settings_factory(watch={"failed_dir": "failed"}),
-                                             engine)
-    try:
+    moving = settings_factory(watch={"failed_dir": "failed"})
+    with pipeline_running(moving, engine) as (_, ledger, _):
         code, out = cli("retry", "--failed")
         assert code == 0 and "read now, re-queued" in out, out
         assert wait_until(lambda: ledger.counts()["done"] == 1, 20)
         assert ledger.counts()["failed"] == 0
-    finally:
-        watcher.stop()
-        pipeline.stop(1)

@@ -7,11 +7,8 @@ PDF syntax, so every fixture is visible here and nothing comes from outside the 
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import io
 import logging
-import struct
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import GeneratorType
@@ -19,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pypdfium2 as pdfium
-import pypdfium2.raw as pdfium_c
 import pytest
 from PIL import Image as PILImage
 from PIL import ImageDraw
@@ -30,28 +26,14 @@ from daemon.documents.pdf import iter_pdf_pages, render_size
 from daemon.documents.pdf_workers import PdfWorkers
 from daemon.errors import DocumentError
 from daemon.results import Page
+from tests.support import CATALOG, LETTER, _add_text, _write_pdf, encrypted_pdf
 
-LETTER = (612.0, 792.0)  # points; 8.5 x 11 in
 IMAGE = "image"  # page spec: a full-page scan made with Pillow
 
 PageSpec = Sequence[str] | str
 
 
 # --- fixtures made here -----------------------------------------------------------------------
-
-
-def _add_text(pdf: pdfium.PdfDocument, page: pdfium.PdfPage, lines: Sequence[str]) -> None:
-    font = pdfium.PdfFont.load_standard(pdf, "Helvetica")
-    y = 720.0
-    for text in lines:
-        obj = pdfium_c.FPDFPageObj_CreateTextObj(pdf, font, 12.0)
-        wide = (text + "\0").encode("utf-16-le")
-        utf16 = (ctypes.c_ushort * (len(wide) // 2)).from_buffer_copy(wide)
-        assert pdfium_c.FPDFText_SetText(obj, utf16)
-        pdfium_c.FPDFPageObj_Transform(obj, 1, 0, 0, 1, 72, y)
-        assert pdfium_c.FPDFPage_InsertObject(page, obj)
-        y -= 20.0
-    page.gen_content()
 
 
 def _scan_pdf(count: int, size_px: tuple[int, int] = (850, 1100), dpi: int = 100) -> bytes:
@@ -95,70 +77,6 @@ def make_pdf(specs: Sequence[PageSpec], *, rotate: int = 0, scan_text: Sequence[
     if scans is not None:
         scans.close()
     return out.getvalue()
-
-
-def _write_pdf(objects: Sequence[bytes], trailer: bytes = b"") -> bytes:
-    """Hand-written PDF syntax with a correct xref table."""
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R %s >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1, trailer, xref,
-    )
-    return bytes(out)
-
-
-CATALOG = b"<< /Type /Catalog /Pages 2 0 R >>"
-ONE_EMPTY_PAGE = [
-    CATALOG,
-    b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-    b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>",
-]
-
-
-def _rc4(key: bytes, data: bytes) -> bytes:
-    s = list(range(256))
-    j = 0
-    for i in range(256):
-        j = (j + s[i] + key[i % len(key)]) % 256
-        s[i], s[j] = s[j], s[i]
-    i = j = 0
-    out = bytearray()
-    for byte in data:
-        i = (i + 1) % 256
-        j = (j + s[i]) % 256
-        s[i], s[j] = s[j], s[i]
-        out.append(byte ^ s[(s[i] + s[j]) % 256])
-    return bytes(out)
-
-
-_PAD = bytes.fromhex("28BF4E5E4E758A4164004E56FFFA01082E2E00B6D0683E802F0CA9FE6453697A")
-
-
-def encrypted_pdf(user_password: bytes = b"secret", owner_password: bytes = b"owner") -> bytes:
-    """A real 40-bit RC4 (Standard security handler, R2) PDF, per PDF 1.7 §7.6.3.
-
-    The single page has no content, so no string or stream needs encrypting; the /O and /U
-    entries are computed properly, so a reader given `user_password` opens it.
-    """
-    file_id = bytes(range(16))
-    permissions = -44
-    o_key = hashlib.md5((owner_password + _PAD)[:32]).digest()[:5]
-    o_entry = _rc4(o_key, (user_password + _PAD)[:32])
-    digest = hashlib.md5(
-        (user_password + _PAD)[:32] + o_entry + struct.pack("<i", permissions) + file_id
-    ).digest()
-    u_entry = _rc4(digest[:5], _PAD)
-    encrypt = b"<< /Filter /Standard /V 1 /R 2 /Length 40 /P %d /O <%s> /U <%s> >>" % (
-        permissions, o_entry.hex().encode(), u_entry.hex().encode(),
-    )
-    ids = b"<%s>" % file_id.hex().encode()
-    return _write_pdf([*ONE_EMPTY_PAGE, encrypt], b"/Encrypt 4 0 R /ID [%s %s]" % (ids, ids))
 
 
 def garbage_text_pdf(*, private_use_map: bool = False) -> bytes:

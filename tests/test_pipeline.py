@@ -15,14 +15,13 @@ import pytest
 from daemon.config import Settings
 from daemon.hardware.nvml import probe_nvml
 from daemon.hardware.providers import CUDA_EP, choose_provider
-from daemon.intake import Intake
 from daemon.metrics import Metrics
 from daemon.ocr import batch as batch_module
 from daemon.ocr import buckets
 from daemon.ocr.batch import BatchEngine
 from daemon.ocr.engines import OcrEngine
 from daemon.pipeline import Pipeline
-from daemon.results import Image, Line, PageResult
+from daemon.results import Image, PageResult
 from daemon.service import Service
 from daemon.sizing import (
     DECODE_THREADS_MAX,
@@ -33,20 +32,16 @@ from daemon.sizing import (
     store_threads,
 )
 from daemon.store.db import open_ledger
-from daemon.store.ledger import Ledger
-from daemon.watcher import Watcher
 from tests.pages import SENTENCES, page_bytes, render_page, similarity, write_page
-
-SettingsFactory = Callable[..., Settings]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
+from tests.support import (
+    LOST_GPU,
+    DeviceEngine,
+    SettingsFactory,
+    gpu_service,
+    mixed_pdf,
+    pipeline_running,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -151,24 +146,11 @@ class StallingEngine:
         self.release.set()
 
 
-def run_pipeline(settings: Settings, engine: object) -> tuple[Pipeline, Ledger, Watcher]:
-    _, ledger = open_ledger(settings, migrate_now=True)
-    metrics = Metrics("test")
-    pipeline = Pipeline(settings, ledger, [engine], metrics, "cpu")  # type: ignore[list-item]
-    pipeline.start()
-    intake = Intake(settings, ledger, metrics, outage=pipeline.outage, notify=pipeline.notify)
-    watcher = Watcher(settings.watch, intake.take, intake.reject, tick_seconds=0.05,
-                      look_up=intake.look_up)
-    watcher.start()
-    return pipeline, ledger, watcher
-
-
 def test_engine_errors_are_retried_then_failed(settings_factory: SettingsFactory) -> None:
     settings = settings_factory(queue={"max_attempts": 2, "retry_backoff_seconds": 0.2},
                                 watch={"failed_dir": "failed"})
     engine = CrashingEngine()
-    pipeline, ledger, watcher = run_pipeline(settings, engine)
-    try:
+    with pipeline_running(settings, engine) as (_, ledger, _):
         write_page(settings.watch.path / "a.png", SENTENCES[:1])
         assert wait_until(lambda: ledger.counts()["failed"] == 1, 20)
         assert engine.calls == 2
@@ -176,53 +158,19 @@ def test_engine_errors_are_retried_then_failed(settings_factory: SettingsFactory
         assert failure["attempts"] == 2 and "out of memory" in failure["reason"]
         # moved after the failure is recorded: wait for it, do not race it
         assert wait_until((settings.watch.path / "failed" / "a.png.error.txt").exists, 10)
-    finally:
-        watcher.stop()
-        pipeline.stop(1)
 
 
 def test_stop_hands_unfinished_work_back(settings_factory: SettingsFactory) -> None:
     settings = settings_factory()
     engine = StallingEngine()
-    pipeline, ledger, watcher = run_pipeline(settings, engine)
-    write_page(settings.watch.path / "a.png", SENTENCES[:1])
-    assert engine.entered.wait(20)
-    watcher.stop()
-    assert ledger.counts()["processing"] == 1
-    assert pipeline.stop(timeout=0.3) == 1
-    assert ledger.counts() == {"queued": 1, "processing": 0, "done": 0, "failed": 0}
-    assert ledger.find("x", [str(settings.watch.path / "a.png")]).attempts == 0
-
-
-def mixed_pdf(specs: list[list[str] | None], scan_lines: list[str]) -> bytes:
-    """Born-digital pages (their lines as a text layer) and, for None, a scanned page of
-    `scan_lines` (an image rendered large enough to read at the daemon's defaults)."""
-    import io
-
-    import pypdfium2 as pdfium
-
-    from tests.pages import render_page
-    from tests.test_pdf import LETTER, _add_text
-
-    scans = [render_page(scan_lines, size=44, width=1100) for s in specs if s is None]
-    buffer = io.BytesIO()
-    scans[0].save(buffer, "PDF", resolution=100, save_all=True, append_images=scans[1:])
-    scan_doc = pdfium.PdfDocument(buffer.getvalue())
-    pdf = pdfium.PdfDocument.new()
-    used = 0
-    for index, spec in enumerate(specs):
-        if spec is None:
-            pdf.import_pages(scan_doc, [used], index=index)
-            used += 1
-        else:
-            page = pdf.new_page(*LETTER)
-            _add_text(pdf, page, spec)
-            page.close()
-    out = io.BytesIO()
-    pdf.save(out)
-    pdf.close()
-    scan_doc.close()
-    return out.getvalue()
+    with pipeline_running(settings, engine) as (pipeline, ledger, watcher):
+        write_page(settings.watch.path / "a.png", SENTENCES[:1])
+        assert engine.entered.wait(20)
+        watcher.stop()
+        assert ledger.counts()["processing"] == 1
+        assert pipeline.stop(timeout=0.3) == 1
+        assert ledger.counts() == {"queued": 1, "processing": 0, "done": 0, "failed": 0}
+        assert ledger.find("x", [str(settings.watch.path / "a.png")]).attempts == 0
 
 
 @pytest.mark.parametrize("pdf_processes", [0, 1], ids=["in-process", "pdf-worker"])
@@ -254,69 +202,12 @@ def test_twenty_page_mixed_pdf_is_stored_page_by_page(service: Callable[..., Ser
 # -- several OCR devices: spread and failover (stand-in engines; the real ones need GPUs) ----
 
 
-# what onnxruntime raises for a GPU that fell off the bus
-LOST_GPU = "CUDA error: unspecified launch failure (Xid 79: GPU has fallen off the bus)"
-
-
-class DeviceEngine:
-    """A stand-in for one GPU's engine: each page's text names the device that read it; a
-    `lost` one raises as a GPU that fell off the bus does."""
-
-    provider = "cuda"
-    thread_safe = True
-
-    def __init__(self, device: str, *, lost: bool = False, delay: float = 0.05) -> None:
-        self.device = device
-        self.lost = lost
-        self.delay = delay
-        self.pages = 0
-        self.warmups = 0
-        self._lock = threading.Lock()
-
-    def recognize(self, images: Sequence[Image]) -> list[PageResult]:
-        if self.lost:
-            raise RuntimeError(LOST_GPU)
-        time.sleep(self.delay)
-        with self._lock:
-            self.pages += len(images)
-        box = ((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0))
-        return [PageResult(lines=(Line(f"read on device {self.device}", 0.9, box),))
-                for _ in images]
-
-    def warmup(self) -> dict[str, float]:
-        with self._lock:
-            self.warmups += 1
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
-def gpu_service(settings: Settings, engines: list[DeviceEngine],
-                monkeypatch: pytest.MonkeyPatch) -> Service:
-    """The real service with these engines as its GPUs (two workers each, as on a GPU host)."""
-    from daemon import service as service_module
-    from daemon.hardware.providers import ProviderChoice
-    from daemon.service import Hardware
-
-    devices = tuple(int(e.device) for e in engines)
-    choice = ProviderChoice("cuda", reason="stand-in engines", devices=devices)
-    monkeypatch.setattr(service_module, "probe_hardware",
-                        lambda _settings: Hardware(choice, None, None))
-    monkeypatch.setattr(service_module, "build_engines",
-                        lambda _s, _c, workers: [engines[k % len(engines)]
-                                                 for k in range(workers)])
-    svc = Service(settings)
-    svc.start()
-    return svc
-
-
 def test_every_gpu_is_warmed_up_once_before_the_first_file(
         settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each GPU's engine runs its warm-up (cuDNN searches, arena growth) before the daemon
     takes files, once however many workers share it: not only the first GPU's."""
     engines = [DeviceEngine("0"), DeviceEngine("1"), DeviceEngine("2")]
-    svc = gpu_service(settings_factory(), engines, monkeypatch)
+    svc = gpu_service(settings_factory(), engines)
     try:
         assert len(svc.components.pipeline.engines) == 3 * GPU_BATCHES_IN_FLIGHT
         assert [engine.warmups for engine in engines] == [1, 1, 1]
@@ -327,7 +218,7 @@ def test_every_gpu_is_warmed_up_once_before_the_first_file(
 def test_work_is_spread_over_every_device(settings_factory: SettingsFactory,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     engines = [DeviceEngine("0"), DeviceEngine("1")]
-    svc = gpu_service(settings_factory(batch={"max_pages": 2}), engines, monkeypatch)
+    svc = gpu_service(settings_factory(batch={"max_pages": 2}), engines)
     try:
         # a loop per batch in flight on each device
         assert len(svc.components.pipeline.engines) == 2 * GPU_BATCHES_IN_FLIGHT
@@ -347,7 +238,7 @@ def test_a_lost_gpu_fails_over_to_the_others_and_shows_in_health(
     settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lost, good = DeviceEngine("0", lost=True), DeviceEngine("1")
-    svc = gpu_service(settings_factory(batch={"max_pages": 2}), [lost, good], monkeypatch)
+    svc = gpu_service(settings_factory(batch={"max_pages": 2}), [lost, good])
     try:
         # which loop takes a batch is the scheduler's choice: pages are dropped, a few at a
         # time, until the lost device has been handed DEVICE_FAILURES batches (40 at most)
@@ -377,7 +268,7 @@ def test_every_device_failing_is_unhealthy(settings_factory: SettingsFactory,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     engines = [DeviceEngine("0", lost=True), DeviceEngine("1", lost=True)]
     settings = settings_factory(queue={"max_attempts": 1}, batch={"max_pages": 1})
-    svc = gpu_service(settings, engines, monkeypatch)
+    svc = gpu_service(settings, engines)
     try:
         for n in range(6):
             (svc.settings.watch.path / f"p{n}.png").write_bytes(page_bytes([f"page {n}"]))
@@ -423,7 +314,7 @@ class OnDevice:
 
 def two_engines_share_and_fail_over(engines: list[OnDevice], settings: Settings,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    svc = gpu_service(settings, engines, monkeypatch)  # type: ignore[arg-type]
+    svc = gpu_service(settings, engines)  # type: ignore[arg-type]
     inbox = svc.settings.watch.path
 
     def text(n: int) -> str:
@@ -490,7 +381,7 @@ class DyingEngine(DeviceEngine):
 def test_a_dead_ocr_loop_is_unhealthy(settings_factory: SettingsFactory,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_factory(batch={"stop_timeout_seconds": 0.5})
-    svc = gpu_service(settings, [DyingEngine("0")], monkeypatch)
+    svc = gpu_service(settings, [DyingEngine("0")])
     try:
         assert svc.health()["status"] == "healthy"
         (svc.settings.watch.path / "a.png").write_bytes(page_bytes(["page"]))
@@ -518,7 +409,7 @@ def test_a_hung_loop_is_unhealthy_and_recovers(settings_factory: SettingsFactory
     /health unhealthy (and stops the systemd watchdog ping); progress makes it healthy."""
     settings = settings_factory(queue={"stuck_seconds": 1.0})
     engine = HungEngine("0")
-    svc = gpu_service(settings, [engine], monkeypatch)
+    svc = gpu_service(settings, [engine])
     try:
         assert svc.components is not None
         assert wait_until(lambda: svc.health()["status"] == "healthy", 10)
@@ -543,7 +434,7 @@ def test_a_document_slower_than_its_lease_is_stored_once(
     settings = settings_factory(queue={"lease_seconds": 1.5})
     engine = DeviceEngine("0", delay=4.0)
     monkeypatch.setattr("daemon.pipeline.HOUSEKEEPING_SECONDS", 0.2)
-    svc = gpu_service(settings, [engine], monkeypatch)
+    svc = gpu_service(settings, [engine])
     try:
         with caplog.at_level(logging.INFO):
             (svc.settings.watch.path / "slow.png").write_bytes(page_bytes(["slow page"]))
@@ -629,18 +520,17 @@ def test_an_outcome_the_ledger_refuses_fails_the_attempt_not_the_loop(
 
     settings = settings_factory(queue={"max_attempts": 3, "retry_backoff_seconds": 0.1})
     engine = DeviceEngine("cpu", delay=0.0)
-    pipeline, ledger, watcher = run_pipeline(settings, engine)
-    real_complete = ledger.complete
-    refusals = []
+    with pipeline_running(settings, engine) as (pipeline, ledger, _):
+        real_complete = ledger.complete
+        refusals = []
 
-    def refuse_once(*args: object, **kwargs: object) -> bool:
-        if not refusals:
-            refusals.append(1)
-            raise DataError("INSERT INTO pages ...", {}, ValueError("a NUL in the text"))
-        return real_complete(*args, **kwargs)  # type: ignore[arg-type]
+        def refuse_once(*args: object, **kwargs: object) -> bool:
+            if not refusals:
+                refusals.append(1)
+                raise DataError("INSERT INTO pages ...", {}, ValueError("a NUL in the text"))
+            return real_complete(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ledger, "complete", refuse_once)
-    try:
+        monkeypatch.setattr(ledger, "complete", refuse_once)
         write_page(settings.watch.path / "a.png", SENTENCES[:1])
         assert wait_until(lambda: ledger.counts()["done"] == 1, 30)
         doc = ledger.find("x", [str(settings.watch.path / "a.png")])
@@ -648,9 +538,6 @@ def test_an_outcome_the_ledger_refuses_fails_the_attempt_not_the_loop(
         assert pipeline.alive and pipeline.inflight_count() == 0
         registry = pipeline.metrics.registry
         assert registry.get_sample_value("ocr_files_total", {"status": "error"}) == 1
-    finally:
-        watcher.stop()
-        pipeline.stop(1)
 
 
 def test_a_slow_store_does_not_hold_up_the_ocr_loop(
@@ -661,29 +548,27 @@ def test_a_slow_store_does_not_hold_up_the_ocr_loop(
     store loop's work, not the loop that feeds the GPU. Both are stored once, in the end."""
     settings = settings_factory()
     engine = DeviceEngine("cpu", delay=0.0)
-    pipeline, ledger, watcher = run_pipeline(settings, engine)
-    real_complete = ledger.complete
-    storing, go_on = threading.Event(), threading.Event()
+    with pipeline_running(settings, engine) as (pipeline, ledger, _):
+        try:
+            real_complete = ledger.complete
+            storing, go_on = threading.Event(), threading.Event()
 
-    def slow_complete(*args: object, **kwargs: object) -> bool:
-        storing.set()
-        assert go_on.wait(30)
-        return real_complete(*args, **kwargs)  # type: ignore[arg-type]
+            def slow_complete(*args: object, **kwargs: object) -> bool:
+                storing.set()
+                assert go_on.wait(30)
+                return real_complete(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ledger, "complete", slow_complete)
-    try:
-        write_page(settings.watch.path / "a.png", ["first"])
-        assert storing.wait(30)
-        write_page(settings.watch.path / "b.png", ["second"])
-        assert wait_until(lambda: engine.pages == 2, 30)  # while a.png is being stored
-        assert ledger.counts()["done"] == 0
-        go_on.set()
-        assert wait_until(lambda: ledger.counts()["done"] == 2, 30)
-        assert engine.pages == 2 and pipeline.alive
-    finally:
-        go_on.set()
-        watcher.stop()
-        pipeline.stop(1)
+            monkeypatch.setattr(ledger, "complete", slow_complete)
+            write_page(settings.watch.path / "a.png", ["first"])
+            assert storing.wait(30)
+            write_page(settings.watch.path / "b.png", ["second"])
+            assert wait_until(lambda: engine.pages == 2, 30)  # while a.png is being stored
+            assert ledger.counts()["done"] == 0
+            go_on.set()
+            assert wait_until(lambda: ledger.counts()["done"] == 2, 30)
+            assert engine.pages == 2 and pipeline.alive
+        finally:
+            go_on.set()
 
 
 def test_store_loops_are_one_for_the_ledger_and_more_for_searchable_pdfs(
@@ -727,8 +612,7 @@ def test_a_page_that_breaks_the_engine_fails_only_its_document(
     settings = settings_factory(queue={"max_attempts": 1},
                                 batch={"max_pages": 4, "max_wait_ms": 3000})
     engine = PoisonEngine()
-    pipeline, ledger, watcher = run_pipeline(settings, engine)
-    try:
+    with pipeline_running(settings, engine) as (pipeline, ledger, _):
         inbox = settings.watch.path
         staging = inbox.parent / "staging"
         staging.mkdir()
@@ -743,6 +627,3 @@ def test_a_page_that_breaks_the_engine_fails_only_its_document(
         assert "cannot take this page" in ledger.status()["failures"][0]["reason"]
         assert engine.batches[0] == 4  # they did arrive together
         assert pipeline.alive
-    finally:
-        watcher.stop()
-        pipeline.stop(1)

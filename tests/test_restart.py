@@ -23,9 +23,15 @@ from daemon.results import Image, PageResult
 from daemon.service import Service
 from daemon.store.db import open_ledger
 from daemon.store.ledger import Ledger
-from tests.support import claim_one
-from tests.test_pipeline import SettingsFactory, run_pipeline, wait_until
-from tests.test_watcher import looked_twice
+from tests.support import (
+    DeviceEngine,
+    SettingsFactory,
+    claim_one,
+    gpu_service,
+    looked_twice,
+    pipeline_running,
+    wait_until,
+)
 
 
 class QuickEngine:
@@ -68,16 +74,11 @@ def test_a_restart_hashes_nothing_it_has_seen(settings_factory: SettingsFactory,
     inbox = settings.watch.path
     inbox.mkdir(parents=True, exist_ok=True)
     small_pages(inbox, 200)
-    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
-    try:
+    with pipeline_running(settings, QuickEngine()) as (_, ledger, _):
         assert wait_until(lambda: ledger.counts()["done"] == 200, 120)
-    finally:
-        watcher.stop()
-        pipeline.stop(1)
 
     hashed = count_hashing(monkeypatch)
-    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())  # the restart
-    try:
+    with pipeline_running(settings, QuickEngine()) as (_, ledger, watcher):  # restart
         assert looked_twice(watcher, 60)  # every kept file seen, twice over
         assert hashed == []
         (inbox / "p0007.png").touch()  # changed (ctime, mtime): read again, same content
@@ -85,9 +86,6 @@ def test_a_restart_hashes_nothing_it_has_seen(settings_factory: SettingsFactory,
         assert wait_until(lambda: ledger.counts()["done"] == 201, 60)
         assert looked_twice(watcher, 60)
         assert len(hashed) == 2
-    finally:
-        watcher.stop()
-        pipeline.stop(1)
 
 
 def test_a_done_document_left_in_place_is_moved_at_the_next_start(
@@ -104,14 +102,10 @@ def test_a_done_document_left_in_place_is_moved_at_the_next_start(
                           stat=PathStat.of(path.stat()))
     assert claim_one(ledger, reg.document_id, "killed", 60) is not None
     assert ledger.complete(reg.document_id, "killed", [PageResult()], 0.1, "cpu")
-    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
-    try:
+    with pipeline_running(settings, QuickEngine()) as (_, ledger, _):
         assert wait_until(lambda: (inbox / "done" / path.name).exists(), 30)
         assert wait_until(lambda: not path.exists(), 10)  # linked there, then unlinked here
         assert ledger.counts()["done"] == 1
-    finally:
-        watcher.stop()
-        pipeline.stop(1)
 
 
 def test_a_second_daemon_on_one_sqlite_file_refuses_to_start(
@@ -119,10 +113,9 @@ def test_a_second_daemon_on_one_sqlite_file_refuses_to_start(
     """Never silent double work: the second would re-queue the first one's documents as
     left over by a dead run. It says why and how to run several."""
     from daemon.errors import DatabaseError
-    from tests.test_pipeline import DeviceEngine, gpu_service
 
     settings = settings_factory()
-    first = gpu_service(settings, [DeviceEngine("0")], monkeypatch)
+    first = gpu_service(settings, [DeviceEngine("0")])
     try:
         with pytest.raises(DatabaseError, match=r"another ocr-daemon is running.*PostgreSQL"):
             second = Service(settings)
@@ -133,7 +126,7 @@ def test_a_second_daemon_on_one_sqlite_file_refuses_to_start(
         assert first.health()["status"] == "healthy"
     finally:
         first.stop()
-    again = gpu_service(settings, [DeviceEngine("0")], monkeypatch)  # the lock went with it
+    again = gpu_service(settings, [DeviceEngine("0")])  # the lock went with it
     again.stop()
 
 
@@ -141,10 +134,9 @@ def test_a_duplicate_dropped_while_processing_gets_the_after_action_too(
         settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The after-action uses the paths in the ledger when it runs, not those known when the
     document was claimed."""
-    from tests.test_pipeline import DeviceEngine, gpu_service
 
     settings = settings_factory(watch={"after": "move", "done_dir": "done"})
-    svc = gpu_service(settings, [DeviceEngine("0", delay=2.0)], monkeypatch)
+    svc = gpu_service(settings, [DeviceEngine("0", delay=2.0)])
     try:
         inbox = settings.watch.path
         [first] = small_pages(inbox, 1)
@@ -159,10 +151,9 @@ def test_a_duplicate_dropped_while_processing_gets_the_after_action_too(
 
 def test_status_shows_the_live_workers(settings_factory: SettingsFactory,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_pipeline import DeviceEngine, gpu_service
 
     settings = settings_factory(queue={"lease_seconds": 1.5})
-    svc = gpu_service(settings, [DeviceEngine("0"), DeviceEngine("1")], monkeypatch)
+    svc = gpu_service(settings, [DeviceEngine("0"), DeviceEngine("1")])
     try:
         assert svc.components is not None
         assert wait_until(lambda: bool(svc.ledger.status()["workers"]), 10)
@@ -222,8 +213,7 @@ def test_a_restart_over_5000_kept_files_reads_none_and_serves_a_new_drop_first(
 
     monkeypatch.setattr(Ledger, "known_path", known_path)
     monkeypatch.setattr(Ledger, "known_paths", known_paths)
-    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
-    try:
+    with pipeline_running(settings, QuickEngine()) as (_, ledger, watcher):
         assert wait_until(lambda: watcher.scans >= 1, 30)  # the start-up scan found them all
         small_pages(inbox, 1, start=9000)
         assert wait_until(lambda: ledger.counts()["done"] == 5001, 60)
@@ -233,9 +223,6 @@ def test_a_restart_over_5000_kept_files_reads_none_and_serves_a_new_drop_first(
         # looked up TAKE_BATCH (64) at a time, not one by one: a round trip a batch (a pass
         # may end inside a batch, and the new file is a batch of its own)
         assert lookups["one"] == 0 and 5001 / 64 < lookups["batch"] < 5001 / 16
-    finally:
-        watcher.stop()
-        pipeline.stop(1)
 
 
 def test_queued_documents_are_claimed_several_a_statement(
@@ -246,8 +233,7 @@ def test_queued_documents_are_claimed_several_a_statement(
     settings = settings_factory()
     queue_documents(settings, 40)
     claimed = count_claims(monkeypatch)
-    pipeline, ledger, watcher = run_pipeline(settings, QuickEngine())
-    try:
+    with pipeline_running(settings, QuickEngine()) as (pipeline, ledger, _):
         assert wait_until(lambda: ledger.counts()["done"] == 40, 60)
         assert sum(claimed) == 40 and len(claimed) < 20
         assert max(claimed) == CLAIM_BATCH
@@ -255,9 +241,6 @@ def test_queued_documents_are_claimed_several_a_statement(
         assert wait_until(lambda: pipeline.table._slots._value  # type: ignore[attr-defined]
                           == settings.queue.capacity, 10)
         assert pipeline.inflight_count() == 0
-    finally:
-        watcher.stop()
-        pipeline.stop(1)
 
 
 class GatedEngine(QuickEngine):
@@ -309,19 +292,17 @@ def gated_pipeline(settings_factory: SettingsFactory, monkeypatch: pytest.Monkey
     claimed = count_claims(monkeypatch)
     monkeypatch.setattr(pipeline_module, "CLAIM_GATHER_SECONDS", gather_seconds)
     engine = GatedEngine()
-    pipeline, ledger, watcher = run_pipeline(settings, engine)
-    try:
-        assert wait_until(lambda: pipeline.inflight_count() == capacity, 30)
-        yield engine, pipeline, claimed
-        for _ in range(40):
-            engine.gate.release()
-        assert wait_until(lambda: ledger.counts()["done"] == 40, 30)
-        assert sum(claimed) == 40
-    finally:
-        for _ in range(40):
-            engine.gate.release()
-        watcher.stop()
-        pipeline.stop(1)
+    with pipeline_running(settings, engine) as (pipeline, ledger, _):
+        try:
+            assert wait_until(lambda: pipeline.inflight_count() == capacity, 30)
+            yield engine, pipeline, claimed
+            for _ in range(40):
+                engine.gate.release()
+            assert wait_until(lambda: ledger.counts()["done"] == 40, 30)
+            assert sum(claimed) == 40
+        finally:
+            for _ in range(40):
+                engine.gate.release()
 
 
 def test_a_full_pipeline_claims_the_slots_its_documents_free_together(

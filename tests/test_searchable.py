@@ -18,7 +18,7 @@ from daemon.documents.decode import iter_pages
 from daemon.documents.searchable import ScannedPage, scanned_pages, searchable_pdf
 from daemon.results import Line, PageResult
 from tests.pages import SENTENCES, render_page, similarity, write_page
-from tests.test_pipeline import SettingsFactory, mixed_pdf, run_pipeline, wait_until
+from tests.support import SettingsFactory, mixed_pdf, pipeline_running, wait_until
 
 QPDF = shutil.which("qpdf")
 
@@ -252,9 +252,8 @@ def test_the_daemon_writes_one_pdf_per_stored_file(settings_factory: SettingsFac
     settings = settings_factory(watch={"output_pdf": "pdf", "output_dir": str(out),
                                        "recursive": True}, ocr={"lang": "ch"})
     engine = build_engine(settings, CPU, 1)
-    pipeline, ledger, watcher = run_pipeline(settings, engine)
-    inbox = settings.watch.path
-    try:
+    with pipeline_running(settings, engine, stop_seconds=5) as (_, ledger, _):
+        inbox = settings.watch.path
         (inbox / "sub").mkdir()
         write_page(inbox / "letter.png", SENTENCES[:3])
         write_page(inbox / "sub" / "memo.jpg", SENTENCES[3:5])
@@ -265,9 +264,6 @@ def test_the_daemon_writes_one_pdf_per_stored_file(settings_factory: SettingsFac
         assert wait_until(lambda: ledger.counts()["done"] == 4, 180)
         assert wait_until(lambda: all((out / name).exists() for name in (
             "sub/memo.pdf", "letter.pdf", "mixed.pdf", "chinese.pdf")), 30)
-    finally:
-        watcher.stop()
-        pipeline.stop(5)
     for name, source in (("letter.pdf", inbox / "letter.png"),
                          ("sub/memo.pdf", inbox / "sub" / "memo.jpg"),
                          ("mixed.pdf", inbox / "mixed.pdf"),
@@ -309,7 +305,6 @@ def _rendered_box(data: bytes, index: int, fraction: tuple[float, float, float, 
 
 def test_a_pdf_keeps_its_pages_and_its_scans_gain_text(tmp_path: Path) -> None:
     from daemon.documents.searchable import searchable_from_pdf
-    from tests.test_pipeline import mixed_pdf
 
     original = mixed_pdf([["A born digital page", "with its own text"], None, None],
                          ["scanned words"])

@@ -13,11 +13,10 @@ from PIL import Image as PILImage
 
 from daemon.config import Settings
 from daemon.service import Service
-from tests.test_faults import (
+from tests.support import (
     FAST_OCR,
     DaemonProcess,
     count_states,
-    daemon_factory,  # noqa: F401  (fixture)
     ledger_rows,
     sha256,
     tiny_page,
@@ -33,7 +32,7 @@ def fingerprint(path: Path) -> tuple[bytes, int, int]:
 
 
 @pytest.mark.parametrize("after", ["delete", "move"])
-def test_outside_files_are_never_touched(daemon_factory: Callable[..., DaemonProcess],  # noqa: F811
+def test_outside_files_are_never_touched(daemon_factory: Callable[..., DaemonProcess],
                                          tmp_path: Path, after: str) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -75,7 +74,7 @@ def test_outside_files_are_never_touched(daemon_factory: Callable[..., DaemonPro
 
 @pytest.mark.parametrize("folder", ["failed", "done"])
 def test_a_planted_folder_link_does_not_move_files_out(
-        daemon_factory: Callable[..., DaemonProcess], tmp_path: Path,  # noqa: F811
+        daemon_factory: Callable[..., DaemonProcess], tmp_path: Path,
         folder: str) -> None:
     """The done/failed folder, configured inside the inbox, replaced by a link out of it."""
     elsewhere = tmp_path / "elsewhere"

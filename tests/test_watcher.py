@@ -23,7 +23,7 @@ from daemon.store.models import State
 from daemon.store.outage import Outage
 from daemon.store.records import NewFile, Registration
 from daemon.watcher import Watcher, is_ignored, mount_fstype, needs_polling
-from tests.support import paths_of
+from tests.support import looked_twice, paths_of
 
 
 class Recorder:
@@ -45,19 +45,6 @@ class Recorder:
     def wait_for(self, predicate: object, timeout: float = 10.0) -> bool:
         with self.changed:
             return self.changed.wait_for(predicate, timeout)  # type: ignore[arg-type]
-
-
-def looked_twice(watcher: Watcher, timeout: float = 10.0) -> bool:
-    """Wait until two full scans have started after this call and a pass of the loop ended
-    with nothing left settling after them: by then every file present now was reported,
-    refused or ignored. What is not reported by then never will be (no fixed sleep)."""
-    target = watcher.scans + 2  # a scan under way now may have missed the newest files
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if watcher.quiet_after_scan >= target:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture
