@@ -48,7 +48,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: setup-dev
-	$(BIN)/python benchmarks/bench.py --render 20
+	$(BIN)/python -m benchmarks bench --render 20
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -1,8 +1,8 @@
 """Throughput and accuracy of the OCR paths, side by side in one run. A script, not a test.
 
-    python benchmarks/bench.py --images ../shared/ocr-eval/sroie/img --limit 30 --modes a,b
-    python benchmarks/bench.py --render 12 --modes a,b,c
-    python benchmarks/bench.py --render 1000 --a4 --modes c
+    python -m benchmarks bench --images ../shared/ocr-eval/sroie/img --limit 30 --modes a,b
+    python -m benchmarks bench --render 12 --modes a,b,c
+    python -m benchmarks bench --render 1000 --a4 --modes c
 
 Modes (each runs in its own subprocess, so peak RSS is that mode's alone):
   a  naive loop: `RapidOCR()` once per page, on the CPU
@@ -48,11 +48,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.common import REPO, find_images, machine
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 ALL_MODES = ("a", "b", "c", "d", "e")
 
 
@@ -73,13 +70,6 @@ def truth_for(image: Path) -> str | None:
         if txt.is_file():
             return txt.read_text(encoding="utf-8", errors="replace")
     return None
-
-
-def find_images(folder: Path, limit: int | None) -> list[Path]:
-    if (folder / "img").is_dir():
-        folder = folder / "img"
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    return images[:limit] if limit else images
 
 
 def _is_punct(char: str) -> bool:
@@ -149,9 +139,9 @@ def render_dataset(count: int, folder: Path, *, a4: bool = False, pdf: bool = Fa
             list(pool.map(_render_a4, range(count), [folder] * count, [pdf] * count,
                           chunksize=8))
         return
-    sys.path.insert(0, str(REPO / "tests"))
     from PIL import Image as PILImage
-    from rendering import random_lines, render_page
+
+    from tests.rendering import random_lines, render_page
 
     for i in range(count):
         lines = random_lines(1000 + i, 8 + (i * 7) % 20)
@@ -231,11 +221,11 @@ def render_zh_dataset(count: int, folder: Path) -> None:
     faces found (`zh_fonts`) taken in turn, at 14-35 px; every other page made to look scanned
     (turned by up to 1.5 degrees, blurred, grain added, saved as a JPEG of quality 50), the rest
     clean PNGs."""
-    sys.path.insert(0, str(REPO / "tests"))
     import numpy as np
     from PIL import Image as PILImage
     from PIL import ImageFilter, ImageFont
-    from rendering import render_page
+
+    from tests.rendering import render_page
 
     folder.mkdir(parents=True, exist_ok=True)
     fonts = zh_fonts()
@@ -262,9 +252,9 @@ def render_zh_dataset(count: int, folder: Path) -> None:
 def _render_a4(i: int, folder: Path, pdf: bool = False) -> None:
     """One dense A4 page at 300 dpi: ~45 lines of 11-point text (46 px), grey JPEG (in a PDF
     with `pdf`)."""
-    sys.path.insert(0, str(REPO / "tests"))
     from PIL import Image as PILImage
-    from rendering import random_lines, render_page
+
+    from tests.rendering import random_lines, render_page
 
     width, height = A4_300_DPI
     lines = random_lines(5000 + i, 44, words_per_line=(9, 13))
@@ -640,7 +630,7 @@ def gil_stop(daemon: subprocess.Popen[bytes], tmp: Path, args: argparse.Namespac
     """With --gil: the GIL's holders in the daemon over the timed rounds, in ms a page."""
     if not args.gil:
         return None
-    from gil_probe import Sampled
+    from benchmarks.gil_probe import Sampled
 
     out = tmp / "gil.json"
     if (tmp / "gil.json.started").exists():
@@ -832,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
                     out, code, rss, cpu = run_child(
-                        [sys.executable, __file__, *passthrough, "--worker", mode,
+                        [sys.executable, "-m", "benchmarks.bench", *passthrough, "--worker", mode,
                          "--worker-files", str(files)]
                     )
                     if code != 0:
@@ -850,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         report["ratios"] = ratios(report["modes"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(report, indent=2, ensure_ascii=False))
+    print(json.dumps({**report, "machine": machine()}, indent=2, ensure_ascii=False))
     return 0
 
 

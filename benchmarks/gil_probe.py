@@ -1,9 +1,9 @@
 """Who holds the GIL, sampled from outside the interpreter. A benchmark instrument, not a test.
 
-    python benchmarks/gil_probe.py      calibrates it: threads of known duty, alone and beside
+    python -m benchmarks gil-probe      calibrates it: threads of known duty, alone and beside
                                         native threads that let the GIL go
-    python benchmarks/gil_probe.py build     builds the sampler (bench-out/), prints its path
-    OCR_GIL_PROBE_OUT=F python benchmarks/gil_probe.py daemon run
+    python -m benchmarks gil-probe build     builds the sampler (bench-out/), prints its path
+    OCR_GIL_PROBE_OUT=F python -m benchmarks gil-probe daemon run
                                         `python -m daemon run` with the probe: SIGUSR1 starts
                                         sampling, SIGUSR2 stops it and writes F (JSON, what
                                         `Sampled.to_json` gives); bench.py --gil does this
@@ -332,7 +332,9 @@ def _calibrate() -> int:
             "natives_gil_share": round(sum(sampled.fraction(c) for n, c in
                                            sampled.by_thread.items() if n.startswith("native")), 3),
         })
-    print(json.dumps({"gil_probe_calibration": rows}, indent=1))
+    from benchmarks.common import machine
+
+    print(json.dumps({"gil_probe_calibration": rows, "machine": machine()}, indent=1))
     return 0
 
 
@@ -369,11 +371,16 @@ def _daemon(argv: list[str]) -> None:
     runpy.run_module("daemon", run_name="__main__", alter_sys=True)
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["build"]:  # gpu_bundle.sh: the library's path, built if need be
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["build"]:  # gpu_bundle.sh: the library's path, built if need be
         print(build())
-        raise SystemExit(0)
-    if sys.argv[1:2] == ["daemon"]:
-        _daemon(sys.argv[2:])  # the daemon's code from PYTHONPATH (bench.py --daemon-root)
-    else:
-        raise SystemExit(_calibrate())
+        return 0
+    if argv[:1] == ["daemon"]:
+        _daemon(argv[1:])  # the daemon's code from PYTHONPATH (bench.py --daemon-root)
+        return 0
+    return _calibrate()
+
+
+if __name__ == "__main__":  # also run as a file, from another tree's root (bench.py --gil)
+    raise SystemExit(main())

@@ -54,7 +54,7 @@ if want warmup; then
   step shape changes: one session against a session per shape, and the engine warm-up
   # the engine's warm-up stops starting shapes after 75 s: shapes_warmed says how far it got;
   # then 25 s of batches bigger than the engine's (the data for the batch sizes)
-  timeout 135 python3 benchmarks/gpu_warmup.py --algos HEURISTIC --engine --warmup-seconds 75 \
+  timeout 135 python3 -m benchmarks gpu-warmup --algos HEURISTIC --engine --warmup-seconds 75 \
     --sweep-seconds 25 > "$out/warmup.json" 2> "$out/warmup.log"
   grep -v "Fallback mode" "$out/warmup.log" | tail -3
 fi
@@ -64,7 +64,7 @@ if want receipts; then
   # the daemons (c, e) take the 100 receipts once to warm up, then twice more at once, timed:
   # at 100 receipts/s one pass is a second, mostly filling and draining the pipeline; --gil:
   # how long each kind of the daemon's threads held the GIL a page meanwhile (gil_probe.py)
-  timeout 220 python3 benchmarks/bench.py --images "$eval_dir/sroie/img" --modes "$receipt_modes" --mode-seconds 25 \
+  timeout 220 python3 -m benchmarks bench --images "$eval_dir/sroie/img" --modes "$receipt_modes" --mode-seconds 25 \
     --rounds 3 --batch 8 --gil --log-dir "$out/logs" > "$out/bench-sroie.json" 2> "$out/bench-sroie.log"
   tail -3 "$out/bench-sroie.log"
 fi
@@ -73,7 +73,7 @@ if want a4; then
   step 1000 rendered dense A4 pages through the daemon, GPU memory sampled every second
   nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/gpumem.csv" &
   sampler=$!
-  timeout 130 python3 benchmarks/bench.py --render 1000 --a4 --modes c --batch 8 --timeout 100 \
+  timeout 130 python3 -m benchmarks bench --render 1000 --a4 --modes c --batch 8 --timeout 100 \
     --log-dir "$out/logs" > "$out/bench-1000.json" 2> "$out/bench-1000.log"
   kill $sampler
   tail -2 "$out/bench-1000.log"
@@ -84,7 +84,7 @@ if want ceiling; then
   # 12 receipts recorded (on the CPU: most of the stage), replayed 16 times over (192
   # documents): 40 would pass 16 cores in well under a second, mostly filling and draining
   # the pipeline. The daemon's own queue.capacity (32), as it runs.
-  timeout 30 python3 benchmarks/host_ceiling.py --images "$eval_dir/sroie/img" --limit 12 \
+  timeout 30 python3 -m benchmarks host-ceiling --images "$eval_dir/sroie/img" --limit 12 \
     --copies 16 --cores 4,16 --gil --out /tmp/replay > "$out/host-ceiling.json" 2> "$out/host-ceiling.log"
   tail -2 "$out/host-ceiling.log"
 fi

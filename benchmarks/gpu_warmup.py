@@ -2,7 +2,7 @@
 shape, per cuDNN algorithm search mode; and the daemon engine's whole warm-up. A script, not a
 test.
 
-    python benchmarks/gpu_warmup.py --algos HEURISTIC --engine --sweep-seconds 30
+    python -m benchmarks gpu-warmup --algos HEURISTIC --engine --sweep-seconds 30
 
 onnxruntime's CUDA convolutions (cuDNN 9 builds) build a cuDNN plan per node whenever a run's
 input shape differs from that node's previous run. For each mode, on the recogniser as the
@@ -30,9 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.common import machine
 
 TAKING_TURNS = [(1, 48, 640, 3), (8, 48, 1280, 3), (32, 48, 480, 3)]
 STEADY = (32, 48, 960, 3)
@@ -272,7 +270,7 @@ def batch_sweep(sessions: dict[str, Any], sweep: list[tuple[str, tuple[int, ...]
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--algos", default="HEURISTIC")
     parser.add_argument("--engine", action="store_true", help="also time the engine's warm-up")
@@ -281,7 +279,7 @@ def main() -> int:
     parser.add_argument("--sweep-seconds", type=float, default=0,
                         help="with --engine: time bigger batches (SWEEP), then fp16 ones "
                              "(SWEEP_FP16), for up to this long each")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     report: dict[str, Any] = {"modes": {}}
     for algo in args.algos.split(","):
         report["modes"][algo] = measure(algo)
@@ -290,7 +288,7 @@ def main() -> int:
     if args.engine:
         report["engine"] = engine_warmup(args.warmup_seconds, args.sweep_seconds)
         print(json.dumps({"engine": report["engine"]}), file=sys.stderr, flush=True)
-    print(json.dumps(report, indent=2))
+    print(json.dumps({**report, "machine": machine()}, indent=2))
     return 0
 
 

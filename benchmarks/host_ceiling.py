@@ -1,12 +1,12 @@
 """The host ceiling of the GPU path, measured without a GPU. A script, not a test.
 
-    python benchmarks/host_ceiling.py --images ../shared/ocr-eval/sroie/img --limit 40
-    python benchmarks/host_ceiling.py --images DIR --cores 1,2 --max-pages 16
-    python benchmarks/host_ceiling.py --images ../shared/ocr-eval/tesseract-testing --copies 24
-    python benchmarks/host_ceiling.py --a4 40
-    python benchmarks/host_ceiling.py --a4-pdf 40 --pdf-processes 0   (and "auto")
-    python benchmarks/host_ceiling.py --a4 20 --output-pdf --device-ns-per-element 6
-    python benchmarks/host_ceiling.py --images DIR --postgres postgresql+psycopg://postgres@HOST/postgres
+    python -m benchmarks host-ceiling --images ../shared/ocr-eval/sroie/img --limit 40
+    python -m benchmarks host-ceiling --images DIR --cores 1,2 --max-pages 16
+    python -m benchmarks host-ceiling --images ../shared/ocr-eval/tesseract-testing --copies 24
+    python -m benchmarks host-ceiling --a4 40
+    python -m benchmarks host-ceiling --a4-pdf 40 --pdf-processes 0   (and "auto")
+    python -m benchmarks host-ceiling --a4 20 --output-pdf --device-ns-per-element 6
+    python -m benchmarks host-ceiling --images DIR --postgres postgresql+psycopg://postgres@HOST/postgres
 
 However fast the GPU, the daemon cannot store pages faster than its host work allows: decode,
 detection pre-processing, DB box extraction, crops, recognition pre-processing, CTC decoding,
@@ -71,13 +71,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gil_probe import GilProbe, Unavailable, thread_kind
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.common import REPO, find_images, machine, stat_cpu_seconds, thread_cpu_seconds
+from benchmarks.gil_probe import GilProbe, Unavailable
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pdf"}
 STAND_IN = ("onnxruntime sessions replaced by a replay of outputs recorded from real CPU runs "
             "on the same pages (GPU path shapes); only host work is timed")
 GPU_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -243,12 +240,6 @@ class _Meta:
 # ------------------------------------------------------------------ record
 
 
-def _cpu_seconds(stat: Path) -> float:
-    """User + system CPU seconds from a /proc `stat` file (OSError if it is gone)."""
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
 def children_cpu_seconds() -> float:
     """CPU time so far of this process's live children (the engine's host worker processes):
     RUSAGE_CHILDREN counts only children that have exited."""
@@ -260,25 +251,10 @@ def children_cpu_seconds() -> float:
             continue
         for pid in children:
             try:
-                total += _cpu_seconds(Path(f"/proc/{pid}/stat"))
+                total += stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
             except OSError:
                 continue
     return total
-
-
-def thread_cpu_seconds() -> dict[int, tuple[str, float]]:
-    """CPU time so far of each thread of this process: native id -> (kind, seconds), the kind
-    being the thread's name without its number ("decode", "ocr", "ocr-post", "claim", ...)."""
-    names = {thread.native_id: thread.name for thread in threading.enumerate()}
-    out: dict[int, tuple[str, float]] = {}
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            seconds = _cpu_seconds(task / "stat")
-        except OSError:
-            continue
-        name = names.get(int(task.name), "native (onnxruntime, OpenCV, ...)")
-        out[int(task.name)] = (thread_kind(name), seconds)
-    return out
 
 
 def by_thread_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
@@ -299,11 +275,6 @@ def daemon_capacity() -> int:
     from daemon.config import QueueSettings
 
     return QueueSettings().capacity
-
-
-def find_images(folder: Path, limit: int | None) -> list[Path]:
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    return images[:limit] if limit else images
 
 
 def record(images: list[Path], max_pages: int, out: Path) -> Path:
@@ -460,7 +431,7 @@ def _replay(data: dict[str, Any], images: list[Path], cores: int, max_pages: int
         session.probe = probe
     device.counting = True
     try:
-        from bench import tagged
+        from benchmarks.bench import tagged
 
         # hidden while copied, then renamed in: one event each; copies are new documents
         drops = [(image, copy, f"{image.stem}-{copy}{image.suffix}")
@@ -571,8 +542,8 @@ def machine_reference(args: argparse.Namespace, cores: int) -> float:
     cpus = sorted(os.sched_getaffinity(0))[:cores]
     start_at = time.time() + 3.0  # after every worker has loaded and decoded once
     procs = [subprocess.Popen(
-        [sys.executable, __file__, "--images", str(args.images), "--reference-worker",
-         f"{cpu}:{start_at}:{args.reference_seconds}"]
+        [sys.executable, "-m", "benchmarks.host_ceiling", "--images", str(args.images),
+         "--reference-worker", f"{cpu}:{start_at}:{args.reference_seconds}"]
         + (["--limit", str(args.limit)] if args.limit else []),
         stdout=subprocess.PIPE, text=True) for cpu in cpus]
     rates = []
@@ -593,7 +564,7 @@ def speedups(rates: dict[str, list[float]]) -> tuple[float, list[float]]:
             [round(two / one, 2) for one, two in zip(rates["1"], rates["2"], strict=True)])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path)
@@ -637,9 +608,9 @@ def main() -> int:
                              "this long (default 3; 0: not)")
     parser.add_argument("--replay-worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--reference-worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.a4 or args.a4_pdf:
-        from bench import render_dataset
+        from benchmarks.bench import render_dataset
 
         count = args.a4 or args.a4_pdf
         args.images = args.out.parent / (f"a4-{count}" if args.a4 else f"a4-pdf-{count}")
@@ -689,8 +660,9 @@ def main() -> int:
         for cores in counts:
             say(f"replay on {cores} core(s), round {attempt + 1}")
             proc = subprocess.run(
-                [sys.executable, __file__, "--images", str(args.images), "--cores", str(cores),
-                 "--max-pages", str(args.max_pages), "--replay-worker", str(recording),
+                [sys.executable, "-m", "benchmarks.host_ceiling", "--images", str(args.images),
+                 "--cores", str(cores), "--max-pages", str(args.max_pages),
+                 "--replay-worker", str(recording),
                  "--host-processes", args.host_processes, "--pdf-processes", args.pdf_processes,
                  "--copies", str(args.copies),
                  "--device-ns-per-element", str(args.device_ns_per_element)]
@@ -744,7 +716,7 @@ def main() -> int:
             "speedup_2_over_1": best,
             "speedup_2_over_1_each_round": each,
         }
-    print(json.dumps(report, indent=1))
+    print(json.dumps({**report, "machine": machine()}, indent=1))
     return 0
 
 

@@ -1,8 +1,8 @@
 """The watcher's side of the ledger, timed: a restart over a kept inbox, and a burst of new
 drops. A script, not a test.
 
-    python benchmarks/intake.py --kept 5000 --new 500
-    python benchmarks/intake.py --postgres postgresql+psycopg://postgres@HOST/postgres
+    python -m benchmarks intake --kept 5000 --new 500
+    python -m benchmarks intake --postgres postgresql+psycopg://postgres@HOST/postgres
 
 The daemon's own watcher and intake (daemon.watcher, daemon.intake) on the ledger, without the
 OCR pipeline: nothing is claimed, so only what the watcher's thread does is timed.
@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,11 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from host_ceiling import thread_cpu_seconds
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.common import machine, thread_cpu_seconds
 
 T = TypeVar("T")
 
@@ -142,14 +137,14 @@ def run(url: str, work: Path, kept: int, new: int) -> dict[str, Any]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kept", type=int, default=5000, help="files kept from a run before")
     parser.add_argument("--new", type=int, default=500, help="new files dropped at once")
     parser.add_argument("--postgres", metavar="ADMIN_URL", default=None,
                         help="a PostgreSQL server's admin URL: a scratch database on it is "
                              "the ledger (default: SQLite)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="intake-bench-"))
     from tests.daemons import scratch_database
 
@@ -160,7 +155,7 @@ def main() -> int:
             figures = run(url, work, args.kept, args.new)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"benchmark": "watcher and intake (no OCR)",
+    print(json.dumps({"benchmark": "watcher and intake (no OCR)", "machine": machine(),
                       "ledger": "postgresql" if args.postgres else "sqlite",
                       **figures}, indent=1))
     return 0

@@ -4,7 +4,7 @@ Generates its own 20-page PDFs: born-digital pages (45 lines of Helvetica each, 
 characters, like a dense letter) and image-only scans (Letter at 200 dpi, as a scanner writes
 them). Prints one JSON object.
 
-    python benchmarks/pdf_pages.py [--pages 20] [--dpi 200] [--repeat 5] [--threads N]
+    python -m benchmarks pdf-pages [--pages 20] [--dpi 200] [--repeat 5] [--threads N]
 
 Then the scans again through N decoding threads at once (the daemon's decode pool), pdfium in
 this process (one lock) against pdfium in N worker processes (`batch.pdf_processes`).
@@ -17,12 +17,9 @@ import ctypes
 import io
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pypdfium2 as pdfium
@@ -30,8 +27,7 @@ import pypdfium2.raw as pdfium_c
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.common import machine
 from daemon.config import OcrSettings
 from daemon.documents.pdf import iter_pdf_pages
 from daemon.documents.pdf_workers import PdfWorkers
@@ -117,14 +113,14 @@ def parallel_pages_per_second(scans: bytes, ocr: OcrSettings, threads: int, repe
             "pages_per_s_median": round(statistics.median(rates), 1)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=20)
     parser.add_argument("--dpi", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="decoding threads for the parallel figures (default: the cores)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     born_digital = text_pdf(args.pages)
     scans = scan_pdf(args.pages)
@@ -152,11 +148,8 @@ def main() -> None:
     result |= {
         "pypdfium2": pdfium.PYPDFIUM_INFO.version,
         "pdfium": pdfium.PDFIUM_INFO.version,
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
     }
-    print(json.dumps(result, indent=2))
+    print(json.dumps({**result, "machine": machine()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """How much of the recogniser's GPU batches is text and how much padding, page by page, with the
 GPU's fixed width x batch buckets. A script, not a test; it runs on the CPU.
 
-    python benchmarks/rec_padding.py --images ../shared/ocr-eval/sroie/img --limit 40
-    python benchmarks/rec_padding.py --render 20 --a4 --steady warmup.json
-    python benchmarks/rec_padding.py --images DIR --steady warmup.json --sizes 1,8,128 --waste .5
+    python -m benchmarks rec-padding --images ../shared/ocr-eval/sroie/img --limit 40
+    python -m benchmarks rec-padding --render 20 --a4 --steady warmup.json
+    python -m benchmarks rec-padding --images DIR --steady warmup.json --sizes 1,8,128 --waste .5
 
 The batch engine runs as on a GPU (fixed shape buckets and the GPU's batch sizes, `--batch`
 pages a call) on the CPU provider; a wrapper round the recogniser's session counts, per batch
@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.common import machine
 
 
 class CountingSession:
@@ -55,7 +52,7 @@ class CountingSession:
         return self.real.run(names, feeds, *args)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path)
@@ -70,10 +67,9 @@ def main() -> int:
                         "(default: the GPU's, buckets.REC_BATCH_SIZES)")
     parser.add_argument("--waste", type=float, help="largest share of a batch that may be "
                         "padding (default: buckets.REC_MAX_WASTE_GPU)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    from bench import load_pages, source_images
-
+    from benchmarks.bench import load_pages, source_images
     from daemon.config import OcrSettings
     from daemon.hardware.providers import CPU
     from daemon.ocr import buckets
@@ -130,7 +126,7 @@ def main() -> int:
                                      "timed but its batch size at another width scaled by "
                                      "width; shapes with neither: "
                                      + (", ".join(missing) or "none"))
-    print(json.dumps(report, indent=2))
+    print(json.dumps({**report, "machine": machine()}, indent=2))
     return 0
 
 

@@ -2,8 +2,8 @@
 GPU's shapes, run on the CPU, for ladders of widths and ways of fitting a line to one, against
 the CPU path on the same pages. A script, not a test.
 
-    python benchmarks/rec_widths.py --images ../shared/ocr-eval/sroie/img
-    python benchmarks/rec_widths.py --images DIR --variants "cpu own nearest@1.2 up@1.3"
+    python -m benchmarks rec-widths --images ../shared/ocr-eval/sroie/img
+    python -m benchmarks rec-widths --images DIR --variants "cpu own nearest@1.2 up@1.3"
 
 Variants (`--variants`, space-separated):
   cpu           the CPU path as the daemon runs it there (pages at their own size, each line
@@ -30,16 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.common import machine
 
 OLD_LADDER = "320/480/640/800/960/1280/1600/1920/2560/3200"  # the ladder before nearest widths
 FROM_320 = "320/384/480/576/704/864/1056/1280/1536/1856/2240/2688/3232"  # before the 160 floor
@@ -118,8 +115,7 @@ def build(variant: str, ocr: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def run(variant: str, images: Sequence[Path], lang: str) -> dict[str, Any]:
-    from bench import load_pages, score, truth_for
-
+    from benchmarks.bench import load_pages, score, truth_for
     from daemon.config import OcrSettings
 
     ocr = OcrSettings(lang=lang)
@@ -139,7 +135,7 @@ def run(variant: str, images: Sequence[Path], lang: str) -> dict[str, Any]:
     return report
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path)
@@ -150,9 +146,9 @@ def main() -> int:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--lang", default="ch", help="ocr.lang (chinese_cht: Traditional output)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    from bench import say, source_images
+    from benchmarks.bench import say, source_images
 
     report: dict[str, Any] = {"benchmark": "recognition widths on the GPU's shapes, on the CPU",
                               "variants": {}}
@@ -166,7 +162,7 @@ def main() -> int:
     if cpu is not None:
         for row in report["variants"].values():
             row["f1_minus_cpu"] = round(row["f1"] - cpu, 4)
-    print(json.dumps(report, indent=2))
+    print(json.dumps({**report, "machine": machine()}, indent=2))
     return 0
 
 

@@ -1,8 +1,8 @@
 """Several daemons on one folder and one PostgreSQL: what coordination costs. A script, not a
 test.
 
-    python benchmarks/scale_out.py --admin-url postgresql+psycopg://postgres@127.0.0.1/postgres
-    python benchmarks/scale_out.py --daemons 1,2,3 --files 600
+    python -m benchmarks scale-out --admin-url postgresql+psycopg://postgres@127.0.0.1/postgres
+    python -m benchmarks scale-out --daemons 1,2,3 --files 600
 
 For each daemon count, a fresh database, `--files` small images dropped at once into one
 folder, and that many real daemon processes (`ocr-daemon run`) whose OCR engine is a STAND-IN
@@ -28,20 +28,13 @@ from PIL import Image as PILImage
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.common import cpu_seconds, machine
 
 STAND_IN = "OCR engine replaced by a stand-in that answers at once; only the daemon's own work"
 
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def db_stats(admin: Any, name: str) -> dict[str, int]:
@@ -118,19 +111,20 @@ def run(admin_url: str, daemons: int, files: int, lease: float) -> dict[str, Any
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--admin-url", default=os.environ.get(
         "OCR_DAEMON_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--daemons", default="1,2,3")
     parser.add_argument("--files", type=int, default=600)
     parser.add_argument("--lease", type=float, default=60.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     runs = []
     for count in (int(n) for n in args.daemons.split(",")):
         say(f"{count} daemon(s), {args.files} files")
         runs.append(run(args.admin_url, count, args.files, args.lease))
-    print(json.dumps({"benchmark": "scale-out coordination", "stand_in": STAND_IN,
+    print(json.dumps({"benchmark": "scale-out coordination", "machine": machine(),
+                      "stand_in": STAND_IN,
                       "cores": len(os.sched_getaffinity(0)), "runs": runs}, indent=1))
     return 0
 

@@ -15,10 +15,7 @@ from daemon.store import migrate
 from daemon.store.db import make_engine
 from daemon.store.ledger import Ledger
 from tests.daemons import scratch_database
-from tests.support import DaemonProcess
-
-PG_ADMIN_URL = os.environ.get(
-    "OCR_DAEMON_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+from tests.support import PG_ADMIN_URL, DaemonProcess
 
 
 @pytest.fixture(autouse=True, scope="session")

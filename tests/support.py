@@ -177,6 +177,9 @@ FAST_OCR = {"det_limit_type": "min", "det_limit_side_len": 64}
 
 
 REPO = Path(__file__).resolve().parents[1]
+# the PostgreSQL server the tests create their databases on (README: `make test`)
+PG_ADMIN_URL = os.environ.get(
+    "OCR_DAEMON_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 _FONT = ImageFont.load_default(size=20)
