@@ -74,16 +74,11 @@ def resolves_within(path: Path, root: Path, *, strictly: bool = False) -> bool:
     return is_within(resolved, root, strictly=strictly)
 
 
-def sha256_file(path: Path, max_bytes: int) -> tuple[str, int]:
-    """The SHA-256 and size of a file, read in chunks; a file over `max_bytes` is refused."""
-    with open(path, "rb") as handle:
-        return sha256_handle(handle, max_bytes)
-
-
-def holds(path: Path, sha256: str, max_bytes: int) -> bool | None:
-    """Whether `path` still holds the content `sha256`; None when it cannot be read."""
+def holds(path: Path, sha256: str, root: Path, max_bytes: int) -> bool | None:
+    """Whether `path` still holds the content `sha256`; None when it cannot be read (through
+    `open_beneath`, as every read of a producer's file)."""
     try:
-        digest, _ = sha256_file(path, max_bytes)
+        digest, _, _ = sha256_beneath(path, root, max_bytes)
     except (OSError, DocumentError):
         return None
     return digest == sha256
@@ -224,7 +219,7 @@ def quarantine(path: Path, reason: str, settings: Settings, root: Path,
     if settings.watch.failed_dir is None or not (path.is_file() or path.is_symlink()):
         return None
     if sha256 is not None and not path.is_symlink() and \
-            holds(path, sha256, settings.watch.max_file_bytes) is False:
+            holds(path, sha256, root, settings.watch.max_file_bytes) is False:
         # (unreadable or too large: it is the failure, move it)
         log.info("not moving %s to the failed folder: it holds new content now", path)
         return None

@@ -28,6 +28,10 @@ class InFlight:
     failed: bool = False
     finished: bool = False
     ocr_seconds: float = 0.0
+    # the bytes read and checked, kept for an output made from them (the searchable PDF),
+    # and what of the memory budget they hold until then
+    data: bytes | None = None
+    data_budget: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -61,7 +65,9 @@ class PageTask:
 
 
 class InFlightTable:
-    def __init__(self, capacity: int, on_depth: Callable[[int], None]) -> None:
+    def __init__(self, capacity: int, on_depth: Callable[[int], None],
+                 release_bytes: Callable[[int], None] = lambda _nbytes: None) -> None:
+        self._release_bytes = release_bytes  # the budget's, for a document's kept bytes
         self._slots = threading.BoundedSemaphore(capacity)
         self._docs: dict[int, InFlight] = {}
         self._lock = threading.Lock()
@@ -93,15 +99,24 @@ class InFlightTable:
             self._on_depth(len(self._docs))
         return doc
 
-    def remove(self, doc: InFlight) -> None:
+    def remove(self, doc: InFlight, *, keep_data: bool = False) -> None:
         """It is stored, failed or handed back: its slot is free (once, however often it is
-        removed)."""
+        removed), and its kept bytes too unless `keep_data` (outputs still to be made from
+        them: `drop_data` then)."""
+        if not keep_data:
+            self.drop_data(doc)
         self.progressed()
         with self._lock:
             if self._docs.pop(doc.claim.document_id, None) is not None:
                 self._slots.release()
             self._on_depth(len(self._docs))
         self.changed.set()
+
+    def drop_data(self, doc: InFlight) -> None:
+        with doc.lock:
+            nbytes, doc.data, doc.data_budget = doc.data_budget, None, 0
+        if nbytes:
+            self._release_bytes(nbytes)
 
     def held(self) -> dict[int, InFlight]:
         """A copy: document id -> the document."""

@@ -22,6 +22,7 @@ from daemon.files import after_done, quarantine
 from daemon.inflight import InFlight, InFlightTable
 from daemon.metrics import Metrics
 from daemon.outputs import write_searchable_pdf, write_sidecars
+from daemon.results import PageResult
 from daemon.store.ledger import Ledger
 from daemon.store.models import State
 from daemon.store.outage import GaveUp, Outage
@@ -64,7 +65,16 @@ class Outcomes:
             self._refused(doc, exc, storing=True)
             return
         self.metrics.stage_seconds.labels(stage="store").observe(time.perf_counter() - start)
-        self.table.remove(doc)
+        self.table.remove(doc, keep_data=True)  # the slot is free; the bytes go with the PDF
+        try:
+            self._stored(doc, pages, paths)
+        finally:
+            self.table.drop_data(doc)
+
+    def _stored(self, doc: InFlight, pages: list[PageResult], paths: tuple[str, ...] | None
+                ) -> None:
+        """What follows the text stored: the log line and metrics, the outputs, the
+        after-action on each path."""
         if paths is None:
             log.warning("lost the claim on %s before storing; another worker has it",
                         doc.claim.sha256[:12])
@@ -79,7 +89,8 @@ class Outcomes:
         # Sidecars (watch.sidecar): after the text is stored, before the file is moved.
         source = doc.path or Path(doc.claim.paths[-1])
         write_sidecars(self.settings, source, pages, doc.claim.sha256)
-        write_searchable_pdf(self.settings, source, pages, doc.claim.sha256, self.root)
+        write_searchable_pdf(self.settings, source, pages, doc.claim.sha256, self.root,
+                             doc.data)
         # the paths in the ledger as the text was stored, not only those known at claim
         # time: a duplicate dropped while the document was processed is moved too (with
         # "keep" none are read, and after_done leaves every file where it is)

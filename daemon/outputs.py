@@ -118,17 +118,19 @@ def searchable_pdf_path(settings: Settings, source_path: Path, root: Path) -> Pa
 
 
 def write_searchable_pdf(settings: Settings, source_path: Path, pages: Sequence[PageResult],
-                         sha256: str, root: Path) -> Path | None:
-    """The stored document as a searchable PDF (`watch.output_pdf`), from the file read again
-    (through `open_beneath`, checked against its hash). Never raises: the text is stored."""
+                         sha256: str, root: Path, data: bytes | None = None) -> Path | None:
+    """The stored document as a searchable PDF (`watch.output_pdf`), from `data`, the bytes
+    the pipeline read and checked against `sha256` (else from the file read again through
+    `open_beneath` and checked). Never raises: the text is stored."""
     try:
         target = searchable_pdf_path(settings, source_path, root)
         if target is None:
             return None
-        data, _ = read_beneath(source_path, root, settings.watch.max_file_bytes)
-        if hashlib.sha256(data).hexdigest() != sha256:
-            log.info("no searchable PDF for %s: it holds new content now", source_path)
-            return None
+        if data is None:
+            data, _ = read_beneath(source_path, root, settings.watch.max_file_bytes)
+            if hashlib.sha256(data).hexdigest() != sha256:
+                log.info("no searchable PDF for %s: it holds new content now", source_path)
+                return None
         from daemon.documents.decode import sniff
         from daemon.documents.searchable import (
             scanned_pages,

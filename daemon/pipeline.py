@@ -78,7 +78,8 @@ class Pipeline:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.root = settings.watch.path.resolve()
         capacity = settings.queue.capacity
-        self.table = InFlightTable(capacity, metrics.queue_depth.set)
+        self._budget = ByteBudget(settings.queue.memory_budget_bytes, metrics.queue_bytes.set)
+        self.table = InFlightTable(capacity, metrics.queue_depth.set, self._budget.release_raw)
         self.outcomes = Outcomes(settings, ledger, metrics, self.table, self.outage,
                                  worker_id=self.worker_id, provider=provider)
         self._pages: queue.Queue[PageTask] = queue.Queue(
@@ -93,7 +94,6 @@ class Pipeline:
         self._decode_pool = ThreadPoolExecutor(decode_threads(settings, provider),
                                                thread_name_prefix="decode")
         self.devices = Devices(engines, metrics)
-        self._budget = ByteBudget(settings.queue.memory_budget_bytes, metrics.queue_bytes.set)
         self._bound = page_bound(settings.ocr)  # large JPEGs are decoded no larger than this
         processes = pdf_processes(settings, provider)
         self._pdf_workers = PdfWorkers(processes) if processes else None
@@ -317,6 +317,10 @@ class Pipeline:
             start = time.perf_counter()
             data, path = self._read_verified(doc.claim)
             doc.path = path
+            if self.settings.watch.output_pdf != "none":  # made from these bytes, once stored
+                with doc.lock:
+                    if not doc.failed:  # else removed already: the budget goes back below
+                        doc.data, doc.data_budget, raw = data, raw, 0
             count = 0
             for page in iter_pages(data, self.settings.ocr, reserve, bound=self._bound,
                                    pdf_workers=self._pdf_workers):

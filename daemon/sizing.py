@@ -66,7 +66,7 @@ def store_threads(settings: Settings, provider: str, *, postgresql: bool) -> int
     store is six round trips in one transaction, so one loop stores at most ~1 / (6 x the
     round trip) documents a second: with the server 10.8 ms away one loop held the daemon to
     14.4 receipts/s, four let it reach 28 (benchmarks/NOTES.md). As many as the decoding
-    threads, if more, when searchable PDFs are written, each of which reads its file again:
+    threads, if more, when searchable PDFs are written (from the bytes the pipeline read):
     3-6 ms a receipt or a 300-dpi A4 page whose JPEG, PNG or one-strip G4 TIFF goes in as it
     is; 82 ms the A4 page as a G4 TIFF in strips and 139 ms as a grey LZW one (decoded, their
     pixels compressed again)."""
