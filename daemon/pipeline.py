@@ -2,8 +2,8 @@
 
 Four kinds of thread, each a `while running` loop around one blocking get:
 - the claim loop takes a queue slot, then a document from the ledger (`queued -> processing`):
-  when every slot is taken, files wait in the folder and nothing grows; it also renews the
-  leases of everything held (the heartbeat) and re-queues others' expired ones;
+  when every slot is taken, files wait in the folder and nothing grows; between claims it
+  keeps the leases (`daemon.leases`: the heartbeat, the worker row, others' expired claims);
 - the decode pool reads a claimed document, checks its hash and decodes it into pages;
 - one OCR loop per engine collects pages across documents (`batch.max_pages` or
   `batch.max_wait_ms`, whichever comes first) and recognises them;
@@ -36,6 +36,7 @@ from daemon.errors import DocumentError, StoreError
 from daemon.failover import Devices
 from daemon.files import LeadsOutside, read_beneath, unreadable
 from daemon.inflight import InFlight, InFlightTable, PageTask
+from daemon.leases import Leases
 from daemon.metrics import Metrics
 from daemon.ocr.engines import OcrEngine
 from daemon.ocr.models import page_bound
@@ -44,11 +45,10 @@ from daemon.results import PageResult
 from daemon.sizing import decode_threads, pdf_processes, store_threads
 from daemon.store.ledger import Ledger
 from daemon.store.outage import Outage
-from daemon.store.records import Claim, WorkerBeat
+from daemon.store.records import Claim
 
 log = logging.getLogger("daemon.pipeline")
 
-HOUSEKEEPING_SECONDS = 10.0  # how often expired leases are looked for
 # documents claimed in one statement at most, as many as slots are free: a burst, or a
 # restart's backlog, is claimed in a few statements (and round trips), not one a document
 CLAIM_BATCH = 8
@@ -82,6 +82,9 @@ class Pipeline:
         self.table = InFlightTable(capacity, metrics.queue_depth.set, self._budget.release_raw)
         self.outcomes = Outcomes(settings, ledger, metrics, self.table, self.outage,
                                  worker_id=self.worker_id, provider=provider)
+        self.leases = Leases(settings, ledger, metrics, self.table, self.outcomes, self.outage,
+                             worker_id=self.worker_id, provider=provider,
+                             devices=",".join(sorted({engine.device for engine in engines})))
         self._pages: queue.Queue[PageTask] = queue.Queue(
             maxsize=max(2, settings.batch.max_pages * len(engines) * 2))
         # documents whose every page is recognised, for the store loops: no more than the
@@ -98,8 +101,6 @@ class Pipeline:
         processes = pdf_processes(settings, provider)
         self._pdf_workers = PdfWorkers(processes) if processes else None
         self.metrics.queue_capacity.set(capacity)
-        self._pages_done = self._beat_pages = 0
-        self._beat_at = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -189,18 +190,11 @@ class Pipeline:
     # -- claiming -------------------------------------------------------------------------
 
     def _claim_loop(self) -> None:
-        next_housekeeping = next_heartbeat = 0.0
-        heartbeat = self._heartbeat_seconds
         while self._running.is_set():
             if not self._accepting.is_set():
                 time.sleep(0.05)
                 continue
-            if time.monotonic() >= next_heartbeat:
-                self._heartbeat()
-                next_heartbeat = time.monotonic() + heartbeat
-            if time.monotonic() >= next_housekeeping:
-                self._requeue_expired()
-                next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+            self.leases.due()
             if not self.table.take_slot(timeout=0.2):
                 continue  # the queue is full
             slots = self._gather_slots()
@@ -247,50 +241,6 @@ class Pipeline:
             self.table.changed.wait(0.5)
             self.table.changed.clear()
         return claims
-
-    @property
-    def _heartbeat_seconds(self) -> float:
-        return max(0.5, self.settings.queue.lease_seconds / 3)
-
-    def _heartbeat(self) -> None:
-        """Renew the lease of every document this worker holds (being decoded, queued for
-        OCR or in it), every third of a lease: a live worker never loses a claim to the
-        housekeeping of another, however long a document takes. A claim found lost anyway
-        (a database away longer than a lease) stops that document's work here: the worker
-        that has it now stores it, once."""
-        held = self.table.held()
-        try:
-            renewed = self.ledger.renew(self.worker_id, list(held),
-                                        self.settings.queue.lease_seconds)
-            self._beat(len(held))
-            self.outage.up()
-        except StoreError as exc:
-            self.outage.down(exc)
-            return
-        for document_id, doc in held.items():
-            if document_id not in renewed:
-                self.outcomes.lost(doc)
-
-    def _beat(self, held: int) -> None:
-        """This worker's row for `ocr-daemon status`; `ocr_workers` from all live rows."""
-        now = time.monotonic()
-        rate = (self._pages_done - self._beat_pages) / max(1e-9, now - self._beat_at)
-        self._beat_at, self._beat_pages = now, self._pages_done
-        live = self.ledger.beat(WorkerBeat(
-            self.worker_id, socket.gethostname(), os.getpid(), self.provider,
-            ",".join(sorted({engine.device for engine in self.engines})), held, rate,
-            live_seconds=3 * self._heartbeat_seconds))
-        self.metrics.workers.set(live)
-
-    def _requeue_expired(self) -> None:
-        try:
-            requeued = self.ledger.requeue_stale(max_attempts=self.settings.queue.max_attempts)
-            self.outage.up()
-        except StoreError as exc:
-            self.outage.down(exc)
-            return
-        if requeued:
-            log.info("re-queued %d documents whose lease ran out", requeued)
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -434,7 +384,7 @@ class Pipeline:
                            permanent=False)
             return
         results, used = outcome
-        self._pages_done += len(batch)
+        self.leases.pages_done += len(batch)
         seconds = time.perf_counter() - start
         self.metrics.batch_size.observe(len(batch))
         self.metrics.device_pages_total.labels(used.device).inc(len(batch))

@@ -433,7 +433,7 @@ def test_a_document_slower_than_its_lease_is_stored_once(
     housekeeping never takes it back, the page is read once and stored once."""
     settings = settings_factory(queue={"lease_seconds": 1.5})
     engine = DeviceEngine("0", delay=4.0)
-    monkeypatch.setattr("daemon.pipeline.HOUSEKEEPING_SECONDS", 0.2)
+    monkeypatch.setattr("daemon.leases.HOUSEKEEPING_SECONDS", 0.2)
     svc = gpu_service(settings, [engine])
     try:
         with caplog.at_level(logging.INFO):
