@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from daemon.config import Settings
 from daemon.errors import StoreError
@@ -28,6 +30,7 @@ from daemon.store.models import State
 from daemon.store.outage import GaveUp, Outage
 
 log = logging.getLogger("daemon.pipeline")
+T = TypeVar("T")
 
 
 def where(doc: InFlight) -> object:
@@ -54,16 +57,12 @@ class Outcomes:
             return
         pages = [doc.results[i] for i in sorted(doc.results)]
         start = time.perf_counter()
-        try:
-            paths = self.outage.retry(lambda: self.ledger.complete(
-                doc.claim.document_id, self.worker_id, pages, doc.ocr_seconds, self.provider,
-                with_paths=self.settings.watch.after != "keep"))
-        except GaveUp:
-            self.table.remove(doc)
+        written = self._record(doc, lambda: self.ledger.complete(
+            doc.claim.document_id, self.worker_id, pages, doc.ocr_seconds, self.provider,
+            with_paths=self.settings.watch.after != "keep"), storing=True)
+        if written is None:
             return
-        except Exception as exc:
-            self._refused(doc, exc, storing=True)
-            return
+        [paths] = written
         self.metrics.stage_seconds.labels(stage="store").observe(time.perf_counter() - start)
         self.table.remove(doc, keep_data=True)  # the slot is free; the bytes go with the PDF
         try:
@@ -102,18 +101,14 @@ class Outcomes:
         quarantined."""
         if not doc.stop():
             return
-        try:
-            outcome = self.outage.retry(lambda: self.ledger.fail(
-                doc.claim.document_id, reason, permanent=permanent,
-                max_attempts=self.settings.queue.max_attempts,
-                backoff_seconds=self.settings.queue.retry_backoff_seconds,
-                worker=self.worker_id))
-        except GaveUp:
-            self.table.remove(doc)
+        written = self._record(doc, lambda: self.ledger.fail(
+            doc.claim.document_id, reason, permanent=permanent,
+            max_attempts=self.settings.queue.max_attempts,
+            backoff_seconds=self.settings.queue.retry_backoff_seconds,
+            worker=self.worker_id), storing=False)
+        if written is None:
             return
-        except Exception as exc:
-            self._refused(doc, exc, storing=False)
-            return
+        [outcome] = written
         self.table.remove(doc)
         if outcome is None:  # another worker holds it now (our lease ran out): its say
             log.warning("lost the claim on %s before recording its failure (%s); another "
@@ -139,6 +134,20 @@ class Outcomes:
             log.warning("lost the claim on %s (its lease ran out): its work stops here",
                         doc.path or doc.claim.sha256[:12])
             self.table.remove(doc)
+
+    def _record(self, doc: InFlight, action: Callable[[], T], *, storing: bool
+                ) -> tuple[T] | None:
+        """The outcome written through the outage policy, its result in a 1-tuple (None is a
+        result: the claim was lost). None when it was not written: the daemon stops while
+        the database is away (the lease hands the document back), or the ledger refused it
+        (`_refused`); the slot is freed then."""
+        try:
+            return (self.outage.retry(action),)
+        except GaveUp:
+            self.table.remove(doc)
+        except Exception as exc:
+            self._refused(doc, exc, storing=storing)
+        return None
 
     def _record_path(self, path: Path, doc: InFlight) -> None:
         try:
