@@ -21,6 +21,7 @@ from sqlalchemy.exc import ArgumentError, DisconnectionError
 from daemon.config import DatabaseSettings, Settings
 from daemon.errors import ConfigError, DaemonError, DatabaseError
 from daemon.store import migrate
+from daemon.store.access import is_postgresql
 from daemon.store.ledger import Ledger
 
 
@@ -41,7 +42,7 @@ def make_engine(settings: DatabaseSettings) -> Engine:
     if url.get_backend_name() not in ("sqlite", "postgresql"):  # its statements are for these
         raise ConfigError(f"database.url: {url.get_backend_name()} is not supported: "
                           "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
-    if url.get_backend_name() == "sqlite":
+    if not is_postgresql(url):
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
@@ -74,16 +75,12 @@ PING_AFTER_IDLE_SECONDS = 5.0
 _IDLE_SINCE = "ocr_daemon_idle_since"
 
 
-def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
 def lock_single_daemon(engine: Engine) -> int | None:
     """On an SQLite file: an exclusive lock on `NAME.lock` beside it, held (the descriptor
     returned) while the daemon runs. SQLite is the single-host default: a second daemon on the
     same file would re-queue the first one's documents as left over by a dead run and OCR them
     again, so it refuses to start instead. None for PostgreSQL (leases coordinate there)."""
-    database = engine.url.database if is_sqlite(engine) else None
+    database = None if is_postgresql(engine.url) else engine.url.database
     if not database or database == ":memory:":
         return None
     path = Path(database).expanduser().resolve()
