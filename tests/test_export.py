@@ -131,3 +131,20 @@ def test_export_of_10000_documents_runs_in_constant_memory(tmp_path: Path) -> No
           f"({large_out / 1e6:.1f} MB out)")
     assert large_out > 9 * small_out
     assert large_rss - small_rss < 8 * 1024, (small_rss, large_rss)  # kB: +72 MB out, ~0 in
+
+
+def test_since_honours_the_utc_offset(ledger: Ledger) -> None:
+    """A document finished at 17:26:47Z is found by a bound 47 s before it written in
+    +01:00, and not by one 13 s after it written in -01:00 (on SQLite the offset was
+    dropped: the first missed it and the second found it)."""
+    from daemon.store.export import iter_documents
+
+    finished = datetime(2026, 12, 6, 17, 26, 47, tzinfo=UTC)
+    timed = Ledger(ledger.engine, clock=lambda: finished)
+    store(timed, "/in/a.png", "a" * 64, "text")
+    before = datetime.fromisoformat("2026-12-06T18:26:00+01:00")  # 17:26:00Z
+    after = datetime.fromisoformat("2026-12-06T16:27:00-01:00")  # 17:27:00Z
+    assert [d["sha256"] for d in iter_documents(ledger.engine, before)] == ["a" * 64]
+    assert list(iter_documents(ledger.engine, after)) == []
+    naive = datetime(2026, 12, 6, 17, 26)  # no zone: UTC, as `--since` documents
+    assert len(list(iter_documents(ledger.engine, naive))) == 1

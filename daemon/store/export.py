@@ -8,7 +8,7 @@ documents cost what one batch does. Read-only; kept apart from the ledger's writ
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -20,7 +20,11 @@ BATCH = 200
 
 
 def iter_documents(engine: Engine, since: datetime | None = None) -> Iterator[dict[str, Any]]:
-    """Each done document (finished at or after `since`), as one JSON-ready dict."""
+    """Each done document (finished at or after `since`), as one JSON-ready dict. `since` is
+    compared in UTC: SQLite keeps timestamps as naive UTC text, and an offset left on the
+    bound value was dropped there, not applied (a `+01:00` bound missed an hour)."""
+    if since is not None:
+        since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
     last = 0
     with engine.connect() as connection:
         while True:
