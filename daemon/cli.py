@@ -155,15 +155,17 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    from daemon.logs import escape_controls as shown  # names come from producers
+
     docs = report["documents"]
     print("  ".join(f"{state}: {docs[state]}" for state in docs) + f"  pages: {report['pages']}")
     for failure in report["failures"]:
-        print(f"failed  {failure['path']}: {failure['reason']}")
+        print(f"failed  {shown(str(failure['path']))}: {shown(str(failure['reason']))}")
     for worker in report["workers"]:
-        print(f"worker  {worker['id']} on {worker['host']}: {worker['provider']} "
-              f"(devices {worker['devices']}), {worker['documents_held']} held, "
-              f"{worker['pages_per_second']} pages/s, heartbeat "
-              f"{worker['seconds_since_heartbeat']}s ago")
+        print(shown(f"worker  {worker['id']} on {worker['host']}: {worker['provider']} "
+                    f"(devices {worker['devices']}), {worker['documents_held']} held, "
+                    f"{worker['pages_per_second']} pages/s, heartbeat "
+                    f"{worker['seconds_since_heartbeat']}s ago"))
     return 0
 
 
@@ -280,8 +282,9 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], ensure_ascii=False, indent=2))
     else:
-        for hit in hits:
-            print(f"{hit.path}\tpage {hit.page_no}\t{hit.snippet}")
+        from daemon.logs import escape_controls as shown  # a name or a text layer may hold
+        for hit in hits:  # terminal escapes, a tab or a newline that would forge a column
+            print(f"{shown(hit.path)}\tpage {hit.page_no}\t{shown(hit.snippet)}")
     return 0 if hits else 1
 
 

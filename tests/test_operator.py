@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
+from daemon.config import load_settings
 from daemon.errors import ExitCode, NotFoundError
 from daemon.results import Image, Line, PageResult
 from daemon.store.ledger import Ledger
@@ -191,3 +192,31 @@ def test_retry_reads_a_refused_file_again(settings_factory: SettingsFactory,
         assert code == 0 and "read now, re-queued" in out, out
         assert wait_until(lambda: ledger.counts()["done"] == 1, 20)
         assert ledger.counts()["failed"] == 0
+
+
+def test_status_and_search_show_names_escaped(cli: Callable[..., tuple[int, str]],
+                                              tmp_path: Path) -> None:
+    """A producer's file name with a colour escape and a newline forged a second "failed"
+    line in `status`; one with an OSC title sequence and a clear-screen reached the terminal
+    through `search`. Both print names with their control characters escaped."""
+    from daemon.store.db import open_ledger
+
+    settings = load_settings(None, watch={"path": tmp_path / "inbox"},
+                             database={"url": f"sqlite:///{tmp_path / 'ocr.db'}"})
+    _, ledger = open_ledger(settings, migrate_now=True)
+    forged = "/in/a\x1b[31mred.png\nfailed  /in/forged.png: nothing"
+    ledger.record_rejection(forged, "permission denied")
+    titled = "/in/\x1b]0;owned\x07\x1b[2Jscan.png"
+    doc = ledger.register(titled, "b" * 64, 10).document_id
+    assert claim_one(ledger, doc) is not None
+    box = ((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0))
+    assert ledger.complete(doc, "w", [PageResult(lines=(Line("lighthouse", 0.9, box),))], 0.1,
+                           "cpu")
+    ledger.close()
+    code, out = cli("status")
+    assert code == 0 and "\x1b" not in out
+    assert [line for line in out.splitlines() if line.startswith("failed")] == [
+        "failed  /in/a\\x1b[31mred.png\\nfailed  /in/forged.png: nothing: permission denied"]
+    code, out = cli("search", "lighthouse")
+    assert code == 0 and "\x1b" not in out and "\x07" not in out
+    assert out.splitlines() == ["/in/\\x1b]0;owned\\x07\\x1b[2Jscan.png\tpage 1\t[lighthouse]"]
