@@ -95,6 +95,22 @@ class WatchSettings(_Section):
                              "(a relative one is inside the watched folder, skipped by it)")
         return self
 
+    @model_validator(mode="after")
+    def _folders_not_over_the_inbox(self) -> WatchSettings:
+        """The watcher skips the done, failed and output folders: one equal to or above the
+        watched folder (`output_dir = "."`) switched ingestion off, while healthy."""
+        root = self.path.expanduser().resolve()
+        for key, folder in (("done_dir", self.done_folder), ("failed_dir", self.failed_dir),
+                            ("output_dir", self.output_dir)):
+            if folder is None:
+                continue
+            resolved = (root / folder.expanduser()).resolve()  # relative: inside the inbox
+            if resolved == root or resolved in root.parents:
+                raise ValueError(f"{key} = {str(folder)!r} is the watched folder or above it, "
+                                 "which the watcher would skip whole: name a folder inside it "
+                                 "or elsewhere")
+        return self
+
 
 class QueueSettings(_Section):
     capacity: int = Field(32, ge=1)

@@ -244,3 +244,20 @@ def test_a_file_swapped_for_a_link_out_after_the_check_is_not_read(
     intake.take(inbox / "scan.png")
     assert rejected == ["symlink points outside the watched folder"]
     assert ledger.counts()["queued"] == 0
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("output_dir", "."), ("output_dir", ".."), ("done_dir", "."), ("failed_dir", "/"),
+    ("done_dir", "{inbox}"),
+])
+def test_a_folder_setting_over_the_inbox_is_refused_at_start(tmp_path: Path, key: str,
+                                                             value: str) -> None:
+    """The watcher skips the done, failed and output folders: set to the watched folder or
+    above it, they switched ingestion off while the daemon said it was healthy."""
+    inbox = tmp_path / "inbox"
+    watch = {"path": str(inbox), "after": "move", "output_pdf": "pdf", "output_dir": "pdf",
+             key: value.format(inbox=inbox)}
+    with pytest.raises(ConfigError, match=key):
+        load_settings(None, watch=watch)
+    watch[key] = "elsewhere"  # inside it, or outside: fine
+    assert load_settings(None, watch=watch).watch.path == inbox
