@@ -196,6 +196,49 @@ def test_an_unwritable_cache_falls_back_to_a_private_folder(tmp_path: Path) -> N
     assert [o.name for o in session.get_outputs()] == [REC_INDEX_OUTPUT, REC_SCORE_OUTPUT]
 
 
+def test_an_unwritable_cache_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Each `ocr-daemon ocr` with an unwritable cache left ~30 MB of edited models in /tmp.
+    Now a process's private folder goes when it exits, and one left by a killed process is
+    removed by the next."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(blocked), "TMPDIR": str(temp)}
+    env.pop("CACHE_DIRECTORY", None)
+    script = textwrap.dedent("""
+        import sys, time
+        from daemon.config import OcrSettings
+        from daemon.ocr.graphs import rec_model
+        from daemon.ocr.host import rec_lut
+        from daemon.ocr.models import resolve_model_paths
+        print(rec_model(resolve_model_paths(OcrSettings()).rec, rec_lut()), flush=True)
+        if sys.argv[1:] == ["hang"]:
+            time.sleep(60)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and temp in Path(done.stdout.strip()).parents, done.stderr
+    assert list(temp.iterdir()) == []  # gone with the process
+    killed = subprocess.Popen([sys.executable, "-c", script, "hang"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert killed.stdout is not None
+    left = Path(killed.stdout.readline().strip()).parent
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(10)
+    assert left.is_dir()  # a killed process cannot clean up
+    again = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert list(temp.iterdir()) == []  # the next one removed it
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_edited_detector_sees_the_same_input(provider: str, tmp_path: Path) -> None:
     from rapidocr.ch_ppocr_det.utils import DetPreProcess

@@ -24,9 +24,14 @@ a private temporary folder for this process instead.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import logging
+import os
+import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +96,46 @@ def _edited(source: Path, edit_name: str, params: bytes, edit: Any,
         log.info("%s edited for the device (%s), cached as %s", source.name, edit_name, target)
         return target
     except OSError as exc:
-        private = Path(tempfile.mkdtemp(prefix="ocr-daemon-models-")) / key
+        private = _private_folder() / key
         write_atomic(private, data, mode=CACHE_MODE)
         log.warning("model cache %s is not writable (%s); using %s for this run", folder,
                     exc.strerror or exc, private)
         return private
+
+
+PRIVATE_PREFIX = "ocr-daemon-models-"
+_private: Path | None = None
+_private_lock = threading.Lock()
+
+
+def _private_folder() -> Path:
+    """This process's own folder for edited models when the cache is not writable: one a
+    process (not one a model), removed when it exits; those of processes gone without
+    removing theirs (killed) are removed by the next that makes one. Each start left ~30 MB
+    in /tmp before."""
+    global _private
+    with _private_lock:
+        if _private is None:
+            temp = Path(tempfile.gettempdir())
+            for stale in temp.glob(f"{PRIVATE_PREFIX}*-*"):
+                pid = stale.name[len(PRIVATE_PREFIX):].split("-")[0]
+                with contextlib.suppress(OSError):
+                    if pid.isdigit() and not _alive(int(pid)) and \
+                            stale.stat().st_uid == os.getuid():
+                        shutil.rmtree(stale, ignore_errors=True)
+            _private = Path(tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-"))
+            atexit.register(shutil.rmtree, _private, ignore_errors=True)
+        return _private
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
 
 
 def _apply(source: Path, edit: Any) -> bytes:
