@@ -18,7 +18,7 @@ from daemon.documents.decode import iter_pages
 from daemon.documents.searchable import ScannedPage, scanned_pages, searchable_pdf
 from daemon.results import Line, PageResult
 from tests.pages import SENTENCES, render_page, similarity, write_page
-from tests.support import SettingsFactory, mixed_pdf, pipeline_running, wait_until
+from tests.support import REPO, SettingsFactory, mixed_pdf, pipeline_running, wait_until
 
 QPDF = shutil.which("qpdf")
 
@@ -350,3 +350,49 @@ def test_a_pdf_keeps_its_pages_and_its_scans_gain_text(tmp_path: Path) -> None:
     only_text = mixed_pdf([["nothing scanned here"], None], ["x"])
     assert searchable_from_pdf(only_text, [PageResult(source="text_layer"), PageResult()],
                                OcrSettings()) == only_text
+
+
+def test_writing_searchable_pdfs_beside_rendering_does_not_crash_pdfium(tmp_path: Path) -> None:
+    """pdfium is not thread-safe: the searchable PDF's page transforms ran outside its lock,
+    and two threads rendering beside two writing PDFs died with SIGSEGV or SIGABRT within
+    about a second (the store threads write PDFs beside the decode threads' renders). Run in
+    a process of its own for 5 s: a crash is its exit by a signal."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import threading, time
+        from daemon.config import OcrSettings
+        from daemon.documents.pdf import iter_pdf_pages
+        from daemon.documents.searchable import searchable_from_pdf
+        from daemon.results import Line, PageResult
+        from tests.pages import SENTENCES
+        from tests.support import mixed_pdf
+
+        ocr = OcrSettings()
+        data = mixed_pdf([SENTENCES[:2], None, SENTENCES[2:4], None], SENTENCES[:3])
+        box = ((10.0, 10.0), (200.0, 10.0), (200.0, 40.0), (10.0, 40.0))
+        results = [PageResult(lines=(Line("word", 0.9, box),), source="ocr")] * 4
+        stop = time.monotonic() + 5
+        calls = []
+
+        def render():
+            while time.monotonic() < stop:
+                calls.append(sum(1 for _ in iter_pdf_pages(data, ocr, lambda _n: None)))
+
+        def write():
+            while time.monotonic() < stop:
+                calls.append(len(searchable_from_pdf(data, results, ocr)))
+
+        threads = [threading.Thread(target=f) for f in (render, render, write, write)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print(len(calls))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert int(proc.stdout) > 100  # the threads really ran side by side, many times

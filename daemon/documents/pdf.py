@@ -31,7 +31,7 @@ import logging
 import math
 import threading
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +149,59 @@ def one_page(doc: Any, index: int, ocr: OcrSettings, into: Into | None = None) -
     with _PDFIUM_LOCK:
         return _page(_load_page(doc, index), index, ocr, lambda _nbytes: None, warn=False,
                      into=into)
+
+
+PageMap = Callable[[tuple[float, float]], tuple[float, float]]
+
+
+def device_to_page(data: bytes, indices: Sequence[int], ocr: OcrSettings) -> dict[int, PageMap]:
+    """For each page of `indices` (those the PDF has), the map from the pixels of the page as
+    rendered for OCR to the page's own space, pdfium's transform inverted: the searchable
+    PDF places its text with them. Under the lock like every pdfium call (written beside
+    rendering without it, the store threads crashed the daemon with SIGSEGV)."""
+    maps: dict[int, PageMap] = {}
+    with _PDFIUM_LOCK:
+        doc = pdfium.PdfDocument(data)
+        try:
+            for index in indices:
+                if index >= len(doc):
+                    continue
+                page = doc[index]
+                try:
+                    width_pt, height_pt = page.get_size()
+                    size = render_size(width_pt, height_pt, ocr.pdf_dpi, ocr.max_image_pixels)
+                    maps[index] = _page_map(page, size)
+                finally:
+                    page.close()
+        finally:
+            doc.close()
+    return maps
+
+
+def _page_map(page: Any, size: Any) -> PageMap:
+    """Pixels of the page as rendered at `size` -> the page's own space (points): the inverse
+    of pdfium's page-to-device transform (the one `render()` applies, /Rotate and crop box
+    included), fitted on three far-apart points (its integer pixels then err < 0.01 pt)."""
+    left, bottom, right, top = page.get_mediabox()
+    dx, dy = ctypes.c_int(), ctypes.c_int()
+    device = []
+    for x, y in ((left, bottom), (right, bottom), (left, top)):
+        pdfium_c.FPDF_PageToDevice(page, 0, 0, size.width, size.height, 0, x, y, dx, dy)
+        device.append((float(dx.value), float(dy.value)))
+    (u0, v0), (u1, v1), (u2, v2) = device
+    # device = origin + a * (x - left) / (right - left) + b * (y - bottom) / (top - bottom)
+    a = (u1 - u0, v1 - v0)
+    b = (u2 - u0, v2 - v0)
+    det = a[0] * b[1] - a[1] * b[0]
+
+    def to_page(point: tuple[float, float]) -> tuple[float, float]:
+        pu, pv = point[0] - u0, point[1] - v0
+        s = (pu * b[1] - pv * b[0]) / det
+        t = (a[0] * pv - a[1] * pu) / det
+        return left + s * (right - left), bottom + t * (top - bottom)
+
+    return to_page
+
 
 
 def open_document(data: bytes) -> Any:

@@ -27,7 +27,7 @@ import math
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,68 +321,31 @@ def searchable_from_pdf(data: bytes, results: Sequence[PageResult], ocr: Any) ->
     OCR boxes are in the pixels of the page as rendered for OCR; pdfium's own device-to-page
     transform (the inverse of that render, rotation and crop box included) places them."""
     import pikepdf
-    import pypdfium2 as pdfium
     from pikepdf import Name
 
-    from daemon.documents.pdf import render_size
+    from daemon.documents.pdf import device_to_page
 
-    if not any(result.source == "ocr" and result.lines for result in results):
+    wanted = [index for index, result in enumerate(results)
+              if result.source == "ocr" and result.lines]
+    if not wanted:
         return data
-    rendered = pdfium.PdfDocument(data)
-    try:
-        with pikepdf.open(io.BytesIO(data)) as pdf:
-            font = _font(pdf)
-            for index, result in enumerate(results):
-                if result.source != "ocr" or not result.lines or index >= len(pdf.pages):
-                    continue
-                page = rendered[index]
-                try:
-                    width_pt, height_pt = page.get_size()
-                    size = render_size(width_pt, height_pt, ocr.pdf_dpi, ocr.max_image_pixels)
-                    to_page = _device_to_page(page, size)
-                    lines = [(line.text, tuple(to_page(p) for p in line.box))
-                             for line in result.lines]
-                finally:
-                    page.close()
-                target = pikepdf.Page(pdf.pages[index])
-                name = target.add_resource(font, Name.Font, prefix="OCR")
-                target.contents_add(pdf.make_stream(b"q\n"), prepend=True)
-                target.contents_add(pdf.make_stream(
-                    b"\nQ\n" + text_ops(lines, str(name)).encode()))
-            out = io.BytesIO()
-            pdf.save(out, compress_streams=True)
-            return out.getvalue()
-    finally:
-        rendered.close()
-
-
-def _device_to_page(page: Any, size: Any) -> Callable[[tuple[float, float]], tuple[float, float]]:
-    """Pixels of the page as rendered at `size` -> the page's own space (points): the inverse
-    of pdfium's page-to-device transform (the one `render()` applies, /Rotate and crop box
-    included), fitted on three far-apart points (its integer pixels then err < 0.01 pt)."""
-    import ctypes
-
-    import pypdfium2.raw as pdfium_c
-
-    left, bottom, right, top = page.get_mediabox()
-    dx, dy = ctypes.c_int(), ctypes.c_int()
-    device = []
-    for x, y in ((left, bottom), (right, bottom), (left, top)):
-        pdfium_c.FPDF_PageToDevice(page, 0, 0, size.width, size.height, 0, x, y, dx, dy)
-        device.append((float(dx.value), float(dy.value)))
-    (u0, v0), (u1, v1), (u2, v2) = device
-    # device = origin + a * (x - left) / (right - left) + b * (y - bottom) / (top - bottom)
-    a = (u1 - u0, v1 - v0)
-    b = (u2 - u0, v2 - v0)
-    det = a[0] * b[1] - a[1] * b[0]
-
-    def to_page(point: tuple[float, float]) -> tuple[float, float]:
-        pu, pv = point[0] - u0, point[1] - v0
-        s = (pu * b[1] - pv * b[0]) / det
-        t = (a[0] * pv - a[1] * pu) / det
-        return left + s * (right - left), bottom + t * (top - bottom)
-
-    return to_page
+    maps = device_to_page(data, wanted, ocr)  # pdfium's part, under its lock
+    with pikepdf.open(io.BytesIO(data)) as pdf:
+        font = _font(pdf)
+        for index in wanted:
+            if index >= len(pdf.pages) or index not in maps:
+                continue
+            to_page = maps[index]
+            lines = [(line.text, tuple(to_page(p) for p in line.box))
+                     for line in results[index].lines]
+            target = pikepdf.Page(pdf.pages[index])
+            name = target.add_resource(font, Name.Font, prefix="OCR")
+            target.contents_add(pdf.make_stream(b"q\n"), prepend=True)
+            target.contents_add(pdf.make_stream(
+                b"\nQ\n" + text_ops(lines, str(name)).encode()))
+        out = io.BytesIO()
+        pdf.save(out, compress_streams=True)
+        return out.getvalue()
 
 
 def black_and_white(plane: Image) -> bool:
