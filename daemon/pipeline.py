@@ -34,7 +34,7 @@ from daemon.documents.decode import iter_pages
 from daemon.documents.pdf_workers import PdfWorkers
 from daemon.errors import DocumentError, StoreError
 from daemon.failover import Devices
-from daemon.files import LeadsOutside, read_beneath, unreadable
+from daemon.files import LeadsOutside, is_within, read_beneath, unreadable
 from daemon.inflight import InFlight, InFlightTable, PageTask
 from daemon.leases import Leases
 from daemon.metrics import Metrics
@@ -77,6 +77,12 @@ class Pipeline:
         # unique per process: two containers with one hostname and PID 1 must not share a claim
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.root = settings.watch.path.resolve()
+        # where a claimed file is read from: the watched folder, and the failed folder where a
+        # failed file waits for `ocr-daemon retry` when that is elsewhere (an absolute one)
+        failed = settings.watch.failed_dir
+        self._roots = [self.root] + ([(self.root / failed).resolve()] if failed is not None
+                                     and not is_within((self.root / failed).resolve(),
+                                                       self.root) else [])
         capacity = settings.queue.capacity
         self._budget = ByteBudget(settings.queue.memory_budget_bytes, metrics.queue_bytes.set)
         self.table = InFlightTable(capacity, metrics.queue_depth.set, self._budget.release_raw)
@@ -310,8 +316,11 @@ class Pipeline:
         reasons = []
         for recorded in reversed(claim.paths):
             path = Path(recorded)
+            root = next((r for r in self._roots if is_within(path, r, strictly=True)), None)
+            if root is None:
+                continue
             try:  # one descriptor, links followed only inside the folder: read, hashed, decoded
-                data, _ = read_beneath(path, self.root, self.settings.watch.max_file_bytes)
+                data, _ = read_beneath(path, root, self.settings.watch.max_file_bytes)
             except LeadsOutside:
                 continue
             except (DocumentError, OSError) as exc:  # a DocumentError: grew past the limit

@@ -220,3 +220,24 @@ def test_status_and_search_show_names_escaped(cli: Callable[..., tuple[int, str]
     code, out = cli("search", "lighthouse")
     assert code == 0 and "\x1b" not in out and "\x07" not in out
     assert out.splitlines() == ["/in/\\x1b]0;owned\\x07\\x1b[2Jscan.png\tpage 1\t[lighthouse]"]
+
+
+def test_retry_reads_a_file_from_a_failed_folder_outside_the_inbox(
+        settings_factory: SettingsFactory, cli: Callable[..., tuple[int, str]],
+        tmp_path: Path) -> None:
+    """With `watch.failed_dir` absolute and outside the watched folder, a retried document
+    "vanished before it was read" three times and ended failed, its file still there: the
+    pipeline read only beneath the watched folder."""
+    elsewhere = tmp_path / "failed-elsewhere"
+    settings = settings_factory(queue={"max_attempts": 1},
+                                watch={"failed_dir": str(elsewhere)})
+    engine = FlakyEngine()
+    with pipeline_running(settings, engine) as (_, ledger, _):
+        write_page(settings.watch.path / "a.png", SENTENCES[:1])
+        assert wait_until(lambda: ledger.counts()["failed"] == 1, 20)
+        assert wait_until((elsewhere / "a.png").exists, 10)
+        engine.broken.clear()
+        code, out = cli("retry", "--failed")
+        assert code == 0, out
+        assert wait_until(lambda: ledger.counts()["done"] == 1, 20), ledger.status()
+        assert ledger.counts()["failed"] == 0
