@@ -151,7 +151,7 @@ def _ledger(settings: Settings) -> Ledger:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    report = _ledger(settings).status()
+    report = _ledger(settings).status(live_seconds=settings.queue.lease_seconds)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -162,6 +162,11 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     for failure in report["failures"]:
         print(f"failed  {shown(str(failure['path']))}: {shown(str(failure['reason']))}")
     for worker in report["workers"]:
+        if not worker["alive"]:
+            print(shown(f"gone    {worker['id']} on {worker['host']}: no heartbeat for "
+                        f"{worker['seconds_since_heartbeat']}s (its documents return to the "
+                        "queue as their leases run out)"))
+            continue
         print(shown(f"worker  {worker['id']} on {worker['host']}: {worker['provider']} "
                     f"(devices {worker['devices']}), {worker['documents_held']} held, "
                     f"{worker['pages_per_second']} pages/s, heartbeat "

@@ -605,3 +605,34 @@ def test_a_pooled_connection_is_pinged_only_after_an_idle_spell(
         assert pings[0] in ("raised", "dead") and pings[1:] == []  # then a new connection
     finally:
         engine.dispose()
+
+
+def test_a_dead_workers_row_is_shown_gone_then_removed(ledger: Ledger) -> None:
+    """After `kill -9` its row stayed listed for ever with the documents it held, and a crash
+    loop added a row a restart. Past a lease without a heartbeat a row is shown gone; past
+    WORKER_ROWS_KEPT_LIVES leases the next heartbeat of any daemon removes it."""
+    from daemon.store.ledger import WORKER_ROWS_KEPT_LIVES
+    from daemon.store.records import WorkerBeat
+
+    now = [datetime(2026, 12, 6, 12, 0, tzinfo=UTC)]
+    timed = Ledger(ledger.engine, clock=lambda: now[0])
+    lease = 60.0
+
+    def beat(worker: str) -> int:
+        return timed.beat(WorkerBeat(worker, "host", 1, "cpu", "cpu", 3, 1.0,
+                                     live_seconds=lease))
+
+    assert beat("killed") == 1
+    now[0] += timedelta(seconds=30)
+    assert beat("alive") == 2
+    assert {w["id"]: w["alive"] for w in timed.workers(lease)} == {"killed": True,
+                                                                    "alive": True}
+    now[0] += timedelta(seconds=40)  # "killed" silent 70 s: more than a lease
+    assert beat("alive") == 1
+    assert {w["id"]: w["alive"] for w in timed.workers(lease)} == {"killed": False,
+                                                                    "alive": True}
+    assert {w["id"]: w["alive"] for w in timed.status(live_seconds=lease)["workers"]} == {
+        "killed": False, "alive": True}
+    now[0] += timedelta(seconds=WORKER_ROWS_KEPT_LIVES * lease)
+    beat("alive")
+    assert [w["id"] for w in timed.workers(lease)] == ["alive"]

@@ -64,6 +64,9 @@ from daemon.store.statements import (
     stat_columns,
 )
 
+# a worker row is removed once not seen for this many of its live periods (a lease each)
+WORKER_ROWS_KEPT_LIVES = 5
+
 
 @guarded
 class Ledger(OperatorQueries, SearchQueries):
@@ -399,7 +402,9 @@ class Ledger(OperatorQueries, SearchQueries):
 
     def beat(self, worker: WorkerBeat) -> int:
         """Record a worker's heartbeat; returns how many workers are live (seen within
-        `live_seconds` of now)."""
+        `live_seconds` of now). Rows not seen for WORKER_ROWS_KEPT_LIVES x `live_seconds`
+        are removed: a killed daemon's row stayed listed for ever, and a crash loop added
+        one a restart."""
         now = self._clock()
         with self._sessions.begin() as session:
             row = session.get(Worker, worker.id)
@@ -410,6 +415,8 @@ class Ledger(OperatorQueries, SearchQueries):
             row.devices, row.documents_held = worker.devices, worker.documents_held
             row.pages_per_second, row.last_seen_at = worker.pages_per_second, now
             session.flush()
+            session.execute(delete(Worker).where(Worker.last_seen_at < now - timedelta(
+                seconds=WORKER_ROWS_KEPT_LIVES * worker.live_seconds)))
             since = now - timedelta(seconds=worker.live_seconds)
             return int(session.scalar(select(func.count()).select_from(Worker)
                                       .where(Worker.last_seen_at >= since)) or 0)

@@ -74,18 +74,24 @@ class OperatorQueries(Access):
             return [{"at": (as_utc(e.at) or e.at).isoformat(), "event": e.event,
                      "attempt": e.attempt, "detail": e.detail} for e in events]
 
-    def workers(self) -> list[dict[str, Any]]:
+    def workers(self, live_seconds: float | None = None) -> list[dict[str, Any]]:
+        """The daemons' rows; with `live_seconds` (a lease: three missed heartbeats), each
+        says whether it is `alive`: a row not seen for longer is a daemon gone (killed, its
+        host down), whose held documents return to the queue as their leases run out."""
         now = self._clock()
+        listed = []
         with self._sessions() as session:
-            rows = session.scalars(select(Worker).order_by(Worker.host, Worker.id)).all()
-            return [{
-                "id": w.id, "host": w.host, "pid": w.pid, "provider": w.provider,
-                "devices": w.devices, "documents_held": w.documents_held,
-                "pages_per_second": round(w.pages_per_second, 2),
-                "started_at": (as_utc(w.started_at) or w.started_at).isoformat(),
-                "seconds_since_heartbeat": round(
-                    (now - (as_utc(w.last_seen_at) or w.last_seen_at)).total_seconds(), 1),
-            } for w in rows]
+            for w in session.scalars(select(Worker).order_by(Worker.host, Worker.id)):
+                seen = (now - (as_utc(w.last_seen_at) or w.last_seen_at)).total_seconds()
+                listed.append({
+                    "id": w.id, "host": w.host, "pid": w.pid, "provider": w.provider,
+                    "devices": w.devices, "documents_held": w.documents_held,
+                    "pages_per_second": round(w.pages_per_second, 2),
+                    "started_at": (as_utc(w.started_at) or w.started_at).isoformat(),
+                    "seconds_since_heartbeat": round(seen, 1),
+                    "alive": live_seconds is None or seen <= live_seconds,
+                })
+        return listed
 
     # -- reading --------------------------------------------------------------------------
 
@@ -95,7 +101,7 @@ class OperatorQueries(Access):
             found = {state: int(n) for state, n in rows}
         return {state: found.get(state, 0) for state in State.ALL}
 
-    def status(self, failures: int = 20) -> dict[str, Any]:
+    def status(self, failures: int = 20, live_seconds: float | None = None) -> dict[str, Any]:
         with self._sessions() as session:
             failed = session.scalars(
                 select(Document)
@@ -111,7 +117,7 @@ class OperatorQueries(Access):
                 for d in failed
             ]
         return {"documents": self.counts(), "pages": int(pages), "failures": failure_list,
-                "workers": self.workers()}
+                "workers": self.workers(live_seconds)}
 
     def find(self, ref: str, candidates: Sequence[str] = ()) -> StoredDocument:
         """A document by SHA-256, or by any path it arrived under (`candidates` are the
