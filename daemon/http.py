@@ -10,9 +10,11 @@ Endpoints (one threaded server, bound to 127.0.0.1 unless configured):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
+import sys
 import threading
 import urllib.request
 from collections.abc import Callable
@@ -27,11 +29,14 @@ from daemon.metrics import Metrics
 log = logging.getLogger(__name__)
 
 HEALTHY_STATUSES = ("healthy", "degraded")
-# A connection that sends nothing for this long is closed, and at most this many are served at
-# once (one thread each): idle or slow clients cannot pile up threads, and the health check of
-# Docker or systemd gets through once they time out.
+# A request must arrive whole and be answered within this long (its connection is closed then,
+# however it trickles in: a header line every few seconds reset a timeout a read), and at most
+# MAX_CONNECTIONS are served at once, MAX_PER_CLIENT from one address (one thread each): slow
+# clients cannot pile up threads, and the health check of Docker or systemd, from another
+# address or once they time out, gets through.
 REQUEST_TIMEOUT_SECONDS = 10.0
 MAX_CONNECTIONS = 32
+MAX_PER_CLIENT = 8
 
 HEALTH_KEYS = ("status", "version", "gpu_available", "provider", "uptime", "queue_depth",
                "database")
@@ -81,6 +86,7 @@ class _Server(ThreadingHTTPServer):
         *,
         request_timeout: float = REQUEST_TIMEOUT_SECONDS,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_client: int = MAX_PER_CLIENT,
     ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -89,11 +95,25 @@ class _Server(ThreadingHTTPServer):
         self.ready = ready
         self.request_timeout = request_timeout
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
         self._connections = threading.BoundedSemaphore(max_connections)
+        self._per_client: dict[str, int] = {}
+        self._per_client_lock = threading.Lock()
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        client = str(client_address[0])
+        with self._per_client_lock:
+            mine = self._per_client.get(client, 0)
+            if mine < self.max_per_client:
+                self._per_client[client] = mine + 1
+        if mine >= self.max_per_client:
+            log.warning("metrics/health server: %d connections from one address already: "
+                        "refusing one", self.max_per_client)
+            self.shutdown_request(request)
+            return
         if not self._connections.acquire(blocking=False):
+            self._client_done(client)
             log.warning("metrics/health server busy (%d connections): refusing one",
                         self.max_connections)
             self.shutdown_request(request)
@@ -105,6 +125,22 @@ class _Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._connections.release()
+            self._client_done(str(client_address[0]))
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection cut at its deadline, or by its client, is no error of the server's."""
+        if isinstance(sys.exc_info()[1], OSError):
+            log.debug("connection from %s ended: %s", client_address[0], sys.exc_info()[1])
+            return
+        log.exception("metrics/health request from %s failed", client_address[0])
+
+    def _client_done(self, client: str) -> None:
+        with self._per_client_lock:
+            left = self._per_client.get(client, 1) - 1
+            if left > 0:
+                self._per_client[client] = left
+            else:
+                self._per_client.pop(client, None)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -114,6 +150,21 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.server.request_timeout)  # for every read and write
+
+    def handle_one_request(self) -> None:
+        """One request, read and answered within `request_timeout` as a whole: past it the
+        connection is shut down, which ends a read however slowly the client trickles."""
+        deadline = threading.Timer(self.server.request_timeout, self._expire)
+        deadline.daemon = True
+        deadline.start()
+        try:
+            super().handle_one_request()
+        finally:
+            deadline.cancel()
+
+    def _expire(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -174,10 +225,12 @@ class MetricsServer:
         *,
         request_timeout: float = REQUEST_TIMEOUT_SECONDS,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_client: int = MAX_PER_CLIENT,
     ) -> None:
         self._metrics = metrics
         self._request_timeout = request_timeout
         self._max_connections = max_connections
+        self._max_per_client = max_per_client
         self._host = host
         self._requested_port = port
         self._health = health or (lambda: {"status": "healthy", "version": metrics.version})
@@ -201,7 +254,8 @@ class MetricsServer:
             return
         self._server = _Server((self._host, self._requested_port), self._metrics, self._health,
                                self._ready, request_timeout=self._request_timeout,
-                               max_connections=self._max_connections)
+                               max_connections=self._max_connections,
+                               max_per_client=self._max_per_client)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.2},

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,47 @@ def test_idle_connections_are_closed_and_capped() -> None:
 def _busy(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port)) as sock:
         return _closed_by_server(sock, 0.3)
+
+
+def test_slow_clients_cannot_hold_health_for_long() -> None:
+    """32 connections sending a header line every few seconds refused /health for as long
+    as they kept it up (compose binds 0.0.0.0): the timeout was a read's, not the
+    request's. Now a request has a deadline as a whole, and one address gets
+    MAX_PER_CLIENT connections: a health check from another address is answered at once,
+    and each slow connection is closed at its deadline however it trickles."""
+    from daemon.http import MAX_PER_CLIENT
+
+    metrics = Metrics("1", gpu_reader=list)
+    with MetricsServer(metrics, "127.0.0.1", 0, health=health, request_timeout=3,
+                       max_connections=32) as server:
+        slow = []
+        for _ in range(32):
+            sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))  # another address on the loopback
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+            slow.append(sock)
+        assert check_health("127.0.0.1", server.port, timeout=2)  # at once: not their turn
+        time.sleep(0.5)  # the refused are closed at once (which, the kernel's accept order)
+        served = [sock for sock in slow if not _ended(sock, 0)]
+        assert len(served) == MAX_PER_CLIENT
+        for _ in range(10):  # a header line every 0.5 s: each read well inside its timeout
+            for sock in served:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X-Slow: 1\r\n")
+            time.sleep(0.5)
+        assert all(_ended(sock, 2) for sock in served)  # closed at the deadline
+        for sock in slow:
+            sock.close()
+
+
+def _ended(sock: socket.socket, timeout: float) -> bool:
+    """The server ended `sock` within `timeout` seconds: closed it, or reset it (a request
+    it had not read when it closed)."""
+    sock.settimeout(timeout)  # 0: only what has happened already
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except (TimeoutError, BlockingIOError):
+        return False
