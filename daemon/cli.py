@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -177,9 +176,11 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 def path_candidates(ref: str) -> list[str]:
     """The spellings under which a user-given path may have been recorded."""
     given = Path(ref).expanduser()
-    candidates = [ref, os.path.abspath(given)]
+    from daemon.files import path_key, recordable
+
+    candidates = [recordable(ref), path_key(given)]
     with contextlib.suppress(OSError, RuntimeError):
-        candidates.append(str(given.resolve()))
+        candidates.append(path_key(given.resolve()))
     return list(dict.fromkeys(candidates))
 
 

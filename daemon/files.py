@@ -13,6 +13,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -58,6 +59,39 @@ class PathStat:
 def _signed(value: int) -> int:
     """A 64-bit unsigned inode or device number as the signed BIGINT the database holds."""
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# A path whose name is not UTF-8 (bytes Python holds as lone surrogates) is recorded with this
+# prefix, its backslashes doubled and each such byte written \xNN: text a database takes, read
+# back to the very bytes. A path that is UTF-8 is recorded as it is (it starts with "/").
+RAW_PATH = "raw:"
+_RAW_BYTE = re.compile(r"[\udc80-\udcff]")
+_RAW_ESCAPE = re.compile(r"\\(\\|x([0-9a-f]{2}))")
+
+
+def path_key(path: Path | str) -> str:
+    """How the ledger records a path: absolute, links not resolved (the name the file came
+    as), and in text a database takes whatever bytes its name holds (`recordable`)."""
+    return recordable(os.path.abspath(path))
+
+
+def recordable(text: str) -> str:
+    """`text` as is when it is UTF-8, else spelled `RAW_PATH` and escaped."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return RAW_PATH + _RAW_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}",
+                                        text.replace("\\", "\\\\"))
+    return text
+
+
+def path_of(key: str) -> Path:
+    """The path a ledger record names (`path_key` undone)."""
+    if not key.startswith(RAW_PATH):
+        return Path(key)
+    return Path(_RAW_ESCAPE.sub(
+        lambda m: "\\" if m.group(1) == "\\" else chr(0xDC00 + int(m.group(2), 16)),
+        key[len(RAW_PATH):]))
 
 
 def is_within(resolved: Path, root: Path, *, strictly: bool = False) -> bool:
@@ -172,8 +206,8 @@ def write_error_sidecar(target: Path, text: str) -> Path:
         except FileExistsError:
             n += 1
             continue
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
+            handle.write(text)  # a name that is not UTF-8 written back as its own bytes
         return sidecar
 
 

@@ -19,6 +19,8 @@ from daemon.files import (
     PathStat,
     after_done,
     open_beneath,
+    path_key,
+    path_of,
     quarantine,
     sha256_handle,
     unreadable,
@@ -34,11 +36,6 @@ log = logging.getLogger("daemon.intake")
 # the rest to be registered with it: a batch of large files (a 50 MB PDF hashes in ~0.03-0.1
 # s) must not keep the first from the pipeline while the rest are read
 REGISTER_WAIT = 0.05
-
-
-def path_key(path: Path) -> str:
-    """How paths are recorded: absolute, symlinks not resolved (the name the file came as)."""
-    return os.path.abspath(path)
 
 
 class Intake:
@@ -178,7 +175,7 @@ class Intake:
         read now as `take` reads it, and queued if it can be. Returns what became of it, and
         whether it was queued."""
         for recorded in reversed(paths):
-            path = Path(recorded)
+            path = path_of(recorded)
             try:
                 with os.fdopen(open_beneath(path, self.root), "rb") as handle:
                     stat = PathStat.of(os.fstat(handle.fileno()))

@@ -11,7 +11,6 @@ again) never keeps the engines from their next batch.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ from typing import TypeVar
 
 from daemon.config import Settings
 from daemon.errors import StoreError
-from daemon.files import after_done, quarantine
+from daemon.files import after_done, path_key, path_of, quarantine
 from daemon.inflight import InFlight, InFlightTable
 from daemon.metrics import Metrics
 from daemon.outputs import write_searchable_pdf, write_sidecars
@@ -86,7 +85,7 @@ class Outcomes:
                  doc.path or doc.claim.paths[-1], len(pages), "" if len(pages) == 1 else "s",
                  sum(len(p.lines) for p in pages), latency)
         # Sidecars (watch.sidecar): after the text is stored, before the file is moved.
-        source = doc.path or Path(doc.claim.paths[-1])
+        source = doc.path or path_of(doc.claim.paths[-1])
         write_sidecars(self.settings, source, pages, doc.claim.sha256)
         write_searchable_pdf(self.settings, source, pages, doc.claim.sha256, self.root,
                              doc.data)
@@ -94,7 +93,7 @@ class Outcomes:
         # time: a duplicate dropped while the document was processed is moved too (with
         # "keep" none are read, and after_done leaves every file where it is)
         for recorded in paths or doc.claim.paths:
-            after_done(Path(recorded), doc.claim.sha256, self.settings, self.root)
+            after_done(path_of(recorded), doc.claim.sha256, self.settings, self.root)
 
     def fail(self, doc: InFlight, reason: str, *, permanent: bool) -> None:
         """Record a failure: retried later (transient, attempts left) or failed for good and
@@ -122,7 +121,7 @@ class Outcomes:
         self.metrics.files_total.labels(status="failed").inc()
         log.error("failed %s: %s", where(doc), reason)
         for recorded in outcome.paths:
-            moved = quarantine(Path(recorded), reason, self.settings, self.root,
+            moved = quarantine(path_of(recorded), reason, self.settings, self.root,
                                sha256=doc.claim.sha256)
             if moved is not None:  # where `ocr-daemon retry` will read it from
                 self._record_path(moved, doc)
@@ -151,7 +150,7 @@ class Outcomes:
 
     def _record_path(self, path: Path, doc: InFlight) -> None:
         try:
-            self.ledger.register(os.path.abspath(path), doc.claim.sha256, 0)
+            self.ledger.register(path_key(path), doc.claim.sha256, 0)
         except StoreError as exc:
             log.warning("could not record that %s is now at %s: %s", doc.claim.sha256[:12],
                         path, exc)

@@ -22,7 +22,7 @@ from typing import Any
 
 from daemon.config import Settings
 from daemon.errors import DocumentError
-from daemon.files import read_beneath, resolves_within, write_atomic
+from daemon.files import path_key, read_beneath, resolves_within, write_atomic
 from daemon.results import PageResult, join_pages, lines_json
 
 log = logging.getLogger("daemon.outputs")
@@ -66,7 +66,7 @@ def render_txt(pages: Sequence[PageResult]) -> str:
 
 def render_json(source_path: Path, pages: Sequence[PageResult], sha256: str | None) -> str:
     document: dict[str, Any] = {
-        "source": os.path.abspath(source_path),
+        "source": path_key(source_path),
         "sha256": sha256,
         "pages": [
             {

@@ -34,7 +34,7 @@ from daemon.documents.decode import iter_pages
 from daemon.documents.pdf_workers import PdfWorkers
 from daemon.errors import DocumentError, StoreError
 from daemon.failover import Devices
-from daemon.files import LeadsOutside, is_within, read_beneath, unreadable
+from daemon.files import LeadsOutside, is_within, path_of, read_beneath, unreadable
 from daemon.inflight import InFlight, InFlightTable, PageTask
 from daemon.leases import Leases
 from daemon.metrics import Metrics
@@ -315,7 +315,7 @@ class Pipeline:
         """The claimed content, read from one of its paths and checked against its hash."""
         reasons = []
         for recorded in reversed(claim.paths):
-            path = Path(recorded)
+            path = path_of(recorded)
             root = next((r for r in self._roots if is_within(path, r, strictly=True)), None)
             if root is None:
                 continue

@@ -261,3 +261,29 @@ def test_a_folder_setting_over_the_inbox_is_refused_at_start(tmp_path: Path, key
         load_settings(None, watch=watch)
     watch[key] = "elsewhere"  # inside it, or outside: fine
     assert load_settings(None, watch=watch).watch.path == inbox
+
+
+def test_a_name_that_is_not_utf8_is_read_stored_and_moved(
+        settings_factory: SettingsFactory, tmp_path: Path) -> None:
+    """`bad\\xff\\xfename.png` was never registered: every rescan logged "surrogates not
+    allowed" with two tracebacks, and status said nothing. Its path is now recorded
+    losslessly (`raw:`, its bytes escaped), it is OCR'd like any other and moved, and the
+    commands find it by the name as given."""
+    from daemon.cli import path_candidates
+    from daemon.files import RAW_PATH, path_of
+    from tests.support import DeviceEngine, pipeline_running, wait_until
+
+    settings = settings_factory(watch={"after": "move", "done_dir": str(tmp_path / "done")})
+    inbox = settings.watch.path
+    inbox.mkdir(parents=True, exist_ok=True)
+    name = os.fsdecode(b"bad\xff\xfename.png")
+    staged = write_page(tmp_path / "staged.png", SENTENCES[:1])
+    with pipeline_running(settings, DeviceEngine("cpu", delay=0.0)) as (_, ledger, _):
+        staged.rename(inbox / name)
+        assert wait_until(lambda: ledger.counts()["done"] == 1, 30), ledger.status()
+        assert wait_until((tmp_path / "done" / name).exists, 10)
+        doc = ledger.find(str(inbox / name), path_candidates(str(inbox / name)))
+        assert doc.text == "read on device cpu"
+        [recorded] = doc.paths
+        assert recorded == f"{RAW_PATH}{inbox}/bad\\xff\\xfename.png"
+        assert path_of(recorded) == inbox / name
