@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from daemon.config import Settings
-from daemon.errors import DocumentError
+from daemon.errors import DocumentError, NotFoundError
 from daemon.files import (
     PathStat,
     after_done,
@@ -26,6 +26,8 @@ from daemon.files import (
     unreadable,
 )
 from daemon.metrics import Metrics
+from daemon.outputs import wanted as outputs_wanted
+from daemon.outputs import write_outputs
 from daemon.store.ledger import Ledger
 from daemon.store.models import State
 from daemon.store.outage import Outage
@@ -145,6 +147,7 @@ class Intake:
             log.info("seen %s: same content as an already stored document (sha256 %s)",
                      key, digest[:12])
             self.metrics.files_total.labels(status="duplicate").inc()
+            self._outputs_of_a_duplicate(path, digest)
             after_done(path, digest, self.settings, self.root)
         elif registration.state == State.DONE:  # the after-action may not have run (a kill
             after_done(path, digest, self.settings, self.root)  # between commit and move)
@@ -159,6 +162,18 @@ class Intake:
             log.info("seen %s: same content as a document already %s (sha256 %s)", key,
                      registration.state, digest[:12])
             self.metrics.files_total.labels(status="duplicate").inc()
+
+    def _outputs_of_a_duplicate(self, path: Path, sha256: str) -> None:
+        """A duplicate of a stored document gets the outputs its first path got (sidecars,
+        searchable PDF), from the stored text; it got none."""
+        if not outputs_wanted(self.settings):
+            return
+        try:
+            stored = self.retry_db(lambda: self.ledger.find(sha256))
+        except NotFoundError:  # forgotten meanwhile
+            return
+        write_outputs(self.settings, path, [page.result() for page in stored.pages], sha256,
+                      self.root)
 
     def _seen_again(self, path: Path, known: Registration) -> None:
         """A file unchanged since it was hashed: its after-action is retried if its document is

@@ -11,6 +11,7 @@ again) never keeps the engines from their next batch.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -19,10 +20,11 @@ from typing import TypeVar
 
 from daemon.config import Settings
 from daemon.errors import StoreError
-from daemon.files import after_done, path_key, path_of, quarantine
+from daemon.files import after_done, path_key, path_of, quarantine, resolves_within
 from daemon.inflight import InFlight, InFlightTable
 from daemon.metrics import Metrics
-from daemon.outputs import write_searchable_pdf, write_sidecars
+from daemon.outputs import wanted as outputs_wanted
+from daemon.outputs import write_outputs
 from daemon.results import PageResult
 from daemon.store.ledger import Ledger
 from daemon.store.models import State
@@ -58,7 +60,8 @@ class Outcomes:
         start = time.perf_counter()
         written = self._record(doc, lambda: self.ledger.complete(
             doc.claim.document_id, self.worker_id, pages, doc.ocr_seconds, self.provider,
-            with_paths=self.settings.watch.after != "keep"), storing=True)
+            with_paths=self.settings.watch.after != "keep" or outputs_wanted(self.settings)),
+            storing=True)
         if written is None:
             return
         [paths] = written
@@ -84,16 +87,28 @@ class Outcomes:
         log.info("done %s: %d page%s, %d lines, %.2fs after it was seen",
                  doc.path or doc.claim.paths[-1], len(pages), "" if len(pages) == 1 else "s",
                  sum(len(p.lines) for p in pages), latency)
-        # Sidecars (watch.sidecar): after the text is stored, before the file is moved.
-        source = doc.path or path_of(doc.claim.paths[-1])
-        write_sidecars(self.settings, source, pages, doc.claim.sha256)
-        write_searchable_pdf(self.settings, source, pages, doc.claim.sha256, self.root,
-                             doc.data)
+        # Outputs (sidecars, searchable PDF): after the text is stored, before the files are
+        # moved; for every path of the document in the folder (its duplicates too), from the
+        # bytes the pipeline read (one content, one sha256)
+        if outputs_wanted(self.settings):
+            source = doc.path or path_of(doc.claim.paths[-1])
+            for path in [source, *(p for p in map(path_of, paths) if p != source)]:
+                if path == source or self._beside_in_the_folder(path):
+                    write_outputs(self.settings, path, pages, doc.claim.sha256, self.root,
+                                  doc.data)
         # the paths in the ledger as the text was stored, not only those known at claim
         # time: a duplicate dropped while the document was processed is moved too (with
         # "keep" none are read, and after_done leaves every file where it is)
         for recorded in paths or doc.claim.paths:
             after_done(path_of(recorded), doc.claim.sha256, self.settings, self.root)
+
+    def _beside_in_the_folder(self, path: Path) -> bool:
+        """A duplicate's path that gets outputs: a file there now, in the watched folder and
+        not in its done or failed folder (a recorded path may be where a file used to be)."""
+        skipped = [(self.root / folder).resolve() for folder in (
+            self.settings.watch.done_folder, self.settings.watch.failed_dir) if folder]
+        return (os.path.isfile(path) and resolves_within(path.parent, self.root)
+                and not any(resolves_within(path.parent, folder) for folder in skipped))
 
     def fail(self, doc: InFlight, reason: str, *, permanent: bool) -> None:
         """Record a failure: retried later (transient, attempts left) or failed for good and

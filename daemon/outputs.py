@@ -82,6 +82,21 @@ def render_json(source_path: Path, pages: Sequence[PageResult], sha256: str | No
     return json.dumps(document, ensure_ascii=False, indent=1) + "\n"
 
 
+def wanted(settings: Settings) -> bool:
+    """Whether a stored document leaves anything beside its files."""
+    return settings.watch.sidecar != "none" or settings.watch.output_pdf != "none"
+
+
+def write_outputs(settings: Settings, source_path: Path, pages: Sequence[PageResult],
+                  sha256: str, root: Path, data: bytes | None = None) -> None:
+    """Everything a stored document leaves beside one of its paths: the sidecars and the
+    searchable PDF (from `data`, its content already read and checked, else read again).
+    Every path of a document gets its own: a duplicate (`b.png` holding `a.png`'s content)
+    got none. Never raises: the text is stored."""
+    write_sidecars(settings, source_path, pages, sha256)
+    write_searchable_pdf(settings, source_path, pages, sha256, root, data)
+
+
 def write_sidecars(settings: Settings, source_path: Path, pages: Sequence[PageResult],
                    sha256: str | None = None) -> list[Path]:
     """Write the sidecars `watch.sidecar` asks for; returns the paths written. Never raises:
@@ -103,7 +118,7 @@ def write_sidecars(settings: Settings, source_path: Path, pages: Sequence[PageRe
 
 
 def searchable_pdf_path(settings: Settings, source_path: Path, root: Path) -> Path | None:
-    """`output_dir`/<the file's sub-folder>/<its name>.pdf; None when off or the file is not
+    """`output_dir`/<the file's sub-folder>/`pdf_name`; None when off or the file is not
     inside the watched folder. A relative output_dir is inside the watched folder."""
     out = settings.watch.output_dir
     if settings.watch.output_pdf == "none" or out is None:
@@ -113,8 +128,20 @@ def searchable_pdf_path(settings: Settings, source_path: Path, root: Path) -> Pa
         return None
     base = out if out.is_absolute() else root / out
     base.mkdir(parents=True, exist_ok=True)
-    target = base / folder.resolve().relative_to(root) / (source_path.stem + ".pdf")
+    name = pdf_name(source_path.name, settings.watch.extensions)
+    target = base / folder.resolve().relative_to(root) / name
     return _inside(base.resolve(), target)
+
+
+def pdf_name(name: str, extensions: Sequence[str]) -> str:
+    """The searchable PDF's name: a PDF keeps its own (`report.pdf`), anything else gains
+    `.pdf` after its whole name (`scan.jpg.pdf`; `scan.png` and `scan.jpg` both became
+    `scan.pdf`, the second replacing the first), and so does a PDF whose name without `.pdf`
+    is an input's (`scan.png.pdf` -> `scan.png.pdf.pdf`): no two names in a folder share one."""
+    stem, _, suffix = name.rpartition(".")
+    if suffix.lower() == "pdf" and not stem.lower().endswith(tuple(extensions)):
+        return name
+    return name + ".pdf"
 
 
 def write_searchable_pdf(settings: Settings, source_path: Path, pages: Sequence[PageResult],

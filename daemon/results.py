@@ -85,6 +85,15 @@ def join_pages(texts: Iterable[str]) -> str:
     return PAGE_SEPARATOR.join(texts)
 
 
+def lines_from_json(rows: Sequence[dict[str, Any]]) -> tuple[Line, ...]:
+    """Lines as `lines_json` wrote them, back (score and box as rounded there)."""
+    def corners(box: Sequence[Sequence[float]]) -> tuple[Point, Point, Point, Point]:
+        (x0, y0), (x1, y1), (x2, y2), (x3, y3) = box
+        return (x0, y0), (x1, y1), (x2, y2), (x3, y3)
+
+    return tuple(Line(row["text"], float(row["score"]), corners(row["box"])) for row in rows)
+
+
 def lines_json(lines: Sequence[Line]) -> list[dict[str, Any]]:
     """Lines as the ledger stores them and the JSON outputs show them (score to 5 places, box
     corners to 0.1 px: more is noise, and it keeps rows small). A page's lines are rounded

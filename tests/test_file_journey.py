@@ -108,7 +108,7 @@ def test_a_file_is_read_once_for_each_step_that_needs_it(
         staged.rename(path)
         assert wait_until(lambda: ledger.counts()["done"] == 1, 30)
         assert wait_until(lambda: (tmp_path / "done" / "scan.tif").exists(), 10)
-        assert (tmp_path / "pdf" / "scan.pdf").exists()
+        assert (tmp_path / "pdf" / "scan.tif.pdf").exists()
         # the bytes kept for the PDF went back to the memory budget once it was written
         registry = pipeline.metrics.registry
         assert wait_until(lambda: registry.get_sample_value("ocr_queue_bytes") == 0, 10)

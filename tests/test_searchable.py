@@ -263,16 +263,16 @@ def test_the_daemon_writes_one_pdf_per_stored_file(settings_factory: SettingsFac
         chinese_scan(inbox / "chinese.png")
         assert wait_until(lambda: ledger.counts()["done"] == 4, 180)
         assert wait_until(lambda: all((out / name).exists() for name in (
-            "sub/memo.pdf", "letter.pdf", "mixed.pdf", "chinese.pdf")), 30)
-    for name, source in (("letter.pdf", inbox / "letter.png"),
-                         ("sub/memo.pdf", inbox / "sub" / "memo.jpg"),
+            "sub/memo.jpg.pdf", "letter.png.pdf", "mixed.pdf", "chinese.png.pdf")), 30)
+    for name, source in (("letter.png.pdf", inbox / "letter.png"),
+                         ("sub/memo.jpg.pdf", inbox / "sub" / "memo.jpg"),
                          ("mixed.pdf", inbox / "mixed.pdf"),
-                         ("chinese.pdf", inbox / "chinese.png")):
+                         ("chinese.png.pdf", inbox / "chinese.png")):
         data = (out / name).read_bytes()
         stored = ledger.find("x", [str(source)])
         pages = extracted(data)
         assert len(pages) == len(stored.pages)
-        assert name != "chinese.pdf" or "包裹送到北门" in stored.text, stored.text
+        assert name != "chinese.png.pdf" or "包裹送到北门" in stored.text, stored.text
         for got, page in zip(pages, stored.pages, strict=True):  # page by page
             assert similarity(got, page.text) > 0.99, (name, page.page_no, got, page.text)
         check_with_qpdf(data, tmp_path)
@@ -396,3 +396,37 @@ def test_writing_searchable_pdfs_beside_rendering_does_not_crash_pdfium(tmp_path
                           text=True, timeout=120)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert int(proc.stdout) > 100  # the threads really ran side by side, many times
+
+
+def test_no_two_files_share_an_output_and_a_duplicate_gets_its_own(
+        settings_factory: SettingsFactory, tmp_path: Path) -> None:
+    """`scan.png` and `scan.jpg` both became `scan.pdf` (the second replacing the first);
+    `b.png` with the content of `a.png` got neither `b.pdf` nor its sidecar, whether it came
+    while `a.png` was read or after it was stored."""
+    from daemon.outputs import pdf_name
+    from tests.support import DeviceEngine
+
+    extensions = settings_factory().watch.extensions
+    # names the watcher takes in (each ends with one of its extensions)
+    names = ["scan.png", "scan.jpg", "scan.pdf", "scan.png.pdf", "scan.png.pdf.pdf", "x.PDF",
+             "x.pdf.PNG"]
+    assert len({pdf_name(n, extensions) for n in names}) == len(names)
+    assert pdf_name("report.pdf", extensions) == "report.pdf"
+
+    out = tmp_path / "searchable"
+    settings = settings_factory(watch={"output_pdf": "pdf", "output_dir": str(out),
+                                       "sidecar": "txt"})
+    inbox = settings.watch.path
+    with pipeline_running(settings, DeviceEngine("cpu", delay=0.0)) as (_, ledger, _):
+        write_page(inbox / "scan.png", SENTENCES[:1])
+        write_page(inbox / "scan.jpg", SENTENCES[1:2])
+        write_page(inbox / "a.png", SENTENCES[2:3])
+        assert wait_until(lambda: ledger.counts()["done"] == 3, 30)
+        (inbox / "b.png").write_bytes((inbox / "a.png").read_bytes())  # after it was stored
+        assert wait_until(lambda: (out / "b.png.pdf").exists(), 20)
+        assert wait_until((inbox / "b.png.txt").exists, 5)
+    assert {p.name for p in out.iterdir()} == {"scan.png.pdf", "scan.jpg.pdf", "a.png.pdf",
+                                               "b.png.pdf"}
+    assert (out / "scan.png.pdf").read_bytes() != (out / "scan.jpg.pdf").read_bytes()
+    assert (inbox / "b.png.txt").read_text() == (inbox / "a.png.txt").read_text()
+    assert ledger.counts()["done"] == 3  # the duplicate was not OCR'd again

@@ -7,10 +7,10 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from daemon.files import PathStat
-from daemon.results import PageResult, join_pages, lines_json
+from daemon.results import PageResult, join_pages, lines_from_json, lines_json
 from daemon.store.fold import fold
 
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -65,6 +65,12 @@ class StoredPage:
     confidence: float | None
     source: str
     lines: list[dict[str, Any]]
+
+    def result(self) -> PageResult:
+        """The page as OCR gave it (what the outputs are made from)."""
+        source: Literal["ocr", "text_layer"] = ("text_layer" if self.source == "text_layer"
+                                                else "ocr")
+        return PageResult(lines=lines_from_json(self.lines), source=source)
 
 
 @dataclass(frozen=True)
