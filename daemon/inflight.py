@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,19 @@ class InFlight:
             return True
 
 
+@dataclass
+class Call:
+    """A decoder or engine call under way on some documents: since when (None while it waits
+    for the memory budget, which is no hang)."""
+
+    what: str  # "decode", or the OCR loop's name
+    docs: tuple[InFlight, ...]
+    since: float | None
+
+    def seconds(self) -> float:
+        return 0.0 if self.since is None else time.monotonic() - self.since
+
+
 @dataclass(frozen=True)
 class PageTask:
     doc: InFlight
@@ -73,6 +87,7 @@ class InFlightTable:
         self._lock = threading.Lock()
         self._on_depth = on_depth
         self._progress_at = time.monotonic()
+        self._calls: dict[int, Call] = {}
         self.changed = threading.Event()  # a slot freed or news queued: the claim loop looks
 
     # -- slots ----------------------------------------------------------------------------
@@ -131,6 +146,28 @@ class InFlightTable:
         """Documents with pages still to decode or recognise (not only to store)."""
         with self._lock:
             return sum(1 for doc in self._docs.values() if not doc.complete)
+
+    # -- calls under way: a hang shows as one that lasts ------------------------------------
+
+    @contextmanager
+    def calling(self, what: str, docs: Sequence[InFlight]) -> Iterator[Call]:
+        """A decoder or engine call on `docs`, timed while it lasts."""
+        call = Call(what, tuple(docs), time.monotonic())
+        with self._lock:
+            self._calls[id(call)] = call
+        try:
+            yield call
+        finally:
+            with self._lock:
+                self._calls.pop(id(call), None)
+
+    def stuck_calls(self, after_seconds: float) -> list[Call]:
+        """The calls under way for longer than `after_seconds` (a decoder or an engine call
+        that never returns), longest first."""
+        with self._lock:
+            calls = list(self._calls.values())
+        return sorted((call for call in calls if call.seconds() > after_seconds),
+                      key=Call.seconds, reverse=True)
 
     # -- the progress clock ---------------------------------------------------------------
 

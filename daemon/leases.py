@@ -12,7 +12,7 @@ import time
 
 from daemon.config import Settings
 from daemon.errors import StoreError
-from daemon.inflight import InFlightTable
+from daemon.inflight import InFlight, InFlightTable
 from daemon.metrics import Metrics
 from daemon.outcomes import Outcomes
 from daemon.store.ledger import Ledger
@@ -62,8 +62,9 @@ class Leases:
         a lease) stops that document's work here: the worker that has it now stores it,
         once."""
         held = self.table.held()
+        stuck = self._stuck(held)
         try:
-            renewed = self.ledger.renew(self.worker_id, list(held),
+            renewed = self.ledger.renew(self.worker_id, [i for i in held if i not in stuck],
                                         self.settings.queue.lease_seconds)
             self._beat(len(held))
             self.outage.up()
@@ -71,8 +72,27 @@ class Leases:
             self.outage.down(exc)
             return
         for document_id, doc in held.items():
-            if document_id not in renewed:
+            if document_id in stuck:
+                self.outcomes.fail(doc, stuck[document_id], permanent=False)
+            elif document_id not in renewed:
                 self.outcomes.lost(doc)
+
+    def _stuck(self, held: dict[int, InFlight]) -> dict[int, str]:
+        """The documents inside a decoder or engine call that has lasted past
+        `queue.stuck_seconds` (one that never returns), and why: their leases are not
+        renewed, and their attempt fails (retried later, or failed for good after
+        `queue.max_attempts`), so that neither this worker nor another waits on them."""
+        reasons: dict[int, str] = {}
+        for call in self.table.stuck_calls(self.settings.queue.stuck_seconds):
+            for doc in call.docs:
+                if doc.claim.document_id in held:
+                    reasons[doc.claim.document_id] = (
+                        f"no progress for {call.seconds():.0f}s: its {call.what} call never "
+                        f"returned (queue.stuck_seconds = {self.settings.queue.stuck_seconds:g})")
+        for document_id, reason in reasons.items():
+            log.error("%s stuck: %s", held[document_id].path or
+                      held[document_id].claim.sha256[:12], reason)
+        return reasons
 
     def _beat(self, held: int) -> None:
         """This worker's row for `ocr-daemon status`; `ocr_workers` from all live rows."""

@@ -193,6 +193,21 @@ class Pipeline:
     def inflight_count(self) -> int:
         return self.table.count()
 
+    def stuck_calls(self) -> list[dict[str, object]]:
+        """The decoder and engine calls under way past `queue.stuck_seconds`, and the
+        documents they hold, for /health: one hung call is shown while the rest flow."""
+        return [{"call": call.what, "seconds": round(call.seconds(), 1),
+                 "documents": [str(doc.path or doc.claim.sha256) for doc in call.docs]}
+                for call in self.table.stuck_calls(self.settings.queue.stuck_seconds)]
+
+    @property
+    def every_ocr_loop_stuck(self) -> bool:
+        """Every OCR loop inside a call past `queue.stuck_seconds`: nothing can be read."""
+        stuck = {call.what for call in self.table.stuck_calls(
+            self.settings.queue.stuck_seconds)}
+        loops = {thread.name for thread in self._threads if thread.name.startswith("ocr-")}
+        return bool(loops) and loops <= stuck
+
     # -- claiming -------------------------------------------------------------------------
 
     def _claim_loop(self) -> None:
@@ -262,8 +277,12 @@ class Pipeline:
         def reserve(nbytes: int) -> None:  # before each page is decoded: its peak
             nonlocal reserved
             peak = int(nbytes * DECODE_PEAK)
-            if not budget.acquire_page(peak, cancelled):
-                raise _Cancelled()
+            since, call.since = call.since, None  # waiting for memory is no hang
+            try:
+                if not budget.acquire_page(peak, cancelled):
+                    raise _Cancelled()
+            finally:
+                call.since = since
             reserved += peak
 
         try:
@@ -271,15 +290,21 @@ class Pipeline:
                 return  # stopping (the claim is handed back) or failed already
             raw = doc.claim.size_bytes
             start = time.perf_counter()
-            data, path = self._read_verified(doc.claim)
+            with self.table.calling("decode", (doc,)) as call:
+                data, path = self._read_verified(doc.claim)
             doc.path = path
             if self.settings.watch.output_pdf != "none":  # made from these bytes, once stored
                 with doc.lock:
                     if not doc.failed:  # else removed already: the budget goes back below
                         doc.data, doc.data_budget, raw = data, raw, 0
             count = 0
-            for page in iter_pages(data, self.settings.ocr, reserve, bound=self._bound,
-                                   pdf_workers=self._pdf_workers):
+            pages = iter_pages(data, self.settings.ocr, reserve, bound=self._bound,
+                               pdf_workers=self._pdf_workers)
+            while True:
+                with self.table.calling("decode", (doc,)) as call:
+                    page = next(pages, None)
+                if page is None:
+                    break
                 held = min(reserved, page.image.nbytes if page.image is not None else 0)
                 budget.release_page(reserved - held)  # the decoder's scratch is gone
                 reserved = 0
@@ -377,7 +402,9 @@ class Pipeline:
     def _recognize(self, engine: OcrEngine, batch: list[PageTask]) -> None:
         images = [task.page.image for task in batch if task.page.image is not None]
         start = time.perf_counter()
-        outcome = self.devices.run(engine, images)
+        docs = list({id(task.doc): task.doc for task in batch}.values())
+        with self.table.calling(threading.current_thread().name, docs):
+            outcome = self.devices.run(engine, images)
         if isinstance(outcome, Exception) and len(batch) > 1:
             # one page may be at fault: each alone, so that only its own document fails
             log.warning("retrying the %d pages of a failed batch one by one", len(batch))

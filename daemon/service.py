@@ -189,12 +189,15 @@ class Service:
         hardware = parts.hardware if parts else None
         choice = hardware.choice if hardware else None
         pipeline = parts.pipeline if parts else None
+        stuck_calls = pipeline.stuck_calls() if pipeline else []
         if not self.ready or not watcher_alive or not (pipeline and pipeline.alive
                                                        and pipeline.devices.ok
-                                                       and not pipeline.stuck):
+                                                       and not pipeline.stuck
+                                                       and not pipeline.every_ocr_loop_stuck):
             status = "unhealthy"  # a dead or hung loop is not hidden: systemd and Docker
             # restart it
-        elif not database or (choice and choice.fallbacks) or pipeline.devices.degraded:
+        elif not database or (choice and choice.fallbacks) or pipeline.devices.degraded or \
+                stuck_calls:
             status = "degraded"
         else:
             status = "healthy"
@@ -214,6 +217,7 @@ class Service:
             # how long work has waited without any progress (0 when nothing is in flight)
             stalled_seconds=round(pipeline.seconds_since_progress(), 1)
             if pipeline and pipeline.inflight_count() else 0.0,
+            stuck=stuck_calls,
         )
 
     # -- stop -----------------------------------------------------------------------------
@@ -242,7 +246,7 @@ class Service:
             if interval is not None and time.monotonic() >= next_ping:
                 parts = self.components
                 if parts and parts.watcher.alive and parts.pipeline.alive and \
-                        not parts.pipeline.stuck:
+                        not parts.pipeline.stuck and not parts.pipeline.every_ocr_loop_stuck:
                     sdnotify.watchdog()
                 next_ping = time.monotonic() + interval
 

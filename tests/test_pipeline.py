@@ -627,3 +627,52 @@ def test_a_page_that_breaks_the_engine_fails_only_its_document(
         assert "cannot take this page" in ledger.status()["failures"][0]["reason"]
         assert engine.batches[0] == 4  # they did arrive together
         assert pipeline.alive
+
+
+class HangsOnOnePage(DeviceEngine):
+    """Hangs on a page WIDTH pixels wide (a driver hang on one input), reads the rest."""
+
+    WIDTH = 1999
+
+    def __init__(self, device: str) -> None:
+        super().__init__(device, delay=0.0)
+        self.release = threading.Event()
+
+    def recognize(self, images: Sequence[Image]) -> list[PageResult]:
+        if any(image.shape[1] == self.WIDTH for image in images):
+            self.release.wait(60)
+        return super().recognize(images)
+
+
+def test_one_hung_call_is_shown_and_its_document_let_go_while_the_rest_flow(
+        settings_factory: SettingsFactory) -> None:
+    """With several OCR loops and one call that never returns, /health stayed healthy while
+    other files flowed, the document stayed `processing` and its lease was renewed, so no
+    daemon could take it. Now the call is shown (degraded, with the document's path), its
+    lease is not renewed and its attempt fails; the other files are stored meanwhile."""
+    settings = settings_factory(queue={"stuck_seconds": 1.0, "lease_seconds": 3.0,
+                                       "max_attempts": 1}, batch={"max_pages": 1})
+    engine = HangsOnOnePage("0")
+    svc = gpu_service(settings, [engine])
+    inbox = settings.watch.path
+    try:
+        assert wait_until(lambda: svc.health()["status"] == "healthy", 10)
+        (inbox / "hung.png").write_bytes(page_bytes(["never read"], width=HangsOnOnePage.WIDTH))
+        assert wait_until(lambda: svc.ledger.counts()["processing"] == 1, 20)
+        for n in range(10):
+            (inbox / f"ok{n}.png").write_bytes(page_bytes([f"page {n}"]))
+        assert wait_until(lambda: svc.ledger.counts()["done"] == 10, 30), svc.ledger.status()
+        assert wait_until(lambda: svc.health()["stuck"] != [], 10)
+        health = svc.health()
+        assert health["status"] == "degraded", health
+        [stuck] = health["stuck"]
+        assert stuck["documents"] == [str(inbox / "hung.png")] and stuck["seconds"] >= 1.0
+        assert wait_until(lambda: svc.ledger.counts()["failed"] == 1, 10)
+        failed = svc.ledger.find("x", [str(inbox / "hung.png")])
+        assert failed.state == "failed" and "never returned" in (failed.reason or "")
+        engine.release.set()  # the call returns at last: nothing is stored for it
+        assert wait_until(lambda: svc.health()["status"] == "healthy", 10), svc.health()
+        assert svc.ledger.counts() == {"queued": 0, "processing": 0, "done": 10, "failed": 1}
+    finally:
+        engine.release.set()
+        svc.stop()
