@@ -16,6 +16,7 @@ SUITE = {
     "scale-out": ("scale_out", "several daemons on one PostgreSQL: receipts/s and rows a file"),
     "gpu-warmup": ("gpu_warmup", "GPU only: shape warm-up, session builds and first runs"),
     "gil-probe": ("gil_probe", "the GIL sampler: calibration, or a daemon run under it"),
+    "soak": ("soak", "the whole daemon for a long while: a producer, an operator, a kill -9"),
 }
 
 

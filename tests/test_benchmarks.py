@@ -34,6 +34,8 @@ SMOKE: list[tuple[str, list[str], Check]] = [
     ("gpu-warmup", ["--algos", "HEURISTIC"],  # on the CPU here: it runs, it measures nothing
      lambda out: bool(out["modes"]["HEURISTIC"]["one_session_s"])),
     ("gil-probe", [], lambda out: len(out["gil_probe_calibration"]) > 0),
+    ("soak", ["--minutes", "0.2"], lambda out: out["ok"] and out["files_dropped"] > 10
+     and out["not_as_expected"] == 0),
 ]
 
 
