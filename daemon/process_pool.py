@@ -36,6 +36,23 @@ PARENT_CHECK_SECONDS = 1.0
 CLOSE_TIMEOUT = 5.0
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie (dead, not yet reaped by its parent) does not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
 class WorkerDied(Exception):
     """The worker process running a task died (crashed, killed for memory); the pool has been
     rebuilt."""
@@ -75,6 +92,10 @@ class ProcessPool:
             log.warning("%s process died; starting new ones", self._what)
             broken.shutdown(wait=False, cancel_futures=True)
             self._executor = self._start()
+        self._after_a_death()
+
+    def _after_a_death(self) -> None:
+        """What a dead worker leaves to clean up (its pool's own kind of leftovers)."""
 
     def submit(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
         """`fn(*args)` in a worker. A pool found broken here is rebuilt first; one that breaks
@@ -106,6 +127,8 @@ class ProcessPool:
             future.result()
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Stop the workers: what is running gets `timeout` seconds, then its process is
+        killed."""
         with self._lock:
             self._closed = True
             executor = self._executor
@@ -119,6 +142,7 @@ class ProcessPool:
                             timeout)
                 process.kill()
                 process.join(1.0)
+        self._after_a_death()
 
 
 # --- in the worker -----------------------------------------------------------------------

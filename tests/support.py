@@ -509,3 +509,12 @@ ONE_EMPTY_PAGE = [
 # Root reads anything (CAP_DAC_OVERRIDE); without these capabilities mode 000 means unreadable
 # even for root, while the daemon still runs the interpreter under /root.
 DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def die_holding_a_segment(size: int) -> None:
+    """In a PDF worker: take a render segment, as a page being rendered does, and be killed
+    before handing it over (the kernel's OOM killer, pdfium crashing)."""
+    from daemon.documents.pdf_workers import new_segment
+
+    new_segment(size).close()
+    os.kill(os.getpid(), signal.SIGKILL)

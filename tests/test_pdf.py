@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import GeneratorType
@@ -426,3 +427,30 @@ def test_closing_pdf_workers_does_not_wait_for_a_hung_render() -> None:
     while process.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not process.is_alive()
+
+
+def test_a_pdf_worker_killed_mid_render_leaves_no_segment_behind() -> None:
+    """A PDF worker SIGKILLed while rendering left its page's segment (300 MB for a large
+    page) in /dev/shm for the daemon's life, one per crash. Its segments are named after it
+    and removed once it is found dead; a new pool removes those of an earlier daemon's."""
+    from daemon.documents.pdf_workers import SEGMENT_PREFIX
+    from daemon.process_pool import WorkerDied
+    from tests.support import die_holding_a_segment
+
+    def ours() -> set[str]:
+        return {e for e in os.listdir("/dev/shm") if e.startswith(SEGMENT_PREFIX)}
+
+    before = ours()
+    workers = PdfWorkers(1)
+    try:
+        with pytest.raises(WorkerDied):
+            workers.call(die_holding_a_segment, 8 << 20)
+        assert ours() == before
+    finally:
+        workers.close()
+    # one left by a worker of a daemon that was itself killed: the next pool removes it
+    leftover = f"{SEGMENT_PREFIX}999999999-0"
+    with open(os.path.join("/dev/shm", leftover), "wb") as handle:
+        handle.write(b"x" * 4096)
+    PdfWorkers(1).close()
+    assert leftover not in ours()

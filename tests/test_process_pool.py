@@ -10,16 +10,8 @@ import textwrap
 
 import pytest
 
-from daemon.process_pool import ProcessPool, WorkerDied
+from daemon.process_pool import ProcessPool, WorkerDied, alive
 from tests.support import wait_until
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(") ")[1][0] != "Z"  # a zombie is gone but unreaped
-    except FileNotFoundError:
-        return False
 
 
 def test_workers_exit_when_the_daemon_is_killed() -> None:

@@ -24,10 +24,12 @@ pipeline's "auto" uses them from 4 cores on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import mmap
 import os
+import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
@@ -41,12 +43,16 @@ from daemon.budget import SHM_FOLDER, shm_room
 from daemon.config import OcrSettings
 from daemon.documents import pdf
 from daemon.errors import DocumentError
-from daemon.process_pool import ProcessPool, WorkerDied
+from daemon.process_pool import ProcessPool, WorkerDied, alive
 from daemon.results import Image, Page
 
 log = logging.getLogger(__name__)
 
 OPEN_PER_WORKER = 2  # documents a worker keeps open: the one it is on and the one before
+# A worker's render segments are named after it, so that those of a worker that died before
+# handing them over (killed for memory, pdfium crashing on a hostile file) can be found and
+# removed: each was a page's pixels (a 300 MB page, a segment) in /dev/shm for the daemon's life.
+SEGMENT_PREFIX = "ocrd-pdf-"
 
 
 class PdfWorkers(ProcessPool):
@@ -56,6 +62,24 @@ class PdfWorkers(ProcessPool):
 
     def __init__(self, processes: int) -> None:
         super().__init__(processes, "a PDF worker")
+        self._after_a_death()  # those of an earlier daemon's workers, killed with it
+
+    def _after_a_death(self) -> None:
+        try:
+            entries = os.listdir(SHM_FOLDER)
+        except OSError:  # no /dev/shm here: segments live elsewhere, and nothing to sweep
+            return
+        for entry in entries:
+            if not entry.startswith(SEGMENT_PREFIX):
+                continue
+            pid = entry[len(SEGMENT_PREFIX):].split("-")[0]
+            if not pid.isdigit() or alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(SHM_FOLDER, entry))
+                log.warning("removed %s, a dead PDF worker's page", entry)
+            with contextlib.suppress(Exception):  # it registered it with the shared tracker
+                resource_tracker.unregister("/" + entry, "shared_memory")
 
     def pages(self, data: bytes, ocr: OcrSettings, reserve: Callable[[int], None]
               ) -> Iterator[Page]:
@@ -132,7 +156,7 @@ def _render(name: str, nbytes: int, index: int, ocr: OcrSettings
         size = math.prod(shape)
         if not shm_room(size):
             return np.empty(shape, np.uint8)  # sent back pickled
-        segments.append(shared_memory.SharedMemory(create=True, size=max(1, size)))
+        segments.append(new_segment(size))
         return np.ndarray(shape, np.uint8, buffer=segments[0].buf)
 
     try:
@@ -149,6 +173,12 @@ def _render(name: str, nbytes: int, index: int, ocr: OcrSettings
     page = replace(page, image=None)  # the last view of the segment: it can close
     shm.close()
     return page, (shm.name, shape)
+
+
+def new_segment(size: int) -> shared_memory.SharedMemory:
+    """A segment for a page rendered in this worker, named after it (`SEGMENT_PREFIX`)."""
+    name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+    return shared_memory.SharedMemory(name=name, create=True, size=max(1, size))
 
 
 def _take(pixels: tuple[str, tuple[int, ...]]) -> Image:

@@ -41,6 +41,7 @@ import numpy.typing as npt
 from daemon.config import cache_dir
 from daemon.errors import ConfigError
 from daemon.files import write_atomic
+from daemon.process_pool import alive
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +121,12 @@ def _private_folder() -> Path:
             for stale in temp.glob(f"{PRIVATE_PREFIX}*-*"):
                 pid = stale.name[len(PRIVATE_PREFIX):].split("-")[0]
                 with contextlib.suppress(OSError):
-                    if pid.isdigit() and not _alive(int(pid)) and \
+                    if pid.isdigit() and not alive(int(pid)) and \
                             stale.stat().st_uid == os.getuid():
                         shutil.rmtree(stale, ignore_errors=True)
             _private = Path(tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-"))
             atexit.register(shutil.rmtree, _private, ignore_errors=True)
         return _private
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's: alive
-        return True
-    return True
 
 
 def _apply(source: Path, edit: Any) -> bytes:
