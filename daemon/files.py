@@ -9,14 +9,16 @@ or written is logged, never a failure of the document: its text is stored alread
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import re
 import shutil
 import stat
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -118,66 +120,123 @@ def holds(path: Path, sha256: str, root: Path, max_bytes: int) -> bool | None:
     return digest == sha256
 
 
-def folder_is_safe(folder: Path, configured: Path | None, root: Path) -> bool:
-    """A done/failed folder configured inside the watched folder must still be inside it once
-    resolved: anyone who can write to the inbox could replace it with a link elsewhere."""
-    if configured is not None and configured.is_absolute():
-        return True  # the operator chose a place outside; it is not the producers' to change
-    if resolves_within(folder, root, strictly=True):
-        return True
-    log.error("not moving files into %s: it resolves outside the watched folder %s",
-              folder, root)
-    return False
+def open_dir(folder: Path, base: Path, *, create: bool = False) -> int:
+    """A descriptor of the directory `folder`, walked from `base` one component at a time
+    without following a link: whoever can write below `base` (a producer, in the watched
+    folder) cannot plant one that leads a write elsewhere (LeadsOutside, an OSError). With
+    `create`, missing folders are made on the way. `base` itself is trusted (the watched
+    folder resolved, or a folder the operator configured); `folder` must be `base` or
+    lexically below it."""
+    absolute, start = Path(os.path.abspath(folder)), Path(os.path.abspath(base))
+    if absolute != start and start not in absolute.parents:
+        raise LeadsOutside(folder)
+    if create:
+        start.mkdir(parents=True, exist_ok=True)
+    fd = os.open(start, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in absolute.relative_to(start).parts:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                inner = os.open(part, flags, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
+                inner = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a link, or a file
+                    raise LeadsOutside(folder) from None
+                raise
+            os.close(fd)
+            fd = inner
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
-def move_into(path: Path, folder: Path) -> Path:
+def base_of(folder: Path, root: Path) -> Path:
+    """Where a walk to `folder` starts: the watched folder for one inside it (producers write
+    there), else the folder itself (one the operator configured elsewhere)."""
+    absolute = Path(os.path.abspath(folder))
+    return root if absolute == root or root in absolute.parents else absolute
+
+
+def move_into(path: Path, folder: Path, *, source_base: Path | None = None,
+              target_base: Path | None = None) -> Path:
     """Move `path` into `folder` as `NAME`, or `STEM.N.SUFFIX` when that is taken: never over
     an existing file, even one another worker created a moment ago, because the new name is
     made with link(2), which fails when it exists, and only then is the old name removed.
     Across file systems the content is first copied to a hidden name in `folder` and synced, so
     a crash leaves the original or a hidden copy, never a partial file under a real name. Moves
-    the name only: a symlink is moved as a link, its target is never touched."""
-    folder.mkdir(parents=True, exist_ok=True)
+    the name only: a symlink is moved as a link, its target is never touched. Both folders are
+    reached through descriptors walked from their bases (`open_dir`): a folder on the way
+    swapped for a link is refused, not followed."""
+    source = open_dir(path.parent, source_base or path.parent)
     try:
-        target = _link_new_name(path, folder, path)
+        target = open_dir(folder, target_base or folder, create=True)
+        try:
+            name = _move(path.name, source, target, path)
+        finally:
+            os.close(target)
+    finally:
+        os.close(source)
+    return folder / name
+
+
+def _move(name: str, source: int, target: int, named: Path) -> str:
+    try:
+        moved = _link_new_name(name, source, target, named)
     except OSError as exc:
         if exc.errno not in _NO_LINK:
             raise
         if exc.errno != errno.EXDEV:  # a file system without hard links: as before
-            return _rename_checked(path, folder)
-        copy = _copy_beside(path, folder)
+            return _rename_checked(name, source, target, named)
+        copy = _copy_beside(name, source, target)
         try:
-            target = _link_new_name(copy, folder, path)
+            moved = _link_new_name(copy, target, target, named)
         finally:
-            copy.unlink(missing_ok=True)
-    path.unlink()
-    return target
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(copy, dir_fd=target)
+    os.unlink(name, dir_fd=source)
+    return moved
 
 
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
-def _link_new_name(source: Path, folder: Path, named: Path) -> Path:
-    n = 0
-    while True:
-        target = folder / (named.name if n == 0 else f"{named.stem}.{n}{named.suffix}")
+def _new_names(named: Path) -> Iterator[str]:
+    yield named.name
+    for n in itertools.count(1):
+        yield f"{named.stem}.{n}{named.suffix}"
+
+
+def _link_new_name(name: str, source: int, target: int, named: Path) -> str:
+    for new in _new_names(named):
         try:
-            os.link(source, target, follow_symlinks=False)
-            return target
+            os.link(name, new, src_dir_fd=source, dst_dir_fd=target, follow_symlinks=False)
+            return new
         except FileExistsError:
-            n += 1
+            continue
+    raise AssertionError("unreachable")
 
 
-def _copy_beside(path: Path, folder: Path) -> Path:
-    """A synced copy of `path` (the link itself, for a symlink) under a hidden name in `folder`."""
+def _copy_beside(name: str, source: int, target: int) -> str:
+    """A synced copy of `name` (the link itself, for a symlink) under a hidden name in the
+    folder `target`."""
     while True:
-        temp = folder / f".{path.name}.{os.urandom(4).hex()}.moving"
+        temp = f".{name}.{os.urandom(4).hex()}.moving"
         try:
-            if path.is_symlink():
-                os.symlink(os.readlink(path), temp)
+            if stat.S_ISLNK(os.lstat(name, dir_fd=source).st_mode):
+                os.symlink(os.readlink(name, dir_fd=source), temp, dir_fd=target)
                 return temp
-            with open(path, "rb") as source, open(temp, "xb") as copy:
-                shutil.copyfileobj(source, copy)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            with os.fdopen(os.open(name, flags, dir_fd=source), "rb") as original, \
+                    os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                                      os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=target),
+                              "wb") as copy:
+                shutil.copyfileobj(original, copy)
                 copy.flush()
                 os.fsync(copy.fileno())
             return temp
@@ -185,30 +244,35 @@ def _copy_beside(path: Path, folder: Path) -> Path:
             continue
 
 
-def _rename_checked(path: Path, folder: Path) -> Path:
-    target = folder / path.name
-    n = 1
-    while target.exists() or target.is_symlink():
-        target = folder / f"{path.stem}.{n}{path.suffix}"
-        n += 1
-    os.rename(path, target)
-    return target
-
-
-def write_error_sidecar(target: Path, text: str) -> Path:
-    """`NAME.error.txt` beside `target`, created new: never through a link planted there,
-    never over an existing file."""
-    n = 0
-    while True:
-        sidecar = target.with_name(f"{target.name}.error{f'.{n}' if n else ''}.txt")
+def _rename_checked(name: str, source: int, target: int, named: Path) -> str:
+    for new in _new_names(named):
         try:
-            fd = os.open(sidecar, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        except FileExistsError:
-            n += 1
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
-            handle.write(text)  # a name that is not UTF-8 written back as its own bytes
-        return sidecar
+            os.lstat(new, dir_fd=target)
+        except FileNotFoundError:
+            os.rename(name, new, src_dir_fd=source, dst_dir_fd=target)
+            return new
+    raise AssertionError("unreachable")
+
+
+def write_error_sidecar(target: Path, text: str, base: Path | None = None) -> Path:
+    """`NAME.error.txt` beside `target`, created new: never through a link planted there,
+    never over an existing file; its folder reached from `base` (`open_dir`)."""
+    folder = open_dir(target.parent, base or target.parent)
+    try:
+        n = 0
+        while True:
+            name = f"{target.name}.error{f'.{n}' if n else ''}.txt"
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                             os.O_CLOEXEC, 0o644, dir_fd=folder)
+            except FileExistsError:
+                n += 1
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
+                handle.write(text)  # a name that is not UTF-8 written back as its own bytes
+            return target.with_name(name)
+    finally:
+        os.close(folder)
 
 
 # --- after a document is done or failed ----------------------------------------------------
@@ -238,9 +302,7 @@ def after_done(path: Path, sha256: str, settings: Settings, root: Path) -> None:
             path.unlink()
         else:
             folder = done_folder(settings, root)
-            if not folder_is_safe(folder, settings.watch.done_dir, root):
-                return
-            move_into(path, folder)
+            move_into(path, folder, source_base=root, target_base=base_of(folder, root))
     except OSError as exc:
         log.warning("could not %s %s after processing: %s", after, path, exc)
 
@@ -261,10 +323,9 @@ def quarantine(path: Path, reason: str, settings: Settings, root: Path,
         if not resolves_within(path.parent, root):
             return None
         folder = root / settings.watch.failed_dir
-        if not folder_is_safe(folder, settings.watch.failed_dir, root):
-            return None
-        target = move_into(path, folder)
-        write_error_sidecar(target, f"{path}\n{reason}\n")
+        base = base_of(folder, root)
+        target = move_into(path, folder, source_base=root, target_base=base)
+        write_error_sidecar(target, f"{path}\n{reason}\n", base)
         return target
     except OSError as exc:
         log.warning("could not move %s to the failed folder: %s", path, exc)
@@ -277,22 +338,35 @@ def quarantine(path: Path, reason: str, settings: Settings, root: Path,
 SIDECAR_MODE = 0o644  # readable by whoever reads the folder, as the error sidecars are
 
 
-def write_atomic(target: Path, content: str | bytes, *, mode: int = SIDECAR_MODE) -> None:
+def write_atomic(target: Path, content: str | bytes, *, mode: int = SIDECAR_MODE,
+                 base: Path | None = None) -> None:
     """Temporary file in the target's folder (created exclusively, hidden from the watcher),
     then rename: it appears whole or not at all, and replaces the name itself, never following
-    a link planted at it. Readable like the error sidecars by default (mkstemp alone makes it
-    0600: producers in the group could not read the text of their own scans)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    a link planted at it; the folder is reached from `base` (`open_dir`: a producer's link on
+    the way is refused), made if missing. Readable like the error sidecars by default
+    (producers in the group read the text of their own scans)."""
+    folder = open_dir(target.parent, base or target.parent, create=True)
     try:
-        os.fchmod(fd, mode)
         data = content.encode() if isinstance(content, str) else content
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        while True:
+            temp = f".{target.name}.{os.urandom(4).hex()}.tmp"
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                             os.O_CLOEXEC, mode, dir_fd=folder)
+                break
+            except FileExistsError:
+                continue
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(temp, target.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=folder)
+            raise
+    finally:
+        os.close(folder)
 
 
 

@@ -22,10 +22,19 @@ from typing import Any
 
 from daemon.config import Settings
 from daemon.errors import DocumentError
-from daemon.files import path_key, read_beneath, resolves_within, write_atomic
+from daemon.files import base_of, path_key, read_beneath, write_atomic
 from daemon.results import PageResult, join_pages, lines_json
 
 log = logging.getLogger("daemon.outputs")
+
+
+def _relative_folder(source_path: Path, root: Path) -> Path | None:
+    """The file's sub-folder in the watched folder, as named (links not followed: the writes
+    walk it from the watched folder and refuse one); None for a file not inside it."""
+    folder = Path(os.path.abspath(source_path)).parent
+    if folder != root and root not in folder.parents:
+        return None
+    return folder.relative_to(root)
 
 
 def sidecar_paths(settings: Settings, source_path: Path) -> list[Path]:
@@ -36,27 +45,12 @@ def sidecar_paths(settings: Settings, source_path: Path) -> list[Path]:
     if kind == "none":
         return []
     root = settings.watch.path.resolve()
-    folder = Path(os.path.abspath(source_path)).parent
-    if not resolves_within(folder, root):
+    relative = _relative_folder(source_path, root)
+    if relative is None:
         return []
-    relative = folder.resolve().relative_to(root)
-    if settings.watch.sidecar_dir is not None:
-        base = (root / settings.watch.sidecar_dir).resolve()
-        folder = base / relative
-    else:
-        base = root
+    base = root if settings.watch.sidecar_dir is None else root / settings.watch.sidecar_dir
     suffixes = {"txt": [".txt"], "json": [".json"], "both": [".txt", ".json"]}[kind]
-    return [_inside(base, folder / (source_path.name + suffix)) for suffix in suffixes]
-
-
-def _inside(base: Path, target: Path) -> Path:
-    if not resolves_within(target.parent, base):
-        raise _Outside(f"{target} resolves outside {base}")
-    return target.parent.resolve() / target.name
-
-
-class _Outside(Exception):
-    pass
+    return [base / relative / (source_path.name + suffix) for suffix in suffixes]
 
 
 def render_txt(pages: Sequence[PageResult]) -> str:
@@ -101,16 +95,15 @@ def write_sidecars(settings: Settings, source_path: Path, pages: Sequence[PageRe
                    sha256: str | None = None) -> list[Path]:
     """Write the sidecars `watch.sidecar` asks for; returns the paths written. Never raises:
     it runs on an OCR worker thread after the text is safely stored."""
+    root = settings.watch.path.resolve()
     try:
         targets = sidecar_paths(settings, source_path)
         for target in targets:
             content = (render_txt(pages) if target.suffix == ".txt"
                        else render_json(source_path, pages, sha256))
-            write_atomic(target, content)
+            write_atomic(target, content, base=base_of(target.parent, root))
         return targets
-    except _Outside as exc:
-        log.warning("sidecar for %s not written: %s", source_path, exc)
-    except OSError as exc:
+    except OSError as exc:  # LeadsOutside among them: a link planted on the way
         log.warning("sidecar for %s not written: %s", source_path, exc)
     except Exception:
         log.exception("sidecar for %s not written", source_path)
@@ -123,14 +116,11 @@ def searchable_pdf_path(settings: Settings, source_path: Path, root: Path) -> Pa
     out = settings.watch.output_dir
     if settings.watch.output_pdf == "none" or out is None:
         return None
-    folder = Path(os.path.abspath(source_path)).parent
-    if not resolves_within(folder, root):
+    relative = _relative_folder(source_path, root)
+    if relative is None:
         return None
     base = out if out.is_absolute() else root / out
-    base.mkdir(parents=True, exist_ok=True)
-    name = pdf_name(source_path.name, settings.watch.extensions)
-    target = base / folder.resolve().relative_to(root) / name
-    return _inside(base.resolve(), target)
+    return base / relative / pdf_name(source_path.name, settings.watch.extensions)
 
 
 def pdf_name(name: str, extensions: Sequence[str]) -> str:
@@ -166,11 +156,12 @@ def write_searchable_pdf(settings: Settings, source_path: Path, pages: Sequence[
         )
 
         if sniff(data) == "pdf":
-            write_atomic(target, searchable_from_pdf(data, pages, settings.ocr))
+            pdf = searchable_from_pdf(data, pages, settings.ocr)
         else:
-            write_atomic(target, searchable_pdf(scanned_pages(data, pages, settings.ocr)))
+            pdf = searchable_pdf(scanned_pages(data, pages, settings.ocr))
+        write_atomic(target, pdf, base=base_of(target.parent, root))
         return target
-    except (_Outside, OSError, DocumentError) as exc:
+    except (OSError, DocumentError) as exc:  # LeadsOutside among them
         log.warning("searchable PDF for %s not written: %s", source_path, exc)
     except Exception:
         log.exception("searchable PDF for %s not written", source_path)

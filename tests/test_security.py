@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
-from daemon.config import Settings
+from daemon.config import Settings, load_settings
+from daemon.files import after_done
 from daemon.service import Service
 from tests.support import (
     FAST_OCR,
@@ -109,3 +110,38 @@ def test_pillow_pixel_limit_is_set(tmp_path: Path) -> None:
     finally:
         service.stop()
         PILImage.MAX_IMAGE_PIXELS = saved
+
+
+@pytest.mark.parametrize("planted", ["searchable", "text", "done", "failed"])
+def test_a_planted_link_leads_no_write_outside(tmp_path: Path, planted: str) -> None:
+    """`ln -s /elsewhere inbox/searchable` with `output_dir = "searchable"`, and
+    /elsewhere/img0.pdf was overwritten: a relative output, sidecar, done or failed folder was
+    resolved and then trusted. Every write under the watched folder now walks it without
+    following a link, so nothing is written or moved outside."""
+    from daemon.files import quarantine
+    from daemon.outputs import write_outputs
+    from daemon.results import Line, PageResult
+
+    inbox = (tmp_path / "inbox").resolve()
+    inbox.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / "img0.png.pdf"
+    victim.write_bytes(b"precious")
+    (inbox / planted).symlink_to(elsewhere)
+    settings = load_settings(None, watch={
+        "path": inbox, "output_pdf": "pdf", "output_dir": "searchable", "sidecar": "txt",
+        "sidecar_dir": "text", "after": "move", "done_dir": "done", "failed_dir": "failed"})
+    source = inbox / "img0.png"
+    source.write_bytes(tiny_page("img0"))
+    sha = sha256(source.read_bytes())
+    box = ((0.0, 0.0), (10.0, 0.0), (10.0, 5.0), (0.0, 5.0))
+    write_outputs(settings, source, [PageResult(lines=(Line("img0", 0.9, box),))], sha, inbox,
+                  source.read_bytes())
+    if planted == "done":
+        after_done(source, sha, settings, inbox)
+    if planted == "failed":
+        assert quarantine(source, "broken", settings, inbox, sha256=sha) is None
+    assert victim.read_bytes() == b"precious"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["img0.png.pdf"]  # nothing added
+    assert source.exists()  # not moved through the link either
