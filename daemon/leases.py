@@ -16,8 +16,9 @@ from daemon.inflight import InFlight, InFlightTable
 from daemon.metrics import Metrics
 from daemon.outcomes import Outcomes
 from daemon.store.ledger import Ledger
+from daemon.store.models import State
 from daemon.store.outage import Outage
-from daemon.store.records import WorkerBeat
+from daemon.store.records import Expired, WorkerBeat
 
 log = logging.getLogger("daemon.pipeline")
 HOUSEKEEPING_SECONDS = 10.0  # how often expired leases are looked for
@@ -111,5 +112,16 @@ class Leases:
         except StoreError as exc:
             self.outage.down(exc)
             return
-        if requeued:
-            log.info("re-queued %d documents whose lease ran out", requeued)
+        self.expired(requeued)
+
+    def expired(self, claims: list[Expired]) -> None:
+        """Claims taken back: those queued again said, those failed for good quarantined (they
+        skipped quarantine and the error sidecar)."""
+        queued = sum(1 for claim in claims if claim.state == State.QUEUED)
+        if queued:
+            log.info("re-queued %d documents whose lease ran out", queued)
+        for claim in claims:
+            if claim.state == State.FAILED:
+                log.error("failed %s: %s", claim.paths[-1] if claim.paths else claim.sha256,
+                          claim.reason)
+                self.outcomes.failed_for_good(claim.sha256, claim.reason, claim.paths)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -133,13 +133,19 @@ class Outcomes:
             log.warning("retrying %s later (attempt %d of %d): %s", where(doc),
                         outcome.attempts, self.settings.queue.max_attempts, reason)
             return
-        self.metrics.files_total.labels(status="failed").inc()
         log.error("failed %s: %s", where(doc), reason)
-        for recorded in outcome.paths:
+        self.failed_for_good(doc.claim.sha256, reason, outcome.paths)
+
+    def failed_for_good(self, sha256: str, reason: str, paths: Sequence[str]) -> None:
+        """A document failed for good (by this worker, or by a lease that ran out once too
+        often): counted, and its files quarantined with their reason, where `ocr-daemon
+        retry` reads them from."""
+        self.metrics.files_total.labels(status="failed").inc()
+        for recorded in paths:
             moved = quarantine(path_of(recorded), reason, self.settings, self.root,
-                               sha256=doc.claim.sha256)
-            if moved is not None:  # where `ocr-daemon retry` will read it from
-                self._record_path(moved, doc)
+                               sha256=sha256)
+            if moved is not None:
+                self._record_path(moved, sha256)
 
     def lost(self, doc: InFlight) -> None:
         """Its lease ran out and another worker may have it: its work stops here, nothing is
@@ -163,12 +169,11 @@ class Outcomes:
             self._refused(doc, exc, storing=storing)
         return None
 
-    def _record_path(self, path: Path, doc: InFlight) -> None:
+    def _record_path(self, path: Path, sha256: str) -> None:
         try:
-            self.ledger.register(path_key(path), doc.claim.sha256, 0)
+            self.ledger.register(path_key(path), sha256, 0)
         except StoreError as exc:
-            log.warning("could not record that %s is now at %s: %s", doc.claim.sha256[:12],
-                        path, exc)
+            log.warning("could not record that %s is now at %s: %s", sha256[:12], path, exc)
 
     def _refused(self, doc: InFlight, exc: Exception, *, storing: bool) -> None:
         """The ledger refused an outcome with something other than an outage (a constraint,

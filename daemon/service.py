@@ -114,10 +114,11 @@ class Service:
         if lock is not None:
             stack.callback(os.close, lock)
         outage = Outage(ledger)
-        requeued = ledger.requeue_stale(all_processing=not ledger.postgresql,
-                                        max_attempts=settings.queue.max_attempts)
-        if requeued:
-            log.info("re-queued %d documents left in processing by an earlier run", requeued)
+        expired = ledger.requeue_stale(all_processing=not ledger.postgresql,
+                                       max_attempts=settings.queue.max_attempts)
+        if expired:
+            log.info("%d documents left in processing by an earlier run taken back",
+                     len(expired))
 
         hardware = self._probe(settings)
         self.metrics.set_provider(hardware.choice.name, hardware.choice.fallbacks)
@@ -130,6 +131,7 @@ class Service:
 
         pipeline = Pipeline(settings, ledger, engines, self.metrics, hardware.choice.name,
                             outage)
+        pipeline.leases.expired(expired)  # those failed for good quarantined
         intake = Intake(settings, ledger, self.metrics, outage=outage, notify=pipeline.notify)
         watcher = Watcher(settings.watch, intake.take, intake.reject, look_up=intake.look_up)
         server = (MetricsServer(self.metrics, settings.metrics.host, settings.metrics.port,

@@ -332,3 +332,26 @@ def test_a_pipeline_with_few_documents_ahead_claims_a_freed_slot_at_once(
         engine.gate.release()  # one document stored: 15 ahead
         assert wait_until(lambda: sum(claimed) == 2 * CLAIM_BATCH + 1, 30)
         assert claimed == [CLAIM_BATCH, CLAIM_BATCH, 1]
+
+
+def test_a_document_failed_by_its_lease_is_quarantined_with_its_reason(
+        settings_factory: SettingsFactory) -> None:
+    """A document whose worker died with it once too often ends failed through its lease,
+    and skipped the failed folder and the error sidecar that any other failure gets."""
+    settings = settings_factory(queue={"max_attempts": 1}, watch={"failed_dir": "failed"})
+    inbox = settings.watch.path
+    inbox.mkdir(parents=True, exist_ok=True)
+    [path] = small_pages(inbox, 1)
+    _, ledger = open_ledger(settings, migrate_now=True)
+    registration = ledger.register(os.path.abspath(path),
+                                   hashlib.sha256(path.read_bytes()).hexdigest(),
+                                   path.stat().st_size)
+    assert claim_one(ledger, registration.document_id, "killed", 60) is not None  # then died
+    ledger.close()
+    with pipeline_running(settings, QuickEngine()) as (_, ledger, _):
+        assert ledger.counts()["failed"] == 1
+        moved = inbox / "failed" / path.name
+        assert wait_until(moved.exists, 10)
+        sidecar = moved.with_name(moved.name + ".error.txt")
+        assert "died while processing it" in sidecar.read_text()
+        assert ledger.find(registration.sha256).paths[-1] == str(moved)

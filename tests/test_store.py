@@ -338,9 +338,9 @@ def test_release_and_stale_leases_requeue(ledger: Ledger) -> None:
     now[0] += timedelta(seconds=120)
     claim_one(timed, a.document_id, "w", 60)
     now[0] += timedelta(seconds=120)
-    assert timed.requeue_stale() == 1  # a's lease ran out, b's did not
+    assert len(timed.requeue_stale()) == 1  # a's lease ran out, b's did not
     assert timed.counts() == {"queued": 1, "processing": 1, "done": 0, "failed": 0}
-    assert timed.requeue_stale(all_processing=True) == 1
+    assert len(timed.requeue_stale(all_processing=True)) == 1
 
 
 def test_find_by_any_path_or_sha(ledger: Ledger) -> None:
@@ -458,7 +458,7 @@ def test_a_late_failure_from_a_worker_that_lost_its_lease_changes_nothing(
     doc = timed.register("/in/a.png", sha("a"), 1).document_id
     assert claim_next(timed, "slow", 60) is not None
     now[0] += timedelta(seconds=61)
-    assert timed.requeue_stale() == 1  # its lease ran out
+    assert len(timed.requeue_stale()) == 1  # its lease ran out
     assert claim_next(timed, "fast", 60) is not None
     assert timed.complete(doc, "fast", [page("stored by fast")], 0.1, "cpu")
     late = timed.fail(doc, "engine error", permanent=True, max_attempts=3, backoff_seconds=0,
@@ -479,10 +479,10 @@ def test_the_heartbeat_renews_only_what_a_worker_holds(ledger: Ledger) -> None:
         now[0] += timedelta(seconds=50)
         assert timed.renew("w1", [a, b], 60) == {a}  # b is not w1's to renew
         assert timed.renew("w2", [b], 60) == {b}
-        assert timed.requeue_stale() == 0
+        assert len(timed.requeue_stale()) == 0
     now[0] += timedelta(seconds=61)  # w2 stops renewing (died)
     assert timed.renew("w1", [a], 60) == {a}
-    assert timed.requeue_stale() == 1
+    assert len(timed.requeue_stale()) == 1
     assert timed.renew("w2", [b], 60) == set()  # lost: its work must stop
     assert timed.find(sha("a")).attempts == 1
 
@@ -496,7 +496,7 @@ def test_lease_expiries_count_as_attempts(ledger: Ledger) -> None:
         claim = claim_next(timed, f"w{attempt}", 60)
         assert claim is not None and claim.attempts == attempt
         now[0] += timedelta(seconds=61)
-        assert timed.requeue_stale(max_attempts=3) == 1
+        assert len(timed.requeue_stale(max_attempts=3)) == 1
     found = timed.find(sha("a"))
     assert found.state == "failed" and "lease ran out" in (found.reason or "")
     assert [e["event"] for e in timed.history(sha("a"))] == ["expired"] * 3

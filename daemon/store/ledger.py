@@ -28,6 +28,7 @@ from daemon.store.models import Document, DocumentEvent, DocumentPath, State, Wo
 from daemon.store.operator import OperatorQueries
 from daemon.store.records import (
     Claim,
+    Expired,
     FailureResult,
     NewFile,
     Registration,
@@ -369,7 +370,7 @@ class Ledger(OperatorQueries, SearchQueries):
                 .execution_options(synchronize_session=False)).all())
 
     def requeue_stale(self, *, all_processing: bool = False, max_attempts: int | None = None
-                      ) -> int:
+                      ) -> list[Expired]:
         """Rows left in `processing` by a dead worker go back to `queued`.
 
         `all_processing` at start-up of the only daemon on an embedded database; otherwise
@@ -382,21 +383,25 @@ class Ledger(OperatorQueries, SearchQueries):
         reason = ("the daemon stopped or died while processing it" if all_processing
                   else "its lease ran out (the worker died or hung)")
         with self._sessions.begin() as session:
-            query = select(Document).where(Document.state == State.PROCESSING).with_for_update()
+            query = (select(Document).options(selectinload(Document.paths))
+                     .where(Document.state == State.PROCESSING).with_for_update())
             if not all_processing:
                 query = query.where(Document.lease_until < now)
-            stale = session.scalars(query).all()
-            for doc in stale:
+            expired = []
+            for doc in session.scalars(query).all():
                 session.add(DocumentEvent(sha256=doc.sha256, at=now, event="expired",
                                           attempt=doc.attempts, detail=reason))
                 doc.claimed_by = doc.lease_until = None
-                doc.reason = reason
+                why = reason
                 if max_attempts is not None and doc.attempts >= max_attempts:
                     doc.state, doc.finished_at = State.FAILED, now
-                    doc.reason = f"{reason}, {doc.attempts} times"
+                    why = f"{reason}, {doc.attempts} times"
                 else:
                     doc.state = State.QUEUED
-            return len(stale)
+                doc.reason = why
+                expired.append(Expired(doc.sha256, doc.state, why,
+                                       tuple(p.path for p in doc.paths)))
+            return expired
 
     # -- workers --------------------------------------------------------------------------
 

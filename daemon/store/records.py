@@ -120,6 +120,17 @@ class Retried:
 
 
 @dataclass(frozen=True)
+class Expired:
+    """A claim whose worker died or hung: queued again, or failed for good (its attempts used
+    up) with its paths, to quarantine."""
+
+    sha256: str
+    state: str  # queued or failed
+    reason: str
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class FailureResult:
     state: str  # queued (will be retried) or failed
     attempts: int
