@@ -504,6 +504,7 @@ def test_health_reuses_a_recent_database_check(service: Callable[..., Service]) 
     start = time.monotonic()
     for _ in range(20):
         assert svc.health()["database"] == "ok"
+    assert wait_until(lambda: checks.count("SELECT 1") >= 1, 5)  # probed beside /health
     if time.monotonic() - start < CHECK_SECONDS:  # (always, unless this host crawls)
         assert checks.count("SELECT 1") == 1
     # and once the check is older than that, the next request checks again
@@ -676,3 +677,29 @@ def test_one_hung_call_is_shown_and_its_document_let_go_while_the_rest_flow(
     finally:
         engine.release.set()
         svc.stop()
+
+
+def test_a_black_holed_database_shows_unreachable_without_holding_health() -> None:
+    """With the server black-holed, each /health waited out the probe's connect (5 s a
+    request). The probe runs beside /health now: every answer comes at once, and a probe
+    unanswered past PROBE_SECONDS says unreachable."""
+    from daemon.store.outage import PROBE_SECONDS, Outage
+
+    release = threading.Event()
+
+    class BlackHoled:
+        def ping(self) -> None:
+            release.wait(30)
+
+    outage = Outage(BlackHoled())  # type: ignore[arg-type]
+    try:
+        answers = []
+        deadline = time.monotonic() + PROBE_SECONDS + 3
+        while time.monotonic() < deadline and (not answers or answers[-1][0]):
+            start = time.monotonic()
+            answers.append((outage.reachable(), time.monotonic() - start))
+            time.sleep(0.1)
+        assert answers[-1][0] is False  # unreachable, once the probe overran
+        assert max(seconds for _, seconds in answers) < 0.5  # and every answer at once
+    finally:
+        release.set()

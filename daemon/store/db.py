@@ -50,7 +50,12 @@ def make_engine(settings: DatabaseSettings) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    engine = create_engine(url, echo=settings.echo, pool_size=5, max_overflow=5)
+    # bounded waits: a server black-holed must show as unreachable within seconds, not hang
+    # a connect (the kernel's ~2 min) or a statement for ever
+    engine = create_engine(url, echo=settings.echo, pool_size=5, max_overflow=5, pool_timeout=10,
+                           connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                                         "options": f"-c statement_timeout="
+                                                    f"{STATEMENT_TIMEOUT_SECONDS * 1000:.0f}"})
     ping = engine.dialect.do_ping
 
     def checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
@@ -73,6 +78,8 @@ def make_engine(settings: DatabaseSettings) -> Engine:
 
 PING_AFTER_IDLE_SECONDS = 5.0
 _IDLE_SINCE = "ocr_daemon_idle_since"
+CONNECT_TIMEOUT_SECONDS = 5
+STATEMENT_TIMEOUT_SECONDS = 60  # the longest: a 500-page document's text in one transaction
 
 
 def lock_single_daemon(engine: Engine) -> int | None:

@@ -11,6 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
+from daemon.store.access import is_postgresql
+
 
 def migrations_dir() -> Path:
     """`migrations/`: shipped inside an installed package as `daemon.migrations`; beside the
@@ -31,6 +33,8 @@ def _alembic_config() -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     cfg = _alembic_config()
     with engine.begin() as connection:
+        if is_postgresql(engine.url):  # an index built on a large table takes long
+            connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
 

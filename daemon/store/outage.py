@@ -18,6 +18,7 @@ from daemon.store.access import Access
 log = logging.getLogger("daemon.store")
 T = TypeVar("T")
 CHECK_SECONDS = 2.0  # `reachable` reuses a probe this recent
+PROBE_SECONDS = 2.0  # a probe unanswered this long: unreachable
 FIRST_DELAY, MAX_DELAY = 0.5, 10.0  # `retry`'s backoff between tries
 
 
@@ -32,7 +33,8 @@ class Outage:
         self.ok = True  # the last word of any statement or probe
         self._pause = pause  # after a failure seen outside `retry`, before the caller goes on
         self._stopping = threading.Event()
-        self._checked = (-CHECK_SECONDS, False)
+        self._checked = (-CHECK_SECONDS, True)  # until a probe says otherwise
+        self._probing: float | None = None  # since when a probe runs
         self._check_lock = threading.Lock()
 
     def stop(self) -> None:
@@ -71,15 +73,27 @@ class Outage:
 
     def reachable(self) -> bool:
         """The last word of the daemon's own statements, and a SELECT 1 at most once per
-        CHECK_SECONDS: /health is asked by Docker, systemd and every curious client, and each
-        answer must not cost a round trip."""
+        CHECK_SECONDS, run beside the caller: /health is asked by Docker, systemd and every
+        curious client, and must answer at once, a round trip or not (with the server
+        black-holed, each answer waited out the connect). A probe still unanswered after
+        PROBE_SECONDS says unreachable."""
         with self._check_lock:
             checked_at, reachable = self._checked
-            if time.monotonic() - checked_at >= CHECK_SECONDS:
-                try:
-                    self.ledger.ping()
-                    reachable = True
-                except Exception:  # any failure to answer is "unreachable" here
-                    reachable = False
-                self._checked = (time.monotonic(), reachable)
+            now = time.monotonic()
+            if self._probing is None and now - checked_at >= CHECK_SECONDS:
+                self._probing = now
+                threading.Thread(target=self._probe, name="database-probe",
+                                 daemon=True).start()
+            if self._probing is not None and now - self._probing > PROBE_SECONDS:
+                reachable = False
         return reachable and self.ok
+
+    def _probe(self) -> None:
+        try:
+            self.ledger.ping()
+            reachable = True
+        except Exception:  # any failure to answer is "unreachable" here
+            reachable = False
+        with self._check_lock:
+            self._checked = (time.monotonic(), reachable)
+            self._probing = None
