@@ -24,7 +24,7 @@ from daemon.store.db import make_engine
 from daemon.store.ledger import Ledger
 from daemon.store.models import State
 from daemon.store.records import NewFile, Registration
-from tests.support import claim_next, claim_one, paths_of
+from tests.support import claim_next, claim_one, paths_of, wait_until
 
 
 def sha(text: str) -> str:
@@ -564,8 +564,10 @@ def test_lookups_and_claims_skip_the_transaction_round_trips(
         claims: list[Any] = []
         assert sent(lambda: claims.append(claim_next(ledger, "w", 60))) == ["Sync"]
         assert claims[0] is not None and claims[0].paths == ("/in/a.png", "/in/b.png")
+        # the text and done in one statement; the paths for the after-action in one more,
+        # read after that commit (a duplicate registered meanwhile is among them)
         assert sent(lambda: ledger.complete(claims[0].document_id, "w", [page("x")], 1.0,
-                                            "cpu")) == ["Sync"]
+                                            "cpu")) == ["Sync", "Sync"]
     finally:
         engine.dispose()
         trace.close()
@@ -636,3 +638,58 @@ def test_a_dead_workers_row_is_shown_gone_then_removed(ledger: Ledger) -> None:
     now[0] += timedelta(seconds=WORKER_ROWS_KEPT_LIVES * lease)
     beat("alive")
     assert [w["id"] for w in timed.workers(lease)] == ["alive"]
+
+
+@pytest.mark.postgres
+def test_a_duplicate_registered_while_its_original_is_stored_is_seen(pg_url: str) -> None:
+    """PostgreSQL: a duplicate registered at the moment its original was stored was seen by
+    neither side: the registration read the state (processing) without a lock, the store
+    then read the paths before the new one was committed, and the duplicate stayed in the
+    inbox until a restart. Now the registration's read holds a share lock: the store waits
+    for it and finds the new path among the document's."""
+    from sqlalchemy import event, text
+
+    engine = make_engine(DatabaseSettings(url=pg_url))
+    migrate.upgrade(engine)
+    ledger = Ledger(engine)
+    paused, go = threading.Event(), threading.Event()
+
+    def pause_after_the_state_is_read(_conn: Any, _cursor: Any, statement: str,
+                                      *_args: Any) -> None:
+        if threading.current_thread().name == "registering" and \
+                "documents.state, documents.reason" in statement and not paused.is_set():
+            paused.set()
+            go.wait(10)
+
+    try:
+        original = ledger.register("/in/a.png", sha("a"), 1)
+        assert claim_one(ledger, original.document_id, "w", 60) is not None
+        event.listen(engine, "after_cursor_execute", pause_after_the_state_is_read)
+        registered: list[Registration] = []
+        stored: list[tuple[str, ...] | None] = []
+        registering = threading.Thread(name="registering", target=lambda: registered.append(
+            ledger.register("/in/a-copy.png", sha("a"), 1)))
+        registering.start()
+        assert paused.wait(10)  # it has read the state, and not yet added its path
+        storing = threading.Thread(target=lambda: stored.append(ledger.complete(
+            original.document_id, "w", [page("text")], 1.0, "cpu", with_paths=True)))
+        storing.start()
+
+        def store_waits_or_is_done() -> bool:
+            with engine.connect() as probe:
+                waiting = probe.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()")).scalar()
+            return bool(waiting) or not storing.is_alive()
+
+        assert wait_until(store_waits_or_is_done, 10)
+        go.set()
+        registering.join(10)
+        storing.join(10)
+        [registration], [paths] = registered, stored
+        assert registration.state == "done" or "/in/a-copy.png" in (paths or ()), (
+            registration, paths)
+    finally:
+        go.set()
+        event.remove(engine, "after_cursor_execute", pause_after_the_state_is_read)
+        engine.dispose()

@@ -46,6 +46,7 @@ from daemon.store.statements import (
     DELETE_PAGES,
     DELETE_REJECTED,
     DOCUMENT_BY_HASH,
+    DOCUMENT_BY_HASH_PG,
     FAIL_REJECTED,
     INSERT_NEW_CLEARING_PG,
     INSERT_NEW_MANY_SQLITE,
@@ -212,7 +213,8 @@ class Ledger(OperatorQueries, SearchQueries):
             if new is not None:
                 document_id, state, reason = new, State.QUEUED, None
             else:
-                doc = conn.execute(DOCUMENT_BY_HASH, {"sha256": sha256}).one()
+                doc = conn.execute(DOCUMENT_BY_HASH_PG if self._postgresql
+                                   else DOCUMENT_BY_HASH, {"sha256": sha256}).one()
                 document_id, state, reason = doc.id, doc.state, doc.reason
             # a document created just now has no paths yet: one round trip fewer a new file
             known = None if created else conn.execute(
@@ -289,12 +291,16 @@ class Ledger(OperatorQueries, SearchQueries):
             try:
                 with self._alone.connect() as conn:
                     stored = conn.execute(COMPLETE_PG, {**outcome, **arrays}).first()
+                    if stored is None:
+                        return None
+                    if not with_paths:
+                        return ()
+                    # read after the commit, in a statement of their own: the store's
+                    # snapshot predates a duplicate that registered while it waited for that
+                    # registration's share lock (`DOCUMENT_BY_HASH_PG`); now it is among them
+                    return tuple(conn.execute(PATHS_OF, {"doc": document_id}).scalars().all())
             except IntegrityError:  # pages there from before: replaced below
                 pass
-            else:
-                if stored is None:
-                    return None
-                return tuple(stored.paths) if with_paths else ()
         with self.engine.begin() as conn:
             held = conn.execute(COMPLETE, outcome)
             if held.rowcount != 1:

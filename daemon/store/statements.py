@@ -37,6 +37,11 @@ from daemon.store.models import Document, DocumentPath, PageRow, State
 DELETE_REJECTED = delete(Document).where(Document.sha256 == bindparam("rejection"))
 DOCUMENT_BY_HASH = select(Document.id, Document.state, Document.reason).where(
     Document.sha256 == bindparam("sha256"))
+# PostgreSQL: the known document read under a share lock, so that a duplicate registered while
+# its original is being stored waits for that transaction (its UPDATE holds the row) and sees
+# it done, or makes the store wait and be among the paths it reads: without it, each side saw
+# the other not yet, and the duplicate stayed in the inbox until a restart.
+DOCUMENT_BY_HASH_PG = DOCUMENT_BY_HASH.with_for_update(read=True)
 # A new document, or no row when its content is known: one statement where a lookup and an
 # insert were two. On PostgreSQL it also clears the refusal of a file now read (a CTE): one
 # round trip, not three.
