@@ -148,3 +148,29 @@ def test_since_honours_the_utc_offset(ledger: Ledger) -> None:
     assert list(iter_documents(ledger.engine, after)) == []
     naive = datetime(2026, 12, 6, 17, 26)  # no zone: UTC, as `--since` documents
     assert len(list(iter_documents(ledger.engine, naive))) == 1
+
+
+def test_export_holds_pages_a_run_of_bytes_at_a_time(ledger: Ledger,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """200 documents of up to 500 pages, lines and all, were read at once. Pages are read in
+    runs of PAGE_BYTES (one document alone when it has more), and the export is the same."""
+    from sqlalchemy import event
+
+    from daemon.store import export
+
+    for n in range(6):
+        store(ledger, f"/in/{n}.png", f"{n}" * 64, *[f"page {p} of {n} " * 20 for p in range(3)])
+    whole = list(export.iter_documents(ledger.engine))
+    monkeypatch.setattr(export, "PAGE_BYTES", 1500)  # about one document's pages
+    page_queries: list[int] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip().startswith("SELECT pages.document_id, pages.page_no"):
+            page_queries.append(1)
+
+    event.listen(ledger.engine, "before_cursor_execute", count)
+    try:
+        assert list(export.iter_documents(ledger.engine)) == whole
+    finally:
+        event.remove(ledger.engine, "before_cursor_execute", count)
+    assert len(whole) == 6 and len(page_queries) >= 3  # in runs, not all six at once
