@@ -164,7 +164,8 @@ def base_of(folder: Path, root: Path) -> Path:
 
 
 def move_into(path: Path, folder: Path, *, source_base: Path | None = None,
-              target_base: Path | None = None) -> Path:
+              target_base: Path | None = None, expected: tuple[int, int] | None = None
+              ) -> Path | None:
     """Move `path` into `folder` as `NAME`, or `STEM.N.SUFFIX` when that is taken: never over
     an existing file, even one another worker created a moment ago, because the new name is
     made with link(2), which fails when it exists, and only then is the old name removed.
@@ -172,35 +173,66 @@ def move_into(path: Path, folder: Path, *, source_base: Path | None = None,
     a crash leaves the original or a hidden copy, never a partial file under a real name. Moves
     the name only: a symlink is moved as a link, its target is never touched. Both folders are
     reached through descriptors walked from their bases (`open_dir`): a folder on the way
-    swapped for a link is refused, not followed."""
+    swapped for a link is refused, not followed. With `expected` (st_dev, st_ino), only that
+    file is moved: a file renamed onto the name meanwhile is left where it is (None)."""
     source = open_dir(path.parent, source_base or path.parent)
     try:
         target = open_dir(folder, target_base or folder, create=True)
         try:
-            name = _move(path.name, source, target, path)
+            name = _move(path.name, source, target, path, expected)
         finally:
             os.close(target)
     finally:
         os.close(source)
-    return folder / name
+    return None if name is None else folder / name
 
 
-def _move(name: str, source: int, target: int, named: Path) -> str:
+def _move(name: str, source: int, target: int, named: Path,
+          expected: tuple[int, int] | None) -> str | None:
     try:
         moved = _link_new_name(name, source, target, named)
+        if expected is not None and _identity(moved, target) != expected:
+            os.unlink(moved, dir_fd=target)  # another file took the name: not this one's
+            return None
     except OSError as exc:
         if exc.errno not in _NO_LINK:
             raise
         if exc.errno != errno.EXDEV:  # a file system without hard links: as before
             return _rename_checked(name, source, target, named)
-        copy = _copy_beside(name, source, target)
+        copy = _copy_beside(name, source, target, expected)
+        if copy is None:
+            return None
         try:
             moved = _link_new_name(copy, target, target, named)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(copy, dir_fd=target)
-    os.unlink(name, dir_fd=source)
+    if expected is None:
+        os.unlink(name, dir_fd=source)
+    else:
+        _remove_if(name, source, expected)
     return moved
+
+
+def _identity(name: str, folder: int) -> tuple[int, int]:
+    info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    return info.st_dev, info.st_ino
+
+
+def _remove_if(name: str, folder: int, expected: tuple[int, int]) -> bool:
+    """Remove `name` only while it is the file `expected` (st_dev, st_ino): it is first set
+    aside under a hidden name (atomically, whatever is there at that moment), checked there,
+    then removed, or put back when another file had taken the name (under the name again,
+    or the next free one). A producer's file renamed onto the name is never removed unread."""
+    aside = f".{name}.{os.urandom(4).hex()}.removing"
+    os.rename(name, aside, src_dir_fd=folder, dst_dir_fd=folder)
+    if _identity(aside, folder) == expected:
+        os.unlink(aside, dir_fd=folder)
+        return True
+    back = _link_new_name(aside, folder, folder, Path(name))
+    os.unlink(aside, dir_fd=folder)
+    log.warning("%s was replaced after it was read: the new file is left as %s", name, back)
+    return False
 
 
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
@@ -222,9 +254,12 @@ def _link_new_name(name: str, source: int, target: int, named: Path) -> str:
     raise AssertionError("unreachable")
 
 
-def _copy_beside(name: str, source: int, target: int) -> str:
+def _copy_beside(name: str, source: int, target: int,
+                 expected: tuple[int, int] | None = None) -> str | None:
     """A synced copy of `name` (the link itself, for a symlink) under a hidden name in the
-    folder `target`."""
+    folder `target`; None when `name` is not the file `expected` (any more)."""
+    if expected is not None and _identity(name, source) != expected:
+        return None
     while True:
         temp = f".{name}.{os.urandom(4).hex()}.moving"
         try:
@@ -294,15 +329,18 @@ def after_done(path: Path, sha256: str, settings: Settings, root: Path) -> None:
         return  # gone, unreadable, or leads out of the folder
     if digest != sha256:
         return
+    hashed = (opened.st_dev, opened.st_ino)  # the name must still lead to this file
     try:
-        now = path.stat()  # the name still leads to what was hashed (not swapped since)
-        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
-            return
         if after == "delete":
-            path.unlink()
+            folder = open_dir(path.parent, root)
+            try:
+                _remove_if(path.name, folder, hashed)
+            finally:
+                os.close(folder)
         else:
-            folder = done_folder(settings, root)
-            move_into(path, folder, source_base=root, target_base=base_of(folder, root))
+            done = done_folder(settings, root)
+            move_into(path, done, source_base=root, target_base=base_of(done, root),
+                      expected=hashed)
     except OSError as exc:
         log.warning("could not %s %s after processing: %s", after, path, exc)
 
@@ -325,6 +363,8 @@ def quarantine(path: Path, reason: str, settings: Settings, root: Path,
         folder = root / settings.watch.failed_dir
         base = base_of(folder, root)
         target = move_into(path, folder, source_base=root, target_base=base)
+        if target is None:
+            return None
         write_error_sidecar(target, f"{path}\n{reason}\n", base)
         return target
     except OSError as exc:

@@ -4,12 +4,14 @@ folder, and never taken in by the watcher."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -287,3 +289,49 @@ def test_a_name_that_is_not_utf8_is_read_stored_and_moved(
         [recorded] = doc.paths
         assert recorded == f"{RAW_PATH}{inbox}/bad\\xff\\xfename.png"
         assert path_of(recorded) == inbox / name
+
+
+@pytest.mark.parametrize("after", ["delete", "move"])
+def test_a_file_renamed_onto_the_name_after_the_check_is_not_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: str) -> None:
+    """Between the after-action's check that the name still leads to the file it read and
+    its unlink or link, a new file renamed onto the same name was deleted or moved unread.
+    Now the name is set aside first and checked there: the new file stays, unread."""
+    import daemon.files as files_module
+    from daemon.files import after_done
+
+    inbox = (tmp_path / "inbox").resolve()
+    inbox.mkdir()
+    settings = load_settings(None, watch={"path": inbox, "after": after, "done_dir": "done"})
+    path = inbox / "scan.png"
+    path.write_bytes(b"the stored content")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    swapped: list[bool] = []
+
+    def swap() -> None:
+        if not swapped:
+            swapped.append(True)
+            new = inbox / ".incoming"
+            new.write_bytes(b"a new scan, never read")
+            new.rename(path)
+
+    real_stat, real_open_dir = Path.stat, files_module.open_dir
+
+    def stat_then_swap(self: Path, *args: Any, **kwargs: Any) -> Any:  # the old check
+        result = real_stat(self, *args, **kwargs)
+        if self == path:
+            swap()
+        return result
+
+    def open_dir_then_swap(*args: Any, **kwargs: Any) -> int:  # the new one's first step
+        fd = real_open_dir(*args, **kwargs)
+        swap()
+        return fd
+
+    monkeypatch.setattr(Path, "stat", stat_then_swap)
+    monkeypatch.setattr(files_module, "open_dir", open_dir_then_swap)
+    after_done(path, digest, settings, inbox)
+    monkeypatch.undo()
+    assert swapped and path.read_bytes() == b"a new scan, never read"
+    assert not (inbox / "done" / "scan.png").exists() or \
+        (inbox / "done" / "scan.png").read_bytes() == b"the stored content"
