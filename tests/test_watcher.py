@@ -536,3 +536,35 @@ def test_a_watcher_stopped_during_a_batch_takes_no_more_of_it_in(inbox: Path) ->
     assert sorted(Path(key).name for key in watcher._pending) == sorted(
         f"f{n}.png" for n in range(10) if f"f{n}.png" not in taken)
     assert not set(watcher._pending) & set(watcher._handled)  # to be taken in after all
+
+
+def test_a_fifo_swapped_in_after_the_stat_does_not_block_the_watcher(tmp_path: Path) -> None:
+    """The settle check's last step opened the file with a blocking open(): a FIFO swapped in
+    after its stat said "a regular file" blocked the watcher thread for ever (no writer ever
+    comes). It opens as every read does now (`open_beneath`, non-blocking) and refuses it."""
+    import os
+    import threading
+
+    inbox = (tmp_path / "inbox").resolve()
+    inbox.mkdir()
+    regular = inbox / "was-a-file.png"
+    regular.write_bytes(b"x")
+    looked = os.stat(regular)
+    regular.unlink()
+    os.mkfifo(regular)  # swapped in after the stat below was taken
+    watcher = Watcher(WatchSettings(path=inbox, settle_seconds=0.0), lambda _p: None,
+                      lambda _p, _r: None)
+    verdict: list[str | None] = []
+    original = watcher_module._stat_or_reason
+    watcher_module._stat_or_reason = lambda _path, follow_symlinks: looked  # type: ignore[assignment]
+    try:
+        settle = threading.Thread(target=lambda: verdict.append(watcher._settle(
+            regular, PathStat.of(looked), 0.0, 100.0)), daemon=True)
+        settle.start()
+        settle.join(10)
+    finally:
+        watcher_module._stat_or_reason = original
+        if settle.is_alive():  # let the old blocking open return, for the test's sake
+            with open(os.open(regular, os.O_WRONLY | os.O_NONBLOCK), "wb"):
+                pass
+    assert verdict == ["not a regular file"]
