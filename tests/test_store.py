@@ -58,6 +58,7 @@ def test_a_new_file_is_registered_in_as_few_statements_as_can_be(ledger: Ledger)
     def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
         statements.append(statement.split()[0])
 
+    ledger._clock()  # on PostgreSQL the server's clock, read once a minute: not counted
     event.listen(ledger.engine, "before_cursor_execute", count)
     try:
         first = ledger.register("/in/new.png", sha("new"), 1)
@@ -551,6 +552,7 @@ def test_lookups_and_claims_skip_the_transaction_round_trips(
 
     ledger = Ledger(engine)
     try:
+        ledger._clock()  # the server's clock read once (a round trip a minute), not counted
         stat = PathStat(1, 2, 3, 4, 5)
         assert sent(lambda: ledger.known_path("/in/a.png", stat)) == ["Sync"]
         # a new content: one statement; a known one tries it, then takes the transaction
@@ -692,4 +694,24 @@ def test_a_duplicate_registered_while_its_original_is_stored_is_seen(pg_url: str
     finally:
         go.set()
         event.remove(engine, "after_cursor_execute", pause_after_the_state_is_read)
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_leases_are_timed_by_the_servers_clock_not_each_hosts(pg_url: str) -> None:
+    """Daemons on two hosts whose clocks are 70 s apart: the one behind wrote leases that
+    had run out by the other's clock, which took its documents while it was alive. On
+    PostgreSQL the ledger's clock is the server's (each host's offset measured)."""
+    from datetime import UTC, datetime, timedelta
+
+    engine = make_engine(DatabaseSettings(url=pg_url))
+    migrate.upgrade(engine)
+    try:
+        behind = Ledger(engine, host_clock=lambda: datetime.now(UTC) - timedelta(seconds=70))
+        right = Ledger(engine)
+        doc = behind.register("/in/a.png", sha("a"), 1)
+        assert claim_one(behind, doc.document_id, "live", 60) is not None  # a 60 s lease
+        assert right.requeue_stale() == []  # not run out: taken by nobody
+        assert right.find(sha("a")).state == "processing"
+    finally:
         engine.dispose()

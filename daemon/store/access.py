@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, text
@@ -20,6 +21,7 @@ from sqlalchemy.orm import sessionmaker
 from daemon.errors import DatabaseUnavailable, StoreError
 
 C = TypeVar("C", bound=type)
+OFFSET_SECONDS = 60.0  # how often the offset of this host's clock from the server's is measured
 
 
 def utcnow() -> datetime:
@@ -72,9 +74,13 @@ def guarded(cls: C) -> C:
 
 class Access:
     """The handles on one database that the ledger's parts (worker path, operator queries,
-    search) share."""
+    search) share, and the ledger's clock: on PostgreSQL, where daemons on several hosts
+    compare each other's leases, the database's (this host's clock set by its offset from
+    the server's, measured every OFFSET_SECONDS): hosts whose clocks drifted 40 s apart let
+    one take a live one's documents. SQLite is one host's: its own clock."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] | None = None, *,
+                 host_clock: Callable[[], datetime] = utcnow) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._postgresql = is_postgresql(engine.url)
@@ -84,7 +90,22 @@ class Access:
         # SQLite switching costs more than it saves.
         self._alone = (engine.execution_options(isolation_level="AUTOCOMMIT")
                        if self._postgresql else engine)
-        self._clock = clock
+        self._host_clock = host_clock
+        self._offset: timedelta | None = None
+        self._offset_at = 0.0
+        self._clock = clock or (self._database_time if self._postgresql else host_clock)
+
+    def _database_time(self) -> datetime:
+        """Now by the server's clock: this host's, plus its offset from the server's (one
+        `SELECT now()` every OFFSET_SECONDS, its round trip halved)."""
+        if self._offset is None or time.monotonic() - self._offset_at > OFFSET_SECONDS:
+            before = self._host_clock()
+            with self._alone.connect() as connection:
+                server = connection.execute(text("SELECT now()")).scalar_one()
+            after = self._host_clock()
+            self._offset = server - (before + (after - before) / 2)
+            self._offset_at = time.monotonic()
+        return self._host_clock() + self._offset
 
     @property
     def postgresql(self) -> bool:

@@ -76,8 +76,9 @@ class Ledger(OperatorQueries, SearchQueries):
     commands (`daemon.store.operator`) and search (`daemon.store.search`) on one database.
     Every public method raises the project's errors, never SQLAlchemy's (`guarded`)."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
-        super().__init__(engine, clock)
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] | None = None, *,
+                 host_clock: Callable[[], datetime] = utcnow) -> None:
+        super().__init__(engine, clock, host_clock=host_clock)
         self._insert_new = INSERT_NEW_PG if self._postgresql else INSERT_NEW_SQLITE
 
     # -- intake ---------------------------------------------------------------------------
