@@ -393,3 +393,44 @@ def test_sigterm_during_a_batch_stops_within_the_timeout_and_leaves_nothing_half
     rows = ledger_rows(daemon.url)
     assert all(r.state == "done" and r.attempts == 1 for r in rows.values()), rows
     assert_nothing_half_written(rows)
+
+
+def _descendants(pid: int) -> set[int]:
+    found, stack = set(), [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_daemon_leaves_no_process_and_no_shared_memory(
+        daemon_factory: Callable[..., DaemonProcess]) -> None:
+    """After `kill -9` of the daemon its PDF worker, host worker and resource tracker lived on
+    under PID 1, holding shared-memory and semaphore entries. Its workers now exit with it,
+    and the tracker, its last holder gone, removes what was left."""
+    from daemon.process_pool import alive
+    from tests.support import mixed_pdf
+
+    shm_before = set(os.listdir("/dev/shm"))
+    daemon = daemon_factory({"OCR_DAEMON_BATCH__PDF_PROCESSES": "1",
+                             "OCR_DAEMON_BATCH__HOST_PROCESSES": "1"})
+    daemon.start()
+    (daemon.inbox / "doc.pdf.part").write_bytes(mixed_pdf([None, ["born digital"]],
+                                                           SENTENCES[:2]))
+    (daemon.inbox / "doc.pdf.part").rename(daemon.inbox / "doc.pdf")
+    assert wait_until(lambda: count_states(daemon.url)["done"] == 1, 60), daemon.log_text()
+    children = _descendants(daemon.pid)
+    assert children  # its worker processes (the PDF worker, the resource tracker, ...)
+    daemon.kill9()
+    assert wait_until(lambda: not any(alive(pid) for pid in children), 15), [
+        pid for pid in children if alive(pid)]
+    assert wait_until(lambda: set(os.listdir("/dev/shm")) <= shm_before, 10), (
+        set(os.listdir("/dev/shm")) - shm_before)
