@@ -1,7 +1,10 @@
-"""File-system primitives for the user's folders: opening without following a link out of
-the watched folder (`open_beneath`: every read of a producer's file goes through it), hashing,
-writing atomically, moving without overwriting, and the two acts on a file itself, the
-after-action (move to the done folder, delete) and quarantine with an error sidecar. What a
+"""File-system primitives for the user's folders, on two walks that never follow a link out:
+`open_beneath` (every read of a producer's file: links followed only inside the watched
+folder) and `open_dir` (every write under a folder producers can write to: no link followed
+at all, folders made on the way). On them: how a path is recorded (`path_key`, `PathStat`),
+why a file cannot be read (`unreadable`), hashing, writing atomically, moving without
+overwriting, and the two acts on a file itself, the after-action (move to the done folder,
+delete; only the very file that was read) and quarantine with an error sidecar. What a
 stored document leaves beside its file (text sidecars, searchable PDFs) is
 `daemon.outputs`'s; when each act happens, `daemon.outcomes`'s. A file that cannot be moved
 or written is logged, never a failure of the document: its text is stored already.

@@ -114,12 +114,12 @@ class Leases:
             return
         self.expired(requeued)
 
-    def expired(self, claims: list[Expired]) -> None:
+    def expired(self, claims: list[Expired], why: str = "whose lease ran out") -> None:
         """Claims taken back: those queued again said, those failed for good quarantined (they
         skipped quarantine and the error sidecar)."""
         queued = sum(1 for claim in claims if claim.state == State.QUEUED)
         if queued:
-            log.info("re-queued %d documents whose lease ran out", queued)
+            log.info("re-queued %d documents %s", queued, why)
         for claim in claims:
             if claim.state == State.FAILED:
                 log.error("failed %s: %s", claim.paths[-1] if claim.paths else claim.sha256,

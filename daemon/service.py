@@ -116,9 +116,6 @@ class Service:
         outage = Outage(ledger)
         expired = ledger.requeue_stale(all_processing=not ledger.postgresql,
                                        max_attempts=settings.queue.max_attempts)
-        if expired:
-            log.info("%d documents left in processing by an earlier run taken back",
-                     len(expired))
 
         hardware = self._probe(settings)
         self.metrics.set_provider(hardware.choice.name, hardware.choice.fallbacks)
@@ -131,7 +128,7 @@ class Service:
 
         pipeline = Pipeline(settings, ledger, engines, self.metrics, hardware.choice.name,
                             outage)
-        pipeline.leases.expired(expired)  # those failed for good quarantined
+        pipeline.leases.expired(expired, "left in processing by an earlier run")
         intake = Intake(settings, ledger, self.metrics, outage=outage, notify=pipeline.notify)
         watcher = Watcher(settings.watch, intake.take, intake.reject, look_up=intake.look_up)
         server = (MetricsServer(self.metrics, settings.metrics.host, settings.metrics.port,

@@ -193,6 +193,9 @@ MODULE_LINES_MAX = 500
 LONG_MODULES = {
     "daemon/ocr/batch.py": "one engine call's flow (prepare, detect, classify, recognise, "
                            "finish) and the warm-up of the very shapes it feeds",
+    "daemon/files.py": "every read of a producer's file and every write into a producer's "
+                       "folder on one pair of walks that never follow a link out "
+                       "(open_beneath, open_dir): their rules read in one place",
 }
 
 
