@@ -1028,3 +1028,38 @@ def test_a_grey_page_reads_as_its_bgr_spread() -> None:
         finally:
             engine.close()
         assert got.lines == want.lines and len(want.lines) >= 5
+
+
+@pytest.mark.parametrize(("message", "oom"), [
+    ("CUDA failure 2: out of memory ; GPU=0 ; expr=cudaMalloc(&p, size);", True),
+    ("CUDNN failure 4: CUDNN_STATUS_ALLOC_FAILED ; GPU=0", True),
+    ("Failed to allocate memory for requested buffer of size 123", True),
+    ("CUDNN failure 9: CUDNN_STATUS_NOT_SUPPORTED ; GPU=0 ; expr=cudnnConvolutionForward", False),
+    ("CUDNN_BACKEND_API_FAILED: cudnn frontend: no valid engine configs", False),
+    ("CUDA failure 700: an illegal memory access was encountered", False),
+])
+def test_only_allocation_failures_are_out_of_memory(message: str, oom: bool) -> None:
+    """Any cuDNN error was taken for out-of-memory: the batch halved down to one page and the
+    page failed as retryable, the real error never shown. A cuDNN "not supported" propagates
+    as it came."""
+    from daemon.ocr.device_runs import is_out_of_memory, run_split
+
+    assert is_out_of_memory(RuntimeError(message)) is oom
+
+    class Failing:
+        runs = 0
+
+        def get_inputs(self) -> list[Any]:
+            return [type("Input", (), {"name": "x"})()]
+
+        def run(self, _outputs: object, _feed: object) -> list[Any]:
+            Failing.runs += 1
+            raise RuntimeError(message)
+
+    batch = np.zeros((4, 3, 8, 8), np.uint8)
+    with pytest.raises((RuntimeError, GpuOutOfMemoryError)) as raised:
+        run_split(Failing(), batch, 4)
+    if oom:  # halved down to a single input, which fails as out of GPU memory
+        assert isinstance(raised.value, GpuOutOfMemoryError) and Failing.runs == 3  # 4, 2, 1
+    else:  # as it came, at the first run
+        assert str(raised.value) == message and Failing.runs == 1

@@ -538,3 +538,29 @@ def test_a_worker_per_batch_in_flight_on_each_gpu() -> None:
     assert worker_count(settings, ProviderChoice("cuda", devices=(0, 1, 2))) == \
         3 * GPU_BATCHES_IN_FLIGHT
     assert worker_count(settings, ProviderChoice("cuda", devices=(0,))) == GPU_BATCHES_IN_FLIGHT
+
+
+def test_tensorrt_is_taken_only_with_the_libnvinfer_its_bridge_links(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    """`libnvinfer.so.11` was accepted where onnxruntime-gpu 1.31.1's TensorRT bridge links
+    `.so.10`: a TensorRT it cannot call counted as present."""
+    import ctypes
+
+    from daemon.hardware import providers
+
+    bridge = tmp_path / "libonnxruntime_providers_tensorrt.so"
+    bridge.write_bytes(b"\x7fELF...\x00libnvinfer.so.10\x00libnvonnxparser.so.10\x00")
+    assert providers.linked_nvinfer(bridge) == "libnvinfer.so.10"
+    assert providers.linked_nvinfer(tmp_path / "absent.so") is None
+    loaded: list[str] = []
+
+    def cdll(name: str) -> object:
+        loaded.append(name)
+        if name != "libnvinfer.so.11":  # only TensorRT 11 is installed here
+            raise OSError(f"{name}: cannot open shared object file")
+        return object()
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    assert providers.tensorrt_libraries_loadable(bridge) is False
+    assert loaded == ["libnvinfer.so.10"]

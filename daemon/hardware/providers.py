@@ -16,6 +16,7 @@ import ctypes
 import functools
 import logging
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -165,18 +166,33 @@ class ProbeResult:
     detail: str
 
 
-def tensorrt_libraries_loadable() -> bool:
-    """onnxruntime's TensorRT bridge library and TensorRT's own libnvinfer both load."""
-    bridge = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_tensorrt.so"
-    if not bridge.is_file():
+def tensorrt_bridge() -> Path:
+    return Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_tensorrt.so"
+
+
+def linked_nvinfer(bridge: Path) -> str | None:
+    """The libnvinfer the TensorRT bridge was linked against (`libnvinfer.so.10` for
+    onnxruntime-gpu 1.31), read from its dynamic section's strings; None without a bridge.
+    Another major version loads but is not the one the bridge calls."""
+    try:
+        data = bridge.read_bytes()
+    except OSError:
+        return None
+    found = re.search(rb"libnvinfer\.so\.\d+", data)
+    return found.group().decode() if found else None
+
+
+def tensorrt_libraries_loadable(bridge: Path | None = None) -> bool:
+    """onnxruntime's TensorRT bridge library is there and the very libnvinfer it links loads
+    (`libnvinfer.so.11` beside a bridge built for 10 is no TensorRT for it)."""
+    wanted = linked_nvinfer(bridge or tensorrt_bridge())
+    if wanted is None:
         return False
-    for candidate in ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so"):
-        try:
-            ctypes.CDLL(candidate)
-            return True
-        except OSError:
-            continue
-    return False
+    try:
+        ctypes.CDLL(wanted)
+        return True
+    except OSError:
+        return False
 
 
 def probe_provider(name: str, ocr: OcrSettings, cache_dir: Path | None = None) -> ProbeResult:
@@ -197,7 +213,9 @@ def probe_provider(name: str, ocr: OcrSettings, cache_dir: Path | None = None) -
         return ProbeResult(
             False,
             "no_libraries",
-            "TensorRT libraries (libnvinfer) are not installed or not on the loader path",
+            f"TensorRT libraries ({linked_nvinfer(tensorrt_bridge()) or 'libnvinfer'}, the "
+            "major version onnxruntime's TensorRT bridge links) are not installed or not on "
+            "the loader path",
         )
     if cache_dir is not None:
         try:

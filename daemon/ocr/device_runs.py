@@ -19,8 +19,12 @@ log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 
+# What says an allocation failed, and nothing else: a cuDNN error of another kind (an op its
+# frontend does not support, a bad parameter) matched "CUDNN" and was taken for out-of-memory,
+# the batch halved down to one page and the page failed as retryable, hiding the real error.
 _OOM_PATTERN = re.compile(
-    r"out of memory|CUDNN|cudaMalloc|Failed to allocate|allocation fail|BFCArena", re.IGNORECASE
+    r"out of memory|cudaMalloc|cudaErrorMemoryAllocation|Failed to allocate|allocation fail"
+    r"|BFCArena|(?:CUDNN|CUBLAS|CUFFT)_STATUS_ALLOC_FAILED", re.IGNORECASE
 )
 
 
