@@ -94,6 +94,7 @@ class Service:
         self.metrics = Metrics(__version__, gpu_reader=self._nvml.read)
         self.components: Components | None = None
         self.ready = False
+        self.warmup: dict[str, Any] = {"state": "not started"}
         self._stack = contextlib.ExitStack()  # what has started, stopped in reverse
 
     @property
@@ -142,6 +143,7 @@ class Service:
             log.info("metrics on http://%s:%s/metrics", settings.metrics.host, server.port)
         pipeline.start()
         stack.callback(self._stop_pipeline, pipeline)
+        self._warm_up(engines)
         watcher.start()
         stack.callback(watcher.stop)
         self.ready = True
@@ -153,21 +155,40 @@ class Service:
     def _engines(self, choice: ProviderChoice, workers: int) -> list[OcrEngine]:
         start = time.perf_counter()
         engines = self._build(self.settings, choice, workers)
-        first = engines[0]
-        if first.provider != "cpu":
-            # cuDNN algorithm search and arena growth for every shape bucket happen now, not
-            # on the first files, on every GPU at once (each its own engine and sessions). On
-            # the CPU there is nothing to gain and it takes minutes.
-            distinct = list({id(engine): engine for engine in engines}.values())
-            with ThreadPoolExecutor(len(distinct), thread_name_prefix="warmup") as pool:
-                spent = list(pool.map(lambda engine: engine.warmup(), distinct))
-            for engine, seconds in zip(distinct, spent, strict=True):
-                log.info("warmed up every shape bucket on %s %s: %s", engine.provider,
-                         engine.device, ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
         for stage in ("det", "cls", "rec"):
-            self.metrics.set_stage_provider(stage, first.provider)
+            self.metrics.set_stage_provider(stage, engines[0].provider)
         log.info("models loaded in %.1fs", time.perf_counter() - start)
         return engines
+
+    def _warm_up(self, engines: list[OcrEngine]) -> None:
+        """cuDNN plans and arena growth for every shape bucket, on every GPU at once (each its
+        own engine and sessions), beside the work: the daemon serves once its models are
+        loaded, a batch of a shape not warm yet building that shape's session itself
+        (`ShapeSessions.adopt`: once, however many ask). It waited for the whole warm-up,
+        51 shapes at 0.7-3.7 s each on an H100, before taking a file. On the CPU there is
+        nothing to gain and it takes minutes."""
+        distinct = list({id(engine): engine for engine in engines}.values())
+        if distinct[0].provider == "cpu":
+            self.warmup = {"state": "none (CPU provider)"}
+            return
+        started = time.monotonic()
+        self.warmup = {"state": "warming", "since_seconds": 0.0}
+
+        def warm() -> None:
+            try:
+                with ThreadPoolExecutor(len(distinct), thread_name_prefix="warmup") as pool:
+                    spent = list(pool.map(lambda engine: engine.warmup(), distinct))
+                for engine, seconds in zip(distinct, spent, strict=True):
+                    log.info("warmed up every shape bucket on %s %s: %s", engine.provider,
+                             engine.device,
+                             ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+                self.warmup = {"state": "done",
+                               "seconds": round(time.monotonic() - started, 1)}
+            except Exception as exc:  # a cold shape is built at its first batch anyway
+                log.exception("warm-up failed")
+                self.warmup = {"state": f"failed: {type(exc).__name__}: {exc}"}
+
+        threading.Thread(target=warm, name="warmup", daemon=True).start()
 
     def _stop_pipeline(self, pipeline: Pipeline) -> None:
         handed = pipeline.stop(self.settings.batch.stop_timeout_seconds)
@@ -217,6 +238,7 @@ class Service:
             stalled_seconds=round(pipeline.seconds_since_progress(), 1)
             if pipeline and pipeline.inflight_count() else 0.0,
             stuck=stuck_calls,
+            warmup=self.warmup,
         )
 
     # -- stop -----------------------------------------------------------------------------

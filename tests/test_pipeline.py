@@ -202,16 +202,49 @@ def test_twenty_page_mixed_pdf_is_stored_page_by_page(service: Callable[..., Ser
 # -- several OCR devices: spread and failover (stand-in engines; the real ones need GPUs) ----
 
 
-def test_every_gpu_is_warmed_up_once_before_the_first_file(
+def test_every_gpu_is_warmed_up_once(
         settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each GPU's engine runs its warm-up (cuDNN searches, arena growth) before the daemon
-    takes files, once however many workers share it: not only the first GPU's."""
+    """Each GPU's engine runs its warm-up (cuDNN plans, arena growth), once however many
+    workers share it: not only the first GPU's."""
     engines = [DeviceEngine("0"), DeviceEngine("1"), DeviceEngine("2")]
     svc = gpu_service(settings_factory(), engines)
     try:
         assert len(svc.components.pipeline.engines) == 3 * GPU_BATCHES_IN_FLIGHT
+        assert wait_until(lambda: svc.health()["warmup"]["state"] == "done", 10)
         assert [engine.warmups for engine in engines] == [1, 1, 1]
     finally:
+        svc.stop()
+
+
+class SlowToWarm(DeviceEngine):
+    """A GPU whose warm-up takes as long as the test lets it (51 shapes at seconds each)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(device, delay=0.0)
+        self.release = threading.Event()
+
+    def warmup(self) -> dict[str, float]:
+        self.release.wait(60)
+        return super().warmup()
+
+
+def test_a_page_dropped_at_start_is_stored_before_the_warm_up_ends(
+        settings_factory: SettingsFactory) -> None:
+    """The daemon took no file until every shape was warm (51 shapes, 0.7-3.7 s each on an
+    H100): it serves once the models are loaded now, warming beside the work, and the
+    warm-up still completes."""
+    engine = SlowToWarm("0")
+    svc = gpu_service(settings_factory(), [engine])
+    try:
+        assert svc.health()["warmup"]["state"] == "warming"
+        (svc.settings.watch.path / "a.png").write_bytes(page_bytes(["early page"]))
+        assert wait_until(lambda: svc.ledger.counts()["done"] == 1, 20)
+        assert svc.health()["warmup"]["state"] == "warming"  # it is still warming
+        engine.release.set()
+        assert wait_until(lambda: svc.health()["warmup"]["state"] == "done", 10)
+        assert engine.warmups == 1
+    finally:
+        engine.release.set()
         svc.stop()
 
 
