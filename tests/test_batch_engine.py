@@ -1063,3 +1063,27 @@ def test_only_allocation_failures_are_out_of_memory(message: str, oom: bool) -> 
         assert isinstance(raised.value, GpuOutOfMemoryError) and Failing.runs == 3  # 4, 2, 1
     else:  # as it came, at the first run
         assert str(raised.value) == message and Failing.runs == 1
+
+
+def test_warmup_takes_the_most_used_shapes_first() -> None:
+    """The daemon serves while it warms: the shapes real pages use most are warmed first
+    (`buckets.WARM_FIRST`, measured), then the rest largest first; they were largest first,
+    leaving [32, 48, 160], 40 of 90 runs on receipts, among the last."""
+    from daemon.ocr.batch import warm_shapes
+
+    order: list[tuple[int, ...]] = []
+
+    class Recording:
+        def get_inputs(self) -> list[Any]:
+            return [type("Input", (), {"name": "x"})()]
+
+        def run(self, _names: object, feeds: dict[str, Any]) -> list[Any]:
+            (batch,) = feeds.values()
+            order.append(tuple(batch.shape))
+            return [batch]
+
+    shapes = [(n, buckets.REC_HEIGHT, w, 3) for w in buckets.REC_WIDTHS for n in (1, 8, 32)]
+    assert warm_shapes(Recording(), shapes, np.uint16, threads=1, model="rec") == []
+    assert order[0] == (32, 48, 160, 3) and sorted(order) == sorted(shapes)
+    used = [shape for shape in order if shape in buckets.WARM_FIRST["rec"]]
+    assert order[:len(used)] == used  # every measured shape before any other

@@ -526,15 +526,18 @@ class BatchEngine:
 def warm_shapes(session: Any, shapes: Sequence[tuple[int, ...]], dtype: npt.DTypeLike,
                 threads: int, model: str = "model", deadline: float | None = None
                 ) -> list[tuple[int, ...]]:
-    """Run `session` once on zeros of each shape, up to `threads` at once, largest first;
-    none starts after `deadline` (time.monotonic()). Returns the shapes left cold.
+    """Run `session` once on zeros of each shape, up to `threads` at once, the most used first
+    (`buckets.WARM_FIRST`: the daemon serves while it warms, so the shapes the first batches
+    need are ready soonest), then largest first; none starts after `deadline`
+    (time.monotonic()). Returns the shapes left cold.
 
     At most twice the largest shape's elements are in flight: the arena keeps whatever a
     warm-up peak took, and the batches in flight on one GPU (`GPU_BATCHES_IN_FLIGHT`) can
     take that much later anyway. An out-of-memory shape is logged and left cold (such pages split).
     """
-    ordered = sorted(shapes, key=math.prod, reverse=True)
-    budget = 2 * math.prod(ordered[0]) if ordered else 0
+    uses = buckets.WARM_FIRST.get(model, {})
+    ordered = sorted(shapes, key=lambda shape: (-uses.get(tuple(shape), 0), -math.prod(shape)))
+    budget = 2 * max(map(math.prod, ordered)) if ordered else 0
     room = threading.Condition()
     in_flight = 0
     cold: list[tuple[int, ...]] = []
