@@ -76,6 +76,9 @@ def health_document(
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # the listen backlog: socketserver's 5 left a burst of connections half-open in the kernel
+    # for seconds (SYN-ACKs retransmitted), neither served nor refused
+    request_queue_size = 2 * MAX_CONNECTIONS
 
     def __init__(
         self,
