@@ -160,6 +160,19 @@ class Service:
         log.info("models loaded in %.1fs", time.perf_counter() - start)
         return engines
 
+    @staticmethod
+    def _warm_count(pipeline: Pipeline | None) -> dict[str, int]:
+        """Shapes warm and to warm, over every GPU's engine (those with a session a shape)."""
+        if pipeline is None:
+            return {}
+        warm = total = 0
+        for engine in {id(e): e for e in pipeline.engines}.values():
+            count = getattr(engine, "warm_shapes_count", None)
+            if count is not None:
+                done, shapes = count()
+                warm, total = warm + done, total + shapes
+        return {"shapes_warm": warm, "shapes": total} if total else {}
+
     def _warm_up(self, engines: list[OcrEngine]) -> None:
         """cuDNN plans and arena growth for every shape bucket, on every GPU at once (each its
         own engine and sessions), beside the work: the daemon serves once its models are
@@ -238,7 +251,7 @@ class Service:
             stalled_seconds=round(pipeline.seconds_since_progress(), 1)
             if pipeline and pipeline.inflight_count() else 0.0,
             stuck=stuck_calls,
-            warmup=self.warmup,
+            warmup={**self.warmup, **self._warm_count(pipeline)},
         )
 
     # -- stop -----------------------------------------------------------------------------

@@ -494,8 +494,13 @@ def test_each_warmed_shape_runs_on_a_session_of_its_own(
     engine = BatchEngine(OcrSettings(), CPU, max_pages=2, rec_batch_sizes=(1, 4),
                          fixed_shapes=True, shape_sessions=True)
     try:
+        assert engine.warm_shapes_count() == (0, sum(map(len, engine.warmup_shapes().values())))
         engine.warmup(full=True, threads=2)
         warm = engine.warmup_shapes()
+        shapes = sum(map(len, warm.values()))
+        assert engine.warm_shapes_count() == (shapes, shapes)  # what /health says
+        built, first = engine.sessions["rec"].warm[(4, 48, 320, 3)]  # each shape's seconds
+        assert built > 0 and first > 0
         results = engine.recognize(pages[:3])
     finally:
         engine.close()

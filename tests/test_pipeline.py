@@ -243,6 +243,7 @@ def test_a_page_dropped_at_start_is_stored_before_the_warm_up_ends(
         engine.release.set()
         assert wait_until(lambda: svc.health()["warmup"]["state"] == "done", 10)
         assert engine.warmups == 1
+        assert "shapes" not in svc.health()["warmup"]  # a stand-in engine has no shapes
     finally:
         engine.release.set()
         svc.stop()

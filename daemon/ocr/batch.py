@@ -144,8 +144,8 @@ class BatchEngine:
 
             def per_shape(model: str, base: Any) -> ShapeSessions:
                 return ShapeSessions(
-                    base, lambda: create_session(models[model], choice, ocr, shared_arena=True)
-                )
+                    base, lambda: create_session(models[model], choice, ocr, shared_arena=True),
+                    model)
 
             self._det = per_shape("det", self._det)
             self._rec = per_shape("rec", self._rec)
@@ -459,6 +459,17 @@ class BatchEngine:
         return PageResult(lines=tuple(lines), timings=page.timings)
 
     # ---------------------------------------------------------------- warm-up
+
+    def warm_shapes_count(self) -> tuple[int, int]:
+        """(shapes warm, shapes to warm) over the models with a session per shape (a GPU):
+        what /health says while the daemon serves and warms."""
+        warm = total = 0
+        for model, shapes in self.warmup_shapes().items():
+            session = self.sessions.get(model)
+            if isinstance(session, ShapeSessions):
+                warm += len(set(session.warm) & {tuple(shape) for shape in shapes})
+                total += len(shapes)
+        return warm, total
 
     def warmup_shapes(self) -> dict[str, list[tuple[int, ...]]]:
         """Every input shape `warmup` runs, per model."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
@@ -86,10 +87,14 @@ class ShapeSessions:
     halves of an out-of-memory split) runs on the first session.
     """
 
-    def __init__(self, base: Any, make: Callable[[], Any]) -> None:
+    def __init__(self, base: Any, make: Callable[[], Any], name: str = "model") -> None:
         self._base = base
         self._make = make
+        self._name = name
         self._by_shape: dict[tuple[int, ...], Any] = {}
+        # shape -> seconds its session took to build; those run once have their first run's
+        self._built: dict[tuple[int, ...], float] = {}
+        self._first_run: dict[tuple[int, ...], float] = {}
         self._expected: set[tuple[int, ...]] = set()
         self._pending: dict[tuple[int, ...], Future[Any]] = {}
         self._lock = threading.Lock()
@@ -111,6 +116,14 @@ class ShapeSessions:
         """The shapes with a session of their own."""
         with self._lock:
             return list(self._by_shape)
+
+    @property
+    def warm(self) -> dict[tuple[int, ...], tuple[float, float]]:
+        """The shapes whose session is built and has run once (its cuDNN plans made): the
+        seconds the build and that first run took."""
+        with self._lock:
+            return {shape: (self._built[shape], seconds)
+                    for shape, seconds in self._first_run.items()}
 
     def expect(self, shapes: Iterable[tuple[int, ...]]) -> None:
         """Shapes that get a session of their own at their first run, if not adopted before."""
@@ -134,7 +147,9 @@ class ShapeSessions:
         if waiting is not None:  # another thread is building it
             return waiting.result()
         try:
+            start = time.perf_counter()
             session = self._make()
+            built = time.perf_counter() - start
         except BaseException as exc:
             with self._lock:
                 del self._pending[shape]
@@ -142,6 +157,7 @@ class ShapeSessions:
             raise
         with self._lock:
             self._by_shape[shape] = session
+            self._built[shape] = built
             del self._pending[shape]
         pending.set_result(session)
         return session
@@ -152,4 +168,15 @@ class ShapeSessions:
         session = self._by_shape.get(shape)
         if session is None:
             session = self.adopt(shape) if shape in self._expected else self._base
-        return session.run(names, feeds, *args)
+        if session is self._base or shape in self._first_run:
+            return session.run(names, feeds, *args)
+        start = time.perf_counter()  # its first run makes its plans: timed, said once
+        outputs = session.run(names, feeds, *args)
+        seconds = time.perf_counter() - start
+        with self._lock:
+            first = shape not in self._first_run
+            self._first_run.setdefault(shape, seconds)
+        if first:
+            log.info("%s %s warm: session built in %.2f s, first run %.2f s", self._name,
+                     list(shape), self._built.get(shape, 0.0), seconds)
+        return outputs
