@@ -22,6 +22,7 @@ from daemon.files import (
     path_key,
     path_of,
     quarantine,
+    sha256_beneath,
     sha256_handle,
     unreadable,
 )
@@ -190,11 +191,9 @@ class Intake:
         read now as `take` reads it, and queued if it can be. Returns what became of it, and
         whether it was queued."""
         for recorded in reversed(paths):
-            path = path_of(recorded)
             try:
-                with os.fdopen(open_beneath(path, self.root), "rb") as handle:
-                    stat = PathStat.of(os.fstat(handle.fileno()))
-                    digest, size = sha256_handle(handle, self.settings.watch.max_file_bytes)
+                digest, size, info = sha256_beneath(path_of(recorded), self.root,
+                                                    self.settings.watch.max_file_bytes)
             except FileNotFoundError:
                 continue
             except (DocumentError, OSError) as exc:
@@ -203,7 +202,7 @@ class Intake:
                 if other != recorded:
                     self.retry_db(partial(self.ledger.register, other, digest, size))
             registration = self.retry_db(
-                partial(self.ledger.register, recorded, digest, size, stat=stat))
+                partial(self.ledger.register, recorded, digest, size, stat=PathStat.of(info)))
             if registration.created or registration.state == State.QUEUED:
                 self.notify()
                 return f"read now, re-queued (sha256 {digest[:12]})", True

@@ -272,13 +272,13 @@ class Ledger(OperatorQueries, SearchQueries):
                  ) -> tuple[str, ...] | None:
         """Store every page and mark the document done, in one transaction; with
         `with_paths`, its paths then (for the after-action: a duplicate dropped while it was
-        processed is among them), read in the same transaction rather than another; else ().
+        processed is among them); else ().
 
         None when this worker no longer holds the claim (its lease was taken back): the
         other holder stores the text, so nothing is written twice. The conditional update
         comes first, so on PostgreSQL it holds the row's lock while the pages go in. There
-        it is one statement (`COMPLETE_PG`), one round trip, unless the document has pages
-        already.
+        it is one statement (`COMPLETE_PG`), one round trip, and the paths one more, unless
+        the document has pages already.
         """
         scores = [line.score for page in pages for line in page.lines]
         outcome = {"doc": document_id, "worker": worker, "page_count": len(pages),

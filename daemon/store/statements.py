@@ -190,7 +190,8 @@ STORED_PG = (postgresql_insert(PageRow)
                                                    for name, _, _ in PAGE_ARRAYS))
                            .select_from(HELD_PG.join(PAGES_GIVEN, true())))
               .cte("stored"))
-COMPLETE_PG = select(HELD_PG.c.id, paths_array(HELD_PG.c.id)).add_cte(STORED_PG)
+# (the paths are read after its commit, in a statement of their own: `Ledger.complete`)
+COMPLETE_PG = select(HELD_PG.c.id).add_cte(STORED_PG)
 
 
 def stat_columns(stat: PathStat | None) -> dict[str, int | None]:
