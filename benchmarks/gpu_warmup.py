@@ -110,7 +110,7 @@ def measure(algo: str) -> dict[str, Any]:
     one = make()
     out: dict[str, Any] = {"provider": provider_name(one), "shapes": TAKING_TURNS}
     out["one_session_s"] = turns(one)
-    per_shape = ShapeSessions(one, make)
+    per_shape = ShapeSessions(one, lambda shape: make())
     t0 = time.perf_counter()
     for shape in TAKING_TURNS:
         per_shape.adopt(shape)

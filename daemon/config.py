@@ -148,6 +148,8 @@ class OcrSettings(_Section):
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     gpu_precision: Literal["fp32", "fp16"] = "fp32"
     gpu_mem_limit_bytes: int = Field(0, ge=0)
+    # a GPU's warm-up starts no new shape after this long (the daemon serves meanwhile)
+    warmup_seconds: float = Field(60.0, ge=0)
     max_image_pixels: int = Field(100_000_000, gt=0)
     jpeg_scaled_decode: bool = True
     max_pages: int = Field(500, ge=1)

@@ -14,7 +14,8 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import prometheus_client
@@ -99,6 +100,59 @@ class GpuCollector(Collector):
                 "GPU busy fraction over NVML's last sample period",
                 labels=["gpu"],
             ),
+        ]
+
+
+@dataclass(frozen=True)
+class ShapeWarmth:
+    """One GPU engine's warm-up as the collector needs it: shapes warm of those to warm, and
+    each warm shape's session build and first-run (cuDNN planning) seconds."""
+
+    device: str
+    warm: int
+    shapes: int
+    seconds: Sequence[tuple[str, tuple[int, ...], float, float]] = ()  # model, shape, build, run
+
+
+class WarmupCollector(Collector):
+    """`ocr_warmup_*` read at scrape time from the engines (a GPU warms its shapes while the
+    daemon serves); no series on the CPU, which warms none."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[], Iterable[ShapeWarmth]] = list
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            engines = list(self.read())
+        except Exception:  # a scrape must never fail because of the warm-up
+            log.exception("reading the warm-up failed")
+            engines = []
+        if not engines:
+            return []
+        warm, shapes, seconds = self._families()
+        for engine in engines:
+            warm.add_metric([engine.device], engine.warm)
+            shapes.add_metric([engine.device], engine.shapes)
+            for model, shape, build, run in engine.seconds:
+                label = "x".join(map(str, shape))
+                seconds.add_metric([engine.device, model, label, "build"], build)
+                seconds.add_metric([engine.device, model, label, "first_run"], run)
+        return [warm, shapes, seconds]
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily("ocr_warmup_shapes_warm",
+                              "Input shapes whose session is built and planned", labels=["device"]),
+            GaugeMetricFamily("ocr_warmup_shapes", "Input shapes the warm-up builds",
+                              labels=["device"]),
+            GaugeMetricFamily(
+                "ocr_warmup_shape_seconds",
+                "Seconds a warm shape's session took to build and its first run to plan",
+                labels=["device", "model", "shape", "phase"]),
         ]
 
 
@@ -224,6 +278,8 @@ class Metrics:
         )
         self.throughput_pages_per_second.set_function(self._pages.rate)
         r.register(GpuCollector(gpu_reader))
+        self.warmup = WarmupCollector()  # the service hands it its reader once engines exist
+        r.register(self.warmup)
 
     def observe_pages(self, n: int) -> None:
         """`n` pages stored: counts them and feeds the throughput window."""

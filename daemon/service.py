@@ -26,7 +26,7 @@ from daemon.hardware.providers import ProviderChoice, choose_provider
 from daemon.hardware.sessions import add_fallback_listener
 from daemon.http import MetricsServer, health_document
 from daemon.intake import Intake
-from daemon.metrics import Metrics
+from daemon.metrics import Metrics, ShapeWarmth
 from daemon.ocr.engines import OcrEngine, build_engines, worker_count
 from daemon.pipeline import Pipeline
 from daemon.store.db import lock_single_daemon, open_ledger
@@ -141,6 +141,7 @@ class Service:
             server.start()
             stack.callback(server.stop)
             log.info("metrics on http://%s:%s/metrics", settings.metrics.host, server.port)
+        self.metrics.warmup.read = lambda: self._warmth(pipeline)
         pipeline.start()
         stack.callback(self._stop_pipeline, pipeline)
         self._warm_up(engines)
@@ -161,17 +162,27 @@ class Service:
         return engines
 
     @staticmethod
-    def _warm_count(pipeline: Pipeline | None) -> dict[str, int]:
-        """Shapes warm and to warm, over every GPU's engine (those with a session a shape)."""
+    def _warmth(pipeline: Pipeline | None) -> list[ShapeWarmth]:
+        """Each GPU engine's warm-up (those with a session a shape)."""
         if pipeline is None:
-            return {}
-        warm = total = 0
+            return []
+        out = []
         for engine in {id(e): e for e in pipeline.engines}.values():
             count = getattr(engine, "warm_shapes_count", None)
             if count is not None:
-                done, shapes = count()
-                warm, total = warm + done, total + shapes
-        return {"shapes_warm": warm, "shapes": total} if total else {}
+                warm, shapes = count()
+                if shapes:
+                    seconds: list[tuple[str, tuple[int, ...], float, float]] = getattr(
+                        engine, "warm_seconds", list)()
+                    out.append(ShapeWarmth(str(engine.device), warm, shapes, seconds))
+        return out
+
+    @classmethod
+    def _warm_count(cls, pipeline: Pipeline | None) -> dict[str, int]:
+        """Shapes warm and to warm, over every GPU's engine."""
+        engines = cls._warmth(pipeline)
+        return ({"shapes_warm": sum(e.warm for e in engines),
+                 "shapes": sum(e.shapes for e in engines)} if engines else {})
 
     def _warm_up(self, engines: list[OcrEngine]) -> None:
         """cuDNN plans and arena growth for every shape bucket, on every GPU at once (each its

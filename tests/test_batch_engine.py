@@ -482,9 +482,12 @@ def test_each_warmed_shape_runs_on_a_session_of_its_own(
     made: dict[str, list[RecordingSession]] = {"det": [], "rec": []}
     real_create = batch_module.create_session
 
-    def create(path: Path, choice: Any, ocr: OcrSettings, **_: Any) -> RecordingSession:
+    profiles: dict[str, list[Any]] = {"det": [], "rec": []}
+
+    def create(path: Path, choice: Any, ocr: OcrSettings, **kw: Any) -> RecordingSession:
         kind = "det" if "det" in path.name else "rec"
         made[kind].append(RecordingSession(real_create(path, choice, ocr)))
+        profiles[kind].append(kw.get("profile"))
         return made[kind][-1]
 
     monkeypatch.setattr(batch_module, "create_session", create)
@@ -501,6 +504,10 @@ def test_each_warmed_shape_runs_on_a_session_of_its_own(
         assert engine.warm_shapes_count() == (shapes, shapes)  # what /health says
         built, first = engine.sessions["rec"].warm[(4, 48, 320, 3)]  # each shape's seconds
         assert built > 0 and first > 0
+        exported = engine.warm_seconds()  # what ocr_warmup_shape_seconds says
+        assert sorted((m, s) for m, s, _, _ in exported) == sorted(
+            (m, tuple(s)) for m, shapes in warm.items() for s in shapes)
+        assert ("rec", (4, 48, 320, 3), built, first) in exported
         results = engine.recognize(pages[:3])
     finally:
         engine.close()
@@ -518,6 +525,10 @@ def test_each_warmed_shape_runs_on_a_session_of_its_own(
         assert {session.shapes[0] for session in own} == set(warm[model]), model
         assert all(len(set(session.shapes)) == 1 for session in own), model
         assert base.shapes == [], model  # every page and line fell in a warmed bucket
+        # each shape's own session is built for that shape (TensorRT: its exact profile)
+        assert profiles[model][0] is None, model
+        assert [p for p in profiles[model][1:len(own) + 1]] == [
+            ("x", session.shapes[0]) for session in own], model
     assert sum(len(session.shapes) for session in made["rec"]) > len(warm["rec"])
 
 
@@ -578,7 +589,7 @@ def test_the_cpu_runs_full_precision_whatever_gpu_precision_says(
 def test_shape_sessions_send_other_shapes_to_the_first_session() -> None:
     built: list[NamedSession] = []
 
-    def make() -> NamedSession:
+    def make(shape: tuple[int, ...]) -> NamedSession:
         built.append(NamedSession(f"own{len(built)}"))
         return built[-1]
 
@@ -598,7 +609,7 @@ def test_a_shape_expected_but_cold_gets_its_own_session_at_its_first_run_once() 
     release = threading.Event()
     built: list[str] = []
 
-    def make() -> NamedSession:
+    def make(shape: tuple[int, ...]) -> NamedSession:
         built.append(f"own{len(built)}")
         started.set()
         release.wait(timeout=30)  # building takes a while: the second thread comes meanwhile
@@ -624,7 +635,7 @@ def test_shape_sessions_hold_no_lock_while_a_session_builds() -> None:
     both_building = threading.Barrier(2, timeout=30)
     built: list[str] = []
 
-    def make() -> NamedSession:
+    def make(shape: tuple[int, ...]) -> NamedSession:
         both_building.wait()  # broken (an error) if the other build cannot start meanwhile
         built.append("own")
         return NamedSession("own")
@@ -640,7 +651,7 @@ def test_shape_sessions_hold_no_lock_while_a_session_builds() -> None:
 def test_a_failed_session_build_is_raised_and_tried_again_at_the_next_ask() -> None:
     attempts: list[int] = []
 
-    def make() -> NamedSession:
+    def make(shape: tuple[int, ...]) -> NamedSession:
         attempts.append(1)
         if len(attempts) == 1:
             raise RuntimeError("CUDA failure 2: out of memory")
@@ -665,10 +676,10 @@ def test_warmup_out_of_time_starts_no_new_shape_and_the_rest_warm_at_first_use(
                                     deadline=time.monotonic())
     assert session.shapes == [] and sorted(cold) == sorted(shapes)
 
-    engine = BatchEngine(OcrSettings(), CPU, max_pages=2, rec_batch_sizes=(1, 4),
-                         fixed_shapes=True, shape_sessions=True)
+    engine = BatchEngine(OcrSettings(warmup_seconds=0), CPU, max_pages=2,
+                         rec_batch_sizes=(1, 4), fixed_shapes=True, shape_sessions=True)
     try:
-        engine.warmup(full=True, threads=2, seconds=0)
+        engine.warmup(full=True, threads=2)  # ocr.warmup_seconds = 0: out of time at once
         rec = engine.sessions["rec"]
         assert isinstance(rec, ShapeSessions) and rec.shapes == []  # nothing warmed
         results = engine.recognize(pages[:3])

@@ -265,6 +265,14 @@ def test_cuda_options_follow_settings() -> None:
     trt = providers.ort_providers_for("tensorrt", ocr, Path("/cache"))
     assert [sessions._spec_name(s) for s in trt] == [TENSORRT_EP, CUDA_EP, CPU_EP]
     assert trt[0][1]["trt_engine_cache_path"] == "/cache"  # type: ignore[index]
+    # a session of one shape bucket: TensorRT's profile is that shape, CUDA's options unchanged
+    pinned = providers.with_shape_profile(trt, "x", (8, 48, 320, 3))
+    assert {key: value for key, value in pinned[0][1].items()  # type: ignore[union-attr]
+            if key.startswith("trt_profile")} == {
+        "trt_profile_min_shapes": "x:8x48x320x3", "trt_profile_opt_shapes": "x:8x48x320x3",
+        "trt_profile_max_shapes": "x:8x48x320x3"}
+    assert pinned[1:] == trt[1:]
+    assert "trt_profile_min_shapes" not in trt[0][1]  # type: ignore[operator]
 
 
 # --- silent fallback ----------------------------------------------------------------------------

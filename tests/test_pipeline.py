@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 import pytest
+from prometheus_client import generate_latest
 
 from daemon.config import Settings
 from daemon.hardware.nvml import probe_nvml
 from daemon.hardware.providers import CUDA_EP, choose_provider
 from daemon.metrics import Metrics
-from daemon.ocr import batch as batch_module
 from daemon.ocr import buckets
 from daemon.ocr.batch import BatchEngine
 from daemon.ocr.engines import OcrEngine
@@ -249,6 +249,32 @@ def test_a_page_dropped_at_start_is_stored_before_the_warm_up_ends(
         svc.stop()
 
 
+class WarmingEngine(DeviceEngine):
+    """A GPU engine's warm-up as the service reads it: 2 of 3 shapes warm."""
+
+    def warm_shapes_count(self) -> tuple[int, int]:
+        return 2, 3
+
+    def warm_seconds(self) -> list[tuple[str, tuple[int, ...], float, float]]:
+        return [("rec", (8, 48, 320, 3), 0.5, 1.25), ("det", (1, 960, 960, 3), 0.75, 2.5)]
+
+
+def test_the_warm_up_is_exported_as_metrics(settings_factory: SettingsFactory) -> None:
+    """How far each GPU's warm-up got, and each warm shape's build and first-run seconds."""
+    svc = gpu_service(settings_factory(), [WarmingEngine("0")])
+    try:
+        text = generate_latest(svc.metrics.registry).decode()
+        assert 'ocr_warmup_shapes_warm{device="0"} 2.0' in text
+        assert 'ocr_warmup_shapes{device="0"} 3.0' in text
+        assert ('ocr_warmup_shape_seconds{device="0",model="rec",phase="first_run",'
+                'shape="8x48x320x3"} 1.25') in text
+        assert ('ocr_warmup_shape_seconds{device="0",model="det",phase="build",'
+                'shape="1x960x960x3"} 0.75') in text
+        assert svc.health()["warmup"]["shapes_warm"] == 2
+    finally:
+        svc.stop()
+
+
 def test_work_is_spread_over_every_device(settings_factory: SettingsFactory,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     engines = [DeviceEngine("0"), DeviceEngine("1")]
@@ -395,8 +421,8 @@ def test_on_a_gpu_two_engines_share_the_work_and_a_lost_one_fails_over(
     lost: its batches are read by the other. Shapes are taken at their first batch (no
     warm-up: seconds, not a minute, on a GPU)."""
     monkeypatch.setattr(buckets, "REC_WIDTHS", (160, 320, 640, 960))
-    monkeypatch.setattr(batch_module, "WARMUP_SECONDS_MAX", 0.0)
-    settings = settings_factory(ocr={"provider": "cuda"}, batch={"max_pages": 2})
+    settings = settings_factory(ocr={"provider": "cuda", "warmup_seconds": 0},
+                                batch={"max_pages": 2})
     choice = choose_provider(settings)
     engines = [OnDevice(BatchEngine(settings.ocr, choice, max_pages=2), label)
                for label in ("0", "1")]

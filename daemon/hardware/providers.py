@@ -107,6 +107,23 @@ def tensorrt_options(ocr: OcrSettings, cache_dir: Path) -> dict[str, Any]:
     }
 
 
+def with_shape_profile(specs: tuple[ProviderSpec, ...], input_name: str,
+                       shape: tuple[int, ...]) -> tuple[ProviderSpec, ...]:
+    """`specs` with TensorRT's optimisation profile pinned to `shape` (min = opt = max): a
+    session of one shape bucket (`ocr.device_runs.ShapeSessions`) gets one engine built for
+    exactly that shape, kept in the engine cache, instead of an engine rebuilt at every new
+    shape TensorRT meets. Other providers' options are left as they are."""
+    dims = f"{input_name}:{'x'.join(str(d) for d in shape)}"
+    out: list[ProviderSpec] = []
+    for spec in specs:
+        if isinstance(spec, tuple) and spec[0] == TENSORRT_EP:
+            spec = (TENSORRT_EP, {**spec[1], "trt_profile_min_shapes": dims,
+                                  "trt_profile_opt_shapes": dims,
+                                  "trt_profile_max_shapes": dims})
+        out.append(spec)
+    return tuple(out)
+
+
 def ort_providers_for(name: str, ocr: OcrSettings, cache_dir: Path | None = None) -> tuple[
     ProviderSpec, ...
 ]:

@@ -26,6 +26,7 @@ from daemon.hardware.providers import (
     ProviderChoice,
     ProviderSpec,
     session_options,
+    with_shape_profile,
 )
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ def create_session(
     *,
     on_fallback: FallbackListener | None = None,
     shared_arena: bool = False,
+    profile: tuple[str, tuple[int, ...]] | None = None,
 ) -> Any:
     """An InferenceSession for `model_path` on `choice`'s providers, verified.
 
@@ -137,6 +139,8 @@ def create_session(
     it with only a warning), or building with it raises, the fallback is logged, reported to
     `on_fallback` and the module's listeners, and a session that runs on the CPU is returned.
     `shared_arena`: on CUDA, take GPU memory from the device's shared arena where there is one.
+    `profile`: (input name, shape) of a session that only ever runs that shape: on TensorRT
+    its optimisation profile (`providers.with_shape_profile`).
     """
     options = session_options(ocr)
     if shared_arena and choice.name == "cuda" and share_device_arena(ocr):
@@ -144,9 +148,12 @@ def create_session(
     wanted = _spec_name(choice.ort_providers[0])
     # Providers this build lacks are left out here rather than warned about by onnxruntime:
     # catching its warning would swap process-wide state under the other threads' feet.
+    specs = choice.ort_providers
+    if profile is not None:
+        specs = with_shape_profile(specs, *profile)
     available = ort.get_available_providers()
-    kept = [spec for spec in choice.ort_providers if _spec_name(spec) in available]
-    missing = [_spec_name(spec) for spec in choice.ort_providers if spec not in kept]
+    kept = [spec for spec in specs if _spec_name(spec) in available]
+    missing = [_spec_name(spec) for spec in specs if spec not in kept]
     try:
         with _building:
             session = ort.InferenceSession(

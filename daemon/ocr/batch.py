@@ -70,9 +70,6 @@ log = logging.getLogger(__name__)
 # Padding a page with white makes the padded area look like more page margin, which disturbs
 # the text near the edge least.
 DET_PAD_WHITE = 255
-# A full warm-up starts no new shape after this many seconds (the issue's bound): the daemon
-# is ready then, and a shape left cold gets its session and plans at its first batch.
-WARMUP_SECONDS_MAX = 60.0
 # What each model's session is fed: pixels (det), LUT indices with REC_PAD (rec), floats (cls)
 INPUT_DTYPES: dict[str, type[np.generic]] = {"det": np.uint8, "rec": np.uint16,
                                               "cls": np.float32}
@@ -143,8 +140,10 @@ class BatchEngine:
         if shape_sessions:
 
             def per_shape(model: str, base: Any) -> ShapeSessions:
+                name = base.get_inputs()[0].name  # TensorRT: a profile of exactly the shape
                 return ShapeSessions(
-                    base, lambda: create_session(models[model], choice, ocr, shared_arena=True),
+                    base, lambda shape: create_session(models[model], choice, ocr,
+                                                       shared_arena=True, profile=(name, shape)),
                     model)
 
             self._det = per_shape("det", self._det)
@@ -471,6 +470,12 @@ class BatchEngine:
                 total += len(shapes)
         return warm, total
 
+    def warm_seconds(self) -> list[tuple[str, tuple[int, ...], float, float]]:
+        """(model, shape, session build seconds, first-run seconds) of each warm shape."""
+        return [(model, shape, build, run)
+                for model, session in self.sessions.items() if isinstance(session, ShapeSessions)
+                for shape, (build, run) in sorted(session.warm.items())]
+
     def warmup_shapes(self) -> dict[str, list[tuple[int, ...]]]:
         """Every input shape `warmup` runs, per model."""
         det = [
@@ -501,7 +506,7 @@ class BatchEngine:
         host work, so a full warm-up runs up to `threads` shapes at once (default
         `sizing.WARMUP_THREADS_MAX` or the usable cores, fewer). In one shared session they would
         wait on each node's lock and undo each other's plans.
-        No new shape starts after `seconds` (default `WARMUP_SECONDS_MAX`, for all models):
+        No new shape starts after `seconds` (default `ocr.warmup_seconds`, for all models):
         the shapes left cold get their own sessions at their first batch (`ShapeSessions.
         expect`), so a slow GPU delays those batches once instead of the daemon's start.
         Returns seconds per model run (no "cls" without the angle classifier).
@@ -511,7 +516,7 @@ class BatchEngine:
         if threads is None:
             threads = warmup_threads() if full else 1
         if seconds is None:
-            seconds = WARMUP_SECONDS_MAX
+            seconds = self._ocr.warmup_seconds
         deadline = time.monotonic() + seconds
         if self._host is not None:
             self._host.warmup()  # worker processes start now, not on the first page

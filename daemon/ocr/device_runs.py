@@ -87,7 +87,8 @@ class ShapeSessions:
     halves of an out-of-memory split) runs on the first session.
     """
 
-    def __init__(self, base: Any, make: Callable[[], Any], name: str = "model") -> None:
+    def __init__(self, base: Any, make: Callable[[tuple[int, ...]], Any],
+                 name: str = "model") -> None:
         self._base = base
         self._make = make
         self._name = name
@@ -148,7 +149,7 @@ class ShapeSessions:
             return waiting.result()
         try:
             start = time.perf_counter()
-            session = self._make()
+            session = self._make(shape)
             built = time.perf_counter() - start
         except BaseException as exc:
             with self._lock:
