@@ -15,6 +15,10 @@ SUITE = {
     "rec-widths": ("rec_widths", "recognition width buckets: session runs and time"),
     "scale-out": ("scale_out", "several daemons on one PostgreSQL: receipts/s and rows a file"),
     "gpu-warmup": ("gpu_warmup", "GPU only: shape warm-up, session builds and first runs"),
+    "gpu-check": ("gpu_check", "the one device call on a lent GPU (--rehearse: here, on the "
+                               "CPU): each stage's JSON as it ends"),
+    "gpu-bundle": ("gpu_bundle", "what a lent GPU machine lacks, as parts to carry, and the "
+                                 "plan of the calls"),
     "gil-probe": ("gil_probe", "the GIL sampler: calibration, or a daemon run under it"),
     "soak": ("soak", "the whole daemon for a long while: a producer, an operator, a kill -9"),
 }

@@ -44,6 +44,7 @@ import time
 import unicodedata
 import zlib
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -547,82 +548,165 @@ def latencies_from_db(db: Path, dropped: dict[str, float]) -> list[float] | None
     return out or None
 
 
-def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool = False
-                ) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="ocr-bench-"))
-    inbox, db = tmp / "inbox", tmp / "db.sqlite"
-    inbox.mkdir()
-    env = daemon_env(inbox, db, args, force_cpu=force_cpu)
-    command = [sys.executable, "-m", "daemon", "run"]
-    if args.gil:  # the same daemon, run by the GIL probe (benchmarks/gil_probe.py)
-        env["OCR_GIL_PROBE_OUT"] = str(tmp / "gil.json")
-        command = [sys.executable, str(Path(__file__).with_name("gil_probe.py")), "daemon", "run"]
-    daemon = subprocess.Popen(command, env=env,
-                              cwd=args.daemon_root, stdout=subprocess.DEVNULL,
-                              stderr=open(tmp / "daemon.log", "wb"))  # noqa: SIM115
-    gil: dict[str, Any] | None = None
-    probe = GpuMemoryProbe([daemon.pid])
-    try:
-        deadline = time.monotonic() + 600  # a GPU warms every shape bucket before "ready"
-        while "ready:" not in (tmp / "daemon.log").read_text(errors="replace"):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start; see {tmp / 'daemon.log'}")
-            time.sleep(0.5)
-        with probe:
-            dropped: dict[str, float] = {}
-            completions: list[float] = []
-            start = time.perf_counter()
+class DaemonRun:
+    """One `python -m daemon run` on a temporary inbox and SQLite ledger, fed files in
+    batches while it runs (`feed`): mode c and e take one daemon for one set of files, the GPU
+    check (gpu_check.py) takes the same warm daemon through the receipts and then A4 pages."""
+
+    def __init__(self, args: argparse.Namespace, *, force_cpu: bool = False) -> None:
+        self.args = args
+        self.force_cpu = force_cpu
+        self.tmp = Path(tempfile.mkdtemp(prefix="ocr-bench-"))
+        self.inbox, self.db = self.tmp / "inbox", self.tmp / "db.sqlite"
+        self.log = self.tmp / "daemon.log"
+        self.inbox.mkdir()
+        self.completions: list[float] = []  # when each finished document was seen
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 600) -> float:
+        """Start the daemon and wait for "ready:" (models loaded; a GPU warms on meanwhile);
+        returns the seconds that took."""
+        env = daemon_env(self.inbox, self.db, self.args, force_cpu=self.force_cpu)
+        command = [sys.executable, "-m", "daemon", "run"]
+        if self.args.gil:  # the same daemon, run by the GIL probe (benchmarks/gil_probe.py)
+            env["OCR_GIL_PROBE_OUT"] = str(self.tmp / "gil.json")
+            command = [sys.executable, str(Path(__file__).with_name("gil_probe.py")), "daemon",
+                       "run"]
+        start = time.monotonic()
+        self.proc = subprocess.Popen(command, env=env, cwd=self.args.daemon_root,
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "wb"))  # noqa: SIM115
+        while "ready:" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() - start > timeout:
+                raise RuntimeError(f"daemon did not start; see {self.log}")
+            time.sleep(0.2)
+        return time.monotonic() - start
+
+    def wait_warm(self, timeout: float) -> dict[str, Any]:
+        """Wait (at most `timeout` s) for a GPU daemon's background warm-up to end, read
+        from its log: {"state": "done" | "failed" | "none (CPU provider)" | "still warming",
+        "waited_s": ...}."""
+        start = time.monotonic()
+        while True:
+            text = self.log.read_text(errors="replace")
+            state = ("done" if "warmed up every shape bucket" in text
+                     else "failed" if "warm-up failed" in text
+                     else "none (CPU provider)" if "ready: provider cpu" in text
+                     else None)
+            if state or time.monotonic() - start >= timeout or self._proc().poll() is not None:
+                return {"state": state or "still warming",
+                        "waited_s": round(time.monotonic() - start, 1)}
+            time.sleep(0.2)
+
+    def counts(self) -> dict[str, int]:
+        counts = ledger_counts(self.db) or {"done": 0, "failed": 0, "pages": 0}
+        return {"finished": counts["done"] + counts["failed"], "failed": counts["failed"],
+                "pages": counts["pages"]}
+
+    def feed(self, images: list[Path], tags: Sequence[int] = (0,), *,
+             timeout: float | None = None) -> dict[str, Any]:
+        """Drop every image once per tag, all at once (tag 0: the file as it is; n > 0: a copy
+        made a new document, `r{n}-NAME`), and wait until they are all stored or failed, or
+        `timeout` (then `timed_out` and the figures cover what was stored). Texts are those
+        of the tag-0 files (None for others), read from the ledger in this process."""
+        base = self.counts()
+        dropped: dict[str, float] = {}
+        start = time.perf_counter()
+        for tag in tags:
             for path in images:
-                drop(path, inbox, path.name, dropped)
-            status = wait_stored(db, len(images), daemon, start, args, completions)
-            seconds = time.perf_counter() - start
-            first: dict[str, Any] = {}
-            if args.rounds > 1:  # that round warmed the daemon up: the rest at once, timed
-                first = {"pages": status["pages"], "seconds": seconds}
-                dropped.clear()
-                gil_start(daemon, tmp, args)
-                start = time.perf_counter()
-                for n in range(2, args.rounds + 1):
-                    for path in images:
-                        drop(path, inbox, f"r{n}-{path.name}", dropped, tag=n)
-                status = wait_stored(db, len(images) * args.rounds, daemon, start, args,
-                                     completions)
-                seconds = time.perf_counter() - start
-                gil = gil_stop(daemon, tmp, args, status["pages"] - first["pages"])
-        texts = texts_from_db(db, [str(inbox / path.name) for path in images])
-        latencies = latencies_from_db(db, dropped)
+                drop(path, self.inbox, f"r{tag}-{path.name}" if tag else path.name, dropped,
+                     tag=tag)
+        total = base["finished"] + len(images) * len(tags)
+        timed_out = wait_stored(self.db, total, self._proc(), start,
+                                        self.args.timeout if timeout is None else timeout,
+                                        self.completions)
+        seconds = time.perf_counter() - start
+        texts: list[str | None] = [None] * len(images)
+        if 0 in tags:
+            texts = list(texts_from_db(self.db, [str(self.inbox / path.name)
+                                                 for path in images]))
+        latencies = latencies_from_db(self.db, dropped)
         source = "database"
         if latencies is None:  # fall back: the n-th completion seen belongs to the n-th drop
             drops = sorted(dropped.values())
-            timed = completions[len(completions) - len(drops):]  # the timed rounds'
-            latencies = [c - d for c, d in zip(timed, drops, strict=False)]
+            seen = self.completions[base["finished"]:]
+            latencies = [c - d for c, d in zip(seen, drops, strict=False)]
             source = "status-polling"
-        pages = status["pages"] - first.get("pages", 0)  # the timed rounds only
+        counts = self.counts()
+        out: dict[str, Any] = {
+            "texts": texts, "latencies": latencies, "latency_source": source,
+            "pages": counts["pages"] - base["pages"], "seconds": seconds,
+            "files": len(images) * len(tags),
+            "failed": counts["failed"] - base["failed"]}
+        if timed_out:
+            out["timed_out"] = {"after_s": round(seconds, 1),
+                                "files_finished": counts["finished"] - base["finished"]}
+        return out
+
+    def stop(self) -> tuple[int | None, float | None]:
+        """Stop the daemon (its log kept in --log-dir); its peak RSS and CPU seconds."""
+        rss: int | None = None
+        cpu: float | None = None
+        if self.proc is not None:
+            self.proc.terminate()
+            deadline = time.monotonic() + 30  # reaped here, by wait4, for its rusage
+            try:
+                while True:
+                    pid, _, usage = os.wait4(self.proc.pid, os.WNOHANG)
+                    if pid:
+                        rss, cpu = usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+                        break
+                    if time.monotonic() > deadline:
+                        self.proc.kill()
+                        deadline = float("inf")
+                    time.sleep(0.05)
+            except ChildProcessError:
+                pass
+            self.proc.returncode = self.proc.returncode or 0
+        if self.args.log_dir is not None:  # the daemon's own account, kept for a failed run
+            self.args.log_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.log, self.args.log_dir / (
+                f"daemon-{'cpu' if self.force_cpu else 'auto'}-{self.tmp.name}.log"))
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return rss, cpu
+
+    def _proc(self) -> subprocess.Popen[bytes]:
+        if self.proc is None:
+            raise RuntimeError("the daemon has not started")
+        return self.proc
+
+
+def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool = False
+                ) -> dict[str, Any]:
+    run = DaemonRun(args, force_cpu=force_cpu)
+    gil: dict[str, Any] | None = None
+    probe = None
+    try:
+        run.start()
+        probe = GpuMemoryProbe([run._proc().pid])
+        with probe:
+            out = run.feed(images)
+            first: dict[str, Any] = {}
+            if args.rounds > 1:  # that round warmed the daemon up: the rest at once, timed
+                first = {"pages": out["pages"], "seconds": out["seconds"]}
+                texts = out["texts"]
+                gil_start(run._proc(), run.tmp, args)
+                out = run.feed(images, range(2, args.rounds + 1))
+                out["texts"] = texts
+                gil = gil_stop(run._proc(), run.tmp, args, out["pages"])
     finally:
-        daemon.terminate()
-        try:
-            _, _, usage = os.wait4(daemon.pid, 0)
-            rss: int | None = usage.ru_maxrss * 1024
-            cpu: float | None = usage.ru_utime + usage.ru_stime
-        except ChildProcessError:
-            rss, cpu = None, None
-        if args.log_dir is not None:  # the daemon's own account, kept for a failed run too
-            args.log_dir.mkdir(parents=True, exist_ok=True)
-            name = f"daemon-{'cpu' if force_cpu else 'auto'}-{len(images)}.log"
-            shutil.copyfile(tmp / "daemon.log", args.log_dir / name)
-        shutil.rmtree(tmp, ignore_errors=True)
-    out = {"texts": texts, "latencies": latencies, "latency_source": source,
-           "pages": pages, "seconds": seconds,
-           "failed": status["documents"]["failed"], "daemon_peak_rss_bytes": rss,
-           "cpu_seconds": cpu,
-           "gpu_peak_bytes": probe.peak_bytes}
+        rss, cpu = run.stop()
+    if "timed_out" in out:
+        raise RuntimeError(f"timed out: {out['timed_out']}")
+    out.update({"daemon_peak_rss_bytes": rss, "cpu_seconds": cpu,
+                "gpu_peak_bytes": probe.peak_bytes if probe else None})
     if gil is not None:
         out["gil"] = gil
     if first:
         out["first_round"] = {"pages": first["pages"], "seconds": round(first["seconds"], 3),
                               "pages_per_s": round(first["pages"] / first["seconds"], 4)}
         out["rounds_timed"] = args.rounds - 1
-        out["pages_stored"] = first["pages"] + pages  # what cpu_seconds was spent on
+        out["pages_stored"] = first["pages"] + out["pages"]  # what cpu_seconds was spent on
     return out
 
 
@@ -691,26 +775,24 @@ def tagged(path: Path, tag: int) -> bytes:
 
 
 def wait_stored(db: Path, total: int, daemon: subprocess.Popen[bytes], start: float,
-                args: argparse.Namespace, completions: list[float]) -> dict[str, Any]:
-    """Wait until `total` documents are done or failed; the ledger's counts then. Appends the
-    time each completion was seen to `completions`."""
-    status: dict[str, Any] = {}
+                timeout: float, completions: list[float]) -> bool:
+    """Wait until `total` documents are done or failed, or `timeout` s after `start`
+    (perf_counter): True if it timed out. Appends the time each completion was seen to
+    `completions`."""
     while True:
         # read the ledger in-process: a `status` subprocess four times a second would take a
         # good part of a 2-core machine away from the daemon being measured
         counts = ledger_counts(db)
         if counts is not None:
-            status = {"documents": counts, "pages": counts.pop("pages")}
-            docs = status["documents"]
-            finished = docs["done"] + docs["failed"]
+            finished = counts["done"] + counts["failed"]
             completions += [time.time()] * (finished - len(completions))
             if finished >= total:
-                return status
+                return False
         if daemon.poll() is not None:
             raise RuntimeError("daemon exited; see its log")
-        if time.perf_counter() - start > args.timeout:
-            raise RuntimeError(f"timed out with {status}")
-        time.sleep(0.05 if args.rounds > 1 else 0.25)
+        if time.perf_counter() - start > timeout:
+            return True
+        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ the parent

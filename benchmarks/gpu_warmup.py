@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -165,7 +166,11 @@ def engine_warmup(seconds: float, sweep_seconds: float = 0) -> dict[str, Any]:
                                "max_s": round(max(builds, default=0.0), 3)},
         }
         # the shapes timed below: those the warm-up reached (a cold one would plan in the loop)
-        timed = {model: [s for s in shapes if s in set(getattr(session, "shapes", shapes))]
+        # (the CPU, one session a model, warms its smallest shape only)
+        timed = {model: ([s for s in shapes if s in set(session.shapes)]
+                         if isinstance(session, ShapeSessions)
+                         else [min(shapes, key=lambda shape: math.prod(shape))] if shapes
+                         else [])
                  for model, shapes in warm.items()
                  if (session := engine.sessions.get(model)) is not None}
         # every warmed shape, run again on its own session: what a batch costs by its shape
@@ -280,14 +285,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --engine: time bigger batches (SWEEP), then fp16 ones "
                              "(SWEEP_FP16), for up to this long each")
     args = parser.parse_args(argv)
-    report: dict[str, Any] = {"modes": {}}
-    for algo in args.algos.split(","):
-        report["modes"][algo] = measure(algo)
-        print(json.dumps({algo: report["modes"][algo]}), file=sys.stderr, flush=True)
-    report["cudnn"] = cudnn_version()
+    report: dict[str, Any] = {"cudnn": cudnn_version()}
+    # the engine's figures first (the daemon's own warm-up): a run cut short still has them,
+    # each part printed to stderr as one JSON line the moment it is measured
     if args.engine:
         report["engine"] = engine_warmup(args.warmup_seconds, args.sweep_seconds)
         print(json.dumps({"engine": report["engine"]}), file=sys.stderr, flush=True)
+    report["modes"] = {}
+    for algo in args.algos.split(","):
+        report["modes"][algo] = measure(algo)
+        print(json.dumps({"modes": report["modes"]}), file=sys.stderr, flush=True)
     print(json.dumps({**report, "machine": machine()}, indent=2))
     return 0
 
