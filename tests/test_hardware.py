@@ -373,6 +373,31 @@ def test_doctor_says_the_arithmetic_the_models_run_in() -> None:
     assert "arithmetic: fp16 (ocr.gpu_precision)" in format_doctor(on_gpu)
 
 
+def test_doctor_says_why_tensorrt_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorRT only with the libnvinfer major version onnxruntime's bridge links: doctor says
+    which it is and why it is not used, or where its engines are cached when it is."""
+    from daemon.hardware import doctor
+
+    report = doctor_report(Settings())
+    if TENSORRT_EP not in ort.get_available_providers():
+        assert report["tensorrt"]["why"] == (
+            "not used: this onnxruntime build has no TensorRT provider")
+    assert f"TensorRT: {report['tensorrt']['why']}" in format_doctor(report)
+    monkeypatch.setattr(doctor.ort, "get_available_providers",
+                        lambda: [TENSORRT_EP, CUDA_EP, CPU_EP])
+    monkeypatch.setattr(doctor, "linked_nvinfer", lambda bridge: "libnvinfer.so.10")
+    monkeypatch.setattr(doctor, "tensorrt_libraries_loadable", lambda bridge: False)
+    trt = doctor.tensorrt_report("cuda")
+    assert trt["links"] == "libnvinfer.so.10" and not trt["used"]
+    assert trt["why"] == ("not used: libnvinfer.so.10 (the major version onnxruntime's "
+                          "TensorRT bridge links) is not installed or not on the library path")
+    monkeypatch.setattr(doctor, "tensorrt_libraries_loadable", lambda bridge: True)
+    used = doctor.tensorrt_report("tensorrt")
+    assert used["used"] and used["engine_cache"].endswith("tensorrt")
+    text = format_doctor({**report, "tensorrt": used})
+    assert "TensorRT: used" in text and f"engine cache: {used['engine_cache']}" in text
+
+
 @pytest.mark.skipif(CUDA_IN_BUILD, reason="onnxruntime-gpu is installed here")
 def test_doctor_shows_provider_error_instead_of_raising() -> None:
     report = doctor_report(Settings(ocr={"provider": "cuda"}))

@@ -14,7 +14,14 @@ from daemon.errors import ProviderError
 from daemon.hardware.builds import build_report
 from daemon.hardware.nvml import NvmlReport, probe_nvml
 from daemon.hardware.opencl import probe_opencl
-from daemon.hardware.providers import choose_provider
+from daemon.hardware.providers import (
+    TENSORRT_EP,
+    choose_provider,
+    linked_nvinfer,
+    tensorrt_bridge,
+    tensorrt_cache_dir,
+    tensorrt_libraries_loadable,
+)
 
 # --- onnxruntime ------------------------------------------------------------------------------
 
@@ -64,7 +71,32 @@ def doctor_report(settings: Settings) -> dict[str, Any]:
         "nvml": asdict(nvml),
         "opencl": asdict(opencl),
         "provider": provider,
+        "tensorrt": tensorrt_report(provider.get("name")),
     }
+
+
+def tensorrt_report(chosen: str | None) -> dict[str, Any]:
+    """Whether TensorRT is used, and if not, why: onnxruntime's bridge in this build, the very
+    libnvinfer major version it links, the engine cache; each shape bucket's session its own
+    engine with an optimisation profile of exactly that shape (providers.with_shape_profile)."""
+    bridge = tensorrt_bridge()
+    links = linked_nvinfer(bridge)
+    in_build = TENSORRT_EP in ort.get_available_providers()
+    loadable = bool(in_build and tensorrt_libraries_loadable(bridge))
+    if chosen == "tensorrt":
+        why = "used"
+    elif not in_build or links is None:
+        why = "not used: this onnxruntime build has no TensorRT provider"
+    elif not loadable:
+        why = (f"not used: {links} (the major version onnxruntime's TensorRT bridge links) is "
+               "not installed or not on the library path")
+    elif chosen == "cuda":
+        why = "not used: its session probe failed (see the provider's reason)"
+    else:
+        why = f"not used: the provider is {chosen or 'none'}"
+    return {"used": chosen == "tensorrt", "why": why, "in_build": in_build, "links": links,
+            "loadable": loadable, "engine_cache": str(tensorrt_cache_dir()),
+            "profiles": "one engine per shape bucket, its profile that shape (min = opt = max)"}
 
 
 def driver_cuda(nvml: NvmlReport) -> tuple[int, int] | None:
@@ -149,4 +181,8 @@ def format_doctor(report: dict[str, Any]) -> str:
             lines.append(f"  fallbacks: {', '.join(p['fallbacks'])}")
     if p["cuda_visible_devices"] is not None:
         lines.append(f"  CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']!r}")
+    trt = report["tensorrt"]
+    lines.append(f"TensorRT: {trt['why']}")
+    if trt["used"]:
+        lines.append(f"  engine cache: {trt['engine_cache']}; {trt['profiles']}")
     return "\n".join(lines)
