@@ -15,6 +15,8 @@ SUITE = {
     "rec-widths": ("rec_widths", "recognition width buckets: session runs and time"),
     "scale-out": ("scale_out", "several daemons on one PostgreSQL: receipts/s and rows a file"),
     "gpu-warmup": ("gpu_warmup", "GPU only: shape warm-up, session builds and first runs"),
+    "startup": ("startup", "start to first stored page while a GPU's shapes warm (stand-in "
+                           "session builds)"),
     "gpu-check": ("gpu_check", "the one device call on a lent GPU (--rehearse: here, on the "
                                "CPU): each stage's JSON as it ends"),
     "gpu-bundle": ("gpu_bundle", "what a lent GPU machine lacks, as parts to carry, and the "

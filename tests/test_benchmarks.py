@@ -33,6 +33,10 @@ SMOKE: list[tuple[str, list[str], Check]] = [
      lambda out: out["pages"] == 1 and "cpu" in out["variants"]),
     ("gpu-warmup", ["--algos", "HEURISTIC"],  # on the CPU here: it runs, it measures nothing
      lambda out: bool(out["modes"]["HEURISTIC"]["one_session_s"])),
+    ("startup", ["--build-seconds", "0.05", "--rec-widths", "1"],
+     lambda out: all(run["first_page_stored_s"] > 0 and run["warmup"]["state"] == "done"
+                     and run["warmup"]["shapes_warm"] == run["warmup"]["shapes"] > 0
+                     for run in out["runs"].values())),
     ("gil-probe", [], lambda out: len(out["gil_probe_calibration"]) > 0),
     ("soak", ["--minutes", "0.2"], lambda out: out["ok"] and out["files_dropped"] > 10
      and out["not_as_expected"] == 0),

@@ -6,7 +6,9 @@ runtime); the tests that need a GPU are marked `gpu` and skip elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +38,7 @@ from daemon.hardware.sessions import (
     create_session,
     provider_name,
 )
+from tests.support import wait_until
 
 CUDA_IN_BUILD = CUDA_EP in ort.get_available_providers()
 NVML_GPUS = probe_nvml().gpus
@@ -322,6 +325,37 @@ def test_sessions_are_built_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> No
                               range(4)))
     assert [provider_name(session) for session in built] == ["cpu"] * 4
     assert held == [True] * 4
+
+
+def test_a_batch_builds_its_shape_before_the_warm_up_builds_more() -> None:
+    """One build at a time, but a batch waiting on its shape's session goes before the
+    warm-up's next builds (each seconds on a GPU), whichever asked first."""
+    lock = sessions.BuildLock()
+    order: list[str] = []
+    release = threading.Event()
+
+    def build(name: str, background: bool, hold: threading.Event | None = None) -> None:
+        with lock.background() if background else contextlib.nullcontext(), lock:
+            order.append(name)
+            if hold is not None:
+                hold.wait(10)
+
+    def waiting() -> int:
+        return len(lock._free._waiters)  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=build, args=("warm-up 1", True, release))]
+    threads[0].start()
+    assert wait_until(lock.locked, 10)
+    threads.append(threading.Thread(target=build, args=("warm-up 2", True)))
+    threads[1].start()
+    assert wait_until(lambda: waiting() == 1, 10)
+    threads.append(threading.Thread(target=build, args=("batch", False)))
+    threads[2].start()
+    assert wait_until(lambda: waiting() == 2, 10)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["warm-up 1", "batch", "warm-up 2"]
 
 
 def test_cpu_session_is_no_fallback() -> None:

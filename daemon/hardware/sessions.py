@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,10 +87,58 @@ def _spec_name(spec: ProviderSpec) -> str:
 
 _shared_arenas: dict[int, bool] = {}
 _shared_lock = threading.Lock()
-# Sessions are built one at a time in the process: building them at once on one GPU has been
-# reported to crash onnxruntime (microsoft/onnxruntime#26610; #27089: session set-up races).
-# The GIL is let go while one builds, so other threads' runs go on meanwhile.
-_building = threading.Lock()
+
+
+class BuildLock:
+    """Sessions are built one at a time in the process: building them at once on one GPU has
+    been reported to crash onnxruntime (microsoft/onnxruntime#26610; #27089: session set-up
+    races). The GIL is let go while one builds, so other threads' runs go on meanwhile.
+
+    Builds for a batch waiting on its shape go before the warm-up's (those made inside
+    `background_builds()`): with a GPU's 2 s builds the warm-up's threads otherwise take the
+    lock in turn ahead of the batch (`python -m benchmarks startup`: the first page waited
+    31 s for its shapes behind a warm-up of 67 shapes)."""
+
+    def __init__(self) -> None:
+        self._free = threading.Condition()
+        self._held = False
+        self._urgent = 0  # batch-path builds waiting
+        self._background = threading.local()
+
+    def locked(self) -> bool:
+        return self._held
+
+    @contextlib.contextmanager
+    def background(self) -> Iterator[None]:
+        """Builds made by this thread inside wait for every batch-path build waiting."""
+        before = getattr(self._background, "on", False)
+        self._background.on = True
+        try:
+            yield
+        finally:
+            self._background.on = before
+
+    def __enter__(self) -> None:
+        urgent = not getattr(self._background, "on", False)
+        with self._free:
+            if urgent:
+                self._urgent += 1
+                try:
+                    self._free.wait_for(lambda: not self._held)
+                finally:
+                    self._urgent -= 1
+            else:
+                self._free.wait_for(lambda: not self._held and not self._urgent)
+            self._held = True
+
+    def __exit__(self, *exc: object) -> None:
+        with self._free:
+            self._held = False
+            self._free.notify_all()
+
+
+_building = BuildLock()
+background_builds = _building.background
 
 
 def share_device_arena(ocr: OcrSettings) -> bool:

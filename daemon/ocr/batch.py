@@ -40,7 +40,7 @@ from daemon.budget import shm_room
 from daemon.config import OcrSettings
 from daemon.errors import ConfigError
 from daemon.hardware.providers import ProviderChoice
-from daemon.hardware.sessions import create_session, provider_name
+from daemon.hardware.sessions import background_builds, create_session, provider_name
 from daemon.ocr import buckets
 from daemon.ocr.device_runs import (
     FloatArray,
@@ -569,7 +569,8 @@ def warm_shapes(session: Any, shapes: Sequence[tuple[int, ...]], dtype: npt.DTyp
             in_flight += size
         try:
             if isinstance(session, ShapeSessions):
-                session.adopt(shape)  # a session of its own, planned by this first run
+                with background_builds():  # a batch waiting on its own shape's build first
+                    session.adopt(shape)  # a session of its own, planned by this first run
             run_split(session, np.zeros(shape, dtype), shape[0])
         except GpuOutOfMemoryError as exc:  # pages this big will split or fail alone
             log.warning("warm-up of %s %s: %s", model, list(shape), exc)
