@@ -68,7 +68,6 @@ GPU_TEST_FILES = ["tests/test_hardware.py", "tests/test_metrics.py", "tests/test
                   "tests/test_batch_engine.py", "tests/test_pipeline.py"]
 TARGETS = {"receipts_per_s": 100.0, "a4_pages_per_s": 60.0, "x_naive_use_cuda": 10.0,
            "x_cpu_path": 10.0, "f1_within": 0.002, "memory_growth_bytes": 64 * 2**20}
-WORK = Path(tempfile.gettempdir()) / "ocr-gpu-check"
 
 
 def say(message: str) -> None:
@@ -413,18 +412,25 @@ def targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ocr-gpu-check-"))  # this run's own, removed after
+    try:
+        return _run(args, out, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, out: Path, work: Path) -> int:
     check = Check(out, args.total)
-    WORK.mkdir(parents=True, exist_ok=True)
     site: Path | None = None
     sampler = MemorySampler()
     sampler.start()
 
     with check.stage("install") as (result, cap):
         if args.bundle is not None:
-            site = WORK / "site"
-            result.update(install(args.bundle, site, WORK))
-            if args.eval is None and (WORK / "eval" / "sroie").is_dir():
-                args.eval = WORK / "eval"
+            site = work / "site"
+            result.update(install(args.bundle, site, work))
+            if args.eval is None and (work / "eval" / "sroie").is_dir():
+                args.eval = work / "eval"
         else:
             result["bundle"] = "none: this machine's packages"
         probe = run_json([sys.executable, "-c", "import json, onnxruntime as o; print(json.dumps("
@@ -444,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
                                     cap, out / "logs" / "doctor.log", any_exit=True)
 
     images: list[Path] = []
-    a4_dir = WORK / "a4"
+    a4_dir = work / "a4"
     rendering: threading.Thread | None = None
     daemon = None
     b_args = bench_args(args, out)
@@ -452,7 +458,7 @@ def run(args: argparse.Namespace) -> int:
         with check.stage("receipts") as (result, cap):
             from benchmarks.bench import DaemonRun, render_dataset
 
-            images = receipts(args, WORK / "receipts")
+            images = receipts(args, work / "receipts")
             shutil.rmtree(a4_dir, ignore_errors=True)
             # the A4 pages, rendered on the host's cores while the daemon loads and warms
             rendering = threading.Thread(target=render_dataset, args=(args.a4, a4_dir),
@@ -519,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
                    "--cores", "4,16"] if not args.rehearse else
                   ["--a4", "1", "--cores", "1", "--repeat", "1", "--reference-seconds", "0"])
         result.update(run_json([sys.executable, "-m", "benchmarks", "host-ceiling", *source,
-                                "--out", str(WORK / "replay")], env, cap,
+                                "--out", str(work / "replay")], env, cap,
                                out / "logs" / "ceiling.log"))
 
     memory = sampler.stop()
