@@ -12,7 +12,10 @@ Modes (each runs in its own subprocess, so peak RSS is that mode's alone):
      `--rounds N` the files go in once to warm the daemon up (`first_round`), then N-1 more
      times at once, made new documents by a comment, and only those are timed
   d  the naive loop with RapidOCR's `EngineConfig.onnxruntime.use_cuda=True` (GPU only)
-  e  the whole daemon end to end as c, but with FORCE_CPU=true: the CPU path on this machine
+  e  the whole daemon end to end as c, on onnxruntime's CPU provider (FORCE_CPU=true,
+     ocr.provider = cpu)
+  f  the whole daemon end to end as c, on OpenVINO (FORCE_CPU=true, ocr.provider = openvino:
+     bf16 where the CPU has it)
 
 Modes b and c use the provider the daemon would choose (a GPU where there is one).
 
@@ -51,7 +54,10 @@ from typing import Any
 
 from benchmarks.common import REPO, find_images, machine
 
-ALL_MODES = ("a", "b", "c", "d", "e")
+ALL_MODES = ("a", "b", "c", "d", "e", "f")
+# the daemon modes: (FORCE_CPU, ocr.provider) of each; c as the daemon chooses
+DAEMON_MODES: dict[str, tuple[bool, str | None]] = {"c": (False, None), "e": (True, "cpu"),
+                                                    "f": (True, "openvino")}
 
 
 def say(message: str) -> None:
@@ -471,12 +477,14 @@ def worker_main(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ mode c: the daemon
 
 
-def daemon_env(inbox: Path, db: Path, args: argparse.Namespace, *, force_cpu: bool = False
-               ) -> dict[str, str]:
+def daemon_env(inbox: Path, db: Path, args: argparse.Namespace, *, force_cpu: bool = False,
+               provider: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("OCR_DAEMON_") and k != "FORCE_CPU"}
     if force_cpu:
         env["FORCE_CPU"] = "true"
+    if provider is not None:
+        env["OCR_DAEMON_OCR__PROVIDER"] = provider
     env.update({
         "OCR_DAEMON_WATCH__PATH": str(inbox),
         "OCR_DAEMON_DATABASE__URL": f"sqlite:///{db}",
@@ -550,12 +558,14 @@ def latencies_from_db(db: Path, dropped: dict[str, float]) -> list[float] | None
 
 class DaemonRun:
     """One `python -m daemon run` on a temporary inbox and SQLite ledger, fed files in
-    batches while it runs (`feed`): mode c and e take one daemon for one set of files, the GPU
+    batches while it runs (`feed`): modes c, e and f take one daemon for one set of files, the GPU
     check (gpu_check.py) takes the same warm daemon through the receipts and then A4 pages."""
 
-    def __init__(self, args: argparse.Namespace, *, force_cpu: bool = False) -> None:
+    def __init__(self, args: argparse.Namespace, *, force_cpu: bool = False,
+                 provider: str | None = None) -> None:
         self.args = args
         self.force_cpu = force_cpu
+        self.provider = provider
         self.tmp = Path(tempfile.mkdtemp(prefix="ocr-bench-"))
         self.inbox, self.db = self.tmp / "inbox", self.tmp / "db.sqlite"
         self.log = self.tmp / "daemon.log"
@@ -566,7 +576,8 @@ class DaemonRun:
     def start(self, timeout: float = 600) -> float:
         """Start the daemon and wait for "ready:" (models loaded; a GPU warms on meanwhile);
         returns the seconds that took."""
-        env = daemon_env(self.inbox, self.db, self.args, force_cpu=self.force_cpu)
+        env = daemon_env(self.inbox, self.db, self.args, force_cpu=self.force_cpu,
+                         provider=self.provider)
         command = [sys.executable, "-m", "daemon", "run"]
         if self.args.gil:  # the same daemon, run by the GIL probe (benchmarks/gil_probe.py)
             env["OCR_GIL_PROBE_OUT"] = str(self.tmp / "gil.json")
@@ -584,14 +595,16 @@ class DaemonRun:
 
     def wait_warm(self, timeout: float) -> dict[str, Any]:
         """Wait (at most `timeout` s) for a GPU daemon's background warm-up to end, read
-        from its log: {"state": "done" | "failed" | "none (CPU provider)" | "still warming",
+        from its log: {"state": "done" | "failed" | "none (not an NVIDIA GPU)" |
+        "still warming",
         "waited_s": ...}."""
         start = time.monotonic()
         while True:
             text = self.log.read_text(errors="replace")
             state = ("done" if "warmed up every shape bucket" in text
                      else "failed" if "warm-up failed" in text
-                     else "none (CPU provider)" if "ready: provider cpu" in text
+                     else "none (not an NVIDIA GPU)" if re.search(
+                         r"ready: provider (cpu|openvino) ", text)
                      else None)
             if state or time.monotonic() - start >= timeout or self._proc().poll() is not None:
                 return {"state": state or "still warming",
@@ -666,7 +679,8 @@ class DaemonRun:
         if self.args.log_dir is not None:  # the daemon's own account, kept for a failed run
             self.args.log_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.log, self.args.log_dir / (
-                f"daemon-{'cpu' if self.force_cpu else 'auto'}-{self.tmp.name}.log"))
+                f"daemon-{self.provider or ('cpu' if self.force_cpu else 'auto')}-"
+                f"{self.tmp.name}.log"))
         shutil.rmtree(self.tmp, ignore_errors=True)
         return rss, cpu
 
@@ -676,9 +690,9 @@ class DaemonRun:
         return self.proc
 
 
-def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool = False
-                ) -> dict[str, Any]:
-    run = DaemonRun(args, force_cpu=force_cpu)
+def mode_daemon(args: argparse.Namespace, images: list[Path], *, force_cpu: bool = False,
+                provider: str | None = None) -> dict[str, Any]:
+    run = DaemonRun(args, force_cpu=force_cpu, provider=provider)
     gil: dict[str, Any] | None = None
     probe = None
     try:
@@ -837,6 +851,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--render", type=int, metavar="N", help="benchmark N rendered pages")
     parser.add_argument("--a4", action="store_true",
                         help="with --render: dense 300-dpi A4 pages (grey JPEG) instead")
+    parser.add_argument("--zh", action="store_true",
+                        help="with --render: Traditional Chinese pages instead (scored a "
+                             "character a word)")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--modes", default=",".join(ALL_MODES))
     parser.add_argument("--batch", type=int, default=4, help="pages per engine call (b, c)")
@@ -854,14 +871,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="checkout whose `python -m daemon` mode c runs")
     parser.add_argument("--timeout", type=float, default=3600, help="mode c: give up after")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                        help="modes c and e: a daemon setting (repeatable)")
-    parser.add_argument("--log-dir", type=Path, help="modes c and e: keep the daemon's log here")
+                        help="modes c, e, f: a daemon setting (repeatable)")
+    parser.add_argument("--log-dir", type=Path, help="modes c, e, f: keep the daemon's log here")
     parser.add_argument("--gil", action="store_true",
-                        help="modes c and e with --rounds 2+: the daemon run by "
+                        help="modes c, e, f with --rounds 2+: the daemon run by "
                              "benchmarks/gil_probe.py, how long each kind of its threads held "
                              "the GIL a page over the timed rounds (`gil`)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="modes c and e: drop the files once to warm the daemon up, then "
+                        help="modes c, e, f: drop the files once to warm the daemon up, then "
                              "ROUNDS-1 more times at once (copies made new documents by a "
                              "comment), timing those: steady throughput on a fast device")
     parser.add_argument("--mode-seconds", type=float, default=0,
@@ -907,8 +924,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             say(f"mode {mode}: {len(images)} files ...")
             try:
-                if mode in ("c", "e"):
-                    raw = mode_daemon(args, images, force_cpu=mode == "e")
+                if mode in DAEMON_MODES:
+                    force_cpu, provider = DAEMON_MODES[mode]
+                    raw = mode_daemon(args, images, force_cpu=force_cpu, provider=provider)
                     rss = raw.pop("daemon_peak_rss_bytes")
                 else:
                     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -942,7 +960,8 @@ def ratios(modes: dict[str, Any]) -> dict[str, float | None]:
         return entry["pages_per_s"] if entry else None
 
     out: dict[str, float | None] = {}
-    for top, bottom in (("b", "a"), ("c", "a"), ("c", "d"), ("c", "e")):
+    for top, bottom in (("b", "a"), ("c", "a"), ("c", "d"), ("c", "e"), ("e", "a"),
+                        ("f", "a"), ("f", "e")):
         x, y = rate(top), rate(bottom)
         out[f"{top}/{bottom}"] = round(x / y, 3) if x and y else None
     return out

@@ -34,8 +34,12 @@ CONFIG_ENV_VAR = "OCR_DAEMON_CONFIG"
 DEFAULT_IGNORES = (".*", "*.part", "*.filepart", "*.tmp", "*.crdownload", "~$*", "Thumbs.db")
 
 # The execution providers the daemon can run on, by the short names config, logs and metrics use.
-ProviderName = Literal["cpu", "cuda", "tensorrt"]
+# "cpu" is onnxruntime on the CPU; "openvino" OpenVINO's runtime on a bf16 CPU or an Intel GPU.
+ProviderName = Literal["cpu", "cuda", "tensorrt", "openvino"]
 PROVIDER_NAMES: tuple[ProviderName, ...] = get_args(ProviderName)
+# The providers that run on an NVIDIA GPU: fixed shape buckets, a session a shape, a warm-up,
+# batches in flight per GPU. The others take pages at their own size on the host's cores.
+NVIDIA_PROVIDERS = ("cuda", "tensorrt")
 
 
 def cache_dir() -> Path:
@@ -147,6 +151,8 @@ class OcrSettings(_Section):
     intra_op_threads: int = Field(0, ge=0)
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     gpu_precision: Literal["fp32", "fp16"] = "fp32"
+    # OpenVINO's arithmetic: "auto" is bf16 where the CPU has it (else onnxruntime stays)
+    cpu_precision: Literal["auto", "bf16", "fp32"] = "auto"
     gpu_mem_limit_bytes: int = Field(0, ge=0)
     # a GPU's warm-up starts no new shape after this long (the daemon serves meanwhile)
     warmup_seconds: float = Field(60.0, ge=0)

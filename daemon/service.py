@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image as PILImage
 
 from daemon import __version__, sdnotify
-from daemon.config import Settings
+from daemon.config import NVIDIA_PROVIDERS, Settings
 from daemon.errors import ExitCode, Interrupted
 from daemon.hardware.nvml import NvmlReader, NvmlReport, probe_nvml
 from daemon.hardware.opencl import OpenClReport, probe_opencl
@@ -192,8 +192,9 @@ class Service:
         51 shapes at 0.7-3.7 s each on an H100, before taking a file. On the CPU there is
         nothing to gain and it takes minutes."""
         distinct = list({id(engine): engine for engine in engines}.values())
-        if distinct[0].provider == "cpu":
-            self.warmup = {"state": "none (CPU provider)"}
+        if distinct[0].provider not in NVIDIA_PROVIDERS:
+            self.warmup = {"state": "none (CPU provider)" if distinct[0].provider == "cpu"
+                           else f"none ({distinct[0].provider}: pages at their own size)"}
             return
         started = time.monotonic()
         self.warmup = {"state": "warming", "since_seconds": 0.0}

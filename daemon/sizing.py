@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from daemon.config import Settings
+from daemon.config import NVIDIA_PROVIDERS, Settings
 
 DECODE_THREADS_MAX = 16  # "auto" on a GPU provider: one per usable core, at most this many
 PDF_PROCESSES_MAX = 8
@@ -39,7 +39,7 @@ def decode_threads(settings: Settings, provider: str) -> int:
     threads = settings.batch.decode_threads
     if threads != "auto":
         return threads
-    if provider == "cpu":
+    if provider not in NVIDIA_PROVIDERS:
         return 2
     return max(2, min(usable_cores(), DECODE_THREADS_MAX))
 
@@ -55,7 +55,7 @@ def pdf_processes(settings: Settings, provider: str) -> int:
     processes = settings.batch.pdf_processes
     if processes != "auto":
         return processes
-    if provider == "cpu" or usable_cores() < PDF_PROCESSES_MIN_CORES:
+    if provider not in NVIDIA_PROVIDERS or usable_cores() < PDF_PROCESSES_MIN_CORES:
         return 0
     return min(decode_threads(settings, provider), PDF_PROCESSES_MAX)
 
@@ -82,7 +82,7 @@ def ocr_workers(settings: Settings, provider: str, gpus: int) -> int:
     of different pages overlap on a small machine, capped by the cores there are."""
     if settings.batch.workers:
         return settings.batch.workers
-    if provider != "cpu":
+    if provider in NVIDIA_PROVIDERS:
         return GPU_BATCHES_IN_FLIGHT * max(1, gpus)
     return max(1, min(2, usable_cores()))
 

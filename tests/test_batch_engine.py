@@ -23,7 +23,8 @@ import pytest
 from daemon.config import OcrSettings, Settings
 from daemon.errors import ConfigError
 from daemon.hardware.nvml import probe_nvml
-from daemon.hardware.providers import CPU, CUDA_EP, choose_provider
+from daemon.hardware.openvino import probe_openvino
+from daemon.hardware.providers import CPU, CUDA_EP, ProviderChoice, choose_provider
 from daemon.ocr import batch as batch_module
 from daemon.ocr import buckets
 from daemon.ocr import host as host_module
@@ -151,6 +152,28 @@ def test_text_matches_plain_rapidocr_on_a_mixed_batch(
     for result in results:
         assert {"det", "cls", "rec", "total"} <= result.timings.keys()
         assert result.timings["det"] > 0 and result.timings["rec"] > 0
+
+
+@pytest.mark.skipif(not probe_openvino().version,
+                    reason="needs OpenVINO (`make test` installs it on x86-64)")
+def test_openvino_reads_the_pages_as_onnxruntime_does(
+    pages: list[Image], reference: list[PageResult]
+) -> None:
+    """OpenVINO's runtime on the same edited graphs, in the precision the daemon would take
+    here (bf16 where the CPU computes in it): the same lines; bf16's probability map moves a
+    box's corner a few pixels more than padding does (5 px seen on a 44 px line)."""
+    found = probe_openvino(forced=True)
+    choice = ProviderChoice("openvino", openvino_device="CPU", precision=found.precision)
+    engine = BatchEngine(OcrSettings(), choice, max_pages=4)
+    try:
+        results = engine.recognize(pages)
+    finally:
+        engine.close()
+    assert (engine.provider, engine.device) == ("openvino", "cpu")
+    assert _texts(results) == _texts(reference)
+    for mine, theirs in zip(results, reference, strict=True):
+        for a, b in zip(mine.lines, theirs.lines, strict=True):
+            assert np.abs(np.array(a.box) - np.array(b.box)).max() <= 8, a.text
 
 
 def test_concurrent_callers_get_their_own_pages(

@@ -24,6 +24,7 @@ from daemon.hardware import opencl, providers, sessions
 from daemon.hardware.doctor import doctor_report, format_doctor
 from daemon.hardware.nvml import GpuInfo, NvmlReader, NvmlReport, probe_nvml
 from daemon.hardware.opencl import OpenClDevice, OpenClReport, probe_opencl
+from daemon.hardware.openvino import OpenVinoProbe, OpenVinoSession, probe_openvino
 from daemon.hardware.providers import (
     CPU_EP,
     CUDA_EP,
@@ -70,6 +71,21 @@ def no_nvml_library(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(pynvml, "nvmlLib", None)
     monkeypatch.setattr(pynvml, "CDLL", missing)
+
+
+@pytest.fixture(autouse=True)
+def openvino_loses(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """OpenVINO as on a CPU without bf16 (where onnxruntime stays): these tests are about the
+    onnxruntime providers; those about OpenVINO patch in what it finds. Returns the probe's
+    calls."""
+    calls: list[dict[str, Any]] = []
+
+    def loses(precision: str = "auto", **kwargs: Any) -> OpenVinoProbe:
+        calls.append({"precision": precision, **kwargs})
+        return OpenVinoProbe(False, "stand-in: this CPU has no bf16 arithmetic", "2026.4")
+
+    monkeypatch.setattr(providers, "probe_openvino", loses)
+    return calls
 
 
 @pytest.fixture
@@ -631,3 +647,118 @@ def test_tensorrt_is_taken_only_with_the_libnvinfer_its_bridge_links(tmp_path: P
     monkeypatch.setattr(ctypes, "CDLL", cdll)
     assert providers.tensorrt_libraries_loadable(bridge) is False
     assert loaded == ["libnvinfer.so.10"]
+
+
+# --- OpenVINO ---------------------------------------------------------------------------------
+
+
+class FakeCore:
+    """OpenVINO's Core as a host's devices make it answer."""
+
+    def __init__(self, devices: dict[str, list[str]]) -> None:
+        self.devices = devices
+
+    @property
+    def available_devices(self) -> list[str]:
+        return list(self.devices)
+
+    def get_property(self, device: str, name: str) -> Any:
+        if name == "OPTIMIZATION_CAPABILITIES":
+            return self.devices[device]
+        return f"{device} of a stand-in host"
+
+
+BF16_CPU = FakeCore({"CPU": ["FP32", "BF16", "INT8"]})
+PLAIN_CPU = FakeCore({"CPU": ["FP32", "INT8"]})
+INTEL_GPU = FakeCore({"CPU": ["FP32"], "GPU": ["FP32", "FP16"]})
+
+
+def test_openvino_is_taken_only_where_it_wins() -> None:
+    """bf16 on the CPU (1.8-2.6x onnxruntime) or an Intel GPU; in fp32 on a CPU it gains
+    nothing, so onnxruntime stays, unless ocr.provider = openvino forces it."""
+    found = probe_openvino("auto", core=BF16_CPU)
+    assert (found.usable, found.device, found.precision) == (True, "CPU", "bf16")
+    assert "bf16" in found.reason
+    plain = probe_openvino("auto", core=PLAIN_CPU)
+    assert not plain.usable and "no bf16 arithmetic" in plain.reason
+    assert not probe_openvino("fp32", core=BF16_CPU).usable  # ocr.cpu_precision = fp32
+    assert "no bf16" in probe_openvino("bf16", core=PLAIN_CPU).reason
+    gpu = probe_openvino("auto", core=INTEL_GPU)
+    assert (gpu.usable, gpu.device) == (True, "GPU")
+    assert not probe_openvino("auto", gpus=False, core=INTEL_GPU).usable  # FORCE_CPU
+    forced = probe_openvino("auto", forced=True, core=PLAIN_CPU)
+    assert (forced.usable, forced.device, forced.precision) == (True, "CPU", "f32")
+
+
+def test_without_an_nvidia_gpu_the_daemon_takes_openvino_where_it_wins(
+        monkeypatch: pytest.MonkeyPatch, no_nvml_library: None) -> None:
+    if CUDA_IN_BUILD:
+        pytest.skip("onnxruntime-gpu is installed here")
+    calls: list[dict[str, Any]] = []
+
+    def wins(precision: str = "auto", **kwargs: Any) -> OpenVinoProbe:
+        calls.append(kwargs)
+        return probe_openvino(precision, core=BF16_CPU, **kwargs)
+
+    monkeypatch.setattr(providers, "probe_openvino", wins)
+    choice = choose_provider(Settings(), environ={}, opencl=OpenClReport(False))
+    assert (choice.name, choice.openvino_device, choice.precision) == ("openvino", "CPU", "bf16")
+    assert choice.fallbacks == () and "bf16" in choice.reason
+    # FORCE_CPU keeps every GPU out, an Intel one too, not the CPU's own best runtime
+    forced = choose_provider(Settings(force_cpu=True), environ={})
+    assert forced.name == "openvino" and calls[-1]["gpus"] is False
+    # ocr.provider = cpu: onnxruntime on the CPU, OpenVINO not even asked
+    asked = len(calls)
+    assert choose_provider(Settings(ocr={"provider": "cpu"})).name == "cpu"
+    assert len(calls) == asked
+    report = doctor_report(Settings())
+    assert report["provider"]["precision"] == "bf16"
+    assert "arithmetic: bf16 (ocr.cpu_precision, on OpenVINO's CPU)" in format_doctor(report)
+
+
+def test_where_openvino_loses_onnxruntime_stays_and_says_why(no_nvml_library: None) -> None:
+    if CUDA_IN_BUILD:
+        pytest.skip("onnxruntime-gpu is installed here")
+    choice = choose_provider(Settings(), environ={}, opencl=OpenClReport(False))
+    assert choice.name == "cpu"
+    assert "OpenVINO not used: stand-in: this CPU has no bf16 arithmetic" in choice.reason
+
+
+def test_openvino_forced_without_openvino_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(providers, "probe_openvino", lambda *a, **k: OpenVinoProbe(
+        False, "OpenVINO not installed (ModuleNotFoundError: No module named 'openvino')"))
+    with pytest.raises(ProviderError, match=r"ocr\.provider = 'openvino' was requested"):
+        choose_provider(Settings(ocr={"provider": "openvino"}))
+
+
+openvino_installed = pytest.mark.skipif(
+    not probe_openvino().version, reason="needs OpenVINO (`make test` installs it on x86-64)")
+
+
+@openvino_installed
+def test_an_openvino_session_runs_the_edited_graphs_like_onnxruntime() -> None:
+    """The recogniser as the daemon edits it (pixel input, on-device arg-max), compiled by
+    OpenVINO in fp32: the same outputs, names and metadata as onnxruntime's session; calls from
+    several threads at once each get their own answer."""
+    from daemon.ocr.graphs import rec_model
+    from daemon.ocr.host import rec_lut
+    from daemon.ocr.models import load_rapidocr_config, resolve_model_paths
+
+    ocr = Settings().ocr
+    path = rec_model(resolve_model_paths(ocr, load_rapidocr_config(ocr)).rec, rec_lut())
+    ov = OpenVinoSession(path, "CPU", "f32", threads=1, streams=2)
+    cpu = sessions.create_session(path, providers.CPU, ocr)
+    assert [i.name for i in ov.get_inputs()] == [i.name for i in cpu.get_inputs()]
+    assert [o.name for o in ov.get_outputs()] == [o.name for o in cpu.get_outputs()]
+    assert ov.get_modelmeta().custom_metadata_map == cpu.get_modelmeta().custom_metadata_map
+    assert provider_name(ov) == "openvino"
+    batches = [np.random.default_rng(n).integers(0, 256, (2, 48, 160 + 32 * n, 3)
+                                                  ).astype(np.uint16) for n in range(4)]
+    name = ov.get_inputs()[0].name
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda b: ov.run(None, {name: b}), batches))
+    for batch, outputs in zip(batches, got, strict=True):
+        want = cpu.run(None, {name: batch})
+        assert [o.shape for o in outputs] == [w.shape for w in want]
+        assert np.array_equal(outputs[0], want[0])  # arg-max: the characters read
+        assert np.allclose(outputs[1], want[1], atol=1e-3)

@@ -9,11 +9,12 @@ from typing import Any
 
 import onnxruntime as ort
 
-from daemon.config import Settings
+from daemon.config import NVIDIA_PROVIDERS, Settings
 from daemon.errors import ProviderError
 from daemon.hardware.builds import build_report
 from daemon.hardware.nvml import NvmlReport, probe_nvml
 from daemon.hardware.opencl import probe_opencl
+from daemon.hardware.openvino import probe_openvino
 from daemon.hardware.providers import (
     TENSORRT_EP,
     choose_provider,
@@ -62,8 +63,11 @@ def doctor_report(settings: Settings) -> dict[str, Any]:
             gpu_info=choice.gpu_info,
             fallbacks=list(choice.fallbacks),
             error=False,
-            # the CPU always runs float32; a GPU what ocr.gpu_precision says
-            precision=settings.ocr.gpu_precision if choice.name != "cpu" else "fp32",
+            # onnxruntime's CPU runs float32, an NVIDIA GPU what ocr.gpu_precision says,
+            # OpenVINO what its probe chose (ocr.cpu_precision)
+            precision=(settings.ocr.gpu_precision if choice.name in NVIDIA_PROVIDERS
+                       else OV_PRECISION.get(choice.precision or "", "fp32")),
+            openvino_device=choice.openvino_device,
         )
     return {
         "onnxruntime": onnxruntime_info(),
@@ -72,7 +76,13 @@ def doctor_report(settings: Settings) -> dict[str, Any]:
         "opencl": asdict(opencl),
         "provider": provider,
         "tensorrt": tensorrt_report(provider.get("name")),
+        "openvino": asdict(probe_openvino(settings.ocr.cpu_precision,
+                                          gpus=not settings.force_cpu)),
     }
+
+
+# OpenVINO's precision names as the daemon's settings write them
+OV_PRECISION = {"bf16": "bf16", "f32": "fp32", "f16": "fp16"}
 
 
 def tensorrt_report(chosen: str | None) -> dict[str, Any]:
@@ -176,11 +186,19 @@ def format_doctor(report: dict[str, Any]) -> str:
             lines.append(f"  gpu: {p['gpu_info']}")
         lines.append(f"  reason: {p['reason']}")
         lines.append(f"  arithmetic: {p['precision']}" + (
-            " (ocr.gpu_precision)" if p["name"] != "cpu" else " (the CPU always)"))
+            " (ocr.gpu_precision)" if p["name"] in NVIDIA_PROVIDERS
+            else f" (ocr.cpu_precision, on OpenVINO's {p['openvino_device']})"
+            if p["name"] == "openvino" else " (the CPU always)"))
         if p["fallbacks"]:
             lines.append(f"  fallbacks: {', '.join(p['fallbacks'])}")
     if p["cuda_visible_devices"] is not None:
         lines.append(f"  CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']!r}")
+    ov = report["openvino"]
+    devices = "; ".join(f"{name} ({', '.join(caps)})" for name, caps in ov["devices"].items())
+    lines.append(f"OpenVINO {ov['version']}: {devices or 'no device'}" if ov["version"]
+                 else f"OpenVINO: {ov['reason']}")
+    if ov["version"]:
+        lines.append(f"  {'wins here' if ov['usable'] else 'not used'}: {ov['reason']}")
     trt = report["tensorrt"]
     lines.append(f"TensorRT: {trt['why']}")
     if trt["used"]:

@@ -1,8 +1,11 @@
 """Execution provider choice, once at start-up.
 
-Order TensorRT -> CUDA -> CPU. A provider counts only once a real session built with it reports
-it in `session.get_providers()`: onnxruntime lists CUDA even when its libraries cannot load and
-then silently runs on the CPU.
+Order TensorRT -> CUDA -> OpenVINO -> CPU. A provider counts only once a real session built with
+it reports it in `session.get_providers()`: onnxruntime lists CUDA even when its libraries
+cannot load and then silently runs on the CPU. Without an NVIDIA GPU (or with FORCE_CPU, which
+skips the GPUs), OpenVINO's runtime is taken where it measurably wins (`hardware.openvino`: a
+CPU with bf16 arithmetic, an Intel GPU), onnxruntime's CPU provider elsewhere;
+`ocr.provider = "cpu"` is onnxruntime on the CPU, "openvino" OpenVINO whatever the CPU.
 
 `choose_provider` runs once at start-up. An explicitly named provider ("cuda", "tensorrt") that
 cannot be brought up is a `ProviderError`; with "auto" the daemon goes on with the best provider
@@ -30,6 +33,7 @@ from daemon.config import PROVIDER_NAMES, OcrSettings, Settings, cache_dir
 from daemon.errors import ProviderError
 from daemon.hardware.nvml import GpuInfo, NvmlReport, probe_nvml
 from daemon.hardware.opencl import OpenClReport, probe_opencl
+from daemon.hardware.openvino import OPENVINO, probe_openvino
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,10 @@ CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 TENSORRT_EP = "TensorrtExecutionProvider"
 
-# short name (config, metrics, logs) -> onnxruntime name, in the order of PROVIDER_NAMES
-ORT_NAMES: dict[str, str] = dict(zip(PROVIDER_NAMES, (CPU_EP, CUDA_EP, TENSORRT_EP), strict=True))
-SHORT_NAMES = {ort_name: short for short, ort_name in ORT_NAMES.items()}
+# short name (config, metrics, logs) -> onnxruntime name; "openvino" is OpenVINO's own runtime
+ORT_NAMES: dict[str, str] = {"cpu": CPU_EP, "cuda": CUDA_EP, "tensorrt": TENSORRT_EP}
+SHORT_NAMES = {ort_name: short for short, ort_name in ORT_NAMES.items()} | {OPENVINO: "openvino"}
+assert set(SHORT_NAMES.values()) == set(PROVIDER_NAMES)
 
 # The smallest model that ships with rapidocr; a probe session must run a real convolution so
 # that cuDNN (loaded lazily by onnxruntime) is exercised too.
@@ -59,12 +64,14 @@ class ProviderChoice:
     story is in `reason`.
     """
 
-    name: str  # "cpu" | "cuda" | "tensorrt"
+    name: str  # "cpu" | "cuda" | "tensorrt" | "openvino"
     ort_providers: tuple[ProviderSpec, ...] = (CPU_EP,)
     reason: str = "CPU only"
     gpu_info: str | None = None
     fallbacks: tuple[str, ...] = field(default=())
     devices: tuple[int, ...] = ()  # CUDA devices to run on, one engine each (GPU providers)
+    openvino_device: str | None = None  # "openvino": "CPU", or an Intel GPU ("GPU")
+    precision: str | None = None  # "openvino": "bf16" | "f32"
 
     def on_device(self, device: int, ocr: OcrSettings) -> ProviderChoice:
         """The same provider on CUDA device `device` (its own onnxruntime options)."""
@@ -339,10 +346,14 @@ def choose_provider(
     the probes it already ran so the OpenCL subprocess runs once.
     """
     ocr = settings.ocr
+    if ocr.provider == "openvino":
+        return _openvino_forced(settings)
     if settings.cpu_only:
-        why = "FORCE_CPU=true" if settings.force_cpu else "ocr.provider = cpu"
-        choice = ProviderChoice("cpu", reason=f"{why}: GPU probing skipped")
-        log.info("Using the CPU execution provider reason=%r", choice.reason)
+        if ocr.provider == "cpu":
+            choice = ProviderChoice("cpu", reason="ocr.provider = cpu: onnxruntime on the CPU")
+        else:
+            choice = _on_the_cpu(settings, "FORCE_CPU=true: GPU probing skipped", ())
+        log.info("Using the %s execution provider reason=%r", choice.name, choice.reason)
         return choice
 
     env = os.environ if environ is None else environ
@@ -408,8 +419,35 @@ def choose_provider(
         reason = _cpu_reason(nvml, opencl, failures, codes)
     if opencl is not None and opencl.gpus and not nvml.gpus:
         codes.append("opencl_only")
-    choice = ProviderChoice("cpu", reason=reason, fallbacks=tuple(codes))
-    log.warning("GPU acceleration unavailable, using CPU reason=%r", reason)
+    choice = _on_the_cpu(settings, reason, tuple(codes))
+    if choice.openvino_device == "GPU":
+        choice = replace(choice, fallbacks=tuple(c for c in codes if c != "opencl_only"))
+    log.warning("NVIDIA GPU acceleration unavailable, using %s reason=%r", choice.name,
+                choice.reason)
+    return choice
+
+
+def _on_the_cpu(settings: Settings, reason: str, codes: tuple[str, ...]) -> ProviderChoice:
+    """Without an NVIDIA GPU: OpenVINO where it wins here, else onnxruntime on the CPU."""
+    found = probe_openvino(settings.ocr.cpu_precision, gpus=not settings.force_cpu)
+    if found.usable:
+        return ProviderChoice("openvino", reason=f"{found.reason} ({reason})", fallbacks=codes,
+                              openvino_device=found.device, precision=found.precision)
+    return ProviderChoice("cpu", reason=f"{reason}; OpenVINO not used: {found.reason}",
+                          fallbacks=codes)
+
+
+def _openvino_forced(settings: Settings) -> ProviderChoice:
+    """`ocr.provider = "openvino"`: OpenVINO on the device it would take, else on the CPU (in
+    bf16 where the CPU has it and ocr.cpu_precision allows); an error without OpenVINO."""
+    found = probe_openvino(settings.ocr.cpu_precision, gpus=not settings.force_cpu,
+                           forced=True)
+    if not found.usable:
+        raise ProviderError(f"ocr.provider = 'openvino' was requested but cannot be used: "
+                            f"{found.reason}. Set ocr.provider = \"auto\" or \"cpu\".")
+    choice = ProviderChoice("openvino", reason=f"ocr.provider = openvino: {found.reason}",
+                            openvino_device=found.device, precision=found.precision)
+    log.info("Using OpenVINO reason=%r", choice.reason)
     return choice
 
 

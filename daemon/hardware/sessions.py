@@ -28,6 +28,7 @@ from daemon.hardware.providers import (
     session_options,
     with_shape_profile,
 )
+from daemon.sizing import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 class Fallback:
     """One session that came up on another provider than the one chosen."""
 
-    wanted: str  # "cuda" | "tensorrt"
+    wanted: str  # "cuda" | "tensorrt" | "openvino"
     got: str  # the short name of the provider the session actually runs on
     reason: str  # short code, the metric label: "<wanted>_dropped" | "<wanted>_session_failed"
     detail: str  # for the log
@@ -76,7 +77,8 @@ def _notify(event: Fallback) -> None:
 
 
 def provider_name(session: Any) -> str:
-    """The short name ("cpu", "cuda", "tensorrt") of the provider a session runs on first."""
+    """The short name ("cpu", "cuda", "tensorrt", "openvino") of the provider a session runs
+    on first."""
     providers = session.get_providers()
     return SHORT_NAMES.get(providers[0], providers[0]) if providers else "cpu"
 
@@ -190,6 +192,8 @@ def create_session(
     `profile`: (input name, shape) of a session that only ever runs that shape: on TensorRT
     its optimisation profile (`providers.with_shape_profile`).
     """
+    if choice.name == "openvino":
+        return _openvino_session(model_path, choice, ocr, on_fallback)
     options = session_options(ocr)
     if shared_arena and choice.name == "cuda" and share_device_arena(ocr):
         options.add_session_config_entry("session.use_env_allocators", "1")
@@ -239,6 +243,27 @@ def create_session(
     )
     _report(event, on_fallback)
     return session  # built on what was kept, which ends with the CPU
+
+
+def _openvino_session(model_path: Path, choice: ProviderChoice, ocr: OcrSettings,
+                      on_fallback: FallbackListener | None) -> Any:
+    """The model compiled by OpenVINO (`hardware.openvino`); where that fails, onnxruntime on
+    the CPU, the fallback reported as for a GPU provider."""
+    from daemon.hardware.openvino import OpenVinoSession
+
+    threads = ocr.intra_op_threads  # each call's cores (build_engine shares them out)
+    streams = max(1, usable_cores() // threads) if threads else 1
+    try:
+        return OpenVinoSession(model_path, choice.openvino_device or "CPU",
+                               choice.precision or "f32", threads, streams)
+    except Exception as exc:
+        event = Fallback(wanted="openvino", got="cpu", reason="openvino_session_failed",
+                         detail=f"OpenVINO could not compile it: {exc}",
+                         model=Path(model_path).name)
+        _report(event, on_fallback)
+        with _building:
+            return ort.InferenceSession(str(model_path), sess_options=session_options(ocr),
+                                        providers=[CPU_EP])
 
 
 def _report(event: Fallback, on_fallback: FallbackListener | None) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from daemon.budget import shm_room
-from daemon.config import OcrSettings
+from daemon.config import NVIDIA_PROVIDERS, OcrSettings
 from daemon.errors import ConfigError
 from daemon.hardware.providers import ProviderChoice
 from daemon.hardware.sessions import background_builds, create_session, provider_name
@@ -125,7 +125,7 @@ class BatchEngine:
         self._det_pre = DetPreProcess(det.limit_side_len, det.limit_type, det.mean, det.std)
         # Both models normalise pixels on the device, by tables of this host code's own
         # results; the recogniser also hands back arg-max and max, not 18,710 probabilities.
-        half = ocr.gpu_precision == "fp16" and choice.name != "cpu"
+        half = ocr.gpu_precision == "fp16" and choice.name in NVIDIA_PROVIDERS
         models = {"det": det_model(paths.det, det_lut(self._det_pre), fp16=half),
                   "rec": rec_model(paths.rec, rec_lut(), fp16=half), "cls": paths.cls}
         self._det = create_session(models["det"], choice, ocr, shared_arena=True)
@@ -133,10 +133,11 @@ class BatchEngine:
         self._cls = (create_session(models["cls"], choice, ocr, shared_arena=True)
                      if ocr.use_cls else None)
         self._provider = provider_name(self._det)
+        self._gpu = self._provider in NVIDIA_PROVIDERS  # fixed shapes, a session a shape
         # a GPU: each warmed shape its own sessions (see ShapeSessions: a shape change costs
         # the CUDA convolutions seconds); their first runs are the warm-up
         if shape_sessions is None:
-            shape_sessions = self._provider != "cpu"
+            shape_sessions = self._gpu
         if shape_sessions:
 
             def per_shape(model: str, base: Any) -> ShapeSessions:
@@ -159,14 +160,14 @@ class BatchEngine:
         }
         self._det_post = FastDBPostProcess(**db_params)
         # GPU providers (or when asked): a small fixed set of input shapes, all warmed up
-        self._coarse = self._provider != "cpu" if fixed_shapes is None else fixed_shapes
+        self._coarse = self._gpu if fixed_shapes is None else fixed_shapes
         self._det_ladder = buckets.det_ladder(det.limit_side_len, coarse=self._coarse)
         self._det_sizes = buckets.det_batch_sizes(max_pages)
         if rec_batch_sizes is None:
             # On the CPU batches of 32 wide lines only grow the arena (+0.6 GB on receipts)
             # for no speed; the GPU wants them.
             rec_batch_sizes = (
-                buckets.REC_BATCH_SIZES_CPU if self._provider == "cpu" else buckets.REC_BATCH_SIZES
+                buckets.REC_BATCH_SIZES if self._gpu else buckets.REC_BATCH_SIZES_CPU
             )
         self._rec_sizes = tuple(sorted(set(rec_batch_sizes)))
         self._rec_waste = (buckets.REC_MAX_WASTE_GPU if self._coarse
@@ -195,7 +196,7 @@ class BatchEngine:
         )
         if host_processes == "auto":
             # the GPU path's host stages on every core; on the CPU inference has them already
-            host_processes = host_processes_auto() if self._provider != "cpu" else 0
+            host_processes = host_processes_auto() if self._gpu else 0
         # the angle classifier turns raw crops, so with it lines are cut in this process
         self._host = (HostPool(host_processes, db_params,
                                keep_segments=GPU_BATCHES_IN_FLIGHT * max_pages)
@@ -218,7 +219,9 @@ class BatchEngine:
 
     @property
     def device(self) -> str:
-        return "cpu" if self._provider == "cpu" else str(self._ocr.device_id)
+        if self._provider == "openvino":  # "cpu", or an Intel GPU as OpenVINO names it
+            return (self._choice.openvino_device or "CPU").lower()
+        return str(self._ocr.device_id) if self._gpu else "cpu"
 
     def close(self) -> None:
         if self._pool is not None:
@@ -414,7 +417,11 @@ class BatchEngine:
         on receipts), so every line runs alone at its own width, down to REC_MIN_WIDTH_CPU
         rather than RapidOCR's 320: 73% of receipt lines are narrower than 320, and that
         floor made the recogniser do 55% more work. Batch 1 is also the cheapest per pixel on a core
-        (~76 against ~90 us per pixel column at batch 8, one thread)."""
+        (~76 against ~90 us per pixel column at batch 8, one thread). OpenVINO the same: it
+        runs a width it has run before faster (32 receipts: 16.6 s with widths padded to a
+        multiple of 16 columns, 19.0 s at their own), but padding a line, or stretching it,
+        or squeezing it into the GPU's width buckets, cost SROIE's F1 0.0022-0.0037, past the
+        0.002 its bf16 is allowed."""
         if not self._coarse:
             for k in order:
                 yield max(buckets.REC_MIN_WIDTH_CPU, needed[k]), [k], 1
@@ -512,7 +519,7 @@ class BatchEngine:
         Returns seconds per model run (no "cls" without the angle classifier).
         """
         if full is None:
-            full = self._provider != "cpu"
+            full = self._gpu
         if threads is None:
             threads = warmup_threads() if full else 1
         if seconds is None:

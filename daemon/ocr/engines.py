@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
-from daemon.config import Settings
-from daemon.hardware.providers import ProviderChoice
+from daemon.config import NVIDIA_PROVIDERS, Settings
+from daemon.hardware.providers import CPU, ProviderChoice
 from daemon.ocr.langs import validate_lang
 from daemon.results import Image, PageResult
 from daemon.sizing import host_processes, intra_op_threads, ocr_workers
+
+log = logging.getLogger(__name__)
 
 
 class OcrEngine(Protocol):
@@ -49,7 +52,7 @@ def worker_count(settings: Settings, choice: ProviderChoice) -> int:
 def build_engine(settings: Settings, choice: ProviderChoice, workers: int) -> OcrEngine:
     ocr = settings.ocr
     validate_lang(ocr.lang)  # a language that would need a download is a start-up error
-    if choice.name == "cpu" and not ocr.intra_op_threads and workers > 1:
+    if choice.name not in NVIDIA_PROVIDERS and not ocr.intra_op_threads and workers > 1:
         # share the cores between the workers instead of oversubscribing them
         threads = intra_op_threads(workers)
         ocr = ocr.model_copy(update={"intra_op_threads": threads})
@@ -60,6 +63,9 @@ def build_engine(settings: Settings, choice: ProviderChoice, workers: int) -> Oc
                            host_processes=settings.batch.host_processes)
     from daemon.ocr.rapid import RapidOcrEngine
 
+    if choice.name == "openvino":  # plain RapidOCR runs onnxruntime: the CPU, as it says
+        log.warning("ocr.engine = rapidocr runs onnxruntime on the CPU, not OpenVINO")
+        choice = CPU
     return RapidOcrEngine(ocr, choice)
 
 
@@ -68,7 +74,7 @@ def build_engines(settings: Settings, choice: ProviderChoice, workers: int) -> l
     with its own sessions and device_id). A thread-safe engine (the batch engine's sessions
     are) is built once per device and shared by its workers; plain RapidOCR, which is not,
     once per worker."""
-    several = choice.name != "cpu" and len(choice.devices) > 1
+    several = choice.name in NVIDIA_PROVIDERS and len(choice.devices) > 1
     devices: tuple[int | None, ...] = choice.devices if several else (None,)
     host = settings.batch.host_processes
     if host == "auto" and several:  # the cores shared between the GPUs' host workers
