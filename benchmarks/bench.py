@@ -572,6 +572,7 @@ class DaemonRun:
         self.inbox.mkdir()
         self.completions: list[float] = []  # when each finished document was seen
         self.proc: subprocess.Popen[bytes] | None = None
+        self.provider_used: dict[str, str] | None = None  # what its "ready:" line says
 
     def start(self, timeout: float = 600) -> float:
         """Start the daemon and wait for "ready:" (models loaded; a GPU warms on meanwhile);
@@ -591,6 +592,9 @@ class DaemonRun:
             if self.proc.poll() is not None or time.monotonic() - start > timeout:
                 raise RuntimeError(f"daemon did not start; see {self.log}")
             time.sleep(0.2)
+        found = re.search(r"ready: provider (\S+) \((.*)\), \d+ worker",
+                          self.log.read_text(errors="replace"))
+        self.provider_used = {"name": found[1], "reason": found[2]} if found else None
         return time.monotonic() - start
 
     def wait_warm(self, timeout: float) -> dict[str, Any]:

@@ -467,6 +467,7 @@ def _run(args: argparse.Namespace, out: Path, work: Path) -> int:
             began = time.monotonic()
             daemon = DaemonRun(b_args, force_cpu=args.rehearse)
             result["ready_s"] = round(daemon.start(timeout=cap), 1)
+            result["provider"] = daemon.provider_used
             left = lambda: cap - (time.monotonic() - began)  # noqa: E731
             first = daemon.feed(images, timeout=max(1.0, left() - 20))
             result["first_pass"] = daemon_figures(first, images, first["texts"])
@@ -504,6 +505,7 @@ def _run(args: argparse.Namespace, out: Path, work: Path) -> int:
         cpu_daemon = DaemonRun(b_args, force_cpu=True)
         try:
             result["ready_s"] = round(cpu_daemon.start(timeout=cap), 1)
+            result["provider"] = cpu_daemon.provider_used
             left = lambda: cap - (time.monotonic() - began)  # noqa: E731
             first = cpu_daemon.feed(images, timeout=max(1.0, left() / 2))
             result["first_pass"] = daemon_figures(first, images, first["texts"])

@@ -39,6 +39,7 @@ def test_the_rehearsal_writes_each_stage_json_with_its_figure_in_order(tmp_path:
     receipts = json.loads((out / "02-receipts.json").read_text())
     assert receipts["pages"] == 8 and receipts["bow"]["f1"] > 0.9  # 4 receipts, twice
     assert receipts["first_pass"]["pages"] == 4
+    assert receipts["provider"]["name"] in ("cpu", "openvino") and receipts["provider"]["reason"]
     # no warm-up to wait for off an NVIDIA GPU: the stage went on at once
     assert receipts["warmup"]["state"] == "none (not an NVIDIA GPU)"
     assert receipts["warmup"]["waited_s"] < 5
