@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
@@ -26,6 +26,8 @@ from prometheus_client.registry import Collector
 from daemon.config import PROVIDER_NAMES
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SESSION_STAGES = ("det", "cls", "rec")
 STAGES = ("decode", "det", "cls", "rec", "store")
@@ -60,6 +62,15 @@ class OpenClReading(Protocol):
     def type(self) -> str: ...
 
 
+def read_for_scrape(read: Callable[[], Iterable[T]], what: str) -> list[T]:
+    """What `read` gives, or nothing (logged): a scrape must never fail because of it."""
+    try:
+        return list(read())
+    except Exception:
+        log.exception("reading %s failed", what)
+        return []
+
+
 class GpuCollector(Collector):
     """`ocr_gpu_*` read from NVML at scrape time; yields no series when there is no GPU."""
 
@@ -70,11 +81,7 @@ class GpuCollector(Collector):
         return self._families()  # no samples: registering must not touch NVML
 
     def collect(self) -> Iterable[Metric]:
-        try:
-            gpus = list(self._read())
-        except Exception:  # a scrape must never fail because of the GPU
-            log.exception("reading GPU metrics failed")
-            gpus = []
+        gpus = read_for_scrape(self._read, "GPU metrics")
         if not gpus:
             return []
         used, total, util = self._families()
@@ -125,11 +132,7 @@ class WarmupCollector(Collector):
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
-        try:
-            engines = list(self.read())
-        except Exception:  # a scrape must never fail because of the warm-up
-            log.exception("reading the warm-up failed")
-            engines = []
+        engines = read_for_scrape(self.read, "the warm-up")
         if not engines:
             return []
         warm, shapes, seconds = self._families()

@@ -73,6 +73,11 @@ class ProviderChoice:
     openvino_device: str | None = None  # "openvino": "CPU", or an Intel GPU ("GPU")
     precision: str | None = None  # "openvino": "bf16" | "f32"
 
+    @property
+    def on_intel_gpu(self) -> bool:
+        """OpenVINO on an Intel GPU ("GPU", "GPU.0", ...)."""
+        return self.name == "openvino" and (self.openvino_device or "").split(".")[0] == "GPU"
+
     def on_device(self, device: int, ocr: OcrSettings) -> ProviderChoice:
         """The same provider on CUDA device `device` (its own onnxruntime options)."""
         device_ocr = ocr.model_copy(update={"device_id": device})
@@ -417,11 +422,10 @@ def choose_provider(
     if opencl is None and not nvml.gpus:
         opencl = probe_opencl()
         reason = _cpu_reason(nvml, opencl, failures, codes)
-    if opencl is not None and opencl.gpus and not nvml.gpus:
-        codes.append("opencl_only")
     choice = _on_the_cpu(settings, reason, tuple(codes))
-    if choice.openvino_device == "GPU":
-        choice = replace(choice, fallbacks=tuple(c for c in codes if c != "opencl_only"))
+    if opencl is not None and opencl.gpus and not nvml.gpus and not choice.on_intel_gpu:
+        # an OpenCL GPU that nothing here reads
+        choice = replace(choice, fallbacks=(*choice.fallbacks, "opencl_only"))
     log.warning("NVIDIA GPU acceleration unavailable, using %s reason=%r", choice.name,
                 choice.reason)
     return choice

@@ -216,10 +216,7 @@ def create_session(
             raise
         # Build on the CPU first: if that fails too, the model is at fault, not the GPU,
         # and its error is the one to raise, with no fallback counted.
-        with _building:
-            cpu_session = ort.InferenceSession(
-                str(model_path), sess_options=session_options(ocr), providers=[CPU_EP]
-            )
+        cpu_session = _cpu_session(model_path, ocr)
         event = Fallback(
             wanted=choice.name,
             got="cpu",
@@ -261,9 +258,14 @@ def _openvino_session(model_path: Path, choice: ProviderChoice, ocr: OcrSettings
                          detail=f"OpenVINO could not compile it: {exc}",
                          model=Path(model_path).name)
         _report(event, on_fallback)
-        with _building:
-            return ort.InferenceSession(str(model_path), sess_options=session_options(ocr),
-                                        providers=[CPU_EP])
+        return _cpu_session(model_path, ocr)
+
+
+def _cpu_session(model_path: Path, ocr: OcrSettings) -> Any:
+    """onnxruntime on the CPU: what a provider that could not take the model falls back to."""
+    with _building:
+        return ort.InferenceSession(str(model_path), sess_options=session_options(ocr),
+                                    providers=[CPU_EP])
 
 
 def _report(event: Fallback, on_fallback: FallbackListener | None) -> None:
